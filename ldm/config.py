@@ -141,7 +141,7 @@ def instantiate_from_config(config: Any, path: str = "", **extra: Any) -> Any:
     obj = get_obj_from_str(target, path)
     built = {k: _build_value(v, f"{_params_path(path)}.{k}") for k, v in params.items()}
     built.update(extra)
-    _check_call(obj, built, path, check_types=True)
+    _check_call(obj, built, _params_path(path))
     try:
         return obj(**built)
     except (TypeError, ValueError) as e:
@@ -156,7 +156,7 @@ def check_config(config: Any, path: str = "", extra: Iterable[str] = ()) -> None
         _check_value(v, f"{_params_path(path)}.{k}")
     values = {k: (_Placeholder if _contains_node(v) else v) for k, v in params.items()}
     values.update({name: _Placeholder for name in extra})
-    _check_call(obj, values, path, check_types=True)
+    _check_call(obj, values, _params_path(path))
 
 
 def _split_node(config: Any, path: str) -> tuple[str, dict]:
@@ -207,8 +207,12 @@ class _Placeholder:
 # -------------------------------------------------------------------------------- signature checks
 
 
-def _check_call(obj: Any, params: dict, path: str, check_types: bool) -> None:
-    where = _params_path(path)
+def check_arguments(obj: Any, kwargs: dict, where: str) -> None:
+    """Check keyword arguments against ``obj``'s signature and type hints; errors name ``where.<key>``."""
+    _check_call(obj, kwargs, where)
+
+
+def _check_call(obj: Any, params: dict, where: str) -> None:
     try:
         sig = inspect.signature(obj)
     except (TypeError, ValueError):
@@ -229,8 +233,6 @@ def _check_call(obj: Any, params: dict, path: str, check_types: bool) -> None:
     missing = [n for n, p in named.items() if p.default is inspect.Parameter.empty and n not in params]
     if missing:
         raise ConfigError(f"{where}.{missing[0]}: required parameter of {_qualname(obj)} is missing")
-    if not check_types:
-        return
     hints = _type_hints(obj)
     for key, value in params.items():
         if key in hints and value is not _Placeholder and not _type_ok(value, hints[key]):

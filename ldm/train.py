@@ -1,0 +1,146 @@
+"""The one training driver every stage script calls: config → run directory → Lightning Trainer → fit.
+
+Stages differ only in their config. ``python stages/<stage>.py [--cfg FILE] [--resume RUN] [key=value …]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from ldm.callbacks import AtomicCheckpointIO, GracefulStop, ResumeBookkeeping, RunCSVLogger
+from ldm.checkpoints import CheckpointError
+from ldm.config import (
+    ConfigError,
+    check_arguments,
+    check_config,
+    instantiate_from_config,
+    load_config,
+    save_config,
+)
+from ldm.runs import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    LAST_CHECKPOINT,
+    RunError,
+    checkpoint_for,
+    create_run_dir,
+    resolve_run,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Set by the launching process so that DDP workers (which re-run the script) join its run directory.
+RUN_DIR_ENV = "LDM_RUN_DIR"
+CHECKPOINT_DEFAULTS = {"every_n_train_steps": 1000, "keep": 2, "monitor": None, "mode": "max"}
+EXIT_BAD_INPUT = 2
+EXIT_STOPPED = 143  # 128 + SIGTERM, so schedulers see an interrupted (resumable) job
+
+
+def parse_args(argv: Sequence[str] | None, default_config: str) -> argparse.Namespace:
+    """The command line every stage script shares."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cfg", help=f"YAML config (default: {default_config})")
+    parser.add_argument("--resume", metavar="RUN", help="run directory, <stage>/latest or a .ckpt to continue from")
+    parser.add_argument("--name", help="run name (default: the config's `name`)")
+    parser.add_argument("--runs-dir", help="folder for run directories (default: runs, or $LDM_RUNS_DIR)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. trainer.max_steps=500")
+    return parser.parse_args(argv)
+
+
+def validate(cfg: dict) -> None:
+    """Check every section of a training config before anything heavy is built."""
+    for section in ("model", "data"):
+        if section not in cfg:
+            raise ConfigError(f"config has no `{section}:` section")
+        check_config(cfg[section], section)
+    check_arguments(L.Trainer, cfg.get("trainer") or {}, "trainer")
+    unknown = set(cfg.get("checkpoint") or {}) - set(CHECKPOINT_DEFAULTS)
+    if unknown:
+        raise ConfigError(f"checkpoint.{sorted(unknown)[0]}: unknown key; allowed: {', '.join(CHECKPOINT_DEFAULTS)}")
+    for i, node in enumerate(cfg.get("callbacks") or []):
+        check_config(node, f"callbacks.{i}")
+
+
+def prepare_run(stage: str, args: argparse.Namespace, default_config: str) -> tuple[dict, Path, Path | None]:
+    """Load and check the config; create (or reopen, on resume) the run directory."""
+    inherited = os.environ.get(RUN_DIR_ENV)
+    ckpt = None
+    if args.resume:
+        run_dir = resolve_run(args.resume)
+        ckpt = checkpoint_for(args.resume)
+        cfg = load_config(args.cfg or run_dir / CONFIG_FILE, args.overrides)
+        validate(cfg)
+    else:
+        cfg_path = args.cfg or default_config
+        cfg = load_config(cfg_path, args.overrides)
+        validate(cfg)
+        if inherited:
+            run_dir = Path(inherited)
+        else:
+            name = args.name or cfg.get("name") or Path(cfg_path).stem
+            run_dir = create_run_dir(stage, name, args.runs_dir)
+    if not inherited:
+        save_config(cfg, run_dir / CONFIG_FILE)
+    return cfg, run_dir, ckpt
+
+
+def build_trainer(cfg: dict, run_dir: Path) -> tuple[L.Trainer, GracefulStop]:
+    """A Lightning Trainer from the config's `trainer:` section plus the run's logger and checkpoints."""
+    ckpt_cfg = {**CHECKPOINT_DEFAULTS, **(cfg.get("checkpoint") or {})}
+    ckpt_dir = run_dir / CHECKPOINT_DIR
+    periodic = ModelCheckpoint(
+        dirpath=ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False,
+        every_n_train_steps=ckpt_cfg["every_n_train_steps"], save_last=True,
+        monitor="step", mode="max", save_top_k=ckpt_cfg["keep"], enable_version_counter=False,
+    )
+    callbacks: list[L.Callback] = [periodic]
+    if ckpt_cfg["monitor"]:
+        callbacks.append(ModelCheckpoint(
+            dirpath=ckpt_dir, filename="best", monitor=ckpt_cfg["monitor"], mode=ckpt_cfg["mode"],
+            save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False,
+        ))
+    stop = GracefulStop(ckpt_dir / LAST_CHECKPOINT)
+    callbacks += [stop, ResumeBookkeeping()]
+    callbacks += [instantiate_from_config(node, f"callbacks.{i}") for i, node in enumerate(cfg.get("callbacks") or [])]
+    trainer_kwargs = dict(cfg.get("trainer") or {})
+    trainer = L.Trainer(
+        default_root_dir=str(run_dir),
+        logger=RunCSVLogger(run_dir),
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        **trainer_kwargs,
+    )
+    return trainer, stop
+
+
+def train(stage: str, default_config: str, argv: Sequence[str] | None = None) -> Path:
+    """Run one stage's training from the command line; returns the run directory."""
+    args = parse_args(argv, default_config)
+    try:
+        cfg, run_dir, ckpt = prepare_run(stage, args, default_config)
+        L.seed_everything(cfg.get("seed", 0), workers=True, verbose=False)
+        datamodule = instantiate_from_config(cfg["data"], "data")
+        model = instantiate_from_config(cfg["model"], "model")
+        trainer, stop = build_trainer(cfg, run_dir)
+    except (ConfigError, RunError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT) from None
+    if trainer.is_global_zero:
+        print(f"{'resuming' if ckpt else 'run'}: {run_dir}" + (f" from {ckpt}" if ckpt else ""), flush=True)
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+    except SIGTERMException:
+        if trainer.is_global_zero:
+            print(f"stopped at step {trainer.global_step}; resume with: --resume {run_dir}", file=sys.stderr)
+        raise SystemExit(EXIT_STOPPED) from None
+    finally:
+        os.environ.pop(RUN_DIR_ENV, None)
+    return run_dir

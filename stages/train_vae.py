@@ -1,0 +1,13 @@
+"""Stage 1: train the KL-VAE.
+
+    python stages/train_vae.py                                   # embedded shapes data, default config
+    python stages/train_vae.py --cfg configs/vae/shapes-kl-f4.yaml trainer.max_steps=500
+    python stages/train_vae.py --resume runs/vae/latest          # continue a stopped run
+"""
+
+from ldm.train import REPO_ROOT, train
+
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "vae" / "shapes-kl-f4.yaml"
+
+if __name__ == "__main__":
+    train("vae", str(DEFAULT_CONFIG))
