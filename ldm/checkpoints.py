@@ -13,12 +13,14 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 
+from ldm.errors import UserError
+
 UNSAFE_FLAG = "--unsafe-load"
 HASH_CHUNK = 2**20
 REPORT_MAX_KEYS = 8
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be loaded safely or does not fit the model."""
 
 
@@ -109,6 +111,16 @@ def fsync_replace(tmp: Path, path: Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def tensors_hash(tensors: Mapping[str, torch.Tensor], length: int = 16) -> str:
+    """SHA-256 over sorted keys, dtypes, shapes and bytes: identifies weights whatever file holds them."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        digest.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()[:length]
 
 
 def file_hash(path: str | os.PathLike, length: int = 16) -> str:

@@ -22,6 +22,8 @@ from typing import Any, Iterable
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ldm.errors import UserError
+
 # Targets may only come from these packages unless a user widens the list knowingly
 # (`LDM_ALLOW_TARGETS=mypkg.,other.` or `allow_targets("mypkg.")`): a config file is data, not code.
 DEFAULT_TARGET_PREFIXES = ("ldm.", "torch.", "lightning.")
@@ -35,7 +37,7 @@ TOP_LEVEL_KEYS = frozenset(
 NODE_KEYS = frozenset({"target", "params"})
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot be loaded or built; the message names the config path."""
 
 

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from ldm.config import load_config
+from ldm.errors import UserError
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
@@ -20,7 +21,7 @@ DEFAULT_RUNS_ROOT = "runs"
 MIN_FREE_BYTES = 256 * 2**20
 
 
-class RunError(RuntimeError):
+class RunError(UserError, RuntimeError):
     """A run directory or checkpoint that cannot be found, read or written."""
 
 

@@ -9,14 +9,13 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ldm.callbacks import AtomicCheckpointIO, GracefulStop, ResumeBookkeeping, RunCSVLogger
-from ldm.checkpoints import CheckpointError
 from ldm.config import (
     ConfigError,
     check_arguments,
@@ -25,11 +24,11 @@ from ldm.config import (
     load_config,
     save_config,
 )
+from ldm.errors import UserError
 from ldm.runs import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
     LAST_CHECKPOINT,
-    RunError,
     checkpoint_for,
     create_run_dir,
     resolve_run,
@@ -40,6 +39,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 RUN_DIR_ENV = "LDM_RUN_DIR"
 CHECKPOINT_DEFAULTS = {"every_n_train_steps": 1000, "keep": 2, "monitor": None, "mode": "max"}
 EXIT_BAD_INPUT = 2
+BeforeBuild = Callable[[dict, str], None]
 EXIT_STOPPED = 143  # 128 + SIGTERM, so schedulers see an interrupted (resumable) job
 
 
@@ -68,19 +68,22 @@ def validate(cfg: dict) -> None:
         check_config(node, f"callbacks.{i}")
 
 
-def prepare_run(stage: str, args: argparse.Namespace, default_config: str) -> tuple[dict, Path, Path | None]:
+def prepare_run(stage: str, args: argparse.Namespace, default_config: str,
+                before_build: BeforeBuild | None = None) -> tuple[dict, Path, Path | None]:
     """Load and check the config; create (or reopen, on resume) the run directory."""
     inherited = os.environ.get(RUN_DIR_ENV)
     ckpt = None
     if args.resume:
         run_dir = resolve_run(args.resume)
         ckpt = checkpoint_for(args.resume)
-        cfg = load_config(args.cfg or run_dir / CONFIG_FILE, args.overrides)
-        validate(cfg)
+        cfg_path = str(args.cfg or run_dir / CONFIG_FILE)
     else:
-        cfg_path = args.cfg or default_config
-        cfg = load_config(cfg_path, args.overrides)
-        validate(cfg)
+        cfg_path = str(args.cfg or default_config)
+    cfg = load_config(cfg_path, args.overrides)
+    validate(cfg)
+    if before_build is not None:
+        before_build(cfg, cfg_path)
+    if not args.resume:
         if inherited:
             run_dir = Path(inherited)
         else:
@@ -120,16 +123,21 @@ def build_trainer(cfg: dict, run_dir: Path) -> tuple[L.Trainer, GracefulStop]:
     return trainer, stop
 
 
-def train(stage: str, default_config: str, argv: Sequence[str] | None = None) -> Path:
-    """Run one stage's training from the command line; returns the run directory."""
+def train(stage: str, default_config: str, argv: Sequence[str] | None = None,
+          before_build: BeforeBuild | None = None) -> Path:
+    """Run one stage's training from the command line; returns the run directory.
+
+    ``before_build(cfg, config_path)`` runs after the config is checked and before anything is built
+    (stage 2 uses it to build or check its latent cache).
+    """
     args = parse_args(argv, default_config)
     try:
-        cfg, run_dir, ckpt = prepare_run(stage, args, default_config)
+        cfg, run_dir, ckpt = prepare_run(stage, args, default_config, before_build)
         L.seed_everything(cfg.get("seed", 0), workers=True, verbose=False)
         datamodule = instantiate_from_config(cfg["data"], "data")
         model = instantiate_from_config(cfg["model"], "model")
         trainer, stop = build_trainer(cfg, run_dir)
-    except (ConfigError, RunError, CheckpointError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT) from None
     if trainer.is_global_zero:
