@@ -1,0 +1,356 @@
+"""Real images from a folder, with captions (metadata.jsonl, sidecar .txt) or class sub-folders.
+
+Layouts (``captions=``):
+- ``metadata``: ``root/metadata.jsonl`` with lines ``{"file_name": "a/b.jpg", "text": "a caption"}``
+  (Hugging Face's imagefolder convention; an optional integer ``label`` is kept);
+- ``subfolders``: ``root/<class>/...`` — label = index of the class in sorted order, caption = the
+  folder name with ``_`` → space;
+- ``txt``: every image under root, caption from ``<same name>.txt`` next to it;
+- ``auto``: metadata if ``metadata.jsonl`` exists, else subfolders if the images live in sub-folders
+  (none at the top level), else txt.
+
+A folder of real images always has a few bad files. Cheap checks happen at scan time (header, verify,
+size limits) and every skipped file is reported in ONE ``DataWarning``; a file that still fails to
+decode when loaded is replaced by the next good index, counted and warned. Nothing here crashes on a
+bad file; an empty (or all-bad) folder raises ``ValueError`` naming the folder and the extensions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+from ldm.data.edges import hint_from_image
+from ldm.images import from_pil
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+CAPTION_MODES = ("auto", "metadata", "txt", "subfolders")
+METADATA_FILE = "metadata.jsonl"
+CAPTION_KEYS = ("text", "caption")  # metadata.jsonl column holding the caption, first found wins
+DEFAULT_MIN_SIZE = 16  # shorter side in pixels below which an image is skipped
+DEFAULT_MAX_PIXELS = 8192 * 8192  # larger images are skipped unread (decompression-bomb guard)
+MAX_NAMES_IN_WARNING = 5
+MAX_LOAD_ATTEMPTS = 32  # consecutive undecodable files tolerated by one __getitem__ before giving up
+WHITE = (255, 255, 255, 255)
+SIXTEEN_BIT_SCALE = 257.0  # 65535 / 255
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+class DataWarning(UserWarning):
+    """Skipped files, missing or undecodable captions: the data is usable but not all of it."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One usable image: path relative to the root, caption, class label, hint path (or None)."""
+
+    rel: str
+    caption: str
+    label: int
+    hint: str | None = None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode → 8-bit RGB: alpha composited on white, 16-bit scaled (not clipped), CMYK/L/P converted."""
+    image.load()
+    mode = image.mode
+    if mode in SIXTEEN_BIT_MODES or mode == "I":
+        array = np.asarray(image).astype(np.float64)
+        scale = 1.0 if mode == "I" and array.max(initial=0) <= 255 else SIXTEEN_BIT_SCALE
+        return Image.fromarray((array / scale).round().clip(0, 255).astype(np.uint8)).convert("RGB")
+    if mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        array = array * 255 if array.max(initial=0) <= 1.0 else array
+        return Image.fromarray(array.round().clip(0, 255).astype(np.uint8)).convert("RGB")
+    if mode in ALPHA_MODES or (mode in ("P", "L", "RGB") and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, WHITE), rgba).convert("RGB")
+    return image if mode == "RGB" else image.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
+
+
+def read_text(path: Path) -> tuple[str, str | None]:
+    """Read a caption file → (stripped text, issue or None); issue is "missing", "empty" or "not UTF-8"."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return "", "missing"
+    try:
+        text, issue = data.decode("utf-8-sig"), None
+    except UnicodeDecodeError:
+        text, issue = data.decode("utf-8", errors="replace"), "not UTF-8"
+    text = text.strip()
+    return text, issue or (None if text else "empty")
+
+
+def _escapes_root(name: str) -> bool:
+    """True for a metadata file name that is absolute or climbs out of the root with `..`."""
+    posix, windows = PurePosixPath(name), PureWindowsPath(name)
+    return posix.is_absolute() or windows.is_absolute() or bool(windows.drive) or ".." in windows.parts
+
+
+def _probe(path: Path, min_size: int, max_pixels: int) -> str | None:
+    """Cheap readability check (header + verify, no decode) → reason to skip, or None if fine."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty file"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    return f"{width}x{height} exceeds max_pixels={max_pixels}"
+                if min(width, height) < min_size:
+                    return f"{width}x{height} is smaller than min_size={min_size}"
+                image.verify()
+    except Image.DecompressionBombError:
+        return "decompression bomb"
+    except Image.UnidentifiedImageError:
+        return "not an image"
+    except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt data
+        return f"unreadable ({type(e).__name__})"
+    return None
+
+
+def _summary(items: list[tuple[str, str]]) -> str:
+    shown = ", ".join(f"{name} ({why})" for name, why in items[:MAX_NAMES_IN_WARNING])
+    more = len(items) - MAX_NAMES_IN_WARNING
+    return shown + (f", and {more} more" if more > 0 else "")
+
+
+class ImageFolderDataset(Dataset):
+    """Images (+ captions or class labels, + optional stored hints) → batch-format dicts at `size`²."""
+
+    def __init__(
+        self,
+        root: str,
+        size: int = 256,
+        captions: str = "auto",
+        center_crop: bool = True,
+        random_flip: bool = False,
+        hint_dir: str | None = None,
+        min_size: int = DEFAULT_MIN_SIZE,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        if captions not in CAPTION_MODES:
+            raise ValueError(f"captions must be one of {CAPTION_MODES}, got {captions!r}")
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ValueError(f"image folder {self.root} does not exist or is not a directory")
+        self.size, self.center_crop, self.random_flip = size, center_crop, random_flip
+        self.min_size, self.max_pixels = min_size, max_pixels
+        self.hint_dir = self._resolve_hint_dir(hint_dir)
+        self.skipped: list[tuple[str, str]] = []  # (relative path, reason), from the scan
+        self.caption_issues: list[tuple[str, str]] = []  # (relative path, "missing" | "empty" | "not UTF-8")
+        self.load_failures = 0  # files that failed to decode in __getitem__ (this process)
+        self._bad: set[int] = set()
+        self.classes: list[str] = []
+        self._files: list[str] | None = None
+        self.captions = self._pick_mode(captions)
+        candidates = {"metadata": self._scan_metadata, "subfolders": self._scan_subfolders, "txt": self._scan_txt}
+        checked = (self._checked(record) for record in candidates[self.captions]())
+        self.records = [record for record in checked if record is not None]
+        self._report()
+
+    # ------------------------------------------------------------------------------------- scanning
+
+    def _resolve_hint_dir(self, hint_dir: str | None) -> Path | None:
+        if hint_dir is None:
+            return None
+        for candidate in (Path(hint_dir), self.root / hint_dir):
+            if candidate.is_dir():
+                return candidate
+        raise ValueError(f"hint_dir {hint_dir} not found (neither as given nor under {self.root})")
+
+    def _image_files(self) -> list[str]:
+        """Relative posix paths of every image under root (hidden entries and hint_dir excluded), sorted."""
+        if self._files is not None:
+            return self._files
+        skip_dir = self.hint_dir.resolve() if self.hint_dir is not None else None
+        found = []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".") and Path(dirpath, d).resolve() != skip_dir]
+            for name in filenames:
+                if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+                    found.append(Path(dirpath, name).relative_to(self.root).as_posix())
+        self._files = sorted(found)
+        return self._files
+
+    def _pick_mode(self, captions: str) -> str:
+        if captions != "auto":
+            return captions
+        if (self.root / METADATA_FILE).is_file():
+            return "metadata"
+        files = self._image_files()
+        if files and all("/" in f for f in files):
+            return "subfolders"
+        return "txt"
+
+    def _scan_metadata(self) -> list[Record]:
+        path = self.root / METADATA_FILE
+        if not path.is_file():
+            raise ValueError(f"captions='metadata' but {path} does not exist")
+        records = []
+        for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+            where = f"{METADATA_FILE}:{number}"
+            try:
+                line, bad_utf8 = raw.decode("utf-8-sig"), False
+            except UnicodeDecodeError:
+                line, bad_utf8 = raw.decode("utf-8", errors="replace"), True
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                name = entry["file_name"]
+            except (json.JSONDecodeError, TypeError, KeyError):
+                self.skipped.append((where, "not a JSON object with a file_name"))
+                continue
+            if not isinstance(name, str) or _escapes_root(name):
+                self.skipped.append((f"{where} {name!r}", "path escapes the root: refused"))
+                continue
+            rel = PurePosixPath(name.replace("\\", "/")).as_posix()
+            text = next((entry[k] for k in CAPTION_KEYS if k in entry), None)
+            issue = "not UTF-8" if bad_utf8 else ("missing" if text is None else None)
+            text = "" if text is None else str(text).strip()
+            issue = issue or (None if text else "empty")
+            if issue:
+                self.caption_issues.append((rel, issue))
+            label = entry.get("label", 0)
+            records.append(Record(rel, text, label if isinstance(label, int) and not isinstance(label, bool) else 0))
+        return records
+
+    def _scan_subfolders(self) -> list[Record]:
+        files = self._image_files()
+        self.classes = sorted({f.split("/", 1)[0] for f in files if "/" in f})
+        if not self.classes:
+            raise ValueError(f"captions='subfolders' but {self.root} has no sub-folders with images")
+        index = {name: i for i, name in enumerate(self.classes)}
+        self.skipped += [(f, "not inside a class sub-folder") for f in files if "/" not in f]
+        in_classes = [(f, f.split("/", 1)[0]) for f in files if "/" in f]
+        return [Record(f, cls.replace("_", " ").strip(), index[cls]) for f, cls in in_classes]
+
+    def _scan_txt(self) -> list[Record]:
+        records = []
+        for rel in self._image_files():
+            text, issue = read_text((self.root / rel).with_suffix(".txt"))
+            if issue:
+                self.caption_issues.append((rel, issue))
+            records.append(Record(rel, text, 0))
+        return records
+
+    def _checked(self, record: Record) -> Record | None:
+        """Probe the file (and find its hint) → the record with its hint, or None (noted in `skipped`)."""
+        path = self.root / record.rel
+        reason = _probe(path, self.min_size, self.max_pixels) if path.is_file() else "file not found"
+        if reason is None and self.hint_dir is not None:
+            hint = self._find_hint(record.rel)
+            if hint is None:
+                reason = f"no hint image in {self.hint_dir}"
+            record = replace(record, hint=hint)
+        if reason is not None:
+            self.skipped.append((record.rel, reason))
+            return None
+        return record
+
+    def _find_hint(self, rel: str) -> str | None:
+        for candidate in (self.hint_dir / rel, (self.hint_dir / rel).with_suffix(".png")):
+            if candidate.is_file():
+                return str(candidate)
+        return None
+
+    def _report(self) -> None:
+        if not self.records:
+            details = f"; {len(self.skipped)} skipped: {_summary(self.skipped)}" if self.skipped else ""
+            raise ValueError(
+                f"no readable images in {self.root} (captions={self.captions!r}, looked for "
+                f"{', '.join(IMAGE_EXTENSIONS)}){details}"
+            )
+        if self.skipped:
+            warnings.warn(
+                f"{self.root}: skipped {len(self.skipped)} file(s), kept {len(self.records)}: {_summary(self.skipped)}",
+                DataWarning,
+                stacklevel=3,
+            )
+        if self.caption_issues:
+            counts = {k: sum(1 for _, i in self.caption_issues if i == k) for k in ("missing", "empty", "not UTF-8")}
+            what = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
+            warnings.warn(
+                f"{self.root}: {len(self.caption_issues)} caption problem(s) ({what}; missing → '', non-UTF-8 "
+                f"decoded with replacement): {_summary(self.caption_issues)}",
+                DataWarning,
+                stacklevel=3,
+            )
+
+    # -------------------------------------------------------------------------------------- loading
+
+    @property
+    def num_classes(self) -> int:
+        """Number of class sub-folders (1 when labels do not come from folders)."""
+        return max(len(self.classes), 1)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        for attempt in range(min(len(self.records), MAX_LOAD_ATTEMPTS)):
+            i = (index + attempt) % len(self.records)
+            if i in self._bad:
+                continue
+            try:
+                return self._load(self.records[i])
+            except Exception as e:  # noqa: BLE001 - a corrupt file must not stop training
+                self._bad.add(i)
+                self.load_failures += 1
+                warnings.warn(
+                    f"{self.root}: cannot decode {self.records[i].rel} ({type(e).__name__}: {e}); using the next "
+                    f"image instead ({self.load_failures} skipped at load time so far)",
+                    DataWarning,
+                    stacklevel=2,
+                )
+        raise RuntimeError(f"{self.root}: {MAX_LOAD_ATTEMPTS} consecutive images near index {index} failed to load")
+
+    def _open_rgb(self, path: Path | str) -> Image.Image:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.draft(None, (self.size, self.size))  # JPEG: decode at a reduced scale ≥ size
+                return to_rgb(ImageOps.exif_transpose(image))
+
+    def _load(self, record: Record) -> dict:
+        image = self._open_rgb(self.root / record.rel)
+        width, height = image.size
+        scale = self.size / min(width, height)
+        resized = (max(self.size, round(width * scale)), max(self.size, round(height * scale)))
+        if self.center_crop:
+            left, top = (resized[0] - self.size) // 2, (resized[1] - self.size) // 2
+        else:
+            left = int(torch.randint(resized[0] - self.size + 1, ()))
+            top = int(torch.randint(resized[1] - self.size + 1, ()))
+        box = (left, top, left + self.size, top + self.size)
+        flip = self.random_flip and bool(torch.rand(()) < 0.5)
+        item = {
+            "image": from_pil(self._fit(image, resized, box, flip, Image.BICUBIC)),  # (3, size, size) in [-1, 1]
+            "caption": record.caption,
+            "label": record.label,
+            "path": record.rel,
+        }
+        if record.hint is not None:
+            hint = self._open_rgb(record.hint)
+            item["hint"] = hint_from_image(self._fit(hint, resized, box, flip, Image.BILINEAR))  # (3, size, size)
+        return item
+
+    @staticmethod
+    def _fit(
+        image: Image.Image, resized: tuple[int, int], box: tuple[int, ...], flip: bool, resample: int
+    ) -> Image.Image:
+        """Resize to `resized`, crop `box`, optionally mirror: the same for an image and its hint."""
+        image = image.resize(resized, resample=resample).crop(box)
+        return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image
