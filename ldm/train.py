@@ -68,33 +68,30 @@ def validate(cfg: dict) -> None:
         check_config(node, f"callbacks.{i}")
 
 
-def prepare_run(stage: str, args: argparse.Namespace, default_config: str,
-                before_build: BeforeBuild | None = None) -> tuple[dict, Path, Path | None]:
-    """Load and check the config; create (or reopen, on resume) the run directory."""
-    inherited = os.environ.get(RUN_DIR_ENV)
-    ckpt = None
+def load_run_config(args: argparse.Namespace, default_config: str) -> tuple[dict, str, Path | None, Path | None]:
+    """The checked config, its path, and on resume the run directory and checkpoint to continue from."""
+    run_dir = ckpt = None
     if args.resume:
         run_dir = resolve_run(args.resume)
         ckpt = checkpoint_for(args.resume)
-        cfg_path = str(args.cfg or run_dir / CONFIG_FILE)
-    else:
-        cfg_path = str(args.cfg or default_config)
+    cfg_path = str(args.cfg or (run_dir / CONFIG_FILE if run_dir else default_config))
     cfg = load_config(cfg_path, args.overrides)
     validate(cfg)
-    if before_build is not None:
-        before_build(cfg, cfg_path)
-    if not args.resume:
-        if inherited:
-            run_dir = Path(inherited)
-        else:
-            name = args.name or cfg.get("name") or Path(cfg_path).stem
-            run_dir = create_run_dir(stage, name, args.runs_dir)
-    if not inherited:
-        save_config(cfg, run_dir / CONFIG_FILE)
-    return cfg, run_dir, ckpt
+    return cfg, cfg_path, run_dir, ckpt
 
 
-def build_trainer(cfg: dict, run_dir: Path) -> tuple[L.Trainer, GracefulStop]:
+def open_run_dir(stage: str, cfg: dict, cfg_path: str, args: argparse.Namespace, run_dir: Path | None) -> Path:
+    """Create the run directory (or reuse the resumed / launching process's one) and write its config."""
+    inherited = os.environ.get(RUN_DIR_ENV)
+    if inherited:
+        return Path(inherited)  # a DDP worker: rank 0 made the directory and wrote the config
+    if run_dir is None:
+        run_dir = create_run_dir(stage, args.name or cfg.get("name") or Path(cfg_path).stem, args.runs_dir)
+    save_config(cfg, run_dir / CONFIG_FILE)
+    return run_dir
+
+
+def build_trainer(cfg: dict, run_dir: Path) -> L.Trainer:
     """A Lightning Trainer from the config's `trainer:` section plus the run's logger and checkpoints."""
     ckpt_cfg = {**CHECKPOINT_DEFAULTS, **(cfg.get("checkpoint") or {})}
     ckpt_dir = run_dir / CHECKPOINT_DIR
@@ -109,8 +106,7 @@ def build_trainer(cfg: dict, run_dir: Path) -> tuple[L.Trainer, GracefulStop]:
             dirpath=ckpt_dir, filename="best", monitor=ckpt_cfg["monitor"], mode=ckpt_cfg["mode"],
             save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False,
         ))
-    stop = GracefulStop(ckpt_dir / LAST_CHECKPOINT)
-    callbacks += [stop, ResumeBookkeeping()]
+    callbacks += [GracefulStop(ckpt_dir / LAST_CHECKPOINT), ResumeBookkeeping()]
     callbacks += [instantiate_from_config(node, f"callbacks.{i}") for i, node in enumerate(cfg.get("callbacks") or [])]
     trainer_kwargs = dict(cfg.get("trainer") or {})
     trainer = L.Trainer(
@@ -120,7 +116,7 @@ def build_trainer(cfg: dict, run_dir: Path) -> tuple[L.Trainer, GracefulStop]:
         plugins=[AtomicCheckpointIO()],
         **trainer_kwargs,
     )
-    return trainer, stop
+    return trainer
 
 
 def train(stage: str, default_config: str, argv: Sequence[str] | None = None,
@@ -132,11 +128,14 @@ def train(stage: str, default_config: str, argv: Sequence[str] | None = None,
     """
     args = parse_args(argv, default_config)
     try:
-        cfg, run_dir, ckpt = prepare_run(stage, args, default_config, before_build)
+        cfg, cfg_path, run_dir, ckpt = load_run_config(args, default_config)
+        if before_build is not None:
+            before_build(cfg, cfg_path)
         L.seed_everything(cfg.get("seed", 0), workers=True, verbose=False)
         datamodule = instantiate_from_config(cfg["data"], "data")
         model = instantiate_from_config(cfg["model"], "model")
-        trainer, stop = build_trainer(cfg, run_dir)
+        run_dir = open_run_dir(stage, cfg, cfg_path, args, run_dir)
+        trainer = build_trainer(cfg, run_dir)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT) from None
