@@ -79,3 +79,9 @@ def test_allow_targets_widens_explicitly(monkeypatch):
         instantiate_from_config(node)
     monkeypatch.setenv("LDM_ALLOW_TARGETS", "collections.")
     assert instantiate_from_config(node) == {}
+
+
+def test_literal_and_optional_errors_list_the_choices():
+    node = {"target": "ldm.unet.attention.CrossAttention", "params": {"query_dim": 8, "backend": "flash"}}
+    with pytest.raises(ConfigError, match=r"expected one of 'auto', 'sdpa', 'xformers', 'math', got str 'flash'"):
+        instantiate_from_config(node, "m")
