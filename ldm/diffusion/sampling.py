@@ -1,0 +1,259 @@
+"""Samplers as plain functions over one VE denoiser ``D(x, σ) → x0`` (x = x0 + σ·ε; cf. k-diffusion).
+
+Each sampler is ``fn(denoiser, x, sigmas, *, generator=None, callback=None, progress=False, **options)``:
+``x`` is the initial noise already scaled by ``sigmas[0]``, ``sigmas`` a (n+1,) descending σ ladder
+ending with 0 (``get_sigmas``), conditioning is closed over by the caller (``cfg_denoiser``), noise is
+drawn from ``generator`` only (same seed → same samples), and the caller's ``x`` is never modified.
+``callback`` receives ``{"x", "i", "sigma", "sigma_next", "denoised"}`` once per step.
+
+Known equivalences, checked by the tests: DDIM(η=0) ≡ Euler, and DDPM ≡ DDIM(η=1) ≡ Euler-ancestral(η=1)
+in σ-space (Karras et al. 2022, §3; Song et al. 2021, §4.3); they differ by their default spacing.
+Final step: all samplers step to σ = 0 and return the denoised sample; LDM's DDIM stops at ᾱ_0 instead.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+from tqdm.auto import trange
+
+from ldm.diffusion.denoiser import Denoiser
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.diffusion.spacing import get_sigmas
+
+Sampler = Callable[..., Tensor]
+Callback = Callable[[dict], None]
+
+
+def _noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def _report(callback: Callback | None, x: Tensor, i: int, sigmas: Tensor, denoised: Tensor) -> None:
+    if callback is not None:
+        callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_next": sigmas[i + 1], "denoised": denoised})
+
+
+def ancestral_step(sigma_from: Tensor, sigma_to: Tensor, eta: float = 1.0) -> tuple[Tensor, Tensor]:
+    """(σ_down, σ_up) of an ancestral step: move to σ_down, then add σ_up noise (σ_down² + σ_up² = σ_to²)."""
+    sigma_up = torch.minimum(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2).sqrt())
+    return (sigma_to**2 - sigma_up**2).sqrt(), sigma_up
+
+
+@torch.no_grad()
+def sample_euler(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Euler on the probability-flow ODE dx/dσ = (x − D(x; σ))/σ (Karras et al. 2022, eq. 3; Algorithm 1, 1st order)."""
+    sigmas = sigmas.to(x.device)
+    s_in = sigmas.new_ones(x.shape[0])  # σ stays float32 under half-precision x
+    for i in trange(len(sigmas) - 1, disable=not progress):
+        denoised = denoiser(x, sigmas[i] * s_in)
+        _report(callback, x, i, sigmas, denoised)
+        d = (x - denoised) / sigmas[i]
+        x = x + d * (sigmas[i + 1] - sigmas[i])
+    return x
+
+
+@torch.no_grad()
+def sample_euler_ancestral(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    progress: bool = False,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """Euler step down to σ_down, then fresh noise σ_up (k-diffusion's ancestral sampler; η=1 is the DDPM posterior)."""
+    sigmas = sigmas.to(x.device)
+    s_in = sigmas.new_ones(x.shape[0])  # σ stays float32 under half-precision x
+    for i in trange(len(sigmas) - 1, disable=not progress):
+        denoised = denoiser(x, sigmas[i] * s_in)
+        _report(callback, x, i, sigmas, denoised)
+        sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        d = (x - denoised) / sigmas[i]
+        x = x + d * (sigma_down - sigmas[i])
+        if eta:
+            x = x + _noise(x, generator) * (sigma_up * s_noise)
+    return x
+
+
+@torch.no_grad()
+def sample_heun(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Heun's 2nd-order method on the PF-ODE (Karras et al. 2022, Algorithm 1); Euler on the last step to σ=0."""
+    sigmas = sigmas.to(x.device)
+    s_in = sigmas.new_ones(x.shape[0])  # σ stays float32 under half-precision x
+    for i in trange(len(sigmas) - 1, disable=not progress):
+        denoised = denoiser(x, sigmas[i] * s_in)
+        _report(callback, x, i, sigmas, denoised)
+        d = (x - denoised) / sigmas[i]
+        dt = sigmas[i + 1] - sigmas[i]
+        x_euler = x + d * dt
+        if sigmas[i + 1] == 0:
+            x = x_euler
+        else:
+            d_next = (x_euler - denoiser(x_euler, sigmas[i + 1] * s_in)) / sigmas[i + 1]
+            x = x + (d + d_next) / 2 * dt
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    progress: bool = False,
+    eta: float = 0.0,
+) -> Tensor:
+    """DDIM (Song et al. 2021, eq. 12 with σ_t(η) of eq. 16), written with ᾱ = 1/(1 + σ²) on the VE state."""
+    sigmas = sigmas.to(x.device)
+    s_in = sigmas.new_ones(x.shape[0])  # σ stays float32 under half-precision x
+    for i in trange(len(sigmas) - 1, disable=not progress):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = denoiser(x, sigma * s_in)
+        _report(callback, x, i, sigmas, denoised)
+        alpha_next = 1 / (1 + sigma_next**2)  # ᾱ_{t-1}
+        one_minus_alpha, one_minus_alpha_next = sigma**2 / (1 + sigma**2), sigma_next**2 / (1 + sigma_next**2)
+        one_minus_ratio = (sigma**2 - sigma_next**2) / (1 + sigma**2)  # 1 − ᾱ_t/ᾱ_{t-1}
+        std = eta * (one_minus_alpha_next / one_minus_alpha * one_minus_ratio).sqrt()  # eq. 16
+        eps = (x - denoised) / sigma
+        x_prev = alpha_next.sqrt() * denoised + (one_minus_alpha_next - std**2).clamp(min=0).sqrt() * eps
+        if eta:
+            x_prev = x_prev + std * _noise(x, generator)
+        x = x_prev / alpha_next.sqrt()  # VP x_{t-1} → VE
+    return x
+
+
+@torch.no_grad()
+def sample_ddpm(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Ancestral sampling from the DDPM posterior q(x_s | x_t, x̂0) (Ho et al. 2020, eq. 6–7) in VE form.
+
+    With r = σ_s²/σ_t²: mean = x̂0 + r·(x_t − x̂0), std = σ_s·sqrt(1 − r), i.e. the posterior variance β̃_t
+    (LDM's and diffusers' "fixed_small"). Over every training step (1000 steps, ``trailing``) this is DDPM's
+    Algorithm 2; over fewer steps it is the same posterior between the visited timesteps.
+    """
+    sigmas = sigmas.to(x.device)
+    s_in = sigmas.new_ones(x.shape[0])  # σ stays float32 under half-precision x
+    for i in trange(len(sigmas) - 1, disable=not progress):
+        denoised = denoiser(x, sigmas[i] * s_in)
+        _report(callback, x, i, sigmas, denoised)
+        r = (sigmas[i + 1] / sigmas[i]) ** 2
+        x = denoised + r * (x - denoised) + sigmas[i + 1] * (1 - r).sqrt() * _noise(x, generator)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) with λ = −log σ; first order on the first and last steps."""
+    sigmas = sigmas.to(x.device)
+    s_in = sigmas.new_ones(x.shape[0])  # σ stays float32 under half-precision x
+    old_denoised, h_last = None, None
+    for i in trange(len(sigmas) - 1, disable=not progress):
+        denoised = denoiser(x, sigmas[i] * s_in)
+        _report(callback, x, i, sigmas, denoised)
+        if sigmas[i + 1] == 0:
+            x = denoised
+            continue
+        h = sigmas[i].log() - sigmas[i + 1].log()  # λ_{i+1} − λ_i
+        d = denoised if old_denoised is None else denoised + (denoised - old_denoised) * (h / (2 * h_last))
+        x = (sigmas[i + 1] / sigmas[i]) * x - torch.expm1(-h) * d
+        old_denoised, h_last = denoised, h
+    return x
+
+
+SAMPLERS: dict[str, Sampler] = {
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+    "euler": sample_euler,
+    "euler_a": sample_euler_ancestral,
+    "heun": sample_heun,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_2m_karras": sample_dpmpp_2m,
+}
+# Spacing each sampler uses unless told: DDPM walks every step from T−1, DDIM as LDM / SD
+# (leading + offset 1), the k-diffusion samplers as k-diffusion / diffusers' Euler (linspace).
+DEFAULT_SPACING: dict[str, str] = {
+    "ddpm": "trailing",
+    "ddim": "leading",
+    "euler": "linspace",
+    "euler_a": "linspace",
+    "heun": "linspace",
+    "dpmpp_2m": "linspace",
+    "dpmpp_2m_karras": "karras",
+}
+
+
+class SampleResult(NamedTuple):
+    """Samples x0 (B, C, H, W), the number of denoiser evaluations, and the σ ladder used."""
+
+    x: Tensor
+    nfe: int
+    sigmas: Tensor
+
+
+def sample(
+    name: str,
+    denoiser: Callable[[Tensor, Tensor], Tensor],
+    noise: Tensor,
+    schedule: NoiseSchedule,
+    steps: int,
+    spacing: str | None = None,
+    generator: torch.Generator | None = None,
+    *,
+    callback: Callback | None = None,
+    progress: bool = False,
+    **opts,
+) -> SampleResult:
+    """Run sampler ``name`` from unit Gaussian ``noise`` for ``steps`` steps; count denoiser calls (NFE)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    sigmas = get_sigmas(schedule, steps, spacing or DEFAULT_SPACING[name]).to(noise.device)
+    nfe = 0
+
+    def counted(x: Tensor, sigma: Tensor) -> Tensor:
+        nonlocal nfe
+        nfe += 1
+        return denoiser(x, sigma)
+
+    x = SAMPLERS[name](
+        counted, noise * sigmas[0], sigmas, generator=generator, callback=callback, progress=progress, **opts
+    )
+    return SampleResult(x, nfe, sigmas)
