@@ -4,3 +4,31 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("LDM_RUNS_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), "ldm-test-runs"))
+
+import pytest
+
+from ldm.train import REPO_ROOT, train
+
+TINY = REPO_ROOT / "configs" / "tiny"
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory):
+    """A session-wide folder for the runs and caches the end-to-end fixtures share."""
+    return tmp_path_factory.mktemp("e2e")
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_run(workdir):
+    """A stage-1 run of the tiny VAE config (6 steps), trained once per test session."""
+    return train("vae", str(TINY / "vae.yaml"), ["--cfg", str(TINY / "vae.yaml"), "--runs-dir", str(workdir / "runs")])
+
+
+@pytest.fixture(scope="session")
+def tiny_ldm_run(workdir, tiny_vae_run):
+    """A stage-2 text run of the tiny config on a cache of the tiny VAE, trained once per test session."""
+    from ldm.data.cache_setup import ensure_cache
+
+    cfg = str(TINY / "ldm-text.yaml")
+    overrides = [f"cache.vae={tiny_vae_run}", f"cache.dir={workdir / 'cache' / 'tiny-text'}"]
+    return train("ldm", cfg, ["--cfg", cfg, "--runs-dir", str(workdir / "runs"), *overrides], before_build=ensure_cache)
