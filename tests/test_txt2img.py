@@ -1,0 +1,139 @@
+"""scripts/txt2img.py end to end on toy runs: files, grid, PNG metadata, printed settings, one-line errors."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from ldm.train import REPO_ROOT
+from tests.test_pipeline import tiny_class_run  # noqa: F401  (a session fixture shared with the pipeline tests)
+
+SCRIPT = REPO_ROOT / "scripts" / "txt2img.py"
+FAST = ["--steps", "2", "--sampler", "euler"]
+LONG_PROMPT = "a red circle on a blue background " * 4  # more than the tiny text encoder's 16 tokens
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("txt2img", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
+    spec.loader.exec_module(module)
+    return module
+
+
+txt2img = load_script()
+
+
+def pngs(folder):
+    return sorted(p.name for p in folder.glob("*.png"))
+
+
+def test_text_prompts_write_images_grid_and_metadata(tiny_ldm_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--run", str(tiny_ldm_run), "--prompt", "a red circle", "--prompt", "../../escape/me", "--n", "2",
+            "--seed", "7", "--negative-prompt", "green", "--scale", "3", "--out", str(out), *FAST]
+    assert txt2img.main(argv) == 0
+    names = pngs(out)
+    assert names == ["00000-s7-a-red-circle.png", "00001-s8-a-red-circle.png", "00002-s9-escape-me.png",
+                     "00003-s10-escape-me.png", "grid-00000.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing escaped --out
+    image = Image.open(out / "00003-s10-escape-me.png")
+    assert image.size == (16, 16)
+    text = image.text["parameters"].splitlines()
+    assert text[0] == "../../escape/me" and text[1] == "Negative prompt: green"
+    assert "Steps: 2, Sampler: euler, CFG scale: 3.0, Seed: 10, Size: 16x16" in text[2]
+    meta = json.loads(image.text["ldm"])
+    assert meta["prompt"] == "../../escape/me" and meta["seed"] == 10 and meta["negative_prompt"] == "green"
+    assert meta["steps"] == 2 and meta["sampler"] == "euler" and meta["scale"] == 3.0
+    assert meta["width"] == meta["height"] == 16 and meta["ema"] is True
+    assert meta["run"] == str(tiny_ldm_run.resolve()) and meta["checkpoint"].endswith("last.ckpt")
+    grid = Image.open(out / "grid-00000.png")
+    assert grid.size[0] > 2 * 16 and json.loads(grid.text["ldm"])["seeds"] == [7, 8, 9, 10]
+    printed = capsys.readouterr().out
+    assert "seeds: 7..10 (4 images)" in printed and "sampler: euler, steps: 2, scale: 3.0" in printed
+    assert "00002-s9-escape-me.png  seed=9" in printed
+
+    # a second call adds to the folder instead of overwriting; --no-grid writes no grid
+    assert txt2img.main(["--run", str(tiny_ldm_run), "--prompt", "x", "--n", "2", "--seed", "1", "--no-grid",
+                         "--H", "8", "--W", "24", "--out", str(out), *FAST]) == 0
+    assert pngs(out)[4:] == ["00004-s1-x.png", "00005-s2-x.png", "grid-00000.png"]
+    assert Image.open(out / "00005-s2-x.png").size == (24, 8)
+
+
+def test_prompts_from_file_and_class_labels(tiny_ldm_run, tiny_class_run, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a blue square\n\n   \na red circle\n")
+    assert txt2img.main(["--run", str(tiny_ldm_run), "--from-file", str(prompts), "--seed", "0",
+                         "--out", str(tmp_path / "file"), *FAST]) == 0
+    assert pngs(tmp_path / "file") == ["00000-s0-a-blue-square.png", "00001-s1-a-red-circle.png", "grid-00000.png"]
+
+    out = tmp_path / "class"
+    assert txt2img.main(["--run", str(tiny_class_run), "--class", "3", "--class", "5", "--n", "2", "--seed", "4",
+                         "--sampler", "ddim", "--eta", "0", "--steps", "2", "--out", str(out)]) == 0
+    assert pngs(out)[:4] == ["00000-s4-class3.png", "00001-s5-class3.png", "00002-s6-class5.png",
+                             "00003-s7-class5.png"]
+    meta = json.loads(Image.open(out / "00002-s6-class5.png").text["ldm"])
+    assert meta["class"] == 5 and meta["eta"] == 0.0 and meta["sampler"] == "ddim"
+
+
+P = ["--prompt", "a red circle"]
+BAD_ARGUMENTS = {
+    "unknown sampler": (P + ["--sampler", "plms"], "invalid choice: 'plms'"),
+    "zero steps": (P + ["--steps", "0"], "--steps must be at least 1"),
+    "negative scale": (P + ["--scale", "-1"], "--scale must be ≥ 0"),
+    "zero images": (P + ["--n", "0"], "--n must be at least 1"),
+    "not an int": (P + ["--n", "two"], "invalid int value: 'two'"),
+    "size off the VAE grid": (P + ["--H", "15"], "--H 15 is not divisible by the VAE's downsampling factor 2"),
+    "eta for dpm++": (P + ["--sampler", "dpmpp_2m", "--eta", "1"], "--eta applies to the samplers"),
+    "rescale out of range": (P + ["--guidance-rescale", "2"], "--guidance-rescale must be in [0, 1]"),
+    "class on a text run": (["--class", "3"], "is a text-conditional run: use --prompt"),
+    "no prompt": ([], "give --prompt TEXT"),
+    "missing run": (P + ["--run", "{tmp}/nowhere"], "run not found"),
+    "VAE run": (P + ["--run", "{vae}"], "is not a stage-2 (latent diffusion) run"),
+    "prompt on a class run": (P + ["--run", "{cls}"], "is a class-conditional run: use --class INDEX, not --prompt"),
+    "class out of range": (["--run", "{cls}", "--class", "168"], "--class 168 is out of range"),
+    "negative prompt on a class run": (["--run", "{cls}", "--class", "1", "--negative-prompt", "x"],
+                                       "not --negative-prompt"),
+    "empty prompt file": (["--from-file", "{tmp}/empty.txt"], "holds no prompts"),
+    "blank prompt file": (["--from-file", "{tmp}/blank.txt"], "holds no prompts"),
+    "missing prompt file": (["--from-file", "{tmp}/none.txt"], "cannot read --from-file"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
+def test_bad_arguments_give_one_line_and_exit_code_2(case, tiny_ldm_run, tiny_vae_run, tiny_class_run, tmp_path,
+                                                      capsys):
+    extra, message = BAD_ARGUMENTS[case]
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.txt").write_text("\n  \n\t\n")
+    extra = [a.format(tmp=tmp_path, vae=tiny_vae_run, cls=tiny_class_run) for a in extra]
+    assert txt2img.main(["--run", str(tiny_ldm_run), "--out", str(tmp_path / "out"), *FAST, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_too_long_prompt_warns_once(tiny_ldm_run, tmp_path, capsys):
+    argv = ["--run", str(tiny_ldm_run), "--prompt", LONG_PROMPT, "--n", "3", "--batch-size", "1",
+            "--out", str(tmp_path), *FAST]
+    assert txt2img.main(argv) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "truncated" in warnings[0]
+
+
+def test_command_line_in_a_subprocess(tiny_ldm_run, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    command = [sys.executable, str(SCRIPT), "--run", str(tiny_ldm_run), "--prompt", "a red circle", "--seed", "3",
+               "--steps", "1", "--out", str(tmp_path / "out")]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert pngs(tmp_path / "out") == ["00000-s3-a-red-circle.png"]
+    assert "seeds: 3..3 (1 image)" in done.stdout
+
+    bad = subprocess.run(command + ["--steps", "0"], capture_output=True, text=True, cwd=REPO_ROOT, env=env,
+                         timeout=300)
+    assert bad.returncode == 2 and bad.stderr == "error: --steps must be at least 1, got 0\n"
