@@ -6,12 +6,14 @@ from __future__ import annotations
 import csv
 import io
 import os
+import random
 import signal
 import threading
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.fabric.loggers.csv_logs import _ExperimentWriter
 from lightning.pytorch.loggers import CSVLogger
@@ -20,6 +22,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from ldm.checkpoints import fsync_replace
+
+RNG_STATES_KEY = "ldm_rng_states"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -82,15 +86,52 @@ class RunCSVLogger(CSVLogger):
         """Hyper-parameters live in the run's config.yaml; nothing more to write."""
 
 
+def rng_states() -> dict:
+    """The states of Python's, NumPy's and torch's generators as tensors and plain values (weights-only safe)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+              "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    """Restore what ``rng_states`` captured."""
+    random.setstate(tuple(s if not isinstance(s, list) else tuple(s) for s in states["python"]))
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 class ResumeBookkeeping(L.Callback):
-    """On resume, trims metrics rows newer than the checkpoint so ``metrics.csv`` has no duplicates."""
+    """Makes a resumed run continue where the checkpoint left it: RNG states, data position, metrics rows."""
+
+    def __init__(self) -> None:
+        self._rng_states: dict | None = None
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        """Store the random number generators' states (Lightning's checkpoint does not)."""
+        checkpoint[RNG_STATES_KEY] = rng_states()
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        """Drop rows logged after the checkpoint was written."""
+        """Trim later metrics rows, position the data stream, and keep the RNG states for the first step."""
         step = int(checkpoint.get("global_step", 0))  # the first step the resumed run logs
         for logger in trainer.loggers:
             if isinstance(logger, RunCSVLogger) and trainer.is_global_zero:
                 logger.experiment.drop_rows_from(step)
+        datamodule = trainer.datamodule
+        if datamodule is not None and hasattr(datamodule, "resume_at"):
+            datamodule.resume_at(step * trainer.accumulate_grad_batches, trainer.world_size)
+        self._rng_states = checkpoint.get(RNG_STATES_KEY)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Restore the RNG states last, after everything that draws random numbers while setting up."""
+        if self._rng_states is not None:
+            set_rng_states(self._rng_states)
+            self._rng_states = None
 
 
 class GracefulStop(L.Callback):

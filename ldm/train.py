@@ -51,7 +51,7 @@ def parse_args(argv: Sequence[str] | None, default_config: str) -> argparse.Name
     parser.add_argument("--name", help="run name (default: the config's `name`)")
     parser.add_argument("--runs-dir", help="folder for run directories (default: runs, or $LDM_RUNS_DIR)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. trainer.max_steps=500")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may come before or after options
 
 
 def validate(cfg: dict) -> None:

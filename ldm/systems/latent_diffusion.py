@@ -131,10 +131,14 @@ class LatentDiffusion(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
-        """Update the EMA and, every N steps, draw a sample grid."""
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """Step, then update the EMA (before any checkpoint of this step is written)."""
+        super().optimizer_step(*args, **kwargs)
         if self.model_ema is not None:
             self.model_ema(self.model)
+
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        """Every N steps, draw a sample grid."""
         every = self.sampling["every"]
         if every and self.global_step % every == 0 and self.trainer.is_global_zero:
             self.log_samples()
