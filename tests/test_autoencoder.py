@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ldm.autoencoder.distributions import DiagonalGaussianDistribution
 from ldm.autoencoder.losses import LPIPSWithDiscriminator
-from ldm.autoencoder.model import AutoencoderKL, psnr
+from ldm.autoencoder.model import AutoencoderKL, lr_factor
 from ldm.autoencoder.nets import AttnBlock, Decoder, Downsample, Encoder, Normalize, Upsample
 from ldm.config import ConfigError, instantiate_from_config, load_config
 from ldm.train import REPO_ROOT
@@ -116,9 +116,11 @@ def test_ddconfig_typo_is_named():
         instantiate_from_config(cfg["model"], "model")
 
 
-def test_psnr():
-    x = torch.zeros(2, 3, 4, 4)
-    assert torch.allclose(psnr(x + 0.2, x), torch.full((2,), 20.0))  # 0.1 in [0, 1] → MSE 0.01 → 20 dB
+def test_lr_factor_warmup_and_cosine():
+    assert lr_factor(0) == lr_factor(10**6) == 1.0  # constant
+    assert lr_factor(0, warmup=4) == 0.25 and lr_factor(3, warmup=4) == 1.0
+    assert lr_factor(0, total=100) == 1.0 and abs(lr_factor(50, total=100) - 0.5) < 1e-9
+    assert lr_factor(100, total=100) == 0.0 == lr_factor(150, total=100)
 
 
 # ------------------------------------------------------------------------------------ training loop

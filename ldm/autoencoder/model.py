@@ -25,20 +25,12 @@ from torch import nn
 from ldm.autoencoder.distributions import DiagonalGaussianDistribution
 from ldm.autoencoder.nets import Decoder, Encoder
 from ldm.images import image_grid, save_image_atomic
+from ldm.metrics import psnr
 
 ADAM_BETAS = (0.5, 0.9)  # latent-diffusion's VAE / VQGAN optimiser betas
 NUM_SAMPLE_IMAGES = 8
 SAMPLES_DIR = "samples"
-PSNR_EPS = 1e-10
 LR_SCHEDULES = ("constant", "cosine")
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR (B,) in dB of images in [-1, 1], measured in [0, 1] (data range 1)."""
-    x01 = (x.float().clamp(-1, 1) + 1) / 2
-    y01 = (y.float().clamp(-1, 1) + 1) / 2
-    mse = (x01 - y01).pow(2).flatten(1).mean(dim=1)
-    return -10.0 * torch.log10(mse + PSNR_EPS)
 
 
 def lr_factor(step: int, warmup: int = 0, total: int = 0) -> float:
