@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ldm.config import load_config
 from ldm.unet.controlnet import ControlNet
 from ldm.unet.model import UNetModel
 
@@ -13,22 +14,20 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # The layouts live in the team's shared folder, beside the checkout or inside it (device machines).
 REFERENCE_DIRS = (REPO_ROOT.parent / "shared" / "reference", REPO_ROOT / "shared" / "reference")
 
-# Stable Diffusion v1.x U-Net (v1-inference.yaml's unet_config.params, minus use_checkpoint / use_fp16).
-SD15_UNET = dict(
-    image_size=32, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1],
-    num_res_blocks=2, channel_mult=[1, 2, 4, 4], num_heads=8, use_spatial_transformer=True,
-    transformer_depth=1, context_dim=768, legacy=False,
-)
+SD_CONFIGS = REPO_ROOT / "configs" / "sd"
+
+
+def _net_params(config: str, node: str) -> dict:
+    """The constructor params of a network node of an SD inference config (configs/sd/<config>)."""
+    return load_config(SD_CONFIGS / config)["model"]["params"][node]["params"]
+
+
+# Stable Diffusion v1.x U-Net (SD's v1-inference.yaml's unet_config.params, minus use_checkpoint / use_fp16).
+SD15_UNET = _net_params("v1-inference.yaml", "unet")
 # Stable Diffusion v2.x U-Net: 64-channel heads, OpenCLIP ViT-H context, Linear proj_in / proj_out.
-SD21_UNET = dict(
-    image_size=32, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1],
-    num_res_blocks=2, channel_mult=[1, 2, 4, 4], num_head_channels=64, use_spatial_transformer=True,
-    use_linear_in_transformer=True, transformer_depth=1, context_dim=1024, legacy=False,
-)
-# ControlNet v1.0 for SD1.5 (cldm_v15.yaml's control_stage_config): the SD1.5 encoder + a 3-channel hint at f = 8.
-CONTROLNET_SD15 = dict(
-    {k: v for k, v in SD15_UNET.items() if k != "out_channels"}, hint_channels=3, downsampling_factor=8,
-)
+SD21_UNET = _net_params("v2-inference.yaml", "unet")
+# ControlNet v1.0 / v1.1 for SD1.5 (cldm_v15.yaml's control_stage_config): the SD1.5 encoder, a 3-channel hint, f = 8.
+CONTROLNET_SD15 = _net_params("controlnet-v1.yaml", "control_stage")
 
 CONTROLNET_SD15_SIZE = (340, 361_279_120)  # tensors, parameters
 

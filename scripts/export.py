@@ -1,0 +1,72 @@
+"""Export a trained model to one .safetensors file in Stable Diffusion's public key layout.
+
+    python scripts/export.py runs/ldm/latest --out model.safetensors [--ema-only | --no-ema] [--half]
+    python scripts/export.py runs/controlnet/latest --out control.safetensors --controlnet-only [--half]
+    python scripts/export.py v1-5-pruned.ckpt --config configs/sd/v1-inference.yaml \\
+           --out v1-5-emaonly-fp16.safetensors --ema-only --half
+
+SOURCE is a run directory (or a checkpoint inside one, whose config.yaml is used) or, with --config, any
+checkpoint. The file has `model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*` and, unless
+--no-ema / --ema-only, `model_ema.*`; --ema-only writes the EMA weights as the U-Net's own (SD's "-emaonly"
+files). Its inference config is written beside it (<out>.yaml) and into its metadata, so
+`python scripts/txt2img.py --ckpt <out> --config <out>.yaml …` samples from it.
+--controlnet-only writes only `control_model.*` (a ControlNet file, as ControlNet v1.1 ships them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import NoReturn, Sequence
+
+from ldm.checkpoints import UNSAFE_FLAG
+from ldm.errors import UserError
+from ldm.sd_export import export_checkpoint
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line."""
+    p = _Parser(prog="export.py", description=__doc__.splitlines()[0])
+    p.add_argument("source", help="run directory (runs/ldm/latest), a checkpoint in one, "
+                                  "or any checkpoint with --config")
+    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p.add_argument("--config", help="the model's config, for a checkpoint outside a run directory")
+    ema = p.add_mutually_exclusive_group()
+    ema.add_argument("--ema-only", action="store_true",
+                     help="write the EMA weights as the U-Net's weights, no model_ema.*")
+    ema.add_argument("--no-ema", action="store_true", help="write the raw weights only, no model_ema.*")
+    p.add_argument("--half", action="store_true", help="fp16 weights (half the size)")
+    p.add_argument("--controlnet-only", action="store_true", help="write only the ControlNet (control_model.*)")
+    p.add_argument("--text-layout", choices=["auto", "hf", "openclip"], default="auto",
+                   help="text-encoder key names: hf = SD1's CLIPTextModel, openclip = SD2's (default auto)")
+    p.add_argument(UNSAFE_FLAG, dest="unsafe", action="store_true",
+                   help="allow a pickled checkpoint that runs code when loaded (only for files you trust)")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Export; 0 on success, 2 on bad input."""
+    args = parse_args(argv)
+    ema = "only" if args.ema_only else "drop" if args.no_ema else "keep"
+    try:
+        out = export_checkpoint(args.source, args.out, config=args.config, ema=ema, half=args.half,
+                                controlnet_only=args.controlnet_only, text_layout=args.text_layout,
+                                unsafe=args.unsafe)
+    except UserError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"{out}" + ("" if args.controlnet_only else f"\n{out.with_suffix('.yaml')}"))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

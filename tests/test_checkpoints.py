@@ -1,0 +1,409 @@
+"""Safe checkpoint loading and Stable Diffusion / ControlNet files through the public path (ldm.sd.load_sd).
+
+Toy models keep the public key structure (tests/sd_toy.py); files are written as .safetensors and .ckpt.
+"""
+
+import pickle
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from ldm.checkpoints import (
+    IGNORED_KEYS,
+    CheckpointError,
+    checkpoint_kind,
+    load_file,
+    meta_tensor_names,
+    params_on_meta,
+    state_dict_of,
+    strip_prefix,
+)
+from ldm.config import instantiate_from_config
+from ldm.safe_pickle import PickledClassStandIn
+from ldm.sd import (
+    SD_CONFIG_DIR,
+    ControlLDM,
+    ControlledDiffusion,
+    controlnet_from_sd,
+    describe_sd,
+    load_component,
+    load_control_image,
+    load_sd,
+    load_sd_weights,
+    read_model_config,
+    sampling_model,
+)
+from ldm.sd_control import ControlImageError
+from ldm.unet.model import UNetModel
+from tests.sd_toy import (
+    SD_SCHEDULE_KEYS,
+    ema_unet_state,
+    public_state,
+    randomize,
+    tiny_config,
+    tiny_system,
+)
+
+PROMPTS = ["a red circle on a blue background", ""]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Toy nets on a 2-core machine shared with other jobs: one thread avoids spinning at every op's barrier."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def save(state: dict, path, fmt: str):
+    if fmt == "safetensors":
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:  # as SD / Lightning pickle them, with non-tensor entries beside the weights
+        torch.save({"state_dict": state, "global_step": 840000, "epoch": 3}, path)
+    return path
+
+
+def inputs(seed: int = 0, pixels: int = 16, f: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, pixels // f, pixels // f, generator=g)
+    hint = torch.rand(2, 3, pixels, pixels, generator=g)
+    return x, torch.tensor([3.0, 700.0]), hint
+
+
+@pytest.fixture(scope="module")
+def sd1():
+    """A toy SD1 system and its weights as a public file holds them (HF CLIP names, EMA, schedule buffers)."""
+    system = tiny_system("v1-inference", seed=0)
+    return system, public_state(system)
+
+
+@pytest.fixture(scope="module")
+def sd1_file(sd1, tmp_path_factory):
+    return save(sd1[1], tmp_path_factory.mktemp("sd1") / "tiny-sd1.safetensors", "safetensors")
+
+
+# ---------------------------------------------------------------------------------------------- load_file
+
+
+class WritesAFile:
+    """Unpickling this runs code: it writes the marker file (what a malicious checkpoint would do, harmlessly)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('pwned')",)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-pickle"])
+def test_a_pickle_that_would_run_code_is_refused_and_the_code_never_runs(tmp_path, legacy):
+    marker = tmp_path / "pwned.txt"
+    path = tmp_path / "evil.ckpt"
+    payload = {"state_dict": {"w": torch.zeros(2)}, "callback": WritesAFile(marker)}
+    if legacy:
+        with open(path, "wb") as f:
+            pickle.dump(payload, f, protocol=2)  # torch.load's own default protocol
+    else:
+        torch.save(payload, path)
+    for mmap in (False, True):
+        with pytest.raises(CheckpointError, match="--unsafe-load"):
+            load_file(path, mmap=mmap)
+    with pytest.raises(CheckpointError, match="--unsafe-load"):
+        load_sd(tiny_config("v1-inference"), path)
+    assert not marker.exists()
+    if not legacy:  # the payload is real: a user who opts in gets it run
+        load_file(path, unsafe=True)
+        assert marker.read_text() == "pwned"
+
+
+def test_lightning_era_checkpoints_load_without_unsafe(tmp_path, monkeypatch):
+    """sd-v1-4.ckpt & co.: PyTorch Lightning 1.x keyed `callbacks` by the callback class, scores were numpy
+    scalars. Those globals unpickle to inert stand-ins (the class is not even importable at load time)."""
+    module = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
+    callback = type("ModelCheckpoint", (), {"__module__": module.__name__})
+    module.ModelCheckpoint = callback
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks", module.__name__):
+        monkeypatch.setitem(sys.modules, name, module if name == module.__name__ else types.ModuleType(name))
+    weights = {"model.diffusion_model.out.2.bias": torch.arange(4.0)}
+    torch.save({"state_dict": weights, "global_step": 470000, "pytorch-lightning_version": "1.4.2",
+                "callbacks": {callback: {"best_model_score": np.float64(0.25), "monitor": "val/loss"}}},
+               tmp_path / "sd-v1-4-like.ckpt")
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks", module.__name__):
+        monkeypatch.delitem(sys.modules, name)
+    loaded = load_file(tmp_path / "sd-v1-4-like.ckpt", mmap=True)
+    assert torch.equal(state_dict_of(loaded)["model.diffusion_model.out.2.bias"], torch.arange(4.0))
+    [(key, state)] = loaded["callbacks"].items()
+    assert key is PickledClassStandIn and state["best_model_score"] == 0.25
+
+
+def test_safetensors_ckpt_and_legacy_pickles_load_alike(tmp_path):
+    state = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4, dtype=torch.float16)}
+    loaded = [state_dict_of(load_file(save(state, tmp_path / "w.safetensors", "safetensors")))]
+    loaded.append(state_dict_of(load_file(save(state, tmp_path / "w.ckpt", "ckpt"), mmap=True)))
+    torch.save(state, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    loaded.append(load_file(tmp_path / "old.pt", mmap=True))  # mmap falls back for non-zip pickles
+    for got in loaded:
+        assert got.keys() == state.keys()
+        assert all(torch.equal(got[k], state[k]) and got[k].dtype == state[k].dtype for k in state)
+
+
+def test_unreadable_files_are_reported(tmp_path):
+    (tmp_path / "cut.ckpt").write_bytes(b"PK\x03\x04 not really a zip")
+    (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00\x00")
+    for name in ("cut.ckpt", "cut.safetensors", "absent.ckpt"):
+        with pytest.raises(CheckpointError, match=name):
+            load_file(tmp_path / name)
+
+
+# ---------------------------------------------------------------------------------------------- kinds
+
+
+def test_checkpoint_kinds_and_the_diffusers_layout_is_refused_by_name(sd1, tmp_path):
+    state = sd1[1]
+    assert checkpoint_kind(state) == "full"
+    assert checkpoint_kind(strip_prefix(state, "model.diffusion_model.")) == "unet"
+    assert checkpoint_kind({**strip_prefix(state, "first_stage_model."), "loss.logvar": torch.zeros(())}) == "vae"
+    control = tiny_system("controlnet-v1").state_dict()
+    assert checkpoint_kind({k: v for k, v in control.items() if k.startswith("control_model.")}) == "controlnet"
+    assert checkpoint_kind(strip_prefix(control, "control_model.")) == "controlnet"
+    diffusers = {"down_blocks.0.resnets.0.conv1.weight": torch.zeros(1), "conv_in.weight": torch.zeros(1)}
+    with pytest.raises(CheckpointError, match="diffusers"):
+        checkpoint_kind(diffusers)
+    folder = tmp_path / "stable-diffusion-v1-5"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="diffusers"):
+        load_sd(tiny_config("v1-inference"), folder)
+
+
+def test_a_bare_component_file_is_not_taken_for_a_whole_model(sd1, tmp_path):
+    vae = save(strip_prefix(sd1[1], "first_stage_model."), tmp_path / "vae.safetensors", "safetensors")
+    with pytest.raises(CheckpointError, match="bare vae file: pass it as vae="):
+        load_sd(tiny_config("v1-inference"), vae)
+
+
+# ---------------------------------------------------------------------------------------------- load_sd
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
+def test_full_sd1_checkpoint_loads_with_ema_and_reproduces_every_part(sd1, tmp_path, fmt):
+    system, state = sd1
+    path = save(state, tmp_path / f"tiny.{fmt}", fmt)
+    model = load_sd(tiny_config("v1-inference"), path)
+    info = model.checkpoint_info
+    assert info["ema"] and info["text_encoder"] == "hf-clip" and not model.training
+    assert set(SD_SCHEDULE_KEYS) | {"model_ema.decay", "model_ema.num_updates"} <= set(info["ignored"])
+    assert "cond_stage_model.transformer.text_model.embeddings.position_ids" in info["ignored"]
+    assert set(info["ignored"]) <= IGNORED_KEYS
+    assert set(info["filled"]) == {"scale_factor", "image_size", "cond_stage_model.model.text_projection",
+                                   "cond_stage_model.model.logit_scale"}
+    assert float(model.scale_factor) == pytest.approx(0.18215) and int(model.image_size) == 16
+    assert not meta_tensor_names(model)
+    x, t, _ = inputs()
+    with torch.no_grad():
+        context = system.cond_stage_model(PROMPTS)
+        torch.testing.assert_close(model.cond_stage_model(PROMPTS), context, rtol=0, atol=0)
+        expected = UNetModel(**tiny_config("v1-inference")["model"]["params"]["unet"]["params"])
+        expected.load_state_dict(ema_unet_state(state))
+        torch.testing.assert_close(model.model.diffusion_model(x, t, context), expected(x, t, context), rtol=0, atol=0)
+        raw = system.model.diffusion_model(x, t, context)
+        assert (model.model.diffusion_model(x, t, context) - raw).abs().max() > 1e-3  # the EMA weights, not the raw
+        decoded = system.first_stage_model.decode(x)
+        torch.testing.assert_close(model.first_stage_model.decode(x), decoded, rtol=0, atol=0)
+
+
+def test_use_ema_false_takes_the_raw_weights(sd1, sd1_file):
+    system, _ = sd1
+    model = load_sd(tiny_config("v1-inference"), sd1_file, use_ema=False)
+    assert not model.checkpoint_info["ema"]
+    assert any(entry.startswith("model_ema.*") for entry in model.checkpoint_info["ignored"])
+    for key, value in system.model.state_dict().items():
+        assert torch.equal(model.model.state_dict()[key], value), key
+
+
+def test_strict_report_names_the_missing_the_unexpected_and_the_misshapen(sd1, tmp_path):
+    state = dict(sd1[1])
+    del state["first_stage_model.decoder.conv_out.bias"]
+    state["first_stage_model.decoder.extra.weight"] = torch.zeros(3)
+    state["model.diffusion_model.out.2.bias"] = torch.zeros(5)
+    state["model_ema.diffusion_modelout2bias"] = torch.zeros(5)
+    path = save(state, tmp_path / "broken.safetensors", "safetensors")
+    with pytest.raises(CheckpointError) as caught:
+        load_sd(tiny_config("v1-inference"), path)
+    message = str(caught.value)
+    assert "missing: first_stage_model.decoder.conv_out.bias" in message
+    assert "unexpected: first_stage_model.decoder.extra.weight" in message
+    assert "shape mismatch: model.diffusion_model.out.2.bias: file (5,) vs model (4,)" in message
+
+
+def test_a_partial_ema_is_refused_rather_than_mixed(sd1, tmp_path):
+    state = {k: v for k, v in sd1[1].items() if k != "model_ema.diffusion_modelout2weight"}
+    path = save(state, tmp_path / "partial-ema.safetensors", "safetensors")
+    with pytest.raises(CheckpointError, match="missing: model_ema.diffusion_modelout2weight .*use_ema=False"):
+        load_sd(tiny_config("v1-inference"), path)
+    assert load_sd(tiny_config("v1-inference"), path, use_ema=False).checkpoint_info["ema"] is False
+
+
+def test_a_file_of_the_other_sd_version_is_named_in_the_report(tmp_path):
+    sd2 = tiny_system("v2-inference", seed=3)
+    path = save(public_state(sd2, hf_text=False), tmp_path / "sd2.safetensors", "safetensors")
+    with pytest.raises(CheckpointError, match="proj_in.weight: file .* vs model .*v2-inference.yaml"):
+        load_sd(tiny_config("v1-inference"), path)
+
+
+def test_sd2_openclip_text_encoder_loads_natively_in_the_chosen_dtype(tmp_path):
+    system = tiny_system("v2-inference", seed=2)
+    state = public_state(system, ema_seed=None, hf_text=False)
+    assert "cond_stage_model.model.text_projection" in state and "cond_stage_model.model.logit_scale" in state
+    model = load_sd(tiny_config("v2-inference"), save(state, tmp_path / "sd2.ckpt", "ckpt"), dtype="bf16")
+    assert model.checkpoint_info["text_encoder"] == "native" and not model.checkpoint_info["ema"]
+    assert model.checkpoint_info["filled"] == ["image_size", "scale_factor"]
+    assert model.model.diffusion_model.out[2].weight.dtype == torch.bfloat16
+    assert model.first_stage_model.decoder.conv_out.weight.dtype == torch.bfloat16
+    assert model.cond_stage_model.model.token_embedding.weight.dtype == torch.float32  # text stays fp32
+    with torch.no_grad():
+        torch.testing.assert_close(model.cond_stage_model(PROMPTS), system.cond_stage_model(PROMPTS), rtol=0, atol=0)
+
+
+def test_a_separate_vae_file_replaces_the_checkpoints(sd1, sd1_file, tmp_path):
+    other = randomize(tiny_system("v1-inference").first_stage_model, seed=9)
+    bare = {**other.state_dict(), "loss.logvar": torch.zeros(())}  # training leftovers are ignored
+    vae_path = save(bare, tmp_path / "vae-ft-mse.ckpt", "ckpt")
+    model = load_sd(tiny_config("v1-inference"), sd1_file, vae=vae_path)
+    x, _, _ = inputs(1)
+    with torch.no_grad():
+        torch.testing.assert_close(model.first_stage_model.decode(x), other.decode(x), rtol=0, atol=0)
+    load_component(sd1[0].first_stage_model, vae_path, "vae")  # a bare VAE into an existing model
+    assert torch.equal(sd1[0].first_stage_model.decoder.conv_out.weight, other.decoder.conv_out.weight)
+
+
+def test_schedule_buffers_that_disagree_with_the_config_are_warned_about(sd1, tmp_path):
+    state = {**sd1[1], "alphas_cumprod": sd1[1]["alphas_cumprod"] * 0.5}
+    with pytest.warns(UserWarning, match="noise schedule"):
+        load_sd(tiny_config("v1-inference"), save(state, tmp_path / "odd.safetensors", "safetensors"))
+
+
+def test_parameters_on_meta_buffers_real_and_no_second_copy(sd1_file):
+    with params_on_meta():
+        unet = UNetModel(**tiny_config("v1-inference")["model"]["params"]["unet"]["params"])
+    assert all(p.is_meta for p in unet.parameters())
+    model = load_sd(tiny_config("v1-inference"), sd1_file)
+    assert model.cond_stage_model.model.attn_mask.isinf().any()  # a non-persistent buffer, computed, real
+    assert not meta_tensor_names(model)
+
+
+# ---------------------------------------------------------------------------------------------- ControlNet
+
+
+@pytest.fixture(scope="module")
+def control_system():
+    return tiny_system("controlnet-v1", seed=4)
+
+
+def residuals(model, x, t, hint, context):
+    with torch.no_grad():
+        return model.control_model(x, hint, t, context)
+
+
+@pytest.mark.parametrize("layout", ["v1.0-full", "v1.1-prefixed", "v1.1-bare"])
+def test_controlnet_files_load_into_control_model(control_system, tmp_path, layout):
+    state = public_state(control_system, ema_seed=None)
+    control = {k: v for k, v in state.items() if k.startswith("control_model.")}
+    if layout == "v1.0-full":  # SD + ControlNet in one file, loaded with the ControlNet config
+        model = load_sd(tiny_config("controlnet-v1"), save(state, tmp_path / "control_sd15.pth", "ckpt"))
+    else:  # an SD file + a ControlNet file, with the plain SD config
+        sd = {k: v for k, v in state.items() if k not in control}
+        cn = control if layout == "v1.1-prefixed" else strip_prefix(control, "control_model.")
+        model = load_sd(tiny_config("v1-inference"), save(sd, tmp_path / "sd.safetensors", "safetensors"),
+                        controlnet=save(cn, tmp_path / "control_v11p.pth", "ckpt"))
+    assert isinstance(model, ControlLDM) and model.only_mid_control is False
+    x, t, hint = inputs(2)
+    context = control_system.cond_stage_model(PROMPTS)
+    for ours, theirs in zip(residuals(model, x, t, hint, context), residuals(control_system, x, t, hint, context)):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_controlnet_from_sd_copies_the_encoder_and_starts_as_a_no_op(sd1, sd1_file):
+    model = load_sd(tiny_config("v1-inference"), sd1_file)
+    controlnet = controlnet_from_sd(model)
+    unet = model.model.diffusion_model
+    for name in ("time_embed", "input_blocks", "middle_block"):
+        ours, theirs = getattr(controlnet, name).state_dict(), getattr(unet, name).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert all(not p.any() for p in controlnet.zero_convs.parameters())
+    assert controlnet.downsampling_factor == model.first_stage_model.downsampling_factor == 2
+    x, t, hint = inputs(3)
+    context = model.cond_stage_model(PROMPTS)
+    controlled = ControlledDiffusion(unet, controlnet, strength=0.7)
+    with torch.no_grad():
+        torch.testing.assert_close(controlled(x, t, context, hint=hint), unet(x, t, context), rtol=0, atol=0)
+    assert sampling_model(model) is model.model  # no ControlNet: the plain model
+
+
+def test_controlled_diffusion_adds_scaled_residuals(control_system):
+    x, t, hint = inputs(5)
+    unet, control = control_system.model.diffusion_model, control_system.control_model
+    context = control_system.cond_stage_model(PROMPTS)
+    model = sampling_model(control_system, strength=0.5)
+    with torch.no_grad():
+        res = [r * 0.5 for r in control(x, hint, t, context)]
+        torch.testing.assert_close(model(x, t, context, hint=hint), unet(x, t, context, control=res))
+        torch.testing.assert_close(model(x, t, context), unet(x, t, context))
+        assert (model(x, t, context, hint=hint) - unet(x, t, context)).abs().max() > 1e-4
+
+
+def test_a_training_system_takes_an_sd_base_with_a_controlnet_from_its_unet(sd1_file):
+    """Stage 3's start: a ControlLDM built on the meta device that keeps an EMA, an SD file as its base."""
+    node = read_model_config(tiny_config("controlnet-v1"))
+    node["params"]["use_ema"] = True
+    with params_on_meta():
+        system = instantiate_from_config(node, "model")
+    info = load_sd_weights(system, sd1_file, control_from_unet=True)
+    assert info["ema"] and "control_model.* (from the U-Net)" in info["filled"] and not meta_tensor_names(system)
+    unet, control = system.model.diffusion_model, system.control_model
+    for name in ("time_embed", "input_blocks", "middle_block"):
+        ours, theirs = getattr(control, name).state_dict(), getattr(unet, name).state_dict()
+        assert all(torch.equal(ours[k], theirs[k]) and ours[k].data_ptr() != theirs[k].data_ptr() for k in ours)
+    assert all(not p.any() for p in [*control.zero_convs.parameters(), *control.middle_block_out.parameters()])
+    hint_convs = [m for m in control.input_hint_block if isinstance(m, torch.nn.Conv2d)]
+    assert all(c.weight.std() > 0 for c in hint_convs[:-1]) and not hint_convs[-1].weight.any()
+    shadows = dict(system.model_ema.named_buffers())
+    for name, shadow in system.model_ema.m_name2s_name.items():
+        assert torch.equal(shadows[shadow], system.model.get_parameter(name)), name
+
+
+# ---------------------------------------------------------------------------------------------- CLI helpers
+
+
+def test_describe_sd_reads_the_config_only(sd1_file, tmp_path):
+    summary = describe_sd(SD_CONFIG_DIR / "v2-inference-v.yaml", sd1_file)  # the file is not opened
+    assert (summary.condition_key, summary.downsampling_factor, summary.image_size, summary.parameterization) == (
+        "caption", 8, 768, "v")
+    assert summary.checkpoint == sd1_file and summary.controlnet is None
+    with pytest.raises(CheckpointError, match="not found"):
+        describe_sd(SD_CONFIG_DIR / "v1-inference.yaml", tmp_path / "v1-5-pruned-emaonly.safetensors")
+
+
+def test_control_images_are_read_resized_and_optionally_edge_detected(tmp_path):
+    edges = np.zeros((20, 36, 3), np.uint8)
+    edges[5, :, :] = 255
+    Image.fromarray(edges).save(tmp_path / "edges.png")
+    hint = load_control_image(tmp_path / "edges.png")  # cut down to multiples of 8
+    assert hint.shape == (1, 3, 16, 32) and hint.dtype == torch.float32 and set(hint.unique().tolist()) == {0.0, 1.0}
+    assert load_control_image(tmp_path / "edges.png", height=64, width=48).shape == (1, 3, 64, 48)
+    photo = np.zeros((32, 32, 3), np.uint8)
+    photo[:, 16:] = (200, 30, 30)
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    canny = load_control_image(tmp_path / "photo.png", canny=True)
+    assert canny[0, :, :, 15:17].sum() > 0 and canny[0, :, :, :12].sum() == 0  # one vertical edge
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ControlImageError, match="broken.png"):
+        load_control_image(tmp_path / "broken.png")
+    with pytest.raises(ControlImageError, match="multiple of 8"):
+        load_control_image(tmp_path / "edges.png", height=20)
