@@ -9,6 +9,7 @@ import os
 import random
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,13 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from ldm.checkpoints import fsync_replace
+from ldm.checkpoints import fsync_replace, load_file
 
 RNG_STATES_KEY = "ldm_rng_states"
+TMP_MARKER = ".tmp"  # `.<name>.tmp<pid>`: a checkpoint being written (a killed writer may leave one)
+# Test hook, for the kill-while-saving test only: seconds to sleep after a checkpoint's temporary file is
+# written and before it is renamed into place, so a test can SIGKILL the process inside that window.
+SAVE_DELAY_ENV = "LDM_TEST_SAVE_DELAY_S"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -36,12 +41,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         """Save ``checkpoint`` to ``path`` atomically."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp = path.with_name(f".{path.name}{TMP_MARKER}{os.getpid()}")
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
-        with open(tmp, "wb") as f:
-            f.write(buffer.getbuffer())
-        fsync_replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(buffer.getbuffer())
+            delay = float(os.environ.get(SAVE_DELAY_ENV, 0))
+            if delay:
+                time.sleep(delay)
+            fsync_replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # e.g. a full disk: keep the previous checkpoint, leave no debris
+            raise
+
+    def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None) -> dict:
+        """Load with the weights-only unpickler: a checkpoint that would run code is refused (CheckpointError)."""
+        return load_file(path)
 
 
 class _AppendingWriter(_ExperimentWriter):
@@ -111,10 +127,21 @@ class ResumeBookkeeping(L.Callback):
 
     def __init__(self) -> None:
         self._rng_states: dict | None = None
+        self._flush_pending = False
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         """Store the random number generators' states (Lightning's checkpoint does not)."""
         checkpoint[RNG_STATES_KEY] = rng_states()
+        self._flush_pending = True
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        """After a checkpoint, write the buffered metrics rows (Lightning logs a step's row after the step's
+        checkpoint), so that a killed run keeps every row older than its last checkpoint."""
+        if self._flush_pending:
+            self._flush_pending = False
+            for logger in trainer.loggers:
+                if isinstance(logger, RunCSVLogger) and trainer.is_global_zero:
+                    logger.save()
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         """Trim later metrics rows, position the data stream, and keep the RNG states for the first step."""
@@ -135,12 +162,26 @@ class ResumeBookkeeping(L.Callback):
 
 
 class GracefulStop(L.Callback):
-    """The first Ctrl-C (like SIGTERM) ends the current step, saves ``last.ckpt`` and stops; a second aborts."""
+    """The first Ctrl-C (like SIGTERM) ends the current step, saves ``last.ckpt`` and stops; a second aborts.
+
+    A run that finishes also leaves its final step in ``last.ckpt``.
+    """
 
     def __init__(self, last_checkpoint: str | os.PathLike):
         self.last_checkpoint = Path(last_checkpoint)
         self._previous_handler: Any = None
         self.stopped = False
+        self._saved_step = -1
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        """Note the step of every checkpoint written, whoever writes it."""
+        self._saved_step = trainer.global_step
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A run that ends between periodic checkpoints still leaves its final state in ``last.ckpt``
+        (Lightning's ModelCheckpoint writes `last` at the end only if it never wrote it during the fit)."""
+        if trainer.global_step != self._saved_step:
+            trainer.save_checkpoint(self.last_checkpoint)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Route the first SIGINT to Lightning's graceful SIGTERM path."""

@@ -29,10 +29,21 @@ from ldm.errors import UserError
 DEFAULT_TARGET_PREFIXES = ("ldm.", "torch.", "lightning.")
 ALLOW_TARGETS_ENV = "LDM_ALLOW_TARGETS"
 _extra_prefixes: set[str] = set()
+# Inside the allowed packages, what would load or run code named by the config (unpickling, hub code,
+# compiled extensions, native libraries, Lightning's own class_path instantiation) is refused even so,
+# as are private names (`torch._C`, `ldm.x._helper`). Widening the allowed prefixes does not lift this.
+DENIED_TARGET_PREFIXES = (
+    "torch.hub.", "torch.load", "torch.serialization.", "torch.jit.load", "torch.utils.cpp_extension.",
+    "torch.ops.", "torch.classes.", "torch.package.", "torch.utils.model_zoo.", "torch.export.load",
+    "torch.distributed.", "torch.multiprocessing.", "torch.library.",
+    "lightning.pytorch.cli.", "lightning.fabric.utilities.cloud_io.", "lightning.fabric.utilities.load.",
+    "lightning.pytorch.core.saving.",
+    "ldm.safe_pickle.", "ldm.checkpoints.", "ldm.config.", "ldm.train.", "ldm.runs.",
+)
 
 # Every top-level section a config may have; anything else is a typo.
 TOP_LEVEL_KEYS = frozenset(
-    {"name", "seed", "model", "data", "trainer", "checkpoint", "callbacks", "logger", "cache"}
+    {"name", "seed", "model", "data", "trainer", "checkpoint", "callbacks", "logger", "cache", "guard"}
 )
 NODE_KEYS = frozenset({"target", "params"})
 
@@ -65,8 +76,8 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict:
     try:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
         container = OmegaConf.to_container(cfg, resolve=True)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{path}: {e}") from e
+    except (OmegaConfBaseException, TypeError, ValueError) as e:  # e.g. `callbacks.0.x=1` on a list
+        raise ConfigError(f"{path}: cannot apply overrides {' '.join(overrides)}: {e}") from e
     unknown = sorted(set(container) - TOP_LEVEL_KEYS)
     if unknown:
         raise ConfigError(
@@ -126,6 +137,9 @@ def get_obj_from_str(target: str, path: str = "") -> Any:
             f"{where}: target {target!r} is outside the allowed packages {', '.join(prefixes)}; "
             f"to allow it, set {ALLOW_TARGETS_ENV}={target.split('.')[0]}."
         )
+    if target.startswith(DENIED_TARGET_PREFIXES) or any(part.startswith("_") for part in target.split(".")):
+        raise ConfigError(f"{where}: target {target!r} is refused: a config may build objects, not load or run "
+                          f"code, and not name private objects")
     module_name, _, attr = target.rpartition(".")
     try:
         module = importlib.import_module(module_name)

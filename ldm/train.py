@@ -13,9 +13,9 @@ from typing import Callable, Sequence
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from ldm.callbacks import AtomicCheckpointIO, GracefulStop, ResumeBookkeeping, RunCSVLogger
+from ldm.callbacks import TMP_MARKER, AtomicCheckpointIO, GracefulStop, ResumeBookkeeping, RunCSVLogger
 from ldm.config import (
     ConfigError,
     check_arguments,
@@ -24,11 +24,14 @@ from ldm.config import (
     load_config,
     save_config,
 )
+from ldm.checkpoints import fit_report, load_file, state_dict_of
 from ldm.errors import UserError
+from ldm.guards import GUARD_DEFAULTS, NonFiniteError, guard_callbacks
 from ldm.runs import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
     LAST_CHECKPOINT,
+    check_writable,
     checkpoint_for,
     create_run_dir,
     resolve_run,
@@ -41,6 +44,8 @@ CHECKPOINT_DEFAULTS = {"every_n_train_steps": 1000, "keep": 2, "monitor": None, 
 EXIT_BAD_INPUT = 2
 BeforeBuild = Callable[[dict, str], None]
 EXIT_STOPPED = 143  # 128 + SIGTERM, so schedulers see an interrupted (resumable) job
+EXIT_NONFINITE = 3  # the run diverged: resuming as is would diverge again
+GUARD_MODES = ("stop", "skip", "off")
 
 
 def parse_args(argv: Sequence[str] | None, default_config: str) -> argparse.Namespace:
@@ -66,6 +71,12 @@ def validate(cfg: dict) -> None:
         raise ConfigError(f"checkpoint.{sorted(unknown)[0]}: unknown key; allowed: {', '.join(CHECKPOINT_DEFAULTS)}")
     for i, node in enumerate(cfg.get("callbacks") or []):
         check_config(node, f"callbacks.{i}")
+    guard = cfg.get("guard") or {}
+    unknown = set(guard) - set(GUARD_DEFAULTS)
+    if unknown:
+        raise ConfigError(f"guard.{sorted(unknown)[0]}: unknown key; allowed: {', '.join(GUARD_DEFAULTS)}")
+    if guard.get("nonfinite", "stop") not in GUARD_MODES:
+        raise ConfigError(f"guard.nonfinite: expected one of {', '.join(GUARD_MODES)}, got {guard['nonfinite']!r}")
 
 
 def load_run_config(args: argparse.Namespace, default_config: str) -> tuple[dict, str, Path | None, Path | None]:
@@ -87,12 +98,35 @@ def open_run_dir(stage: str, cfg: dict, cfg_path: str, args: argparse.Namespace,
         return Path(inherited)  # a DDP worker: rank 0 made the directory and wrote the config
     if run_dir is None:
         run_dir = create_run_dir(stage, args.name or cfg.get("name") or Path(cfg_path).stem, args.runs_dir)
+    else:
+        check_writable(run_dir / CHECKPOINT_DIR)  # a resumed run must still be able to save
+        remove_stale_temporaries(run_dir / CHECKPOINT_DIR)
     save_config(cfg, run_dir / CONFIG_FILE)
     return run_dir
 
 
+def remove_stale_temporaries(ckpt_dir: Path) -> None:
+    """Delete checkpoint temporaries a killed process left behind (never a finished checkpoint)."""
+    for tmp in ckpt_dir.glob(f".*{TMP_MARKER}*"):
+        tmp.unlink(missing_ok=True)
+
+
+def check_resumable(model: L.LightningModule, ckpt: Path) -> None:
+    """Refuse, in one line, a checkpoint that is unsafe to unpickle or was written by another architecture."""
+    own = {k: v.shape for k, v in model.state_dict().items()}
+    fit_report(own, state_dict_of(load_file(ckpt, mmap=True)), f"checkpoint {ckpt}",
+               hint="resume with the config the run was started with (or start a new run)")
+
+
 def build_trainer(cfg: dict, run_dir: Path) -> L.Trainer:
     """A Lightning Trainer from the config's `trainer:` section plus the run's logger and checkpoints."""
+    try:
+        return _build_trainer(cfg, run_dir)
+    except (MisconfigurationException, ValueError, TypeError) as e:  # e.g. devices=0, keep=-2, fsdp on a CPU
+        raise ConfigError(f"trainer: {str(e).splitlines()[0]}") from e
+
+
+def _build_trainer(cfg: dict, run_dir: Path) -> L.Trainer:
     ckpt_cfg = {**CHECKPOINT_DEFAULTS, **(cfg.get("checkpoint") or {})}
     ckpt_dir = run_dir / CHECKPOINT_DIR
     periodic = ModelCheckpoint(
@@ -106,17 +140,11 @@ def build_trainer(cfg: dict, run_dir: Path) -> L.Trainer:
             dirpath=ckpt_dir, filename="best", monitor=ckpt_cfg["monitor"], mode=ckpt_cfg["mode"],
             save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False,
         ))
-    callbacks += [GracefulStop(ckpt_dir / LAST_CHECKPOINT), ResumeBookkeeping()]
+    callbacks += [GracefulStop(ckpt_dir / LAST_CHECKPOINT), ResumeBookkeeping(), *guard_callbacks(cfg, ckpt_dir)]
     callbacks += [instantiate_from_config(node, f"callbacks.{i}") for i, node in enumerate(cfg.get("callbacks") or [])]
     trainer_kwargs = dict(cfg.get("trainer") or {})
-    trainer = L.Trainer(
-        default_root_dir=str(run_dir),
-        logger=RunCSVLogger(run_dir),
-        callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
-        **trainer_kwargs,
-    )
-    return trainer
+    return L.Trainer(default_root_dir=str(run_dir), logger=RunCSVLogger(run_dir), callbacks=callbacks,
+                     plugins=[AtomicCheckpointIO()], **trainer_kwargs)
 
 
 def train(stage: str, default_config: str, argv: Sequence[str] | None = None,
@@ -134,6 +162,8 @@ def train(stage: str, default_config: str, argv: Sequence[str] | None = None,
         L.seed_everything(cfg.get("seed", 0), workers=True, verbose=False)
         datamodule = instantiate_from_config(cfg["data"], "data")
         model = instantiate_from_config(cfg["model"], "model")
+        if ckpt is not None:
+            check_resumable(model, ckpt)
         run_dir = open_run_dir(stage, cfg, cfg_path, args, run_dir)
         trainer = build_trainer(cfg, run_dir)
     except UserError as e:
@@ -148,6 +178,10 @@ def train(stage: str, default_config: str, argv: Sequence[str] | None = None,
         if trainer.is_global_zero:
             print(f"stopped at step {trainer.global_step}; resume with: --resume {run_dir}", file=sys.stderr)
         raise SystemExit(EXIT_STOPPED) from None
+    except NonFiniteError as e:
+        if trainer.is_global_zero:
+            print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_NONFINITE) from None
     finally:
         os.environ.pop(RUN_DIR_ENV, None)
     return run_dir

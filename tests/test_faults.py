@@ -1,0 +1,180 @@
+"""Faults during training: non-finite losses (stop / skip, manual and automatic optimisation), weights that
+turned non-finite are never saved, preflight of the run directory, and out-of-range or mistyped settings."""
+
+from __future__ import annotations
+
+import shutil
+from collections import namedtuple
+
+import pytest
+import torch
+
+from ldm.checkpoints import load_file
+from ldm.config import ConfigError, load_config
+from ldm.data.cache_setup import ensure_cache
+from ldm.guards import SKIPPED_METRIC
+from ldm.runs import CHECKPOINT_DIR
+from ldm.train import EXIT_BAD_INPUT, EXIT_NONFINITE, train
+from tests.conftest import TINY
+from tests.procs import logged
+from tests.test_train_driver import TOY_CONFIG
+
+POISON = "callbacks=[{{target: tests.faults.PoisonBatch, params: {{at_steps: [{}]}}}}]"
+
+
+@pytest.fixture(autouse=True)
+def allow_test_callbacks(monkeypatch):
+    monkeypatch.setenv("LDM_ALLOW_TARGETS", "tests.")
+
+
+def run_stage(stage: str, cfg: str, runs, *overrides: str, before_build=None):
+    """train() in-process; returns (exit code or 0, the stage's newest run directory)."""
+    try:
+        train(stage, cfg, ["--cfg", cfg, "--runs-dir", str(runs), *overrides], before_build=before_build)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    latest = runs / stage / "latest"
+    return code, latest.resolve() if latest.exists() else None
+
+
+def assert_finite_checkpoints(run, steps: dict[str, int]) -> None:
+    """Exactly these checkpoints (name → global step), every one loadable with finite weights."""
+    found = {}
+    for path in sorted((run / CHECKPOINT_DIR).glob("*.ckpt")):
+        ckpt = load_file(path)
+        found[path.name] = ckpt["global_step"]
+        bad = [k for k, v in ckpt["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        assert not bad, f"{path.name}: non-finite {bad[:3]}"
+    assert found == steps
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------- non-finite
+
+
+def test_vae_nan_stops_naming_the_step_and_last_good_checkpoint(tmp_path, capsys):
+    vae = str(TINY / "vae.yaml")
+    code, run = run_stage("vae", vae, tmp_path, POISON.format(4))
+    assert code == EXIT_NONFINITE
+    line = one_error_line(capsys.readouterr().err)
+    assert "non-finite loss or gradients at step 4" in line
+    assert f"last good checkpoint: {run / CHECKPOINT_DIR / 'last.ckpt'}" in line
+    assert_finite_checkpoints(run, {"last.ckpt": 3, "step0000003.ckpt": 3})
+
+
+def test_vae_nan_skip_drops_the_update_and_counts_it(tmp_path):
+    vae = str(TINY / "vae.yaml")
+    code, run = run_stage("vae", vae, tmp_path, POISON.format(1), "guard.nonfinite=skip", "trainer.max_steps=4")
+    assert code == 0
+    assert_finite_checkpoints(run, {"last.ckpt": 4, "step0000003.ckpt": 3})
+    ckpt = load_file(run / CHECKPOINT_DIR / "last.ckpt")
+    adam_steps = {float(s["step"]) for s in ckpt["optimizer_states"][0]["state"].values()}
+    assert adam_steps == {3.0}  # 4 steps, the poisoned one never reached the autoencoder's optimiser
+    assert [v for k, v in ckpt["callbacks"].items() if k.startswith("NonFiniteGuard")] == [{"skipped": [1]}]
+    assert logged(run, SKIPPED_METRIC) == {1: "1.0"}
+
+
+def test_infinite_learning_rate_never_writes_nan_weights(tmp_path, capsys):
+    """lr = inf turns the weights to inf in step 0; the save after it is refused, nothing is written."""
+    vae = str(TINY / "vae.yaml")
+    code, run = run_stage("vae", vae, tmp_path, "model.params.learning_rate=.inf", "checkpoint.every_n_train_steps=1")
+    assert code == EXIT_NONFINITE
+    line = one_error_line(capsys.readouterr().err)
+    assert "weights became non-finite by step 1" in line and "checkpoint not written" in line
+    assert_finite_checkpoints(run, {})
+
+
+@pytest.fixture(scope="module")
+def ldm_args(tiny_vae_run, workdir):
+    """Overrides pointing stage 2 at a latent cache of the session's tiny VAE (built once)."""
+    args = [f"cache.vae={tiny_vae_run}", f"cache.dir={workdir / 'cache' / 'tiny-text'}"]
+    ensure_cache(load_config(TINY / "ldm-text.yaml", args))
+    return args + ["model.params.sample_every_n_steps=0", "trainer.max_steps=4"]
+
+
+Case = namedtuple("Case", "mode code steps")
+
+
+@pytest.mark.parametrize("case", [Case("stop", EXIT_NONFINITE, {"last.ckpt": 3, "step0000003.ckpt": 3}),
+                                  Case("skip", 0, {"last.ckpt": 4, "step0000003.ckpt": 3})], ids=["stop", "skip"])
+def test_ldm_nan_at_step_3(tmp_path, ldm_args, case):
+    cfg = str(TINY / "ldm-text.yaml")
+    code, run = run_stage("ldm", cfg, tmp_path, *ldm_args, POISON.format(3), f"guard.nonfinite={case.mode}")
+    assert code == case.code
+    assert_finite_checkpoints(run, case.steps)  # EMA included: it never saw a NaN
+
+
+# ---------------------------------------------------------------------------------------- preflight
+
+
+@pytest.fixture
+def toy_cfg(tmp_path):
+    path = tmp_path / "toy.yaml"
+    path.write_text(TOY_CONFIG)
+    return str(path)
+
+
+def test_unwritable_runs_dir_fails_before_training(toy_cfg, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code, _ = run_stage("toy", toy_cfg, blocker / "runs")
+    assert code == EXIT_BAD_INPUT
+    assert "cannot write to" in one_error_line(capsys.readouterr().err)
+
+
+def test_full_disk_fails_before_training_and_before_resuming(toy_cfg, tmp_path, capsys, monkeypatch):
+    code, run = run_stage("toy", toy_cfg, tmp_path / "runs", "trainer.max_steps=2")
+    assert code == 0
+    real = shutil.disk_usage
+    monkeypatch.setattr("ldm.runs.shutil.disk_usage", lambda p: real(p)._replace(free=10 * 2**20))
+    code, _ = run_stage("toy", toy_cfg, tmp_path / "other")
+    assert code == EXIT_BAD_INPUT and not any((tmp_path / "other" / "toy").iterdir())  # no run directory
+    assert "only 10 MiB free" in one_error_line(capsys.readouterr().err)
+    with pytest.raises(SystemExit):
+        train("toy", toy_cfg, ["--resume", str(run), "trainer.max_steps=4"])
+    assert "only 10 MiB free" in one_error_line(capsys.readouterr().err)
+    assert load_file(run / CHECKPOINT_DIR / "last.ckpt")["global_step"] == 2  # untouched
+
+
+# ------------------------------------------------------------------------------- settings out of range
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.max_steps=-5", "trainer: "),
+    ("trainer.devices=0", "trainer: "),
+    ("trainer.precision=17", "trainer.precision: expected one of"),
+    ("checkpoint.keep=-3", "trainer: "),
+    ("trainer.strategy=fsdp", "trainer: The strategy `fsdp` requires a GPU accelerator"),
+    ("callbacks.0.x=1", "callbacks.0: expected a mapping with `target`"),
+    ("guard.nonfinite=maybe", "guard.nonfinite: expected one of stop, skip, off"),
+    ("guard.nan=stop", "guard.nan: unknown key"),
+    ("gaurd.nonfinite=stop", "did you mean 'guard'"),
+])
+def test_out_of_range_settings_are_one_line_errors(toy_cfg, tmp_path, capsys, override, message):
+    code, _ = run_stage("toy", toy_cfg, tmp_path / "runs", override)
+    assert code == EXIT_BAD_INPUT
+    assert message in one_error_line(capsys.readouterr().err)
+
+
+def test_resume_with_another_architecture_names_the_keys(toy_cfg, tmp_path, capsys):
+    code, run = run_stage("toy", toy_cfg, tmp_path / "runs", "trainer.max_steps=2")
+    before = (run / "config.yaml").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        train("toy", toy_cfg, ["--resume", str(run), "model.params.hidden=4"])
+    assert exit_info.value.code == EXIT_BAD_INPUT
+    line = one_error_line(capsys.readouterr().err)
+    assert "does not fit the model" in line and "net.weight: file (1, 1) vs model (4, 1)" in line
+    assert (run / "config.yaml").read_text() == before  # the run is left as it was
+
+
+def test_an_override_into_a_list_is_a_config_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\ncallbacks: [{target: ldm.guards.NonFiniteGuard}]\n")
+    with pytest.raises(ConfigError, match=r"cannot apply overrides callbacks.0.params.mode=skip"):
+        load_config(path, ["callbacks.0.params.mode=skip"])

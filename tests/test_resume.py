@@ -1,0 +1,70 @@
+"""Kill and resume a real stage-1 run in subprocesses: SIGTERM saves and exits 143, SIGKILL mid-step loses only
+the steps since the last checkpoint, and the resumed run ends bit-identical to an uninterrupted one (weights,
+optimiser, LR schedule, RNG, data order, logged losses). Stage 2 (with EMA, killed mid-save): test_resume_ldm.py."""
+
+from __future__ import annotations
+
+import signal
+
+from ldm.checkpoints import load_file
+from ldm.runs import CHECKPOINT_DIR
+from tests.conftest import TINY
+from tests.faults import read_probe
+from tests.procs import all_checkpoints_load, assert_same, finish, launch, logged, only_run, wait_until
+
+STEPS = 8
+STEP_SLEEP_S = 0.4  # slows the probed run so the test can pick its moment
+COMPARED = ("state_dict", "optimizer_states", "lr_schedulers", "global_step", "ldm_rng_states")
+
+
+def probed_config(tmp_path, base: str, probe: str, sleep: float) -> str:
+    """A config that includes ``base`` and adds a StepProbe writing to ``probe``."""
+    path = tmp_path / f"{probe}.yaml"
+    path.write_text(f"base: {TINY / base}\ntrainer: {{max_steps: {STEPS}}}\n"
+                    f"callbacks: [{{target: tests.faults.StepProbe, params: {{out: {tmp_path / probe}.jsonl, "
+                    f"sleep: {sleep}}}}}]\n")
+    return str(path)
+
+
+def batches(records: list[dict]) -> dict[int, list[str]]:
+    """step → item paths of the batch trained at that step (a re-run step keeps its latest record)."""
+    return {r["step"]: r["paths"] for r in records if r["event"] == "batch"}
+
+
+def assert_matches_reference(run, ref, tmp_path, loss_column: str) -> None:
+    """The resumed run's final checkpoint, data order and loss curve equal the uninterrupted run's."""
+    final = load_file(run / CHECKPOINT_DIR / "last.ckpt")
+    expected = load_file(ref / CHECKPOINT_DIR / "last.ckpt")
+    assert final["global_step"] == STEPS
+    for key in COMPARED:
+        assert_same(final[key], expected[key], key)
+    assert batches(read_probe(tmp_path / "run.jsonl")) == batches(read_probe(tmp_path / "ref.jsonl"))
+    assert logged(run, loss_column) == logged(ref, loss_column) and len(logged(ref, loss_column)) == STEPS
+
+
+def test_vae_sigterm_then_sigkill_mid_step_resumes_exactly(tmp_path):
+    ref_cfg = probed_config(tmp_path, "vae.yaml", "ref", 0.0)
+    run_cfg = probed_config(tmp_path, "vae.yaml", "run", STEP_SLEEP_S)
+    ref = launch("train_vae", ["--cfg", ref_cfg, "--runs-dir", str(tmp_path / "ref")], tmp_path / "ref.log")
+    log = tmp_path / "run.log"
+    proc = launch("train_vae", ["--cfg", run_cfg, "--runs-dir", str(tmp_path / "runs")], log)
+    probe = tmp_path / "run.jsonl"
+
+    # SIGTERM during step 1: the step finishes, last.ckpt is written, exit 143 with a resume hint.
+    wait_until(lambda: any(r.get("step") == 1 for r in read_probe(probe)), proc, log)
+    proc.send_signal(signal.SIGTERM)
+    out = finish(proc, log, code=143)
+    run = only_run(tmp_path / "runs", "vae")
+    assert "stopped at step 2; resume with: --resume" in out
+    assert all_checkpoints_load(run / CHECKPOINT_DIR) == {"last.ckpt": 2}
+
+    # Resume, then SIGKILL in step 4: the checkpoint of step 3 is the last good one.
+    proc = launch("train_vae", ["--resume", str(run)], log)
+    wait_until(lambda: any(r.get("step") == 4 for r in read_probe(probe)), proc, log)
+    proc.send_signal(signal.SIGKILL)
+    finish(proc, log, code=-signal.SIGKILL)
+    assert all_checkpoints_load(run / CHECKPOINT_DIR) == {"last.ckpt": 3, "step0000003.ckpt": 3}
+
+    finish(launch("train_vae", ["--resume", str(run)], log), log)
+    finish(ref, tmp_path / "ref.log")
+    assert_matches_reference(run, only_run(tmp_path / "ref", "vae"), tmp_path, "train/rec_loss")

@@ -1,0 +1,54 @@
+"""Stage 2 killed with SIGKILL while a checkpoint is being written: every checkpoint file stays loadable, the
+killed writer's temporary is cleaned up, and the resumed run ends bit-identical to an uninterrupted one."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from ldm.callbacks import SAVE_DELAY_ENV
+from ldm.checkpoints import load_file
+from ldm.config import load_config
+from ldm.data.cache_setup import ensure_cache
+from ldm.runs import CHECKPOINT_DIR
+from tests.conftest import TINY
+from tests.procs import all_checkpoints_load, finish, launch, only_run, wait_until
+from tests.test_resume import assert_matches_reference, probed_config
+
+SAVE_DELAY_S = 1.0  # the window, between writing a checkpoint's temporary file and renaming it, to kill in
+
+
+@pytest.fixture(scope="module")
+def cache_args(tiny_vae_run, workdir):
+    """Overrides pointing stage 2 at a latent cache of the session's tiny VAE (built once)."""
+    args = [f"cache.vae={tiny_vae_run}", f"cache.dir={workdir / 'cache' / 'tiny-text'}"]
+    ensure_cache(load_config(TINY / "ldm-text.yaml", args))
+    return args + ["model.params.sample_every_n_steps=0"]
+
+
+def test_ldm_sigkill_while_writing_a_checkpoint_resumes_exactly(tmp_path, cache_args):
+    ref_cfg = probed_config(tmp_path, "ldm-text.yaml", "ref", 0.0)
+    run_cfg = probed_config(tmp_path, "ldm-text.yaml", "run", 0.0)
+    ref = launch("train_ldm", ["--cfg", ref_cfg, "--runs-dir", str(tmp_path / "ref"), *cache_args], tmp_path / "ref.log")
+    log = tmp_path / "run.log"
+    proc = launch("train_ldm", ["--cfg", run_cfg, "--runs-dir", str(tmp_path / "runs"), *cache_args], log,
+                  **{SAVE_DELAY_ENV: str(SAVE_DELAY_S)})
+
+    # Kill while step 6's checkpoint sits complete-but-unrenamed in its temporary file.
+    def writing_step6() -> bool:
+        runs = list((tmp_path / "runs" / "ldm").glob(f"*/{CHECKPOINT_DIR}/.step0000006.ckpt.tmp*"))
+        return bool(runs)
+
+    wait_until(writing_step6, proc, log)
+    proc.send_signal(signal.SIGKILL)
+    finish(proc, log, code=-signal.SIGKILL)
+    run = only_run(tmp_path / "runs", "ldm")
+    assert all_checkpoints_load(run / CHECKPOINT_DIR) == {"last.ckpt": 3, "step0000003.ckpt": 3}
+
+    finish(launch("train_ldm", ["--resume", str(run)], log), log)
+    assert not list((run / CHECKPOINT_DIR).glob(".*"))  # the killed writer's temporary is cleaned up
+    finish(ref, tmp_path / "ref.log")
+    assert_matches_reference(run, only_run(tmp_path / "ref", "ldm"), tmp_path, "train/loss")
+    state = load_file(run / CHECKPOINT_DIR / "last.ckpt")["state_dict"]
+    assert any(k.startswith("model_ema.") for k in state)  # the compared weights include the EMA
