@@ -40,7 +40,6 @@ from ldm.checkpoints import (
     add_prefix,
     checkpoint_kind,
     drop_ignored,
-    has_ema,
     load_assign,
     load_file,
     load_strict,
@@ -53,7 +52,7 @@ from ldm.checkpoints import (
 from ldm.conditioning.hf_clip import ClipKeyError, hf_to_openclip, is_hf_clip_text
 from ldm.conditioning.openclip import LOGIT_SCALE_INIT
 from ldm.config import ConfigError, instantiate_from_config, load_config
-from ldm.ema import LitEma
+from ldm.ema import FIXED_BUFFERS, LitEma
 from ldm.sd_control import (
     ControlLDM,
     ControlledDiffusion,
@@ -326,12 +325,16 @@ def to_model_layout(system: nn.Module, state: Mapping[str, Tensor], use_ema: boo
     if control_from_unet and control is not None and not any(k.startswith(CONTROL_PREFIX) for k in state):
         state.update(control_from_unet_state(control, state))
         filled.append("control_model.* (from the U-Net)")
-    kept_ema = getattr(system, "model_ema", None)
-    if isinstance(kept_ema, LitEma) and not has_ema(state):
+    for ema_name, source in getattr(system, "ema_sources", {"model_ema": "model."}).items():
+        kept_ema, prefix = getattr(system, ema_name, None), f"{ema_name}."
+        if not isinstance(kept_ema, LitEma) or any(prefix + s in state for s in kept_ema.m_name2s_name.values()):
+            continue  # no EMA kept, or the file has its shadows
         for name, shadow in kept_ema.m_name2s_name.items():
-            if f"model.{name}" in state:
-                state[EMA_PREFIX + shadow] = state[f"model.{name}"].detach().float().clone()
-        filled.append("model_ema.* (from the weights)")
+            if source + name in state:
+                state[prefix + shadow] = state[source + name].detach().float().clone()
+        for fixed in FIXED_BUFFERS:  # a fresh EMA's decay and count
+            state.setdefault(prefix + fixed, own[prefix + fixed].detach().clone())
+        filled.append(f"{ema_name}.* (from the weights)")
     info = {"ema": ema, "text_encoder": "hf-clip" if hf_named else "native", "version": guess_sd_version(state),
             "ignored": ignored, "filled": filled}
     return state, info

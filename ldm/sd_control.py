@@ -1,7 +1,8 @@
 """ControlNet on Stable Diffusion: the ControlLDM system, a ControlNet from an SD U-Net, sampling with a hint.
 
-``ControlLDM`` is LatentDiffusion plus ``control_model`` (state-dict prefix ``control_model.``), built from
-``configs/sd/controlnet-v1.yaml`` or from any SD config by ``with_control_stage``. ``controlnet_from_sd`` and
+``ControlLDM`` (``ldm.systems.controlnet``, re-exported here) is LatentDiffusion plus ``control_model``
+(state-dict prefix ``control_model.``), built from ``configs/sd/controlnet-v1.yaml`` or from any SD config by
+``with_control_stage``. ``controlnet_from_sd`` and
 ``control_from_unet_state`` initialise a ControlNet from the U-Net as ControlNet's ``tool_add_control.py``
 does; ``ControlledDiffusion`` is the model function the samplers call with a hint; ``load_control_image``
 reads a hint image (an edge map, or a photo to run Canny on) for the CLI.
@@ -10,9 +11,7 @@ reads a hint image (an edge map, or a photo to run Canny on) for the CLI.
 from __future__ import annotations
 
 import copy
-import inspect
 import os
-import typing
 from typing import Mapping
 
 import torch
@@ -23,18 +22,15 @@ from ldm.checkpoints import CONTROL_PREFIX, UNET_PREFIX
 from ldm.config import ConfigError
 from ldm.data.edges import edge_hint, hint_from_image
 from ldm.errors import UserError
+from ldm.systems.controlnet import DEFAULT_HINT_CHANNELS, ControlLDM, ControlledDiffusion
 from ldm.systems.latent_diffusion import LatentDiffusion
-from ldm.unet.controlnet import (
-    COPIED_FROM_UNET,
-    ControlNet,
-    apply_control_scales,
-    guess_mode_scales,
-    make_hint_block,
-)
+from ldm.unet.controlnet import COPIED_FROM_UNET, ControlNet, make_hint_block
 
-CONTROL_TARGET = "ldm.sd_control.ControlLDM"
+__all__ = ["ControlImageError", "ControlLDM", "ControlledDiffusion", "control_from_unet_state", "controlnet_from_sd",
+           "load_control_image", "sampling_model", "with_control_stage"]
+
+CONTROL_TARGET = "ldm.systems.controlnet.ControlLDM"
 CONTROLNET_TARGET = "ldm.unet.controlnet.ControlNet"
-DEFAULT_HINT_CHANNELS = 3  # ControlNet's RGB hint images (Canny edges as 3 equal channels)
 HINT_BLOCK = "input_hint_block."
 ZERO_INITIALISED = ("zero_convs.", "middle_block_out.")  # ControlNet's zero convolutions
 
@@ -43,72 +39,15 @@ class ControlImageError(UserError, ValueError):
     """A control (hint) image that cannot be read or does not fit the requested size."""
 
 
-class ControlLDM(LatentDiffusion):
-    """LatentDiffusion + ``control_model`` (a ControlNet fed a hint), as ControlNet's ``cldm.ControlLDM``.
-
-    Takes LatentDiffusion's parameters plus ``control_stage`` (the ControlNet, state-dict prefix
-    ``control_model.``), ``control_key`` (the batch field of the hint) and ``only_mid_control``. This is the
-    inference form; stage 3's training system should take the same parameters so that a config changes
-    only its ``target``.
-    """
-
-    def __init__(self, control_stage: nn.Module, control_key: str = "hint", only_mid_control: bool = False,
-                 **latent_diffusion_params):
-        super().__init__(**latent_diffusion_params)
-        self.control_model = control_stage
-        self.control_key = control_key
-        self.only_mid_control = only_mid_control
-
-
-def _extend_signature(cls: type, base: type) -> None:
-    """Give ``cls.__init__`` its own parameters followed by ``base``'s (keyword-only), with type hints, so
-    the config checker validates every parameter name and type of a ``**kwargs`` pass-through."""
-    own = inspect.signature(cls.__init__)
-    own_params = [p for p in own.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    taken = {p.name for p in own_params}
-    base_params = inspect.signature(base.__init__).parameters
-    inherited = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
-                 for name, p in base_params.items() if name != "self" and name not in taken]
-    cls.__init__.__signature__ = own.replace(parameters=own_params + inherited)
-    cls.__init__.__annotations__ = {**typing.get_type_hints(base.__init__), **typing.get_type_hints(cls.__init__)}
-
-
-_extend_signature(ControlLDM, LatentDiffusion)
-
-
-class ControlledDiffusion(nn.Module):
-    """``model(x_t, t, context, hint)`` for the samplers: ControlNet residuals × strength added to the U-Net.
-
-    Without a hint it is the plain U-Net. ``guess_mode`` scales the residuals 0.825^(12−i) (ControlNet's guess
-    mode: the deepest residual full, the shallowest least).
-    """
-
-    def __init__(self, diffusion_model: nn.Module, control_model: nn.Module, strength: float = 1.0,
-                 guess_mode: bool = False, only_mid_control: bool = False):
-        super().__init__()
-        self.diffusion_model = diffusion_model
-        self.control_model = control_model
-        self.strength = strength
-        self.guess_mode = guess_mode
-        self.only_mid_control = only_mid_control
-
-    def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None, hint: Tensor | None = None) -> Tensor:
-        """x (B, C, h, w), t (B,), context (B, T, D), hint (B, 3, f·h, f·w) in [0, 1] → (B, C, h, w)."""
-        if hint is None:
-            return self.diffusion_model(x, t, context=context)
-        residuals = self.control_model(x, hint, t, context)  # len(input_blocks) + 1 tensors
-        n = len(residuals)
-        scales = guess_mode_scales(n, self.strength) if self.guess_mode else self.strength
-        control = apply_control_scales(residuals, scales)
-        return self.diffusion_model(x, t, context=context, control=control, only_mid_control=self.only_mid_control)
-
-
 def sampling_model(system: LatentDiffusion, strength: float = 1.0, guess_mode: bool = False) -> nn.Module:
-    """The model function a Pipeline samples with: ``system.model``, or a ControlledDiffusion for a ControlLDM."""
+    """The model function a Pipeline samples with: ``system.model``, or a ControlledDiffusion for a ControlLDM
+    (its ``control_scales``, when trained with some, times ``strength``)."""
     control = getattr(system, "control_model", None)
     if control is None:
         return system.model
-    return ControlledDiffusion(system.model.diffusion_model, control, strength, guess_mode,
+    trained = getattr(system, "control_scales", None)
+    scales = [strength * s for s in trained] if trained is not None else strength
+    return ControlledDiffusion(system.model.diffusion_model, control, scales, guess_mode,
                                getattr(system, "only_mid_control", False))
 
 

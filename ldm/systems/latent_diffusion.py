@@ -161,11 +161,19 @@ class LatentDiffusion(L.LightningModule):
         """Swap the training weights back."""
         self._ema_context.__exit__(None, None, None)
 
-    def configure_optimizers(self):
-        """AdamW over the U-Net (and a trainable text encoder) with linear warm-up, then constant or cosine."""
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimiser updates: the U-Net (and a trainable text encoder)."""
         params = list(self.model.parameters())
         if self.cond_stage_trainable:
             params += [p for p in self.cond_stage_model.parameters() if p.requires_grad]
+        return params
+
+    def configure_optimizers(self):
+        """AdamW over ``trainable_parameters`` with linear warm-up, then constant or cosine."""
+        return self.make_optimizer(self.trainable_parameters())
+
+    def make_optimizer(self, params: list[nn.Parameter]) -> dict:
+        """AdamW over ``params`` with linear warm-up, then constant or cosine decay (stepped per batch)."""
         opt = torch.optim.AdamW(params, lr=self.optim["lr"], weight_decay=self.optim["weight_decay"])
         warmup, decay = self.optim["warmup"], self.optim["decay"]
         total = max(self.trainer.max_steps, 1) if self.trainer and self.trainer.max_steps > 0 else None

@@ -1,0 +1,175 @@
+"""Stage 3's base model: name it once, take its architecture and weights from it.
+
+    model:
+      target: ldm.systems.controlnet.ControlLDM
+      params:
+        base: runs/ldm/latest                 # a stage-2 run (its last checkpoint, EMA weights), or:
+        base_ckpt: v1-5-pruned.safetensors    # a Stable Diffusion file …
+        base_config: configs/sd/v1-inference.yaml   # … and its inference config
+
+``complete_model_node`` pins ``base`` to the run it names now and fills in what the ControlLDM shares with its
+base (``INHERITED``: U-Net, text encoder, schedule, VAE, objective) unless the config sets it, so the run's
+saved config builds the model alone. ``load_base_weights`` gives the built system the base's weights.
+``prepare_controlnet`` is stage 3's ``before_build``: complete the model node, then build or check the
+hint-carrying latent cache (same VAE as the base).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from ldm.checkpoints import (
+    UNET_PREFIX,
+    VAE_PREFIX,
+    fit_report,
+    load_file,
+    select_ema,
+    state_dict_of,
+)
+from ldm.config import ConfigError
+from ldm.data.latents import CacheError
+from ldm.systems.controlnet import DEFAULT_HINT_CHANNELS
+
+# What a ControlLDM takes from its base's model params when its own config does not set it.
+INHERITED = ("unet", "cond_stage", "schedule", "first_stage", "parameterization", "loss_weighting",
+             "min_snr_gamma", "offset_noise", "scale_factor", "image_size")
+# The parts of a ControlLDM's state dict that come from the base (the rest is the ControlNet and the EMAs).
+BASE_PREFIXES = ("model.", "cond_stage_model.", VAE_PREFIX, "scale_factor", "image_size")
+
+
+def _base_source(params: Mapping) -> tuple[str | None, str | None, str | None]:
+    """(base, base_ckpt, base_config) of a ControlLDM's params, checked for a consistent choice."""
+    base, ckpt, config = params.get("base"), params.get("base_ckpt"), params.get("base_config")
+    if base and (ckpt or config):
+        raise ConfigError("model.params: give either base (a stage-2 run) or base_ckpt + base_config (an SD file)")
+    if bool(ckpt) != bool(config):
+        raise ConfigError("model.params.base_ckpt and base_config go together: the SD file and its inference "
+                          "config (configs/sd/v1-inference.yaml for SD 1.x)")
+    return base, ckpt, config
+
+
+def base_model_node(base: str | None = None, base_config: str | os.PathLike | None = None) -> dict:
+    """The base's model node: a stage-2 run's config, or an SD inference config (made ready to load into)."""
+    if base:
+        from ldm.runs import run_config
+
+        node = run_config(base).get("model") or {}
+        if "unet" not in (node.get("params") or {}):
+            raise ConfigError(f"model.params.base: {base} is not a stage-2 (latent diffusion) run: its model is "
+                              f"{node.get('target', 'missing')}; name a run under runs/ldm/")
+        return node
+    from ldm.sd import read_model_config
+
+    return read_model_config(str(base_config))
+
+
+def complete_model_node(node: dict) -> dict:
+    """Pin ``base`` to its run directory and fill ``INHERITED`` params in from the base (in place; returned)."""
+    params = node.setdefault("params", {})
+    base, _, config = _base_source(params)
+    if not (base or config):
+        return node
+    if base:
+        from ldm.runs import resolve_run
+
+        params["base"] = str(resolve_run(base))  # `runs/ldm/latest` moves; the run directory does not
+    inherited = base_model_node(params.get("base"), config).get("params") or {}
+    for key in INHERITED:
+        if key in inherited and params.get(key) is None:
+            params[key] = copy.deepcopy(inherited[key])
+    if params.get("control_stage") is None:  # spelled out, so the run's config builds without the VAE
+        params["control_stage"] = control_stage_node(node)
+    return node
+
+
+def control_stage_node(node: Mapping) -> dict:
+    """The ControlNet node for a model node: the U-Net's architecture, the hint channels, the VAE's factor."""
+    from ldm.sd import inference_node
+    from ldm.sd_control import with_control_stage
+
+    params = {k: v for k, v in (node.get("params") or {}).items() if k != "control_stage"}
+    full = inference_node({"target": node["target"], "params": params})  # a VAE run's path → its architecture
+    hint_channels = params.get("hint_channels", DEFAULT_HINT_CHANNELS)
+    return with_control_stage(full, hint_channels)["params"]["control_stage"]
+
+
+def base_state(system: nn.Module, base: str | None = None, base_ckpt: str | None = None,
+               base_config: str | None = None) -> tuple[dict[str, Tensor], dict]:
+    """The base's weights in the system's layout (EMA weights in the U-Net when the base has them), and info."""
+    if base:
+        from ldm.runs import checkpoint_for
+
+        ckpt = checkpoint_for(base)
+        state = state_dict_of(load_file(ckpt))
+        unet_keys = [UNET_PREFIX + n for n, _ in system.model.diffusion_model.named_parameters()]
+        state, ema = select_ema(state, unet_keys, use_ema=True)
+        return state, {"checkpoint": str(ckpt), "ema": ema}
+    if base_ckpt:
+        from ldm.sd import read_sd_state, to_model_layout
+
+        state, info = to_model_layout(system, read_sd_state(base_ckpt), use_ema=True)
+        return state, {"checkpoint": str(base_ckpt), **info}
+    raise ConfigError("the ControlLDM has no base to load: set model.params.base (a stage-2 run) or "
+                      "base_ckpt + base_config (an SD file)")
+
+
+@torch.no_grad()
+def load_base_weights(system: nn.Module, base: str | None = None, base_ckpt: str | None = None,
+                      base_config: str | None = None) -> dict:
+    """Load the base's U-Net, text encoder, VAE (when the system has one) and scale factor, strictly."""
+    state, info = base_state(system, base, base_ckpt, base_config)
+    skip = () if system.first_stage_model is not None else (VAE_PREFIX,)
+    wanted = {k: v.shape for k, v in system.state_dict().items() if k.startswith(BASE_PREFIXES)
+              and not (skip and k.startswith(skip))}
+    state = {k: v for k, v in state.items() if k.startswith(BASE_PREFIXES) and not (skip and k.startswith(skip))}
+    fit_report(wanted, state, f"the base {info['checkpoint']}")  # names and shapes: exactly the base's part
+    system.load_state_dict(state, strict=False)  # the ControlNet and the EMAs are not the base's
+    return info
+
+
+# ---------------------------------------------------------------------------------------------- stage set-up
+
+
+def cache_has_hints(cache_dir: str | os.PathLike) -> bool:
+    """Whether every split of a latent cache stores hints (its first shard holds a ``hint`` tensor)."""
+    shards = [sorted(split.glob("shard-*.safetensors"))[:1] for split in Path(cache_dir).iterdir() if split.is_dir()]
+    if not any(shards):
+        return False
+    for (shard,) in (s for s in shards if s):
+        with safe_open(str(shard), framework="pt") as f:
+            if "hint" not in f.keys():
+                return False
+    return True
+
+
+def prepare_controlnet(cfg: dict, config_path: str | None = None) -> None:
+    """Stage 3's ``before_build``: complete the model from its base; build or check the hint-carrying cache."""
+    complete_model_node(cfg["model"])
+    if "cache" not in cfg:
+        return  # images encoded on the fly (e.g. an SD base on a folder of images with stored edge maps)
+    from ldm.autoencoder.load import load_autoencoder
+    from ldm.data.cache_setup import cache_section, ensure_cache
+
+    section = cache_section(cfg)
+    command = f"python stages/cache_latents.py --cfg {config_path or '<this config>'} --out {section['dir']}"
+    meta = ensure_cache(cfg, config_path)
+    if not cache_has_hints(section["dir"]):
+        raise CacheError(
+            f"the latent cache {section['dir']} has no hints (edge maps): it was built from datasets that do not "
+            "yield them. Give cache.data datasets that do (ShapesDataset hint: true, ImageFolderDataset hint_dir) and "
+            f"a new cache.dir, then build it: {command} (or let this stage build it)")
+    first_stage = cfg["model"]["params"].get("first_stage")
+    if isinstance(first_stage, str):
+        _, base_vae = load_autoencoder(first_stage)
+        if base_vae["hash"] != meta["vae"]["hash"]:
+            raise CacheError(
+                f"the latent cache {section['dir']} was made with VAE {meta['vae']['checkpoint']}, but the base "
+                f"model was trained with {base_vae['checkpoint']}: set cache.vae={first_stage} and a new cache.dir, "
+                f"then build it: {command}")
