@@ -4,14 +4,18 @@ turned non-finite are never saved, preflight of the run directory, and out-of-ra
 from __future__ import annotations
 
 import shutil
+import struct
+import zlib
 from collections import namedtuple
 
 import pytest
 import torch
+from PIL import Image
 
 from ldm.checkpoints import load_file
 from ldm.config import ConfigError, load_config
 from ldm.data.cache_setup import ensure_cache
+from ldm.data.folder import DataWarning, ImageFolderDataset
 from ldm.guards import SKIPPED_METRIC
 from ldm.runs import CHECKPOINT_DIR
 from ldm.train import EXIT_BAD_INPUT, EXIT_NONFINITE, train
@@ -178,3 +182,23 @@ def test_an_override_into_a_list_is_a_config_error(tmp_path):
     path.write_text("name: x\ncallbacks: [{target: ldm.guards.NonFiniteGuard}]\n")
     with pytest.raises(ConfigError, match=r"cannot apply overrides callbacks.0.params.mode=skip"):
         load_config(path, ["callbacks.0.params.mode=skip"])
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A tiny PNG file whose header claims ``width`` × ``height`` pixels (a decompression bomb's calling card)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_and_wrong_extension(tmp_path):
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "good.png")
+    Image.new("RGB", (32, 32), (30, 200, 30)).save(tmp_path / "really-a-jpeg.png", format="JPEG")
+    (tmp_path / "bomb.png").write_bytes(png_header_only(40_000, 40_000))
+    with pytest.warns(DataWarning) as record:
+        ds = ImageFolderDataset(str(tmp_path), size=16)
+    assert [name for name, _ in ds.skipped] == ["bomb.png"]
+    assert sum("skipped 1 file" in str(w.message) for w in record) == 1
+    assert sorted(ds[i]["path"] for i in range(len(ds))) == ["good.png", "really-a-jpeg.png"]  # content, not name
