@@ -352,7 +352,7 @@ def tensors_hash(tensors: Mapping[str, torch.Tensor], length: int = 16) -> str:
     for key in sorted(tensors):
         t = tensors[key].detach().cpu().contiguous()
         digest.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-d too
     return digest.hexdigest()[:length]
 
 

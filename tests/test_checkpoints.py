@@ -407,3 +407,12 @@ def test_control_images_are_read_resized_and_optionally_edge_detected(tmp_path):
         load_control_image(tmp_path / "broken.png")
     with pytest.raises(ControlImageError, match="multiple of 8"):
         load_control_image(tmp_path / "edges.png", height=20)
+
+
+def test_tensors_hash_covers_scalars_and_values():
+    from ldm.checkpoints import tensors_hash
+
+    base = {"step": torch.tensor(3), "w": torch.ones(2, 2)}
+    assert tensors_hash(base) == tensors_hash({k: v.clone() for k, v in base.items()})
+    assert tensors_hash(base) != tensors_hash({**base, "step": torch.tensor(4)})
+    assert tensors_hash(base) != tensors_hash({**base, "w": torch.ones(4)})  # same bytes, other shape
