@@ -220,3 +220,12 @@ def test_the_sd15_config_builds_controlnet_v1_for_sd15():
         system = instantiate_from_config(node, "model")
     assert_layout(system.state_dict(), CONTROL_PREFIX, reference("controlnet_sd15.json"), CONTROLNET_PARAMS)
     assert {id(p) for p in system.trainable_parameters()} == {id(p) for p in system.control_model.parameters()}
+
+
+def test_a_cache_vae_other_than_the_base_s_is_refused_before_encoding(tiny_ldm_run, workdir, tmp_path):
+    other = train("vae", str(TINY / "vae.yaml"), ["--cfg", str(TINY / "vae.yaml"), "--runs-dir", str(tmp_path / "runs"),
+                                                  "trainer.max_steps=1", "seed=1"])
+    cfg = load_config(CFG, [f"model.params.base={tiny_ldm_run}", f"cache.vae={other}", f"cache.dir={tmp_path / 'c'}"])
+    with pytest.raises(CacheError, match="is not the VAE the base model was trained with"):
+        prepare_controlnet(cfg, str(CFG))
+    assert not (tmp_path / "c").exists()

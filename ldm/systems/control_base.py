@@ -159,17 +159,16 @@ def prepare_controlnet(cfg: dict, config_path: str | None = None) -> None:
 
     section = cache_section(cfg)
     command = f"python stages/cache_latents.py --cfg {config_path or '<this config>'} --out {section['dir']}"
-    meta = ensure_cache(cfg, config_path)
+    first_stage = cfg["model"]["params"].get("first_stage")
+    if isinstance(first_stage, str):  # checked before anything is encoded
+        base_vae, cache_vae = load_autoencoder(first_stage)[1], load_autoencoder(section["vae"])[1]
+        if base_vae["hash"] != cache_vae["hash"]:
+            raise CacheError(
+                f"cache.vae {section['vae']} is not the VAE the base model was trained with ({first_stage}): "
+                f"set cache.vae={first_stage} (and a new cache.dir if {section['dir']} exists)")
+    ensure_cache(cfg, config_path)
     if not cache_has_hints(section["dir"]):
         raise CacheError(
             f"the latent cache {section['dir']} has no hints (edge maps): it was built from datasets that do not "
             "yield them. Give cache.data datasets that do (ShapesDataset hint: true, ImageFolderDataset hint_dir) and "
             f"a new cache.dir, then build it: {command} (or let this stage build it)")
-    first_stage = cfg["model"]["params"].get("first_stage")
-    if isinstance(first_stage, str):
-        _, base_vae = load_autoencoder(first_stage)
-        if base_vae["hash"] != meta["vae"]["hash"]:
-            raise CacheError(
-                f"the latent cache {section['dir']} was made with VAE {meta['vae']['checkpoint']}, but the base "
-                f"model was trained with {base_vae['checkpoint']}: set cache.vae={first_stage} and a new cache.dir, "
-                f"then build it: {command}")
