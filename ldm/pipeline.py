@@ -1,8 +1,11 @@
 """Text- (or class-) to-image: conditions → CFG denoiser → sampler → unscale → VAE decode → images.
 
-``Pipeline.from_run("runs/ldm/latest")`` loads a stage-2 run (EMA weights by default) for sampling;
-``Pipeline.from_system(system)`` shares a live LatentDiffusion's modules (its sample grids). Requests are
-drawn in chunks of ``batch_size`` so memory stays bounded; image i of a call starts from seed + i.
+``Pipeline.from_run("runs/ldm/latest")`` loads a stage-2 or ControlNet run (EMA weights by default);
+``Pipeline.from_checkpoint(ckpt, config, controlnet=…)`` a public Stable Diffusion (+ ControlNet) file;
+``Pipeline.from_system(system)`` shares a live system's modules (its sample grids). Requests are drawn in
+chunks of ``batch_size`` so memory stays bounded; image i of a call starts from seed + i. A ControlNet model
+takes a control image (``control=``, resized to the output size), ``control_scale`` and ``guess_mode``
+(ControlNet's: the hint in the conditional branch only, residual i of 13 scaled 0.825^(12 − i)).
 """
 
 from __future__ import annotations
@@ -11,121 +14,43 @@ import inspect
 import math
 import numbers
 import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from ldm.checkpoints import load_file, load_strict, state_dict_of
-from ldm.config import get_obj_from_str, instantiate_from_config
+from ldm.control_image import (
+    DEFAULT_CONTROL_SCALE,
+    ControlInput,
+    ControlSettings,
+    prepare_hints,
+)
 from ldm.diffusion import SAMPLERS, NoiseSchedule, cfg_denoiser, make_denoiser, sample
-from ldm.errors import UserError
 from ldm.images import to_pil
-from ldm.runs import RunError, checkpoint_for, resolve_run, run_config
+from ldm.pipeline_load import (  # noqa: F401  (re-exported: the pipeline's public names)
+    DEFAULT_RUN,
+    DTYPES,
+    STAGE2_TARGET,
+    NotAnLDMRunError,
+    PipelineError,
+    RunSummary,
+    describe_run,
+    guess_sd_config,
+    load_run_system,
+    resolve_device,
+    resolve_dtype,
+)
+from ldm.sd import load_sd
+from ldm.sd_control import sampling_model
 
-DEFAULT_RUN = "runs/ldm/latest"
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 5.0
 DEFAULT_SAMPLER = "dpmpp_2m"
 DEFAULT_BATCH_SIZE = 8  # images sampled at once (CFG doubles the U-Net's batch)
 DECODE_CHUNK = 16  # images decoded at once: bounds the VAE decoder's peak memory
-STAGE2_TARGET = "ldm.systems.latent_diffusion.LatentDiffusion"
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
-
-
-class PipelineError(UserError, ValueError):
-    """A request the pipeline cannot draw: bad size, steps, guidance, sampler or conditions."""
-
-
-class NotAnLDMRunError(PipelineError):
-    """A run directory that holds no stage-2 (latent diffusion) model, e.g. a VAE run."""
-
-
-@dataclass(frozen=True)
-class RunSummary:
-    """What a stage-2 run draws, read from its config alone (nothing heavy is built)."""
-
-    run_dir: Path
-    checkpoint: Path
-    config: dict
-    condition_key: str  # "caption" (text run) or "label" (class run)
-    n_classes: int | None
-    first_stage: str
-    downsampling_factor: int | None  # from the VAE run's config, when it says
-
-
-def describe_run(run: str | os.PathLike = DEFAULT_RUN) -> RunSummary:
-    """Check that ``run`` (a run directory, ``runs/ldm/latest`` or a .ckpt inside one) is a stage-2 run; summarise it."""
-    run_dir = resolve_run(run)
-    cfg = run_config(run_dir)
-    node = cfg.get("model") or {}
-    target = node.get("target", "")
-    system_cls = get_obj_from_str(STAGE2_TARGET)
-    if not isinstance(target, str) or not _is_subclass(target, system_cls):
-        raise NotAnLDMRunError(f"{run} is not a stage-2 (latent diffusion) run: its model is {target or 'missing'}; "
-                               f"name a run under runs/ldm/ (e.g. {DEFAULT_RUN})")
-    params = node.get("params") or {}
-    first_stage = params.get("first_stage")
-    if not first_stage:
-        raise NotAnLDMRunError(f"{run}: model.params.first_stage is empty, so there is no VAE to decode with")
-    cond = params.get("cond_stage") or {}
-    cond_params = cond.get("params") or {}
-    key = cond_params.get("key") or _default_argument(cond.get("target", ""), "key") or "caption"
-    n_classes = cond_params.get("n_classes") if key == "label" else None
-    return RunSummary(run_dir, checkpoint_for(run), cfg, key, n_classes, str(first_stage),
-                      _vae_factor(_vae_config(first_stage, run)))
-
-
-def _is_subclass(target: str, base: type) -> bool:
-    try:
-        cls = get_obj_from_str(target)
-    except UserError:
-        return False
-    return isinstance(cls, type) and issubclass(cls, base)
-
-
-def _default_argument(target: str, name: str):
-    """The default of constructor argument ``name`` of a config target (None when it has none)."""
-    try:
-        param = inspect.signature(get_obj_from_str(target)).parameters.get(name)
-    except (UserError, TypeError, ValueError):
-        return None
-    return None if param is None or param.default is inspect.Parameter.empty else param.default
-
-
-def _vae_config(first_stage: str, run: str | os.PathLike) -> dict:
-    """The VAE run's model node (architecture only: its weights come from the stage-2 checkpoint)."""
-    try:
-        return run_config(first_stage)["model"]
-    except RunError as e:
-        raise RunError(f"the VAE run {first_stage} that {run} was trained with (model.params.first_stage) is gone "
-                       f"({e}); restore its folder (its config.yaml is enough)") from e
-
-
-def _vae_factor(node: dict) -> int | None:
-    """f = 2^(len(ch_mult) − 1), as AutoencoderKL.downsampling_factor, when the config names ch_mult."""
-    ch_mult = ((node.get("params") or {}).get("ddconfig") or {}).get("ch_mult")
-    return 2 ** (len(ch_mult) - 1) if ch_mult else None
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """A torch dtype from a name ("fp32", "bf16", "fp16"), a dtype, None (fp32) or "auto" (bf16 on CUDA, else fp32)."""
-    if dtype is None:
-        return torch.float32
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPES.values():
-            raise PipelineError(f"dtype {dtype} is not supported; choose float32, bfloat16 or float16")
-        return dtype
-    if dtype not in DTYPES:
-        raise PipelineError(f"unknown dtype {dtype!r}; choose one of auto, fp32, bf16, fp16")
-    return DTYPES[dtype]
 
 
 @dataclass
@@ -151,44 +76,66 @@ class Pipeline:
     scale_factor: float
     image_size: int
     source: dict = field(default_factory=dict)  # where the weights came from (run, checkpoint, ema), for metadata
+    control_model: nn.Module | None = None  # a ControlNet (then every request needs a control image)
+    only_mid_control: bool = False
+    control_scales: list[float] | None = None  # per-residual scales a ControlNet was trained with (× control_scale)
 
     @classmethod
-    def from_system(cls, system: nn.Module) -> "Pipeline":
-        """Share the modules of a LatentDiffusion system (no copies)."""
+    def from_system(cls, system: nn.Module) -> Pipeline:
+        """Share the modules of a LatentDiffusion system, or of a ControlLDM with its ControlNet (no copies)."""
         return cls(system.model, system.cond_stage_model, system.first_stage_model, system.schedule,
-                   system.parameterization, float(system.scale_factor), int(system.image_size))
+                   system.parameterization, float(system.scale_factor), int(system.image_size),
+                   control_model=getattr(system, "control_model", None),
+                   only_mid_control=bool(getattr(system, "only_mid_control", False)),
+                   control_scales=getattr(system, "control_scales", None))
 
     @classmethod
     def from_run(cls, run: str | os.PathLike = DEFAULT_RUN, device: str | torch.device | None = None,
-                 dtype: str | torch.dtype | None = None, use_ema: bool = True) -> "Pipeline":
-        """Load a stage-2 run (or a .ckpt inside one) for sampling, the EMA weights in the U-Net unless ``use_ema=False``.
+                 dtype: str | torch.dtype | None = None, use_ema: bool = True) -> Pipeline:
+        """Load a stage-2 or ControlNet run (or a .ckpt inside one), the EMA weights unless ``use_ema=False``.
 
-        The VAE's architecture comes from its run's config; all weights (VAE included) from the stage-2
-        checkpoint, loaded strictly. ``dtype`` (fp32 / bf16 / fp16) applies to the U-Net and the VAE; the text
-        encoder and the samplers' arithmetic stay fp32.
+        The VAE's architecture comes from its run's config; all weights (VAE included) from the run's
+        checkpoint, loaded strictly. ``dtype`` (fp32 / bf16 / fp16) applies to the U-Net, the ControlNet and
+        the VAE; the text encoder and the samplers' arithmetic stay fp32.
         """
         info = describe_run(run)
-        system = instantiate_from_config(info.config["model"], "model", first_stage=None)
-        vae_node = _vae_config(info.first_stage, run)
-        system.first_stage_model = instantiate_from_config(
-            {"target": vae_node["target"], "params": {**(vae_node.get("params") or {}), "loss": None}}, "first_stage")
-        system.first_stage_spec = info.first_stage
-        load_strict(system, state_dict_of(load_file(info.checkpoint)), f"stage-2 checkpoint {info.checkpoint}")
-        ema = use_ema and system.model_ema is not None
-        if ema:
-            system.model_ema.copy_to(system.model)
-        device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        system, ema = load_run_system(info, use_ema)
+        device = resolve_device(device)
         pipe = cls.from_system(system)
         pipe.source = {"run": str(info.run_dir), "checkpoint": str(info.checkpoint), "ema": ema}
         return pipe.to(device, resolve_dtype(dtype, device))
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Pipeline":
-        """Move every module to ``device``; cast the U-Net and the VAE to ``dtype``. Eval mode, no gradients."""
-        for module in (self.model, self.cond_stage_model, self.first_stage_model, self.schedule):
+    @classmethod
+    def from_checkpoint(cls, ckpt: str | os.PathLike, config: str | os.PathLike | dict | None = None,
+                        controlnet: str | os.PathLike | None = None, unsafe: bool = False,
+                        device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+                        use_ema: bool = True, vae: str | os.PathLike | None = None) -> Pipeline:
+        """Load a public Stable Diffusion file (+ a ControlNet file) with an inference config, strictly.
+
+        ``config``: configs/sd/*.yaml or a loaded config; None guesses it (SD 1.x, or the config an exported
+        file carries). ``unsafe`` allows pickles that run code (the CLI's ``--unsafe-load``); without it such
+        a file is refused. A ControlNet (``controlnet``, or ``control_model.*`` in the file) makes a ControlLDM.
+        """
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        if config is None:
+            config = guess_sd_config(ckpt, unsafe)
+        system = load_sd(config, ckpt, device=device, dtype=dtype, use_ema=use_ema, unsafe=unsafe,
+                         controlnet=controlnet, vae=vae)
+        pipe = cls.from_system(system)
+        info = getattr(system, "checkpoint_info", {})
+        pipe.source = {"checkpoint": str(ckpt), "config": None if isinstance(config, dict) else config and str(config),
+                       "controlnet": str(controlnet) if controlnet else None, "ema": info.get("ema")}
+        return pipe.to(device, dtype)
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Pipeline:
+        """Move every module to ``device``; cast the U-Net, ControlNet and VAE to ``dtype``. Eval mode, no gradients."""
+        control = [self.control_model] if self.control_model is not None else []
+        for module in (self.model, self.cond_stage_model, self.first_stage_model, self.schedule, *control):
             module.to(device).eval().requires_grad_(False)
         if dtype is not None:
-            self.model.to(dtype)  # the U-Net casts its inputs to its weights' dtype and returns fp32
-            self.first_stage_model.to(dtype)
+            for module in (self.model, self.first_stage_model, *control):
+                module.to(dtype)  # the U-Net casts its inputs to its weights' dtype and returns fp32
         return self
 
     # ------------------------------------------------------------------------------------ properties
@@ -279,7 +226,35 @@ class Pipeline:
         if unknown:
             raise PipelineError(f"sampler {sampler!r} takes no option {unknown[0]!r}")
 
+    def _control(self, control: ControlInput | Sequence[ControlInput] | None, n: int, height: int, width: int,
+                 scale: float, guess_mode: bool) -> ControlSettings | None:
+        """The prepared control request (None for a model without a ControlNet); PipelineError when it does not fit."""
+        if self.control_model is None:
+            if control is not None:
+                raise PipelineError("this model has no ControlNet, so it takes no control image: load a ControlNet "
+                                    "run (runs/controlnet/…) or pass a ControlNet file (controlnet=, --controlnet)")
+            return None
+        if control is None:
+            raise PipelineError("this model is a ControlNet: give a control image (control=…, --control), e.g. an "
+                                "edge map from scripts/make_edges.py")
+        if not scale >= 0:
+            raise PipelineError(f"control scale must be ≥ 0, got {scale}")
+        return ControlSettings(prepare_hints(control, n, height, width), float(scale), bool(guess_mode))
+
     # ------------------------------------------------------------------------------------ sampling
+
+    def _plan(self, conditions, negative, steps: int, guidance: float, sampler: str, guidance_rescale: float,
+              batch_size: int, height: int | None, width: int | None, control, control_scale: float,
+              guess_mode: bool, options: dict) -> _Plan:
+        """Check a request before anything is drawn and gather what sampling needs."""
+        conditions = self.check_conditions(conditions)
+        negative = self._negatives(negative, len(conditions))
+        self._check_sampling(steps, guidance, sampler, batch_size, options)
+        height, width = height or self.image_size, width or self.image_size
+        shape = self.latent_shape(height, width)
+        control = self._control(control, len(conditions), height, width, control_scale, guess_mode)
+        return _Plan(conditions, negative, shape, height, width, steps, guidance, sampler, guidance_rescale,
+                     batch_size, options, control)
 
     def generate_tensors(
         self,
@@ -295,67 +270,65 @@ class Pipeline:
         progress: bool = False,
         batch_size: int = DEFAULT_BATCH_SIZE,
         callback: Callable[[dict], None] | None = None,
+        control: ControlInput | Sequence[ControlInput] | None = None,
+        control_scale: float = DEFAULT_CONTROL_SCALE,
+        guess_mode: bool = False,
         **sampler_options,
     ) -> torch.Tensor:
         """Images (N, 3, H, W) in [-1, 1] on the CPU for N prompts or labels; image i starts from seed + i.
 
         Drawn ``batch_size`` at a time. A stochastic sampler's noise comes from a generator seeded with the
         chunk's first seed, so with ``batch_size=1`` every image reproduces alone from its own seed.
+        ``control`` (a ControlNet model's hint: a path, PIL image or (3, H, W) tensor in [0, 1], or one per
+        image) is resized to the output size.
         """
-        conditions, negative, shape = self._prepare(conditions, negative, steps, guidance, sampler, batch_size,
-                                                    height, width, sampler_options)
-        chunks = self._iter_chunks(conditions, negative, seed, shape, steps, guidance, sampler, guidance_rescale,
-                                   progress, batch_size, callback, sampler_options)
-        return torch.cat([images for _, images in chunks])
+        plan = self._plan(conditions, negative, steps, guidance, sampler, guidance_rescale, batch_size, height,
+                          width, control, control_scale, guess_mode, sampler_options)
+        return torch.cat([images for _, images in self._iter_chunks(plan, seed, progress, callback)])
 
-    def _prepare(self, conditions, negative, steps: int, guidance: float, sampler: str, batch_size: int,
-                 height: int | None, width: int | None, options: dict) -> tuple[list, list | None, tuple]:
-        """Check a request before anything is drawn: (conditions, negatives, latent shape (C, h, w))."""
-        conditions = self.check_conditions(conditions)
-        negative = self._negatives(negative, len(conditions))
-        self._check_sampling(steps, guidance, sampler, batch_size, options)
-        return conditions, negative, self.latent_shape(height or self.image_size, width or self.image_size)
-
-    def _iter_chunks(self, conditions: list, negative: list | None, seed: int, shape: tuple[int, int, int],
-                     steps: int, guidance: float, sampler: str, guidance_rescale: float, progress: bool,
-                     batch_size: int, callback: Callable[[dict], None] | None,
-                     options: dict) -> Iterator[tuple[int, torch.Tensor]]:
+    def _iter_chunks(self, plan: _Plan, seed: int, progress: bool,
+                     callback: Callable[[dict], None] | None) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield (index of the chunk's first image, its images (B, 3, H, W) on the CPU) per chunk."""
-        n = len(conditions)
-        chunks = math.ceil(n / batch_size)
-        with tqdm(total=chunks * steps, disable=not progress, unit="step", desc=f"sampling {n} image(s)") as bar:
+        n, size = len(plan.conditions), plan.batch_size
+        with tqdm(total=math.ceil(n / size) * plan.steps, disable=not progress, unit="step",
+                  desc=f"sampling {n} image(s)") as bar:
             def report(info: dict) -> None:
                 bar.update()
                 if callback is not None:
                     callback(info)
 
-            for start in range(0, n, batch_size):
-                end = min(start + batch_size, n)
+            for start in range(0, n, size):
+                end = min(start + size, n)
+                negative = plan.negative[start:end] if plan.negative else None
+                control = plan.control.part(start, end) if plan.control is not None else None
                 with torch.no_grad():
-                    latents = self._sample_chunk(
-                        conditions[start:end], negative[start:end] if negative else None, seed + start, shape,
-                        steps, guidance, sampler, guidance_rescale, report, options)
+                    latents = self._sample_chunk(plan, plan.conditions[start:end], negative, control, seed + start,
+                                                 report)
                     images = self.decode(latents).float().cpu()
                 yield start, images
 
-    def _sample_chunk(self, conditions: list, negative: list | None, seed: int, shape: tuple[int, int, int],
-                      steps: int, guidance: float, sampler: str, guidance_rescale: float,
-                      callback: Callable[[dict], None], options: dict) -> torch.Tensor:
+    def _sample_chunk(self, plan: _Plan, conditions: list, negative: list | None, control: ControlSettings | None,
+                      seed: int, callback: Callable[[dict], None]) -> torch.Tensor:
         """Latents (B, C, h, w) for one chunk; image j's noise from seed + j."""
         device, b = self.device, len(conditions)
-        context = self.encode(conditions)  # (B, T, D)
-        uncond = None  # scale 1 never runs the unconditional branch
-        if guidance != 1:
-            uncond = self.encode(negative if negative is not None else self.cond_stage_model.null_condition(b))
+        cond = {"context": self.encode(conditions)}  # (B, T, D)
+        uncond = {}  # scale 1 never runs the unconditional branch
+        if plan.guidance != 1:
+            uncond["context"] = self.encode(negative if negative is not None else self.cond_stage_model.null_condition(b))
+        model = self.model
+        if control is not None:
+            model = sampling_model(self, control.scale, control.guess_mode)  # duck-typed: model, control_model, …
+            cond["hint"] = control.hints.to(device)  # (1 or B, 3, H, W)
+            if not control.guess_mode:  # guess mode: the unconditional branch runs without the hint
+                uncond["hint"] = cond["hint"]
         noise = torch.stack([  # (B, C, h, w): each image's noise from its own seed
-            torch.randn(shape, generator=torch.Generator().manual_seed(seed + j)) for j in range(b)
+            torch.randn(plan.shape, generator=torch.Generator().manual_seed(seed + j)) for j in range(b)
         ]).to(device)
-        denoiser = cfg_denoiser(make_denoiser(self.model, self.schedule, self.parameterization),
-                                {"context": context}, {"context": uncond}, guidance, guidance_rescale,
-                                rescale_space=self.parameterization)
+        denoiser = cfg_denoiser(make_denoiser(model, self.schedule, self.parameterization), cond, uncond,
+                                plan.guidance, plan.guidance_rescale, rescale_space=self.parameterization)
         generator = torch.Generator(device).manual_seed(seed)
-        return sample(sampler, denoiser, noise, self.schedule, steps, generator=generator, callback=callback,
-                      **options).x
+        return sample(plan.sampler, denoiser, noise, self.schedule, plan.steps, generator=generator,
+                      callback=callback, **plan.options).x
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -368,20 +341,17 @@ class Pipeline:
                       guidance: float = DEFAULT_GUIDANCE, seed: int = 0, sampler: str = DEFAULT_SAMPLER,
                       negative: Sequence | str | None = None, height: int | None = None, width: int | None = None,
                       guidance_rescale: float = 0.0, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False,
+                      control: ControlInput | Sequence[ControlInput] | None = None,
+                      control_scale: float = DEFAULT_CONTROL_SCALE, guess_mode: bool = False,
                       **sampler_options) -> Iterator[Generation]:
         """``generate`` one chunk of ``batch_size`` images at a time (to save them as they come); checks first."""
-        height, width = height or self.image_size, width or self.image_size
-        conditions, negatives, shape = self._prepare(conditions, negative, steps, guidance, sampler, batch_size,
-                                                     height, width, sampler_options)
-        chunks = self._iter_chunks(conditions, negatives, seed, shape, steps, guidance, sampler, guidance_rescale,
-                                   progress, batch_size, None, sampler_options)
-        settings = dict(steps=steps, guidance=guidance, sampler=sampler, guidance_rescale=guidance_rescale,
-                        height=height, width=width, **sampler_options)
-        return self._generations(chunks, conditions, negatives, seed, settings)
+        plan = self._plan(conditions, negative, steps, guidance, sampler, guidance_rescale, batch_size, height,
+                          width, control, control_scale, guess_mode, sampler_options)
+        return self._generations(self._iter_chunks(plan, seed, progress, None), plan, seed)
 
     @staticmethod
-    def _generations(chunks: Iterator[tuple[int, torch.Tensor]], conditions: list, negatives: list | None,
-                     seed: int, settings: dict) -> Iterator[Generation]:
+    def _generations(chunks: Iterator[tuple[int, torch.Tensor]], plan: _Plan, seed: int) -> Iterator[Generation]:
+        conditions, negatives, settings = plan.conditions, plan.negative, plan.settings()
         for start, tensors in chunks:
             part = slice(start, start + len(tensors))
             seeds = [seed + i for i in range(part.start, part.stop)]
@@ -394,10 +364,13 @@ class Pipeline:
                  guidance: float = DEFAULT_GUIDANCE, seed: int = 0, sampler: str = DEFAULT_SAMPLER,
                  negative: Sequence | str | None = None, height: int | None = None, width: int | None = None,
                  guidance_rescale: float = 0.0, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False,
-                 **sampler_options) -> Generation:
-        """PIL images with their seeds and settings (each image's ``info`` holds its seed and condition)."""
+                 **options) -> Generation:
+        """PIL images with their seeds and settings (each image's ``info`` holds its seed and condition).
+
+        ``options``: ``control``, ``control_scale``, ``guess_mode`` for a ControlNet, and the sampler's own.
+        """
         parts = list(self.iter_generate(conditions, steps, guidance, seed, sampler, negative, height, width,
-                                        guidance_rescale, batch_size, progress, **sampler_options))
+                                        guidance_rescale, batch_size, progress, **options))
         negatives = [c for p in parts for c in p.negative] if parts[0].negative is not None else None
         return Generation([im for p in parts for im in p.images], [s for p in parts for s in p.seeds],
                           [c for p in parts for c in p.conditions], negatives, parts[0].settings)
@@ -409,3 +382,29 @@ class Pipeline:
         """PIL images for prompts (or class labels); image i starts from seed + i (also in ``image.info``)."""
         return self.generate(conditions, steps, guidance, seed, sampler, negative, height, width,
                              guidance_rescale, **options).images
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A checked request: what to draw (one condition per image), at which size, how, and with which control."""
+
+    conditions: list
+    negative: list | None
+    shape: tuple[int, int, int]  # (C, h, w) of the latents
+    height: int
+    width: int
+    steps: int
+    guidance: float
+    sampler: str
+    guidance_rescale: float
+    batch_size: int
+    options: dict  # the sampler's own keyword arguments (eta, …)
+    control: ControlSettings | None
+
+    def settings(self) -> dict:
+        """The settings a Generation records (control scale and guess mode for a ControlNet)."""
+        control = {} if self.control is None else {"control_scale": self.control.scale,
+                                                   "guess_mode": self.control.guess_mode}
+        return dict(steps=self.steps, guidance=self.guidance, sampler=self.sampler,
+                    guidance_rescale=self.guidance_rescale, height=self.height, width=self.width, **control,
+                    **self.options)

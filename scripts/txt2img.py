@@ -1,10 +1,17 @@
-"""Text (or class) to image from a trained stage-2 run: PNGs with their parameters, plus a grid.
+"""Text (or class) to image from a trained run or a public Stable Diffusion file: PNGs with their parameters.
 
     python scripts/txt2img.py --prompt "a red circle on a blue background"       # runs/ldm/latest
     python scripts/txt2img.py --run runs/ldm/<name> --prompt "…" --n 8 --steps 20 --sampler dpmpp_2m \\
            --scale 5 --negative-prompt "…" --seed 7 --out outputs/
     python scripts/txt2img.py --from-file prompts.txt --n 4
     python scripts/txt2img.py --run runs/ldm/<class-run> --class 3 --n 16
+    python scripts/txt2img.py --run runs/controlnet/latest --control edges.png --prompt "…" --control-scale 1.0
+    python scripts/txt2img.py --ckpt v1-5-pruned-emaonly.safetensors --config configs/sd/v1-inference.yaml \\
+           --controlnet control_v11p_sd15_canny.pth --control edges.png --prompt "…" --steps 25
+
+A control image of any size and mode is converted to RGB and resized to the output size. Pickled
+checkpoints are read without running code from them; one that needs full unpickling is refused unless
+--unsafe-load is given (only for files you trust).
 
 Image i of a call starts from seed + i; the seed and every setting are printed and stored in each PNG's
 text metadata ("parameters" in AUTOMATIC1111's style, "ldm" as JSON). Bad arguments exit with code 2
@@ -16,43 +23,41 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import re
 import secrets
 import sys
 import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import torch
-from PIL.PngImagePlugin import PngInfo
+from PIL import Image, UnidentifiedImageError
 
 from ldm.diffusion import SAMPLERS
 from ldm.errors import UserError
 from ldm.images import from_pil, image_grid, save_image_atomic
 from ldm.pipeline import (
     DEFAULT_BATCH_SIZE,
+    DEFAULT_CONTROL_SCALE,
     DEFAULT_GUIDANCE,
     DEFAULT_RUN,
     DEFAULT_SAMPLER,
     DEFAULT_STEPS,
     Generation,
     Pipeline,
-    RunSummary,
     describe_run,
+    guess_sd_config,
 )
+from ldm.pipeline_load import CONTROL_TARGET, is_subclass
+from ldm.png_params import INDEX_DIGITS, next_index, png_info, slug
+from ldm.sd import describe_sd
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 DEFAULT_OUT = "outputs"
 SEED_RANGE = 2**31  # a random seed is drawn below this when none is given
-SLUG_CHARS = 48  # how much of a prompt goes into a file name
 GRID_MAX_COLUMNS = 8
-INDEX_DIGITS = 5
-INDEXED_NAME = re.compile(rf"^(\d{{{INDEX_DIGITS}}})-")
-PARAMETERS_KEY = "parameters"  # AUTOMATIC1111's PNG text key
-JSON_KEY = "ldm"
 
 
 class CLIError(UserError):
@@ -66,6 +71,19 @@ class Parser(argparse.ArgumentParser):
         raise CLIError(message)
 
 
+@dataclass(frozen=True)
+class Source:
+    """Where the model comes from (a run, or a checkpoint + config), as far as its config tells before loading."""
+
+    name: str  # the run directory or the checkpoint, for messages
+    condition_key: str  # "caption" or "label"
+    n_classes: int | None
+    downsampling_factor: int | None
+    controlnet: bool | None  # None: only loading tells (a full ControlNet v1.0 file holds one)
+    run: Path | None = None  # --run: the checkpoint inside it
+    config: Path | None = None  # --ckpt: the inference config (None: the file carries it)
+
+
 @dataclass
 class Request:
     """What to draw, validated: conditions (one per image), seeds and the pipeline's options."""
@@ -73,14 +91,14 @@ class Request:
     conditions: list  # prompts (text run) or class labels (class run), each repeated n times
     seeds: list[int]
     options: dict  # keyword arguments of Pipeline.generate
-    run: RunSummary
+    source: Source
 
 
 # ---------------------------------------------------------------------------------------------- parse
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line, in groups (later: a `control` group for ControlNet, --ckpt/--config for SD files)."""
+    """The command line, in groups: what to draw, sampling, model, control, output."""
     p = Parser(prog="txt2img.py", description=__doc__.splitlines()[0])
     what = p.add_argument_group("what to draw")
     what.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
@@ -103,11 +121,24 @@ def build_parser() -> argparse.ArgumentParser:
     samp.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                       help=f"images drawn at once (default {DEFAULT_BATCH_SIZE})")
     model = p.add_argument_group("model")
-    model.add_argument("--run", default=DEFAULT_RUN, help=f"stage-2 run directory or a .ckpt in one (default {DEFAULT_RUN})")
+    model.add_argument("--run", help=f"a stage-2 or ControlNet run directory, or a .ckpt in one (default {DEFAULT_RUN})")
+    model.add_argument("--ckpt", help="a Stable Diffusion checkpoint (.safetensors, .ckpt, .pth) instead of a run")
+    model.add_argument("--config", help="the inference config of --ckpt, e.g. configs/sd/v1-inference.yaml "
+                       "(default: guessed for SD 1.x, or the config an exported file carries)")
+    model.add_argument("--controlnet", help="a ControlNet file to load with --ckpt (e.g. control_v11p_sd15_canny.pth)")
+    model.add_argument("--unsafe-load", action="store_true",
+                       help="allow pickled checkpoints that run code when loaded (only for files you trust)")
     model.add_argument("--device", help="cpu, cuda, cuda:1, … (default: cuda if available)")
     model.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                        help="U-Net / VAE precision (default auto: bf16 on CUDA, fp32 on CPU)")
     model.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA ones")
+    control = p.add_argument_group("control (ControlNet models)")
+    control.add_argument("--control", metavar="IMAGE", help="the control image (e.g. an edge map); any size and "
+                         "mode: it is converted to RGB and resized to the output size")
+    control.add_argument("--control-scale", type=float,
+                         help=f"strength of the control residuals (default {DEFAULT_CONTROL_SCALE})")
+    control.add_argument("--guess-mode", action="store_true",
+                         help="control in the conditional branch only, scales decaying by depth (0.825^(12 - i))")
     out = p.add_argument_group("output")
     out.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT}/)")
     out.add_argument("--no-grid", action="store_true", help="do not write the grid image")
@@ -169,56 +200,104 @@ def check_device(args: argparse.Namespace) -> None:
         raise CLIError(f"--device {args.device}: no such CUDA device on this machine")
 
 
-def check_size(args: argparse.Namespace, run: RunSummary) -> None:
+def check_size(args: argparse.Namespace, source: Source) -> None:
     """--H / --W must be multiples of the VAE's factor (when its config tells it, before loading anything)."""
-    factor = run.downsampling_factor
+    factor = source.downsampling_factor
     for name, value in (("--H", args.H), ("--W", args.W)):
         if factor and value is not None and value % factor:
             raise CLIError(f"{name} {value} is not divisible by the VAE's downsampling factor {factor}")
 
 
-def conditions_for(args: argparse.Namespace, run: RunSummary) -> list:
-    """The prompts or class labels the arguments ask for, checked against the kind of run."""
+def conditions_for(args: argparse.Namespace, run: Source) -> list:
+    """The prompts or class labels the arguments ask for, checked against the kind of model."""
     prompts = list(args.prompt) + (read_prompts(args.from_file) if args.from_file else [])
     if run.condition_key == "label":
         if prompts or args.negative_prompt is not None:
             flag = "--negative-prompt" if not prompts else "--prompt/--from-file"
-            raise CLIError(f"{run.run_dir} is a class-conditional run: use --class INDEX, not {flag}")
+            raise CLIError(f"{run.name} is a class-conditional run: use --class INDEX, not {flag}")
         if not args.classes:
             raise CLIError("give at least one --class INDEX for this class-conditional run")
         out = [c for c in args.classes if run.n_classes is not None and not 0 <= c < run.n_classes]
         if out:
-            raise CLIError(f"--class {out[0]} is out of range: {run.run_dir.name} has classes 0..{run.n_classes - 1}")
+            raise CLIError(f"--class {out[0]} is out of range: {Path(run.name).name} has classes 0..{run.n_classes - 1}")
         return list(args.classes)
     if args.classes:
-        raise CLIError(f"{run.run_dir} is a text-conditional run: use --prompt or --from-file, not --class")
+        raise CLIError(f"{run.name} is a text-conditional run: use --prompt or --from-file, not --class")
     if not prompts:
         raise CLIError("give --prompt TEXT (repeatable) or --from-file FILE")
     return prompts
 
 
+def describe_source(args: argparse.Namespace) -> Source:
+    """The run (--run, default runs/ldm/latest) or checkpoint (--ckpt + --config) to load, checked cheaply."""
+    if args.ckpt is None:
+        for flag, value in (("--config", args.config), ("--controlnet", args.controlnet)):
+            if value is not None:
+                raise CLIError(f"{flag} goes with --ckpt (a run names its own config and ControlNet)")
+        run = describe_run(args.run or DEFAULT_RUN)
+        return Source(str(run.run_dir), run.condition_key, run.n_classes, run.downsampling_factor, run.controlnet,
+                      run=run.checkpoint)
+    if args.run is not None:
+        raise CLIError("give --run or --ckpt, not both")
+    config = Path(args.config) if args.config else guess_sd_config(args.ckpt, args.unsafe_load)
+    if config is not None and not config.is_file():
+        raise CLIError(f"--config {config} not found (the SD inference configs are in configs/sd/)")
+    sd = describe_sd(config, args.ckpt, args.controlnet)
+    control = True if args.controlnet or is_subclass(sd.config.get("target", ""), CONTROL_TARGET) else None
+    return Source(str(sd.checkpoint), sd.condition_key, None, sd.downsampling_factor, control, config=config)
+
+
+def check_control(args: argparse.Namespace, source: Source) -> None:
+    """--control goes with a ControlNet model and is a readable image; --control-scale / --guess-mode need it."""
+    if args.control is None:
+        for flag, given in (("--control-scale", args.control_scale is not None), ("--guess-mode", args.guess_mode)):
+            if given:
+                raise CLIError(f"{flag} needs --control IMAGE")
+        if source.controlnet:
+            raise CLIError(f"{source.name} is a ControlNet model: give --control IMAGE (e.g. an edge map)")
+        return
+    if source.controlnet is False:
+        raise CLIError(f"--control needs a ControlNet model, and {source.name} has none: use a run under "
+                       "runs/controlnet/, or --ckpt with --controlnet FILE")
+    if args.control_scale is not None and not args.control_scale >= 0:
+        raise CLIError(f"--control-scale must be ≥ 0, got {args.control_scale}")
+    try:
+        with Image.open(args.control) as image:
+            image.verify()
+    except (OSError, UnidentifiedImageError, SyntaxError) as e:
+        raise CLIError(f"cannot read --control {args.control}: {getattr(e, 'strerror', None) or e}") from e
+
+
 def validate(args: argparse.Namespace) -> Request:
-    """Everything that can be checked before loading the models: numbers, run kind, conditions, size."""
+    """Everything that can be checked before loading the models: numbers, model kind, conditions, size, control."""
     check_numbers(args)
     check_device(args)
-    run = describe_run(args.run)
-    check_size(args, run)
-    base = conditions_for(args, run)
+    source = describe_source(args)
+    check_size(args, source)
+    check_control(args, source)
+    base = conditions_for(args, source)
     conditions = [c for c in base for _ in range(args.n)]  # each prompt / class n times, in order
     seed = args.seed if args.seed is not None else secrets.randbelow(SEED_RANGE)
     options = dict(steps=args.steps, guidance=args.scale, sampler=args.sampler, height=args.H, width=args.W,
                    guidance_rescale=args.guidance_rescale, batch_size=args.batch_size, negative=args.negative_prompt)
     if args.eta is not None:
         options["eta"] = args.eta
-    return Request(conditions, [seed + i for i in range(len(conditions))], options, run)
+    if args.control is not None:
+        options.update(control=args.control, guess_mode=args.guess_mode,
+                       control_scale=DEFAULT_CONTROL_SCALE if args.control_scale is None else args.control_scale)
+    return Request(conditions, [seed + i for i in range(len(conditions))], options, source)
 
 
 # ---------------------------------------------------------------------------------------------- load, generate
 
 
 def load_pipeline(args: argparse.Namespace, request: Request) -> Pipeline:
-    """The pipeline for --run (later also --ckpt/--config for public SD files)."""
-    return Pipeline.from_run(request.run.checkpoint, device=args.device, dtype=args.dtype, use_ema=not args.no_ema)
+    """The pipeline for --run, or for --ckpt with its --config (and --controlnet)."""
+    source = request.source
+    if source.run is not None:
+        return Pipeline.from_run(source.run, device=args.device, dtype=args.dtype, use_ema=not args.no_ema)
+    return Pipeline.from_checkpoint(args.ckpt, source.config, controlnet=args.controlnet, unsafe=args.unsafe_load,
+                                    device=args.device, dtype=args.dtype, use_ema=not args.no_ema)
 
 
 def check_prompts(pipe: Pipeline, request: Request) -> None:
@@ -242,23 +321,10 @@ def generate(pipe: Pipeline, request: Request) -> Iterator[Generation]:
 # ---------------------------------------------------------------------------------------------- save
 
 
-def slug(condition) -> str:
-    """A file-name-safe piece of a prompt (ASCII letters, digits and dashes only) or ``class<k>``."""
-    if not isinstance(condition, str):
-        return f"class{int(condition)}"
-    return re.sub(r"[^a-z0-9]+", "-", condition.lower()).strip("-")[:SLUG_CHARS].strip("-") or "prompt"
-
-
-def next_index(out: Path) -> int:
-    """The first free image index in ``out`` (runs add to a folder, never overwrite)."""
-    indices = [int(m.group(1)) for p in out.glob("*.png") if (m := INDEXED_NAME.match(p.name))]
-    return max(indices, default=-1) + 1
-
-
 def image_parameters(request: Request, pipe: Pipeline, condition, seed: int) -> dict:
     """Everything needed to redraw one image."""
     o = request.options
-    kind = "class" if request.run.condition_key == "label" else "prompt"
+    kind = "class" if request.source.condition_key == "label" else "prompt"
     params = {kind: condition, "negative_prompt": o["negative"], "seed": seed, "steps": o["steps"],
               "sampler": o["sampler"], "scale": o["guidance"], "guidance_rescale": o["guidance_rescale"],
               "height": o["height"] or pipe.image_size, "width": o["width"] or pipe.image_size,
@@ -266,31 +332,11 @@ def image_parameters(request: Request, pipe: Pipeline, condition, seed: int) -> 
               "ema": pipe.source.get("ema"), "dtype": str(pipe.dtype).removeprefix("torch.")}
     if "eta" in o:
         params["eta"] = o["eta"]
+    if pipe.source.get("config") or pipe.source.get("controlnet"):
+        params.update(config=pipe.source.get("config"), controlnet=pipe.source.get("controlnet"))
+    if "control" in o:
+        params.update(control=str(o["control"]), control_scale=o["control_scale"], guess_mode=o["guess_mode"])
     return params
-
-
-def a1111_text(params: dict) -> str:
-    """The parameters in AUTOMATIC1111's PNG-info style: prompt, negative prompt, then `Key: value, …`."""
-    first = params.get("prompt", f"class {params.get('class')}")
-    lines = [first] + ([f"Negative prompt: {params['negative_prompt']}"] if params.get("negative_prompt") else [])
-    fields = {"Steps": params["steps"], "Sampler": params["sampler"], "CFG scale": params["scale"],
-              "Seed": params["seed"], "Size": f"{params['width']}x{params['height']}",
-              "Model": Path(params["run"]).name if params.get("run") else None}
-    if params.get("guidance_rescale"):
-        fields["CFG rescale"] = params["guidance_rescale"]
-    if "eta" in params:
-        fields["Eta"] = params["eta"]
-    fields["Checkpoint"] = params.get("checkpoint")
-    lines.append(", ".join(f"{k}: {v}" for k, v in fields.items() if v is not None))
-    return "\n".join(lines)
-
-
-def png_info(params: dict) -> PngInfo:
-    """PNG text chunks: AUTOMATIC1111's `parameters` and the same as JSON."""
-    info = PngInfo()
-    info.add_text(PARAMETERS_KEY, a1111_text(params))
-    info.add_text(JSON_KEY, json.dumps(params, ensure_ascii=False))
-    return info
 
 
 def save(parts: Iterable[Generation], request: Request, pipe: Pipeline, out: Path, grid: bool, n: int) -> list[Path]:
@@ -321,14 +367,21 @@ def save(parts: Iterable[Generation], request: Request, pipe: Pipeline, out: Pat
 
 
 def print_settings(request: Request, pipe: Pipeline) -> None:
-    """The run, checkpoint and sampling settings, once, before sampling."""
+    """The model, checkpoint, control and sampling settings, once, before sampling."""
     p = image_parameters(request, pipe, None, request.seeds[0])
     seeds = request.seeds
-    print(f"run: {p['run']}\ncheckpoint: {p['checkpoint']} ({'EMA' if p['ema'] else 'raw'} weights, {p['dtype']}, "
-          f"{pipe.device})\nsampler: {p['sampler']}, steps: {p['steps']}, scale: {p['scale']}, "
-          f"guidance rescale: {p['guidance_rescale']}" + (f", eta: {p['eta']}" if "eta" in p else "") +
-          f", size: {p['width']}x{p['height']}\nnegative prompt: {p['negative_prompt']!r}\n"
-          f"seeds: {seeds[0]}..{seeds[-1]} ({len(seeds)} image{'s' if len(seeds) > 1 else ''})", flush=True)
+    lines = [f"run: {p['run']}" if p["run"] else f"config: {p.get('config') or '(carried by the checkpoint)'}",
+             f"checkpoint: {p['checkpoint']} ({'EMA' if p['ema'] else 'raw'} weights, {p['dtype']}, {pipe.device})"]
+    if p.get("controlnet"):
+        lines.append(f"controlnet: {p['controlnet']}")
+    lines.append(f"sampler: {p['sampler']}, steps: {p['steps']}, scale: {p['scale']}, guidance rescale: "
+                 f"{p['guidance_rescale']}" + (f", eta: {p['eta']}" if "eta" in p else "") +
+                 f", size: {p['width']}x{p['height']}")
+    if "control" in p:
+        lines.append(f"control: {p['control']}, control scale: {p['control_scale']}, guess mode: {p['guess_mode']}")
+    lines += [f"negative prompt: {p['negative_prompt']!r}",
+              f"seeds: {seeds[0]}..{seeds[-1]} ({len(seeds)} image{'s' if len(seeds) > 1 else ''})"]
+    print("\n".join(lines), flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- main

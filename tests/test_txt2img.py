@@ -137,3 +137,15 @@ def test_command_line_in_a_subprocess(tiny_ldm_run, tmp_path):
     bad = subprocess.run(command + ["--steps", "0"], capture_output=True, text=True, cwd=REPO_ROOT, env=env,
                          timeout=300)
     assert bad.returncode == 2 and bad.stderr == "error: --steps must be at least 1, got 0\n"
+
+
+def test_default_run_is_runs_ldm_latest(tiny_ldm_run, tmp_path):
+    """`python scripts/txt2img.py --prompt "…"` samples the run that runs/ldm/latest points at."""
+    (tmp_path / "runs" / "ldm").mkdir(parents=True)
+    (tmp_path / "runs" / "ldm" / "latest").symlink_to(tiny_ldm_run.resolve(), target_is_directory=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    command = [sys.executable, str(SCRIPT), "--prompt", "a red circle", "--seed", "5", "--steps", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert pngs(tmp_path / "outputs") == ["00000-s5-a-red-circle.png"]
+    assert f"run: {tiny_ldm_run.resolve()}" in done.stdout
