@@ -1,0 +1,107 @@
+"""README stays true: every `python …` command in it runs, in order, as a user would type it.
+
+The commands run in a scratch folder that links `configs/`, `stages/` and `scripts/` from the repository,
+so `runs/`, `cache/` and `outputs/` land there. Each command gets smoke-size arguments appended (the
+last value of an option or override wins): few steps, few items. Placeholders (`<folder>`, `edges.png`)
+are filled with real files. A README command this file does not know fails the test, so a new command
+must come with its smoke arguments here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import runpy
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldm.train import REPO_ROOT
+
+LINKED = ("configs", "stages", "scripts")
+FOLDER = "<folder>"
+TRAIN_SMOKE = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+               "trainer.enable_progress_bar=false", "trainer.precision=32-true", "data.params.batch_size=4"]
+CACHE_SMOKE = ["cache.data.train.params.length=16", "cache.data.val.params.length=4"]
+# The smoke arguments of each command, by the first words of the command (longest prefix wins).
+SMOKE: dict[str, list[str]] = {
+    "stages/train_vae.py": TRAIN_SMOKE + ["data.params.train.params.length=8", "data.params.val.params.length=4",
+                                          "model.params.sample_every_n_steps=0"],
+    "stages/train_vae.py --resume": ["trainer.max_steps=3"],
+    "stages/cache_latents.py": CACHE_SMOKE,
+    "stages/train_ldm.py": TRAIN_SMOKE + CACHE_SMOKE + ["model.params.sample_every_n_steps=0"],
+    "stages/train_ldm.py --cfg configs/ldm/shapes-text.yaml --resume": ["trainer.max_steps=3"],
+    "stages/train_controlnet.py": TRAIN_SMOKE + CACHE_SMOKE + ["model.params.sample_every_n_steps=0"],
+    "scripts/txt2img.py": ["--steps", "2", "--n", "1"],
+    "scripts/evaluate.py vae": ["--n", "4"],
+    "scripts/evaluate.py adherence": ["--n", "2", "--samplers", "ddim:2", "--no-speed", "--threads", "1"],
+    "scripts/evaluate.py edges": ["--n", "2", "--sampler", "ddim:2", "--threads", "1"],
+    "scripts/make_edges.py": [],
+    "scripts/plot_metrics.py": [],
+    "scripts/export.py": [],
+}
+
+
+def readme_commands() -> list[str]:
+    """The `python …` lines of README.md's code blocks, in order (comments after `#` dropped)."""
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    commands = []
+    for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", text, flags=re.S):
+        for line in block.splitlines():
+            line = line.split("  #")[0].strip()
+            if line.startswith("python "):
+                commands.append(line)
+    return commands
+
+
+def smoke_arguments(words: list[str]) -> list[str]:
+    """The smoke arguments of the longest SMOKE prefix matching a command's words."""
+    line = " ".join(words)
+    matches = [key for key in SMOKE if line == key or line.startswith(key + " ")]
+    if not matches:
+        pytest.fail(f"README command `python {line}` has no smoke arguments in tests/test_readme.py")
+    return SMOKE[max(matches, key=len)]
+
+
+def run_command(words: list[str]) -> None:
+    """Run `python <script> <args>` in this process; a non-zero exit fails."""
+    script, args = words[0], words[1:]
+    saved = sys.argv
+    sys.argv = [script, *args]
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as e:
+        if e.code not in (0, None):
+            pytest.fail(f"`python {' '.join(words)}` exited with {e.code}")
+    finally:
+        sys.argv = saved
+
+
+def make_folder(root: Path) -> None:
+    """A few photos-like images for the `<folder>` placeholder, and `edges.png` for control images."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        array = np.zeros((32, 32, 3), np.uint8)
+        array[8:24, 6 + i:20 + i] = rng.integers(100, 255, 3, dtype=np.uint8)
+        Image.fromarray(array).save(root / f"img{i}.png")
+
+
+def test_readme_commands_run_in_order(tmp_path, monkeypatch):
+    commands = readme_commands()
+    assert any("stages/train_vae.py" == c.split()[1] for c in commands)  # the main job is there
+    for name in LINKED:
+        (tmp_path / name).symlink_to(REPO_ROOT / name)
+    make_folder(tmp_path / "images")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LDM_RUNS_DIR", str(tmp_path / "runs"))
+    for command in commands:
+        words = shlex.split(command.replace(FOLDER, "images"))[1:]
+        if "edges.png" in words and not Path("edges.png").exists():
+            Image.open(sorted(Path("images/edges").glob("*.png"))[0]).save("edges.png")
+        run_command(words + smoke_arguments(words))
+    assert (tmp_path / "runs" / "vae" / "latest").exists() and os.listdir(tmp_path / "outputs")
