@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ldm.bench.mapping import diffusers_unet_config
 from ldm.config import load_config
 from ldm.unet.controlnet import ControlNet
 from ldm.unet.model import UNetModel
@@ -88,18 +89,19 @@ TINY_SD = dict(
 )
 
 
-def _diffusers_config(use_linear: bool) -> dict:
-    """diffusers' description of TINY_SD (its `attention_head_dim` is the number of heads per level)."""
-    return dict(
-        in_channels=4, down_block_types=["CrossAttnDownBlock2D"] * 2, block_out_channels=[32, 64],
-        layers_per_block=1, cross_attention_dim=16, attention_head_dim=[2, 4] if use_linear else 2,
-        use_linear_projection=use_linear,
-    )
-
-
 def _tiny_params(use_linear: bool) -> dict:
     heads = {"num_head_channels": 16} if use_linear else {"num_heads": 2}  # 2 heads at 32 ch, 4 (or 2) at 64
     return {**TINY_SD, **heads, "use_linear_in_transformer": use_linear}
+
+
+def _diffusers_config(use_linear: bool) -> dict:
+    """diffusers' description of TINY_SD, by the mapping the benchmark shares (ldm.bench.mapping)."""
+    return diffusers_unet_config({**_tiny_params(use_linear), "out_channels": 4})
+
+
+# The UNet2DConditionModel arguments diffusers' ControlNetModel also takes (it has no decoder, no output).
+CONTROLNET_KEYS = ("in_channels", "down_block_types", "block_out_channels", "layers_per_block", "cross_attention_dim",
+                   "attention_head_dim", "use_linear_projection", "transformer_layers_per_block")
 
 
 def _randomized(model: torch.nn.Module) -> torch.nn.Module:
@@ -123,8 +125,8 @@ def test_unet_equals_diffusers_unet_with_converted_weights(use_linear):
     single_file = pytest.importorskip("diffusers.loaders.single_file_utils")
     torch.manual_seed(0)
     ours = _randomized(UNetModel(**_tiny_params(use_linear), out_channels=4))
-    config = {**_diffusers_config(use_linear), "out_channels": 4, "up_block_types": ["CrossAttnUpBlock2D"] * 2}
-    theirs = diffusers.UNet2DConditionModel(sample_size=8, **config).eval()
+    config = _diffusers_config(use_linear)
+    theirs = diffusers.UNet2DConditionModel(**config).eval()
     state = {"model.diffusion_model." + k: v for k, v in ours.state_dict().items()}
     theirs.load_state_dict(single_file.convert_ldm_unet_checkpoint(state, config), strict=True)
     x, t, ctx = _tiny_inputs()
@@ -137,7 +139,7 @@ def test_controlnet_equals_diffusers_controlnet_with_converted_weights():
     single_file = pytest.importorskip("diffusers.loaders.single_file_utils")
     torch.manual_seed(0)
     ours = _randomized(ControlNet(**_tiny_params(False), hint_channels=3, downsampling_factor=8))
-    config = {**_diffusers_config(False), "conditioning_channels": 3}
+    config = {**{k: _diffusers_config(False)[k] for k in CONTROLNET_KEYS}, "conditioning_channels": 3}
     theirs = diffusers.ControlNetModel(**config).eval()
     state = {"control_model." + k: v for k, v in ours.state_dict().items()}
     theirs.load_state_dict(single_file.convert_controlnet_checkpoint(state, config), strict=True)

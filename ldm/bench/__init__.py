@@ -1,0 +1,1 @@
+"""Speed benchmarks side by side with diffusers (the only place in ``ldm`` that may import diffusers)."""
