@@ -6,10 +6,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("LDM_RUNS_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), "ldm-test-runs"))
 
 import pytest
+import torch
 
 from ldm.train import REPO_ROOT, train
 
 TINY = REPO_ROOT / "configs" / "tiny"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Toy nets run thousands of tiny ops: on 2 cores (often shared) torch's second thread only adds
+    spin-waits at every op's barrier, so the suite runs on one; restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

@@ -52,15 +52,6 @@ from tests.sd_toy import (
 PROMPTS = ["a red circle on a blue background", ""]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Toy nets on a 2-core machine shared with other jobs: one thread avoids spinning at every op's barrier."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def save(state: dict, path, fmt: str):
     if fmt == "safetensors":
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))

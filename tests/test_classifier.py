@@ -18,16 +18,6 @@ FAST = dict(n_train=3000, epochs=6, lr=5e-3, n_val=500)
 SHARED_CACHE = Path(os.environ.get("TMPDIR", "/tmp")) / "ldm-test-cache" / "classifier"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions on a 2-core machine shared with other jobs run ~10× faster on one thread
-    (no spinning at every op's barrier while the other core is busy); restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def fast_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("classifier")

@@ -10,7 +10,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from ldm.data.shapes import COLORS, SHAPES
@@ -36,15 +35,6 @@ def _script(name: str):
 
 
 evaluate = _script("evaluate")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Toy convolutions on a shared 2-core machine run much faster on one thread; restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -23,15 +23,6 @@ PUBLIC_PREFIXES = {"model", "model_ema", "first_stage_model", "cond_stage_model"
 EXTRA_KEYS = {"scale_factor", "image_size", "betas", "alphas_cumprod"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Toy nets on a 2-core machine shared with other jobs: one thread avoids spinning at every op's barrier."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def run_state(tiny_ldm_run):
     return state_dict_of(load_file(checkpoint_for(tiny_ldm_run)))

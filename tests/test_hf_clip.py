@@ -26,15 +26,6 @@ VIT_L14_TEXT_PARAMS = 123_060_480  # openai/clip-vit-large-patch14's CLIPTextMod
 CAPTIONS = ["a photograph of an astronaut riding a horse", "", "red circle, blue background " * 3]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Toy nets on a 2-core machine shared with other jobs: one thread avoids spinning at every op's barrier."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def sd1_encoder(layer: str = "last", toy: bool = True) -> FrozenOpenCLIP:
     """SD1's text encoder as configs/sd/v1-inference.yaml builds it (at toy width unless ``toy=False``)."""
     cfg = dict(width=WIDTH, heads=HEADS, layers=LAYERS) if toy else None

@@ -36,15 +36,6 @@ MOMENT_CASES = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Thousands of tiny ops per test: torch's thread pool only adds spin-waits on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _noise(n, seed=0):
     return torch.randn(n, *SHAPE, generator=torch.Generator().manual_seed(seed))
 
