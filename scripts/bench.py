@@ -66,21 +66,28 @@ def _choices(text: str, allowed: Sequence[str], what: str) -> list[str]:
     return chosen
 
 
-def machine_lines(opts: Options, sizes: BenchSizes, args: argparse.Namespace) -> list[str]:
-    """Preamble of bench.md: the machine, versions, sizes and options."""
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name from /proc/cpuinfo (platform.processor() elsewhere)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or "CPU"
+
+
+def machine_lines(opts: Options, sizes: BenchSizes, args: argparse.Namespace, argv: Sequence[str]) -> list[str]:
+    """Preamble of bench.md: the machine, versions, the command, sizes and options."""
     import diffusers
 
-    device = torch.cuda.get_device_name(opts.device) if opts.device.type == "cuda" else platform.processor() or "CPU"
-    cpu_model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else device
+    quick = " (--quick: toy sizes, numbers are a smoke test)" if args.quick else ""
     return [
-        f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {device if opts.device.type == 'cuda' else cpu_model} "
-        f"({torch.get_num_threads()} threads), torch {torch.__version__}, diffusers {diffusers.__version__}.",
-        f"Command: `python scripts/bench.py {' '.join(sys.argv[1:])}`" if sys.argv[1:] else "Command: `python scripts/bench.py`",
-        f"Sizes{' (--quick: toy sizes, numbers are a smoke test)' if args.quick else ''}: batch {sizes.batch}, "
-        f"{sizes.latent_size}×{sizes.latent_size} latents, U-Net {sizes.unet}, VAE ch {sizes.vae['ch']} × "
-        f"{sizes.vae['ch_mult']}; median of {opts.repeats} after {opts.warmup} warm-up; compile={opts.compile}, "
-        f"channels_last={opts.channels_last}. ratio = ours / theirs.",
+        (f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {device_name(opts.device)} ({torch.get_num_threads()} CPU "
+         f"threads), torch {torch.__version__}, diffusers {diffusers.__version__}."),
+        "Command: `" + " ".join(["python scripts/bench.py", *argv]) + "`",
+        (f"Sizes{quick}: batch {sizes.batch}, {sizes.latent_size}×{sizes.latent_size} latents, U-Net {sizes.unet}, "
+         f"VAE ch {sizes.vae['ch']} × {sizes.vae['ch_mult']}; median of {opts.repeats} after {opts.warmup} warm-up; "
+         f"compile={opts.compile}, channels_last={opts.channels_last}. ratio = ours / theirs."),
     ]
 
 
@@ -98,11 +105,16 @@ def goal_notes(rows: Sequence[Row]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> list[Row]:
     """Run the chosen measurements; write OUT/bench.md and OUT/bench.csv; print the table."""
     from ldm.bench.measures import (
-        measure_checkpointing, measure_optimizer, measure_stage2, measure_unet, measure_vae,
+        measure_checkpointing,
+        measure_optimizer,
+        measure_stage2,
+        measure_unet,
+        measure_vae,
     )
     from ldm.bench.report import markdown_table
     from ldm.bench.sampling import measure_sampling
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     only = _choices(args.only, MEASUREMENTS, "only")
     precisions = _choices(args.precision, PRECISIONS, "precision")
@@ -133,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         print(f"[bench] {name}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     write_csv(rows, args.out / "bench.csv")
     write_markdown(rows, args.out / "bench.md", "ldm vs diffusers: speed side by side",
-                   machine_lines(opts, sizes, args), notes + goal_notes(rows))
+                   machine_lines(opts, sizes, args, argv), notes + goal_notes(rows))
     print(markdown_table(rows))
     print(f"wrote {args.out / 'bench.md'} and {args.out / 'bench.csv'}", file=sys.stderr)
     return rows

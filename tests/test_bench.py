@@ -16,8 +16,8 @@ MEASUREMENTS = {  # row name prefix → unit, for every row the script writes
     "U-Net train step (fwd+bwd+AdamW), ours vs diffusers": "steps/s",
     "U-Net step achieved FLOP/s (ours)": "GFLOP/s",
     "U-Net step achieved FLOP/s (diffusers)": "GFLOP/s",
-    "U-Net train step peak memory, ours vs diffusers": "MiB",
-    "U-Net train step peak memory, checkpointing vs none": "MiB",
+    "U-Net train step peak memory beyond weights, grads, AdamW state, ours vs diffusers": "MiB",
+    "U-Net train step peak memory beyond weights, grads, AdamW state, checkpointing vs none": "MiB",
     "U-Net train step, checkpointing vs none": "steps/s",
     "AdamW update of the U-Net, fused vs default": "steps/s",
     "VAE encode": "images/s",
@@ -34,7 +34,7 @@ def bench_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     cmd = [sys.executable, str(REPO_ROOT / "scripts" / "bench.py"), "--quick", "--precision", "fp32", "--threads", "1",
            "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc.stdout
 
@@ -61,7 +61,7 @@ def test_markdown_table_matches_the_csv_and_notes_report_the_checks(bench_out):
     text = (out / "bench.md").read_text()
     table = [line for line in text.splitlines() if line.startswith("|")]
     assert table[0] == "| " + " | ".join(COLUMNS) + " |" and set(table[1]) <= set("|-")
-    n_rows = sum(1 for _ in open(out / "bench.csv")) - 1
+    n_rows = len((out / "bench.csv").read_text().splitlines()) - 1
     assert len(table) == n_rows + 2
     assert all(line.count("|") == len(COLUMNS) + 1 for line in table)
     assert all(line.split("|")[4].strip().endswith("×") for line in table[2:])  # the ratio column

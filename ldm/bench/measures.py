@@ -16,8 +16,17 @@ from ldm.autoencoder.model import AutoencoderKL
 from ldm.bench.report import Row
 from ldm.bench.sizes import LATENT_CHANNELS, SD_SCALE_FACTOR, BenchSizes
 from ldm.bench.steps import (
-    LEARNING_RATE, Options, autocast, fill_zero_init, maybe_compile, place, place_input, quiet_lightning, train_step,
-    unet_inputs, unet_pair,
+    LEARNING_RATE,
+    Options,
+    autocast,
+    fill_zero_init,
+    maybe_compile,
+    place,
+    place_input,
+    quiet_lightning,
+    train_step,
+    unet_inputs,
+    unet_pair,
 )
 from ldm.bench.timing import count_flops, matmul_peak_flops, paired_medians, peak_memory_bytes
 from ldm.bench.twins import count_parameters, diffusers_vae_like, max_relative_error
@@ -27,18 +36,21 @@ GIGA = 1e9
 MEBI = 2**20
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PROFILE_ROWS = 25
+MEMORY_ROW = "U-Net train step peak memory beyond weights, grads, AdamW state"
 
 
 def write_profiles(fns: dict[str, Callable[[], object]], opts: Options, prefix: Path) -> None:
-    """One profiled call of each function; its op table (by self time) written to ``<prefix>-<name>.txt``."""
+    """One profiled call of each function; its op tables (by self time; per op, then per op and input shapes)
+    written to ``<prefix>-<name>.txt``."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if opts.device.type == "cuda" else [])
     sort_by = "self_cuda_time_total" if opts.device.type == "cuda" else "self_cpu_time_total"
     prefix.parent.mkdir(parents=True, exist_ok=True)
     for name, fn in fns.items():
         with profile(activities=activities, record_shapes=True) as prof:
             fn()
-        table = prof.key_averages(group_by_input_shape=True).table(sort_by=sort_by, row_limit=PROFILE_ROWS)
-        Path(f"{prefix}-{name}.txt").write_text(table)
+        tables = [prof.key_averages(group_by_input_shape=by_shape).table(sort_by=sort_by, row_limit=PROFILE_ROWS)
+                  for by_shape in (False, True)]
+        Path(f"{prefix}-{name}.txt").write_text("\n\n".join(tables))
 
 
 def inference(fn: Callable[[], object], opts: Options, precision: str) -> Callable[[], None]:
@@ -49,6 +61,17 @@ def inference(fn: Callable[[], object], opts: Options, precision: str) -> Callab
             fn()
 
     return run
+
+
+def activation_memory(models: dict[str, torch.nn.Module], inputs: dict[str, torch.Tensor], opts: Options,
+                      precision: str) -> dict[str, float]:
+    """MiB a training step allocates at its peak beyond weights, gradients and AdamW state (made by a first step)."""
+    memory = {}
+    for name, model in models.items():
+        step = train_step(model, inputs, opts, precision, keep_grads=True)
+        step()  # allocates the gradients and the optimiser state
+        memory[name] = peak_memory_bytes(step, opts.device) / MEBI
+    return memory
 
 
 def measure_unet(sizes: BenchSizes, opts: Options, precisions: Sequence[str], notes: list[str],
@@ -75,9 +98,8 @@ def measure_unet(sizes: BenchSizes, opts: Options, precisions: Sequence[str], no
         for name, who in (("ours", "ours"), ("theirs", "diffusers")):
             rows.append(Row(f"U-Net step achieved FLOP/s ({who}) vs {opts.device.type} {sizes.matmul_size}² matmul",
                             flops[name] / sec[name] / GIGA, peak, "GFLOP/s", precision))
-        memory = {name: peak_memory_bytes(step, opts.device) / MEBI for name, step in steps.items()}
-        rows.append(Row("U-Net train step peak memory, ours vs diffusers", memory["ours"], memory["theirs"], "MiB",
-                        precision))
+        memory = activation_memory(models, inputs, opts, precision)
+        rows.append(Row(f"{MEMORY_ROW}, ours vs diffusers", memory["ours"], memory["theirs"], "MiB", precision))
         if profile_dir is not None:
             write_profiles(steps, opts, profile_dir / f"unet-step-{precision}")
     return rows
@@ -94,9 +116,8 @@ def measure_checkpointing(sizes: BenchSizes, opts: Options, precisions: Sequence
         steps = {"ours": train_step(maybe_compile(ckpt, opts), inputs, opts, precision),
                  "theirs": train_step(maybe_compile(plain, opts), inputs, opts, precision)}
         sec = paired_medians(steps, opts.device, opts.warmup, opts.repeats)
-        memory = {name: peak_memory_bytes(step, opts.device) / MEBI for name, step in steps.items()}
-        rows.append(Row("U-Net train step peak memory, checkpointing vs none", memory["ours"], memory["theirs"],
-                        "MiB", precision))
+        memory = activation_memory({"ours": ckpt, "theirs": plain}, inputs, opts, precision)
+        rows.append(Row(f"{MEMORY_ROW}, checkpointing vs none", memory["ours"], memory["theirs"], "MiB", precision))
         rows.append(Row("U-Net train step, checkpointing vs none", 1 / sec["ours"], 1 / sec["theirs"], "steps/s",
                         precision))
     return rows
@@ -172,17 +193,17 @@ def measure_stage2(sizes: BenchSizes, opts: Options, precisions: Sequence[str], 
     opt = torch.optim.AdamW(params, lr=LEARNING_RATE)
     notes.append(f"Stage 2 at f = {f}: {h}×{h} latents from {h * f}-px images; the step is LatentDiffusion.training_step "
                  "+ backward + AdamW (no data loading, no EMA); on the fly adds the VAE encoder's forward pass.")
+    def step(batch: dict, precision: str) -> None:
+        opt.zero_grad(set_to_none=True)
+        with autocast(opts.device, precision), quiet_lightning():
+            loss = system.training_step(batch, 0)
+        loss.backward()
+        opt.step()
+
     rows = []
     for precision in precisions:
-        def step(batch: dict) -> None:
-            opt.zero_grad(set_to_none=True)
-            with autocast(opts.device, precision), quiet_lightning():
-                loss = system.training_step(batch, 0)
-            loss.backward()
-            opt.step()
-
-        sec = paired_medians({name: (lambda batch=batch: step(batch)) for name, batch in batches.items()},
-                             opts.device, opts.warmup, opts.repeats)
+        fns = {name: (lambda batch=batch, precision=precision: step(batch, precision)) for name, batch in batches.items()}
+        sec = paired_medians(fns, opts.device, opts.warmup, opts.repeats)
         rows.append(Row(f"stage-2 train step, cached latents vs on-the-fly VAE encoding (f = {f})",
                         1 / sec["ours"], 1 / sec["theirs"], "steps/s", precision))
     return rows

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -98,13 +99,18 @@ def unet_inputs(sizes: BenchSizes, opts: Options, batch: int | None = None, seed
     }
 
 
-def train_step(model: nn.Module, inputs: dict[str, Tensor], opts: Options, precision: str) -> Callable[[], None]:
-    """One training step of ``model(x, t, context)``: forward (autocast per precision), MSE, backward, AdamW."""
+def train_step(model: nn.Module, inputs: dict[str, Tensor], opts: Options, precision: str,
+               keep_grads: bool = False) -> Callable[[], None]:
+    """One training step of ``model(x, t, context)``: forward (autocast per precision), MSE, backward, AdamW.
+
+    ``keep_grads`` zeroes the gradients in place instead of freeing them, so that after a first step the
+    memory a step allocates is activations and workspace only (weights, grads, AdamW state already exist).
+    """
     opt = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
     x, t, ctx, target = inputs["x"], inputs["t"], inputs["context"], inputs["target"]
 
     def step() -> None:
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=not keep_grads)
         with autocast(opts.device, precision):
             out = model(x, t, ctx)  # (B, C, H, W)
         F.mse_loss(out.float(), target).backward()
@@ -116,8 +122,6 @@ def train_step(model: nn.Module, inputs: dict[str, Tensor], opts: Options, preci
 @contextlib.contextmanager
 def quiet_lightning() -> Iterator[None]:
     """Silence Lightning's warning about ``self.log`` outside a Trainer (the benchmark calls steps directly)."""
-    import warnings
-
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*self.log.*")
         yield
