@@ -6,6 +6,7 @@ returns table rows; ``ours``/``theirs`` are named in each row's measurement (dif
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -119,6 +120,21 @@ def measure_checkpointing(sizes: BenchSizes, opts: Options, precisions: Sequence
         memory = activation_memory({"ours": ckpt, "theirs": plain}, inputs, opts, precision)
         rows.append(Row(f"{MEMORY_ROW}, checkpointing vs none", memory["ours"], memory["theirs"], "MiB", precision))
         rows.append(Row("U-Net train step, checkpointing vs none", 1 / sec["ours"], 1 / sec["theirs"], "steps/s",
+                        precision))
+    return rows
+
+
+def measure_channels_last(sizes: BenchSizes, opts: Options, precisions: Sequence[str]) -> list[Row]:
+    """Our U-Net training step with channels-last weights and inputs vs the default contiguous (NCHW) layout."""
+    layouts = {"ours": replace(opts, channels_last=True), "theirs": replace(opts, channels_last=False)}
+    rows = []
+    for precision in precisions:
+        steps = {}
+        for name, layout in layouts.items():
+            model, _ = unet_pair(sizes, layout)
+            steps[name] = train_step(maybe_compile(model, layout), unet_inputs(sizes, layout), layout, precision)
+        sec = paired_medians(steps, opts.device, opts.warmup, opts.repeats)
+        rows.append(Row("U-Net train step, channels-last vs contiguous", 1 / sec["ours"], 1 / sec["theirs"], "steps/s",
                         precision))
     return rows
 
