@@ -26,6 +26,7 @@ from ldm.autoencoder.distributions import DiagonalGaussianDistribution
 from ldm.autoencoder.nets import Decoder, Encoder
 from ldm.images import image_grid, save_image_atomic
 from ldm.metrics import psnr
+from ldm.optim import fused_supported
 
 ADAM_BETAS = (0.5, 0.9)  # latent-diffusion's VAE / VQGAN optimiser betas
 NUM_SAMPLE_IMAGES = 8
@@ -124,8 +125,10 @@ class AutoencoderKL(L.LightningModule):
         ae_params = [p for m in (self.encoder, self.decoder, self.quant_conv, self.post_quant_conv) for p in m.parameters()]
         if loss.logvar.requires_grad:
             ae_params.append(loss.logvar)
-        opt_ae = torch.optim.Adam(ae_params, lr=self.learning_rate, betas=ADAM_BETAS)
-        opt_disc = torch.optim.Adam(loss.discriminator.parameters(), lr=self.disc_learning_rate, betas=ADAM_BETAS)
+        disc_params = list(loss.discriminator.parameters())
+        opt_ae = torch.optim.Adam(ae_params, lr=self.learning_rate, betas=ADAM_BETAS, fused=fused_supported(ae_params))
+        opt_disc = torch.optim.Adam(disc_params, lr=self.disc_learning_rate, betas=ADAM_BETAS,
+                                    fused=fused_supported(disc_params))
         total = max(int(self.trainer.estimated_stepping_batches), 1) if self.lr_schedule == "cosine" else 0
         schedule = torch.optim.lr_scheduler.LambdaLR(opt_ae, partial(lr_factor, warmup=self.warmup_steps, total=total))
         return [opt_ae, opt_disc], [schedule]

@@ -17,6 +17,7 @@ from torch import nn
 from ldm.conditioning.base import ucg_dropout
 from ldm.diffusion import NoiseSchedule, diffusion_loss
 from ldm.ema import LitEma, ema_scope
+from ldm.optim import fused_supported
 
 LRDecay = Literal["constant", "cosine"]
 VAL_NOISE_SEED = 1234  # validation loss uses the same t and ε every time, so curves are comparable
@@ -174,7 +175,8 @@ class LatentDiffusion(L.LightningModule):
 
     def make_optimizer(self, params: list[nn.Parameter]) -> dict:
         """AdamW over ``params`` with linear warm-up, then constant or cosine decay (stepped per batch)."""
-        opt = torch.optim.AdamW(params, lr=self.optim["lr"], weight_decay=self.optim["weight_decay"])
+        opt = torch.optim.AdamW(params, lr=self.optim["lr"], weight_decay=self.optim["weight_decay"],
+                                fused=fused_supported(params))
         warmup, decay = self.optim["warmup"], self.optim["decay"]
         total = max(self.trainer.max_steps, 1) if self.trainer and self.trainer.max_steps > 0 else None
 
