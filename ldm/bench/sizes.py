@@ -49,12 +49,12 @@ def _vae(ch: int, ch_mult: list[int], num_res_blocks: int) -> dict[str, Any]:
 
 
 # SD v1's U-Net layout (conv proj_in, 4 levels, attention at 1/1, 1/2, 1/4) at 128 instead of 320 channels,
-# 32×32 latents (256-px images), a 512-wide context of 77 tokens; the VAE is SD's at half width.
+# 32×32 latents (256-px images), a 512-wide context of 77 tokens; the VAE is SD's own (configs/vae/kl-f8-256.yaml).
 DEFAULT = BenchSizes(
     unet=dict(image_size=32, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, model_channels=128,
               num_res_blocks=2, attention_resolutions=[4, 2, 1], channel_mult=[1, 2, 4, 4], num_heads=4,
               use_spatial_transformer=True, transformer_depth=1, context_dim=512, legacy=False),
-    vae=_vae(64, [1, 2, 4, 4], 2),
+    vae=_vae(128, [1, 2, 4, 4], 2),
     batch=4, latent_size=32, tokens=77,
 ).with_options()
 
