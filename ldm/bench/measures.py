@@ -29,8 +29,14 @@ from ldm.bench.steps import (
     unet_inputs,
     unet_pair,
 )
-from ldm.bench.timing import count_flops, matmul_peak_flops, paired_medians, peak_memory_bytes
+from ldm.bench.timing import (
+    count_flops,
+    matmul_peak_flops,
+    paired_medians,
+    peak_memory_bytes,
+)
 from ldm.bench.twins import count_parameters, diffusers_vae_like, max_relative_error
+from ldm.optim import fused_supported
 from ldm.unet.model import UNetModel
 
 GIGA = 1e9
@@ -87,11 +93,12 @@ def measure_unet(sizes: BenchSizes, opts: Options, precisions: Sequence[str], no
              "theirs": count_flops(train_step(theirs, inputs, opts, "fp32"))}
     notes.append(f"U-Net: {count_parameters(ours):,} parameters on both sides (checked equal); outputs agree to "
                  f"{error:.1e} (max relative); {flops['ours'] / GIGA:.3g} GFLOP per training step "
-                 f"(diffusers: {flops['theirs'] / GIGA:.3g}), counted by torch.utils.flop_counter.")
+                 f"(diffusers: {flops['theirs'] / GIGA:.3g}), counted by torch.utils.flop_counter. Each side steps AdamW as "
+                 "its project trains: ours fused (ldm.optim), diffusers' scripts torch's default.")
     models = {"ours": maybe_compile(ours, opts), "theirs": maybe_compile(theirs, opts)}
     rows = []
     for precision in precisions:
-        steps = {name: train_step(model, inputs, opts, precision) for name, model in models.items()}
+        steps = {name: train_step(model, inputs, opts, precision, fused=name == "ours") for name, model in models.items()}
         sec = paired_medians(steps, opts.device, opts.warmup, opts.repeats)
         rows.append(Row("U-Net train step (fwd+bwd+AdamW), ours vs diffusers", 1 / sec["ours"], 1 / sec["theirs"],
                         "steps/s", precision))
@@ -206,7 +213,7 @@ def measure_stage2(sizes: BenchSizes, opts: Options, precisions: Sequence[str], 
                    "label": labels},
     }
     params = list(system.model.parameters()) + list(system.cond_stage_model.parameters())
-    opt = torch.optim.AdamW(params, lr=LEARNING_RATE)
+    opt = torch.optim.AdamW(params, lr=LEARNING_RATE, fused=fused_supported(params))
     notes.append(f"Stage 2 at f = {f}: {h}×{h} latents from {h * f}-px images; the step is LatentDiffusion.training_step "
                  "+ backward + AdamW (no data loading, no EMA); on the fly adds the VAE encoder's forward pass.")
     def step(batch: dict, precision: str) -> None:

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ldm.bench.sizes import BenchSizes
 from ldm.bench.twins import diffusers_unet_like
+from ldm.optim import fused_supported
 from ldm.unet.model import UNetModel
 
 LEARNING_RATE = 1e-4
@@ -100,13 +101,17 @@ def unet_inputs(sizes: BenchSizes, opts: Options, batch: int | None = None, seed
 
 
 def train_step(model: nn.Module, inputs: dict[str, Tensor], opts: Options, precision: str,
-               keep_grads: bool = False) -> Callable[[], None]:
+               keep_grads: bool = False, fused: bool = False) -> Callable[[], None]:
     """One training step of ``model(x, t, context)``: forward (autocast per precision), MSE, backward, AdamW.
+
+    ``fused``: torch's fused AdamW kernel, as this project's systems use it (``ldm.optim``); diffusers' training
+    scripts use the default.
 
     ``keep_grads`` zeroes the gradients in place instead of freeing them, so that after a first step the
     memory a step allocates is activations and workspace only (weights, grads, AdamW state already exist).
     """
-    opt = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=LEARNING_RATE, fused=fused and fused_supported(params))
     x, t, ctx, target = inputs["x"], inputs["t"], inputs["context"], inputs["target"]
 
     def step() -> None:
