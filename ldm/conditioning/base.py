@@ -8,6 +8,7 @@ latent-diffusion's ``ucg_rate`` / generative-models' ``GeneralConditioner`` do.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Sequence, Union
 
 import torch
@@ -17,15 +18,15 @@ from torch import nn
 Condition = Union[list[str], torch.Tensor]
 
 
-class Embedder(nn.Module):
+class Embedder(nn.Module, ABC):
     """Base class: ``key`` (batch field), ``context_dim``, ``forward(cond) -> (B, T, D)``, ``null_condition(n)``."""
 
     key: str
     context_dim: int
 
+    @abstractmethod
     def null_condition(self, n: int) -> Condition:
         """The raw unconditional input for ``n`` samples."""
-        raise NotImplementedError
 
     def unconditional(self, n: int) -> torch.Tensor:
         """The unconditional context for ``n`` samples, ``(n, T, D)``."""

@@ -12,33 +12,35 @@ parameterisation's own MSE is min(SNR, γ) divided by that factor.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from torch import Tensor
 
 
-class Parameterization:
+class Parameterization(ABC):
     """The interface: a training target and the conversions of a model output to x0 and ε."""
 
     name: str
 
+    @abstractmethod
     def target(self, x0: Tensor, noise: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
         """What the model is trained to output for x_t = alpha·x0 + sigma·noise."""
-        raise NotImplementedError
 
+    @abstractmethod
     def to_x0(self, model_out: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
         """The x0 prediction implied by a model output at x_t."""
-        raise NotImplementedError
 
+    @abstractmethod
     def to_eps(self, model_out: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
         """The ε prediction implied by a model output at x_t."""
-        raise NotImplementedError
 
+    @abstractmethod
     def from_x0(self, x0: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
         """The model output that would predict x0 at x_t (inverse of ``to_x0``)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def min_snr_weight(self, snr: Tensor, gamma: float) -> Tensor:
         """Min-SNR-γ weight on this parameterisation's MSE (module docstring)."""
-        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -8,6 +8,7 @@ Upsample (``conv``), AttentionBlock (``norm``, ``qkv``, ``proj_out``), TimestepE
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -39,11 +40,12 @@ def normalization(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(NORM_GROUPS, channels)
 
 
-class TimestepBlock(nn.Module):
+class TimestepBlock(nn.Module, ABC):
     """A module whose forward takes the timestep embedding as a second argument."""
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        """x (B, C, H, W) and the timestep embedding (B, D) → (B, C', H', W')."""
 
 
 class TimestepEmbedSequential(nn.Sequential):
