@@ -8,7 +8,8 @@
 Each number is the median of ``--repeats`` timed calls after ``--warmup`` calls, the two sides of a row timed
 in alternation. Rows: U-Net training step and its FLOP/s vs the matmul peak and peak memory (ours vs
 diffusers' UNet2DConditionModel of the same architecture and weights), gradient checkpointing vs none,
-channels-last vs contiguous, fused vs default AdamW, VAE encode / decode (ours vs diffusers' AutoencoderKL),
+channels-last vs contiguous, fused vs default AdamW,
+attention under bf16 autocast (fp32 compute on CPU) vs torch's bf16 kernel, VAE encode / decode (ours vs diffusers' AutoencoderKL),
 stage-2 step on cached latents vs on-the-fly encoding at f = 8, and sampling images/s (our DPM-Solver++(2M)
 vs diffusers' DPMSolverMultistepScheduler). On a shared CPU pass ``--threads 1``: idle-waiting OpenMP
 threads of a loaded machine can make every number 10× slower and the ratios meaningless.
@@ -30,7 +31,7 @@ from ldm.bench.report import Row, write_csv, write_markdown
 from ldm.bench.sizes import DEFAULT, QUICK, BenchSizes
 from ldm.bench.steps import PRECISIONS, Options
 
-MEASUREMENTS = ("unet", "checkpointing", "channels_last", "optimizer", "vae", "stage2", "sampling")
+MEASUREMENTS = ("unet", "checkpointing", "channels_last", "optimizer", "attention", "vae", "stage2", "sampling")
 DEFAULT_WARMUP, DEFAULT_REPEATS = 2, 5
 QUICK_WARMUP, QUICK_REPEATS = 1, 2
 SPEED_GOAL = 1.2  # issue 7: ours ≥ 1.2× diffusers on the U-Net step and on sampling
@@ -114,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         measure_unet,
         measure_vae,
     )
+    from ldm.bench.attention import measure_attention
     from ldm.bench.report import markdown_table
     from ldm.bench.sampling import measure_sampling
 
@@ -139,6 +141,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         "checkpointing": lambda: measure_checkpointing(sizes, opts, precisions),
         "channels_last": lambda: measure_channels_last(sizes, opts, precisions),
         "optimizer": lambda: measure_optimizer(sizes, opts),
+        "attention": lambda: measure_attention(sizes, opts),
         "vae": lambda: measure_vae(sizes, opts, precisions, notes),
         "stage2": lambda: measure_stage2(sizes, opts, precisions, notes),
         "sampling": lambda: measure_sampling(sizes, opts, precisions, notes),

@@ -52,6 +52,29 @@ def test_sdpa_and_math_agree_in_bfloat16():
     torch.testing.assert_close(sdpa.float(), math.float(), atol=2e-2, rtol=2e-2)
 
 
+def test_bf16_cpu_training_attention_runs_in_fp32_with_matching_gradients(monkeypatch):
+    """Under bf16 autocast with gradients, CPU SDPA runs in fp32 (the bf16 flash backward is slow there)."""
+    q32, k32, v32 = (t.requires_grad_() for t in _qkv(n=16, m=16))
+    _explicit_attention(q32, k32, v32, HEADS).square().sum().backward()
+    qb, kb, vb = (t.detach().bfloat16().requires_grad_() for t in (q32, k32, v32))
+    sdpa, dtypes = torch.nn.functional.scaled_dot_product_attention, []
+
+    def spy(q, k, v, *args, **kwargs):
+        dtypes.append(q.dtype)
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(qb, kb, vb, HEADS, backend="sdpa")
+    with torch.no_grad():
+        attention(qb, kb, vb, HEADS, backend="sdpa")  # inference keeps the faster bf16 kernel
+    assert dtypes == [torch.float32, torch.bfloat16]
+    assert out.dtype == torch.bfloat16
+    out.float().square().sum().backward()
+    for low, ref in ((qb, q32), (kb, k32), (vb, v32)):
+        torch.testing.assert_close(low.grad.float(), ref.grad, atol=0.1, rtol=0.05)
+
+
 def test_unknown_backend_is_a_clear_error():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="unknown attention backend 'flash'.*sdpa"):

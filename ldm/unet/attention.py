@@ -36,6 +36,8 @@ AttentionBackend = Literal["auto", "sdpa", "xformers", "math"]
 ATTENTION_BACKENDS: tuple[str, ...] = ("auto", "sdpa", "xformers", "math")
 
 FF_MULT = 4  # FeedForward hidden width = FF_MULT × dim (SD: 320 → 1280)
+REDUCED_PRECISION = (torch.bfloat16, torch.float16)
+UPCAST_MAX_SCORES = 512 * 512  # CPU bf16 training: fp32 attention up to this many query × key scores per head
 SPATIAL_NORM_GROUPS = 32
 SPATIAL_NORM_EPS = 1e-6  # SpatialTransformer's GroupNorm eps in SD (ResBlocks use torch's 1e-5)
 
@@ -60,7 +62,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, backend: str = "sdpa"
         backend = "xformers" if (XFORMERS_AVAILABLE and q.is_cuda) else "sdpa"
     if backend == "sdpa":
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=heads) for t in (q, k, v))  # views, no copies
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, D)
+        if _cpu_reduced_precision_training(q, k):
+            with torch.autocast("cpu", enabled=False):  # autocast would cast fp32 inputs back to bf16
+                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, D)
         return rearrange(out, "b h n d -> b n (h d)")
     if backend == "xformers":
         if xops is None:
@@ -71,6 +77,18 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, backend: str = "sdpa"
     if backend == "math":
         return _math_attention(q, k, v, heads)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
+
+
+def _cpu_reduced_precision_training(q: Tensor, k: Tensor) -> bool:
+    """True for bf16/fp16 CPU attention over at most UPCAST_MAX_SCORES scores that will be backpropagated.
+
+    PyTorch's CPU flash-attention backward in bf16 has a large fixed cost per head: at U-Net sequence lengths
+    it is 1.1-4.6× slower than computing in fp32 (as the original's ``_ATTN_PRECISION = "fp32"`` does), and
+    only above ~512² scores per head does bf16 win (``python scripts/bench.py --only attention``).
+    Inference keeps the faster bf16 forward kernel.
+    """
+    return (q.device.type == "cpu" and q.dtype in REDUCED_PRECISION and torch.is_grad_enabled() and q.requires_grad
+            and q.shape[-2] * k.shape[-2] <= UPCAST_MAX_SCORES)
 
 
 def _math_attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
