@@ -22,8 +22,8 @@ import argparse
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -107,6 +107,7 @@ def goal_notes(rows: Sequence[Row]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> list[Row]:
     """Run the chosen measurements; write OUT/bench.md and OUT/bench.csv; print the table."""
+    from ldm.bench.attention import measure_attention
     from ldm.bench.measures import (
         measure_channels_last,
         measure_checkpointing,
@@ -115,7 +116,6 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         measure_unet,
         measure_vae,
     )
-    from ldm.bench.attention import measure_attention
     from ldm.bench.report import markdown_table
     from ldm.bench.sampling import measure_sampling
 

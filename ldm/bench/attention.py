@@ -8,7 +8,7 @@ torch release makes the upcast unnecessary).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
