@@ -109,6 +109,24 @@ def test_inference_model_has_only_the_nets_keys():
         model.configure_optimizers()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channels_last_layout_gives_the_same_results_in_the_default_layout(dtype):
+    ddconfig = dict(double_z=True, z_channels=4, resolution=16, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2],
+                    num_res_blocks=1, attn_resolutions=[8], dropout=0.0)
+    torch.manual_seed(0)
+    nchw = AutoencoderKL(ddconfig, embed_dim=4, channels_last=False).eval()
+    nhwc = AutoencoderKL(ddconfig, embed_dim=4, channels_last=True).eval()
+    nhwc.load_state_dict(nchw.state_dict())
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        post_a, post_b = nchw.encode(x), nhwc.encode(x)
+        dec_a, dec_b = nchw.decode(post_a.mode()), nhwc.decode(post_a.mode())
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(post_b.mean, post_a.mean, **tol)
+    torch.testing.assert_close(dec_b, dec_a, **tol)
+    assert dec_b.is_contiguous() and post_b.parameters.is_contiguous()  # callers see the default layout
+
+
 def test_ddconfig_typo_is_named():
     cfg = load_config(TINY)
     cfg["model"]["params"]["ddconfig"]["ch_mul"] = [1, 2]

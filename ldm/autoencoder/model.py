@@ -58,7 +58,7 @@ class AutoencoderKL(L.LightningModule):
     def __init__(self, ddconfig: dict, embed_dim: int, loss: nn.Module | None = None, learning_rate: float = 4.5e-6,
                  sample_every_n_steps: int = 0, image_key: str = "image", num_sample_images: int = NUM_SAMPLE_IMAGES,
                  disc_learning_rate: float | None = None, lr_schedule: Literal["constant", "cosine"] = "constant",
-                 warmup_steps: int = 0):
+                 warmup_steps: int = 0, channels_last: bool = False):
         super().__init__()
         _check_ddconfig(ddconfig)
         self.save_hyperparameters(ignore=["loss"])
@@ -79,6 +79,7 @@ class AutoencoderKL(L.LightningModule):
         self.sample_every_n_steps = sample_every_n_steps
         self.num_sample_images = num_sample_images
         self._ch_mult = tuple(ddconfig.get("ch_mult", (1, 2, 4, 8)))
+        self.channels_last = channels_last
 
     # ------------------------------------------------------------------------------------------ the model
 
@@ -87,15 +88,21 @@ class AutoencoderKL(L.LightningModule):
         """Spatial factor f between image and latent: 2 ** (len(ch_mult) − 1)."""
         return 2 ** (len(self._ch_mult) - 1)
 
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        """Channels-last activations when enabled: oneDNN's bf16 convolutions on CPU (like cuDNN's tensor-core
+        ones) work in NHWC and reorder NCHW inputs at every conv, which made bf16 decoding 2.6× slower
+        (``python scripts/bench.py --only vae``). Results are returned in the default layout."""
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.ndim == 4 else x
+
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         """Images (B, 3, H, W) in [-1, 1] → posterior over latents (B, embed_dim, H/f, W/f)."""
-        moments = self.quant_conv(self.encoder(x))  # (B, 2·embed_dim, H/f, W/f)
+        moments = self.quant_conv(self.encoder(self._layout(x))).contiguous()  # (B, 2·embed_dim, H/f, W/f)
         return DiagonalGaussianDistribution(moments)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents (B, embed_dim, h, w) → images (B, 3, h·f, w·f)."""
         z = z.to(self.post_quant_conv.weight.dtype)  # the posterior is fp32; a half model takes half latents
-        return self.decoder(self.post_quant_conv(z))
+        return self.decoder(self.post_quant_conv(self._layout(z))).contiguous()
 
     def forward(self, x: torch.Tensor, sample_posterior: bool = True) -> tuple[torch.Tensor, DiagonalGaussianDistribution]:
         """(reconstruction, posterior); the latent is a posterior sample, or its mode."""

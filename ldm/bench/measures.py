@@ -161,7 +161,7 @@ def measure_optimizer(sizes: BenchSizes, opts: Options) -> list[Row]:
 def measure_vae(sizes: BenchSizes, opts: Options, precisions: Sequence[str], notes: list[str]) -> list[Row]:
     """VAE encode (posterior mode) and decode, ours vs diffusers' AutoencoderKL, in images/s (inference)."""
     torch.manual_seed(0)
-    ours = fill_zero_init(AutoencoderKL(sizes.vae, embed_dim=LATENT_CHANNELS)).eval()
+    ours = fill_zero_init(AutoencoderKL(sizes.vae, embed_dim=LATENT_CHANNELS, channels_last=True)).eval()
     theirs = place(diffusers_vae_like(ours, sizes.vae, LATENT_CHANNELS).eval(), opts)
     ours = place(ours, opts)
     g = torch.Generator().manual_seed(2)
@@ -176,7 +176,8 @@ def measure_vae(sizes: BenchSizes, opts: Options, precisions: Sequence[str], not
         errors = [max_relative_error(pair["ours"](), pair["theirs"]()) for pair in fns.values()]
     n_params = count_parameters(ours.encoder) + count_parameters(ours.decoder)
     notes.append(f"VAE (f = {f}, {s} px): ~{n_params:,} parameters in encoder + decoder on both sides (checked equal); "
-                 f"encode / decode agree to {errors[0]:.1e} / {errors[1]:.1e} (max relative).")
+                 f"encode / decode agree to {errors[0]:.1e} / {errors[1]:.1e} (max relative). Ours runs channels-last "
+                 "activations (`channels_last: true`, as configs/sd/* set it; also the on-the-fly encoder of stage 2).")
     rows = []
     for precision in precisions:
         for what, pair in fns.items():
@@ -196,7 +197,8 @@ def measure_stage2(sizes: BenchSizes, opts: Options, precisions: Sequence[str], 
     torch.manual_seed(0)
     system = LatentDiffusion(
         unet=UNetModel(**sizes.unet), cond_stage=ClassEmbedder(sizes.num_classes, sizes.context_dim),
-        schedule=NoiseSchedule(), first_stage=AutoencoderKL(sizes.vae, embed_dim=LATENT_CHANNELS), use_ema=False,
+        schedule=NoiseSchedule(), use_ema=False,
+        first_stage=AutoencoderKL(sizes.vae, embed_dim=LATENT_CHANNELS, channels_last=True),
         scale_factor=SD_SCALE_FACTOR,
     )
     system = place(system, opts)
