@@ -141,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         "checkpointing": lambda: measure_checkpointing(sizes, opts, precisions),
         "channels_last": lambda: measure_channels_last(sizes, opts, precisions),
         "optimizer": lambda: measure_optimizer(sizes, opts),
-        "attention": lambda: measure_attention(sizes, opts),
+        "attention": lambda: measure_attention(sizes, opts, precisions),
         "vae": lambda: measure_vae(sizes, opts, precisions, notes),
         "stage2": lambda: measure_stage2(sizes, opts, precisions, notes),
         "sampling": lambda: measure_sampling(sizes, opts, precisions, notes),

@@ -1,7 +1,6 @@
 """scripts/bench.py end to end at toy size (--quick): a well-formed Markdown table and CSV, checked twins."""
 
 import csv
-import importlib.util
 import subprocess
 import sys
 
@@ -11,6 +10,7 @@ import torch
 from ldm.bench.mapping import diffusers_unet_config, diffusers_vae_config, heads_per_level
 from ldm.bench.report import COLUMNS, Row, markdown_table
 from ldm.train import REPO_ROOT
+from tests.scripts import load_script
 
 MEASUREMENTS = {  # row name prefix → unit, for every row the script writes
     "U-Net train step (fwd+bwd+AdamW), ours vs diffusers": "steps/s",
@@ -71,11 +71,17 @@ def test_markdown_table_matches_the_csv_and_notes_report_the_checks(bench_out):
     assert "Goal ≥ 1.2× for U-Net train step" in text and "Goal ≥ 3.0× for stage-2" in text
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("script_bench", REPO_ROOT / "scripts" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def test_attention_rows_compare_bf16_attention_and_only_when_bf16_is_asked_for():
+    from ldm.bench.attention import measure_attention
+    from ldm.bench.sizes import QUICK
+    from ldm.bench.steps import Options
+
+    opts = Options(torch.device("cpu"), warmup=0, repeats=1)
+    assert measure_attention(QUICK, opts, ["fp32"]) == []
+    rows = measure_attention(QUICK, opts, ["fp32", "bf16"])
+    assert len(rows) == 4 and all(r.precision == "bf16" and r.unit == "calls/s" for r in rows)
+    assert all(r.ours > 0 and r.theirs > 0 for r in rows)
+    assert any("shapes-text self" in r.measurement for r in rows)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -85,7 +91,7 @@ def _script():
 ])
 def test_bad_choices_are_one_line_errors(argv, message, tmp_path):
     with pytest.raises(SystemExit, match=message):
-        _script().main([*argv, "--out", str(tmp_path)])
+        load_script("bench").main([*argv, "--out", str(tmp_path)])
 
 
 def test_unet_mapping_follows_openaimodel_head_rules_and_rejects_what_diffusers_lacks():

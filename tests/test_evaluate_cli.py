@@ -4,7 +4,6 @@ The reader itself (≥ 99 % on real images, near 0 on shuffled prompts) is teste
 """
 
 import csv
-import importlib.util
 import os
 from collections import Counter
 from pathlib import Path
@@ -18,6 +17,7 @@ from ldm.eval.heldout import balanced_classes, held_out
 from ldm.eval.sampled import parse_samplers
 from ldm.eval.shapes_reader import adherence
 from ldm.train import REPO_ROOT, train
+from tests.scripts import load_script
 
 TINY = REPO_ROOT / "configs" / "tiny"
 CONTROLNET_CFG = TINY / "controlnet.yaml"
@@ -27,14 +27,7 @@ ADHERENCE_COLUMNS = ["command", "run", "sampler", "steps", "nfe", "scale", "n", 
                      "color_pct", "background_pct", "images_per_s"]
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO_ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-evaluate = _script("evaluate")
+evaluate = load_script("evaluate")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """scripts/make_edges.py, scripts/plot_metrics.py and scripts/evaluate.py, end to end on tiny inputs."""
 
 import csv
-import importlib.util
 import os
 import subprocess
 import sys
@@ -14,20 +13,14 @@ from PIL import Image
 
 from ldm.data.edges import canny
 from ldm.data.shapes import ShapesDataset
+from tests.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-make_edges = _script("make_edges")
-plot_metrics = _script("plot_metrics")
-evaluate = _script("evaluate")
+make_edges = load_script("make_edges")
+plot_metrics = load_script("plot_metrics")
+evaluate = load_script("evaluate")
 
 
 def _error_line(capsys) -> str:

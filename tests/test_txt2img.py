@@ -1,6 +1,5 @@
 """scripts/txt2img.py end to end on toy runs: files, grid, PNG metadata, printed settings, one-line errors."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +9,7 @@ import pytest
 from PIL import Image
 
 from ldm.train import REPO_ROOT
+from tests.scripts import load_script
 from tests.test_pipeline import tiny_class_run  # noqa: F401  (a session fixture shared with the pipeline tests)
 
 SCRIPT = REPO_ROOT / "scripts" / "txt2img.py"
@@ -17,15 +17,7 @@ FAST = ["--steps", "2", "--sampler", "euler"]
 LONG_PROMPT = "a red circle on a blue background " * 4  # more than the tiny text encoder's 16 tokens
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("txt2img", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    return module
-
-
-txt2img = load_script()
+txt2img = load_script("txt2img")
 
 
 def pngs(folder):

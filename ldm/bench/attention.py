@@ -8,7 +8,7 @@ torch release makes the upcast unnecessary).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,9 +55,11 @@ def torch_bf16(heads: int) -> Callable:
     return run
 
 
-def measure_attention(sizes: BenchSizes, opts: Options) -> list[Row]:
-    """Calls/s of attention fwd+bwd with bf16 inputs: ``ldm.unet.attention`` vs torch's bf16 kernel."""
-    rows = []
+def measure_attention(sizes: BenchSizes, opts: Options, precisions: Sequence[str]) -> list[Row]:
+    """Calls/s of attention fwd+bwd with bf16 inputs: ``ldm.unet.attention`` vs torch's bf16 kernel (bf16 only)."""
+    rows: list[Row] = []
+    if "bf16" not in precisions:
+        return rows
     for name, batch, heads, n, m, dim in attention_sites(sizes):
         fns = {"ours": fwd_bwd(lambda q, k, v, h=heads: attention(q, k, v, h, "sdpa"), batch, heads, n, m, dim, opts),
                "theirs": fwd_bwd(torch_bf16(heads), batch, heads, n, m, dim, opts)}
