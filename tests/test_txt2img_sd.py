@@ -15,9 +15,10 @@ from ldm.pipeline import guess_sd_config
 from ldm.pipeline_load import CONTEXT_KEY, SD_CONFIG_DIR
 from tests.sd_toy import tiny_config
 from tests.test_pipeline_control import edges, runs, sd_files  # noqa: F401  (module fixtures shared)
-from tests.test_txt2img import load_script, pngs
+from tests.scripts import load_script
+from tests.test_txt2img import pngs
 
-txt2img = load_script()
+txt2img = load_script("txt2img")
 FAST = ["--steps", "2", "--sampler", "euler", "--scale", "2"]
 LONG_PROMPT = "a photograph of an astronaut riding a horse on the moon " * 8  # more than CLIP's 77 tokens
 
