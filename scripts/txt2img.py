@@ -51,6 +51,7 @@ from ldm.pipeline import (
 from ldm.pipeline_load import CONTROL_TARGET, is_subclass
 from ldm.png_params import INDEX_DIGITS, next_index, png_info, slug
 from ldm.sd import describe_sd
+from ldm.torch_compile import compiler_problem
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -132,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                        help="U-Net / VAE precision (default auto: bf16 on CUDA, fp32 on CPU)")
     model.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA ones")
+    model.add_argument("--compile", action="store_true",
+                       help="torch.compile the U-Net (and ControlNet), weights frozen: the first batch compiles "
+                            "(tens of seconds), later ones run faster; pays off for many images")
     control = p.add_argument_group("control (ControlNet models)")
     control.add_argument("--control", metavar="IMAGE", help="the control image (e.g. an edge map); any size and "
                          "mode: it is converted to RGB and resized to the output size")
@@ -295,9 +299,17 @@ def load_pipeline(args: argparse.Namespace, request: Request) -> Pipeline:
     """The pipeline for --run, or for --ckpt with its --config (and --controlnet)."""
     source = request.source
     if source.run is not None:
-        return Pipeline.from_run(source.run, device=args.device, dtype=args.dtype, use_ema=not args.no_ema)
-    return Pipeline.from_checkpoint(args.ckpt, source.config, controlnet=args.controlnet, unsafe=args.unsafe_load,
-                                    device=args.device, dtype=args.dtype, use_ema=not args.no_ema)
+        pipe = Pipeline.from_run(source.run, device=args.device, dtype=args.dtype, use_ema=not args.no_ema)
+    else:
+        pipe = Pipeline.from_checkpoint(args.ckpt, source.config, controlnet=args.controlnet,
+                                        unsafe=args.unsafe_load, device=args.device, dtype=args.dtype,
+                                        use_ema=not args.no_ema)
+    if args.compile:
+        problem = compiler_problem(pipe.device)
+        if problem is not None:
+            raise UserError(f"--compile: {problem}")
+        pipe.compile()
+    return pipe
 
 
 def check_prompts(pipe: Pipeline, request: Request) -> None:

@@ -25,6 +25,8 @@ MEASUREMENTS = {  # row name prefix → unit, for every row the script writes
     "VAE decode": "images/s",
     "stage-2 train step, cached latents vs on-the-fly VAE encoding (f = 8)": "steps/s",
     "sampling DPM-Solver++(2M) 20 steps + CFG, ours vs diffusers": "images/s",
+    "sampling DPM-Solver++(2M) 20 steps + CFG, ours compiled vs diffusers eager": "images/s",
+    "sampling DPM-Solver++(2M) 20 steps + CFG, both compiled, ours vs diffusers": "images/s",
 }
 
 
@@ -68,6 +70,7 @@ def test_markdown_table_matches_the_csv_and_notes_report_the_checks(bench_out):
     assert all(line.split("|")[4].strip().endswith("×") for line in table[2:])  # the ratio column
     assert "\n".join(table) in stdout  # the script prints the same table
     assert "parameters on both sides (checked equal)" in text
+    assert "Compiled sampling: both U-Nets by ldm.torch_compile.compile_network(inference=True)" in text
     assert "Goal ≥ 1.2× for U-Net train step" in text and "Goal ≥ 3.0× for stage-2" in text
 
 

@@ -1,8 +1,11 @@
-"""Sampling speed: our DPM-Solver++(2M) + CFG vs diffusers' DPMSolverMultistepScheduler, same U-Net weights."""
+"""Sampling speed: our DPM-Solver++(2M) + CFG vs diffusers' DPMSolverMultistepScheduler, same U-Net weights,
+eager and compiled."""
 
 from __future__ import annotations
 
-from typing import Sequence
+import copy
+import time
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -10,11 +13,12 @@ from torch import Tensor, nn
 from ldm.bench.measures import inference
 from ldm.bench.report import Row
 from ldm.bench.sizes import GUIDANCE_SCALE, LATENT_CHANNELS, SAMPLING_STEPS, BenchSizes
-from ldm.bench.steps import NUM_TRAIN_TIMESTEPS, Options, maybe_compile, place_input, unet_pair
+from ldm.bench.steps import NUM_TRAIN_TIMESTEPS, Options, place_input, unet_pair
 from ldm.bench.timing import paired_medians
 from ldm.bench.twins import max_relative_error
 from ldm.diffusion import NoiseSchedule, cfg_denoiser, make_denoiser, sample
 from ldm.diffusion.schedule import SD_LINEAR_END, SD_LINEAR_START
+from ldm.torch_compile import compile_network
 
 SAMPLER = "dpmpp_2m"
 
@@ -45,32 +49,59 @@ def diffusers_sample(unet: nn.Module, scheduler, noise: Tensor, cond: Tensor, un
 
 
 def measure_sampling(sizes: BenchSizes, opts: Options, precisions: Sequence[str], notes: list[str]) -> list[Row]:
-    """Images/s at SAMPLING_STEPS steps with CFG: ldm.diffusion's dpmpp_2m vs diffusers' scheduler loop."""
+    """Images/s at SAMPLING_STEPS steps with CFG: ldm.diffusion's dpmpp_2m vs diffusers' scheduler loop.
+
+    Three rows per precision: both eager; ours compiled as ``Pipeline.compile()`` does (frozen weights) vs
+    diffusers eager, as each library runs out of the box; both compiled the same way.
+    """
     ours, theirs = (m.eval() for m in unet_pair(sizes, opts))
-    ours, theirs = maybe_compile(ours, opts), maybe_compile(theirs, opts)
+    compiled = {name: compile_network(copy.deepcopy(m), opts.device, inference=True)
+                for name, m in (("ours", ours), ("theirs", theirs))}
     schedule = NoiseSchedule().to(opts.device)  # SD's betas, as the diffusers scheduler's
     scheduler = diffusers_scheduler()
     g = torch.Generator().manual_seed(4)
     b, h = sizes.batch, sizes.latent_size
     noise = place_input(torch.randn(b, LATENT_CHANNELS, h, h, generator=g), opts)
     cond, uncond = (torch.randn(b, sizes.tokens, sizes.context_dim, generator=g).to(opts.device) for _ in range(2))
-    denoiser = cfg_denoiser(make_denoiser(ours, schedule, "eps"), {"context": cond}, {"context": uncond},
-                            GUIDANCE_SCALE)
-    fns = {
-        "ours": lambda: sample(SAMPLER, denoiser, noise, schedule, SAMPLING_STEPS),
-        "theirs": lambda: diffusers_sample(theirs, scheduler, noise, cond, uncond, GUIDANCE_SCALE, SAMPLING_STEPS),
-    }
+
+    def ours_loop(model: nn.Module) -> Callable[[], Tensor]:
+        denoiser = cfg_denoiser(make_denoiser(model, schedule, "eps"), {"context": cond}, {"context": uncond},
+                                GUIDANCE_SCALE)
+        return lambda: sample(SAMPLER, denoiser, noise, schedule, SAMPLING_STEPS).x
+
+    def theirs_loop(model: nn.Module) -> Callable[[], Tensor]:
+        return lambda: diffusers_sample(model, scheduler, noise, cond, uncond, GUIDANCE_SCALE, SAMPLING_STEPS)
+
+    fns = {"ours": ours_loop(ours), "theirs": theirs_loop(theirs),
+           "ours compiled": ours_loop(compiled["ours"]), "theirs compiled": theirs_loop(compiled["theirs"])}
+    first_call, agreement = {}, {}
     with torch.no_grad():
-        result = fns["ours"]()
-        error = max_relative_error(result.x, fns["theirs"]())
+        eager = {name: fns[name]() for name in ("ours", "theirs")}
+        for name in eager:
+            start = time.perf_counter()
+            out = fns[f"{name} compiled"]()  # the first call compiles (fp32 here)
+            first_call[name] = time.perf_counter() - start
+            agreement[name] = max_relative_error(eager[name], out)
+    error = max_relative_error(eager["ours"], eager["theirs"])
     notes.append(f"Sampling: {SAMPLING_STEPS} steps, CFG {GUIDANCE_SCALE} (one batched 2B forward per step, "
-                 f"{result.nfe} U-Net calls on both sides), {b} images of {h}×{h} latents; fp32 samples of the two "
+                 f"{SAMPLING_STEPS} U-Net calls on both sides), {b} images of {h}×{h} latents; fp32 samples of the two "
                  f"stacks from the same noise agree to {error:.1e} (max relative: the σ ladders differ, ours ends "
                  f"at t = 0 as k-diffusion's linspace, diffusers' at t ≈ T/steps).")
+    notes.append(f"Compiled sampling: both U-Nets by ldm.torch_compile.compile_network(inference=True) (TorchInductor, "
+                 f"frozen weights), as Pipeline.compile() / txt2img.py --compile; the first fp32 sampling call "
+                 f"(compiling included) took {first_call['ours']:.0f} s (ours) and {first_call['theirs']:.0f} s "
+                 f"(diffusers); compiled samples agree with eager ones to {agreement['ours']:.1e} / "
+                 f"{agreement['theirs']:.1e} (max relative).")
     rows = []
     for precision in precisions:
-        sec = paired_medians({name: inference(fn, opts, precision) for name, fn in fns.items()},
-                             opts.device, opts.warmup, opts.repeats)
-        rows.append(Row(f"sampling DPM-Solver++(2M) {SAMPLING_STEPS} steps + CFG, ours vs diffusers",
-                        b / sec["ours"], b / sec["theirs"], "images/s", precision))
+        runs = {name: inference(fn, opts, precision) for name, fn in fns.items()}
+        for name in ("ours compiled", "theirs compiled"):
+            runs[name]()  # a precision's first call compiles again (autocast is part of the graph): not timed
+        sec = paired_medians(runs, opts.device, opts.warmup, opts.repeats)
+        prefix = f"sampling DPM-Solver++(2M) {SAMPLING_STEPS} steps + CFG"
+        rows += [Row(f"{prefix}, ours vs diffusers", b / sec["ours"], b / sec["theirs"], "images/s", precision),
+                 Row(f"{prefix}, ours compiled vs diffusers eager", b / sec["ours compiled"], b / sec["theirs"],
+                     "images/s", precision),
+                 Row(f"{prefix}, both compiled, ours vs diffusers", b / sec["ours compiled"],
+                     b / sec["theirs compiled"], "images/s", precision)]
     return rows

@@ -173,6 +173,10 @@ class ControlLDM(LatentDiffusion):
             self.load_base()
         super().on_fit_start()
 
+    def trained_networks(self) -> list[nn.Module]:
+        """The ControlNet and the U-Net it feeds (gradients flow back through the U-Net's decoder)."""
+        return [self.control_model, self.model.diffusion_model]
+
     # ------------------------------------------------------------------------------------ training
 
     def apply_model(self, x: Tensor, t: Tensor, context: Tensor | None = None, hint: Tensor | None = None) -> Tensor:

@@ -18,6 +18,7 @@ from ldm.conditioning.base import ucg_dropout
 from ldm.diffusion import NoiseSchedule, diffusion_loss
 from ldm.ema import LitEma, ema_scope
 from ldm.optim import fused_supported
+from ldm.torch_compile import compile_network, is_compiled
 
 LRDecay = Literal["constant", "cosine"]
 VAL_NOISE_SEED = 1234  # validation loss uses the same t and ε every time, so curves are comparable
@@ -37,7 +38,10 @@ class DiffusionWrapper(nn.Module):
 
 
 class LatentDiffusion(L.LightningModule):
-    """U-Net + conditioning + noise schedule; the frozen VAE decodes validation samples."""
+    """U-Net + conditioning + noise schedule; the frozen VAE decodes validation samples.
+
+    ``compile: true`` torch.compiles the trained networks in place when training starts (keys unchanged).
+    """
 
     def __init__(
         self,
@@ -64,6 +68,7 @@ class LatentDiffusion(L.LightningModule):
         sample_steps: int = 50,
         sample_guidance: float = 4.0,
         sample_sampler: str = "ddim",
+        compile: bool = False,
     ):
         super().__init__()
         self.model = DiffusionWrapper(unet)
@@ -83,6 +88,7 @@ class LatentDiffusion(L.LightningModule):
         self.optim = dict(lr=learning_rate, weight_decay=weight_decay, warmup=warmup_steps, decay=lr_decay)
         self.sampling = dict(every=sample_every_n_steps, conditions=list(sample_conditions or []),
                              steps=sample_steps, guidance=sample_guidance, sampler=sample_sampler)
+        self.compile_networks = compile
 
     @staticmethod
     def _load_first_stage(spec: str | nn.Module | None) -> nn.Module | None:
@@ -105,6 +111,14 @@ class LatentDiffusion(L.LightningModule):
             self.image_size.fill_(int(meta["image_size"][-1]))
         if torch.isnan(self.scale_factor):
             raise ValueError("scale_factor is unknown: train on a latent cache (which measures it) or set it in the config")
+        if self.compile_networks:
+            for network in self.trained_networks():
+                if not is_compiled(network):
+                    compile_network(network, self.device)
+
+    def trained_networks(self) -> list[nn.Module]:
+        """The networks a training step runs forward and backward (what ``compile: true`` compiles)."""
+        return [self.model.diffusion_model]
 
     def latents(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
         """Scaled latents z·scale_factor: sampled from the cached posterior, or encoded on the fly from images."""

@@ -61,13 +61,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, backend: str = "sdpa"
     if backend == "auto" or (backend == "xformers" and not q.is_cuda):
         backend = "xformers" if (XFORMERS_AVAILABLE and q.is_cuda) else "sdpa"
     if backend == "sdpa":
-        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=heads) for t in (q, k, v))  # views, no copies
+        q, k, v = (split_heads(t, heads) for t in (q, k, v))  # views, no copies
         if _cpu_reduced_precision_training(q, k):
             with torch.autocast("cpu", enabled=False):  # autocast would cast fp32 inputs back to bf16
                 out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
         else:
             out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, D)
-        return rearrange(out, "b h n d -> b n (h d)")
+        return merge_heads(out)
     if backend == "xformers":
         if xops is None:
             raise RuntimeError("attention backend 'xformers' needs xformers installed (pip install .[xformers])")
@@ -77,6 +77,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, backend: str = "sdpa"
     if backend == "math":
         return _math_attention(q, k, v, heads)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
+
+
+def split_heads(t: Tensor, heads: int) -> Tensor:
+    """(B, N, H·D) → (B, H, N, D), a view (einops' "b n (h d) -> b h n d", in plain torch: quicker to compile)."""
+    return t.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def merge_heads(t: Tensor) -> Tensor:
+    """(B, H, N, D) → (B, N, H·D) (einops' "b h n d -> b n (h d)")."""
+    return t.transpose(1, 2).flatten(2)
 
 
 def _cpu_reduced_precision_training(q: Tensor, k: Tensor) -> bool:
@@ -95,11 +105,11 @@ def _math_attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
     """The reference product softmax(QKᵀ/√D)·V, all in fp32 and outside autocast."""
     dtype = q.dtype
     with torch.autocast(device_type=q.device.type, enabled=False):
-        q, k, v = (rearrange(t.float(), "b n (h d) -> b h n d", h=heads) for t in (q, k, v))
+        q, k, v = (split_heads(t.float(), heads) for t in (q, k, v))
         scale = q.shape[-1] ** -0.5
         weights = torch.einsum("bhid,bhjd->bhij", q, k).mul_(scale).softmax(dim=-1)  # (B, H, N, M)
         out = torch.einsum("bhij,bhjd->bhid", weights, v)  # (B, H, N, D)
-    return rearrange(out, "b h n d -> b n (h d)").to(dtype)
+    return merge_heads(out).to(dtype)
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -263,14 +273,14 @@ class SpatialTransformer(nn.Module):
         x = self.norm(x)
         if not self.use_linear:
             x = self.proj_in(x)  # (B, inner, H, W)
-        x = rearrange(x, "b c h w -> b (h w) c").contiguous()  # (B, HW, C): one copy, then dense matmuls
+        x = x.flatten(2).transpose(1, 2).contiguous()  # (B, C, H, W) → (B, HW, C): one copy, then dense matmuls
         if self.use_linear:
             x = self.proj_in(x)  # (B, HW, inner)
         for block in self.transformer_blocks:
             x = block(x, context)
         if self.use_linear:
             x = self.proj_out(x)  # (B, HW, C)
-        x = rearrange(x, "b (h w) c -> b c h w", h=h, w=w).contiguous()  # back to NCHW memory layout
+        x = x.transpose(1, 2).unflatten(2, (h, w)).contiguous()  # (B, C, H, W), back to NCHW memory layout
         if not self.use_linear:
             x = self.proj_out(x)  # (B, C, H, W)
         return x + x_in

@@ -1,0 +1,70 @@
+"""torch.compile as an option: compiled networks keep their keys and outputs; a clear error without a compiler."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+
+from ldm.checkpoints import load_file, state_dict_of
+from ldm.pipeline import Pipeline
+from ldm.torch_compile import compile_network, compiler_problem, is_compiled
+from ldm.train import train
+from tests.conftest import TINY
+from tests.scripts import load_script
+
+needs_compiler = pytest.mark.skipif(compiler_problem("cpu") is not None, reason="no C++ compiler for TorchInductor")
+PROMPTS = ["a red circle on a blue background", "a green square on a white background"]
+MAX_PIXEL_DIFFERENCE = 2  # of 255: compiled kernels sum in another order than eager ones
+
+
+def test_a_missing_cpu_compiler_is_named_before_anything_compiles(monkeypatch):
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    problem = compiler_problem("cpu")
+    assert "g++" in problem and "clang++" in problem and "compile off" in problem
+    monkeypatch.setenv("CXX", "my-cxx")
+    assert "my-cxx" in compiler_problem("cpu")
+    layer = nn.Linear(2, 2)
+    with pytest.raises(RuntimeError, match="C\\+\\+ compiler"):
+        compile_network(layer, "cpu")
+    assert not is_compiled(layer)
+
+
+def test_txt2img_compile_without_a_compiler_is_a_one_line_error(monkeypatch, tiny_ldm_run, tmp_path, capsys):
+    txt2img = load_script("txt2img")
+    monkeypatch.setattr(txt2img, "compiler_problem", lambda device: "no C++ compiler here")
+    code = txt2img.main(["--run", str(tiny_ldm_run), "--prompt", PROMPTS[0], "--steps", "2", "--compile",
+                         "--out", str(tmp_path)])
+    assert code == 2
+    assert "--compile: no C++ compiler here" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.png"))
+
+
+@needs_compiler
+def test_a_compiled_pipeline_draws_what_the_eager_one_draws(tiny_ldm_run):
+    eager = Pipeline.from_run(tiny_ldm_run, device="cpu")
+    compiled = Pipeline.from_run(tiny_ldm_run, device="cpu")
+    keys = list(compiled.model.state_dict())
+    assert compiled.compile() is compiled and is_compiled(compiled.model.diffusion_model)
+    assert list(compiled.model.state_dict()) == keys  # compiled in place: checkpoints and loaders unchanged
+    settings = dict(seed=3, steps=3, sampler="dpmpp_2m", guidance=3.0)
+    want = np.stack([np.asarray(im, dtype=np.int16) for im in eager.generate(PROMPTS, **settings).images])
+    got = np.stack([np.asarray(im, dtype=np.int16) for im in compiled.generate(PROMPTS, **settings).images])
+    assert np.abs(got - want).max() <= MAX_PIXEL_DIFFERENCE
+
+
+@needs_compiler
+def test_training_with_compile_true_writes_plain_checkpoints(workdir, tiny_vae_run):
+    cfg = str(TINY / "ldm-text.yaml")
+    counters["stats"].clear()
+    run = train("ldm", cfg, ["--cfg", cfg, "--runs-dir", str(workdir / "compiled-runs"), "model.params.compile=true",
+                             "trainer.max_steps=2", "model.params.sample_every_n_steps=0",
+                             f"cache.vae={tiny_vae_run}", f"cache.dir={workdir / 'cache' / 'tiny-text'}"])
+    assert counters["stats"]["unique_graphs"] >= 1  # the U-Net ran compiled
+    state = state_dict_of(load_file(run / "checkpoints" / "last.ckpt"))
+    assert not [k for k in state if "_orig_mod" in k]
+    assert torch.isfinite(state["model.diffusion_model.out.2.weight"]).all()
+    Pipeline.from_run(run, device="cpu")  # loads strictly into an eager model
