@@ -8,11 +8,12 @@
 Each number is the median of ``--repeats`` timed calls after ``--warmup`` calls, the two sides of a row timed
 in alternation. Rows: U-Net training step and its FLOP/s vs the matmul peak and peak memory (ours vs
 diffusers' UNet2DConditionModel of the same architecture and weights), gradient checkpointing vs none,
-channels-last vs contiguous, fused vs default AdamW,
-attention under bf16 autocast (fp32 compute on CPU) vs torch's bf16 kernel, VAE encode / decode (ours vs diffusers' AutoencoderKL),
-stage-2 step on cached latents vs on-the-fly encoding at f = 8, and sampling images/s (our DPM-Solver++(2M)
-vs diffusers' DPMSolverMultistepScheduler: both eager, ours compiled vs diffusers eager, both compiled). On a shared CPU pass ``--threads 1``: idle-waiting OpenMP
-threads of a loaded machine can make every number 10× slower and the ratios meaningless.
+channels-last vs contiguous, compiled vs eager (``compile: true``), fused vs default AdamW, attention under
+bf16 autocast (fp32 compute on CPU) vs torch's bf16 kernel, VAE encode / decode (ours vs diffusers'
+AutoencoderKL), stage-2 step on cached latents vs on-the-fly encoding at f = 8, and sampling images/s (our
+DPM-Solver++(2M) vs diffusers' DPMSolverMultistepScheduler: both eager, ours compiled vs diffusers eager,
+both compiled). On a shared CPU pass ``--threads 1``: idle-waiting OpenMP threads of a loaded machine can
+make every number 10× slower and the ratios meaningless.
 ``ratio`` = ours / theirs: above 1 is faster for rates, below 1 is smaller for memory.
 """
 
@@ -31,7 +32,8 @@ from ldm.bench.report import Row, write_csv, write_markdown
 from ldm.bench.sizes import DEFAULT, QUICK, BenchSizes
 from ldm.bench.steps import PRECISIONS, Options
 
-MEASUREMENTS = ("unet", "checkpointing", "channels_last", "optimizer", "attention", "vae", "stage2", "sampling")
+MEASUREMENTS = ("unet", "checkpointing", "channels_last", "compiled_step", "optimizer", "attention", "vae",
+                "stage2", "sampling")
 DEFAULT_WARMUP, DEFAULT_REPEATS = 2, 5
 QUICK_WARMUP, QUICK_REPEATS = 1, 2
 SPEED_GOAL = 1.2  # issue 7: ours ≥ 1.2× diffusers on the U-Net step and on sampling
@@ -112,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     from ldm.bench.measures import (
         measure_channels_last,
         measure_checkpointing,
+        measure_compiled_step,
         measure_optimizer,
         measure_stage2,
         measure_unet,
@@ -141,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         "unet": lambda: measure_unet(sizes, opts, precisions, notes, profile_dir),
         "checkpointing": lambda: measure_checkpointing(sizes, opts, precisions),
         "channels_last": lambda: measure_channels_last(sizes, opts, precisions),
+        "compiled_step": lambda: measure_compiled_step(sizes, opts, precisions),
         "optimizer": lambda: measure_optimizer(sizes, opts),
         "attention": lambda: measure_attention(sizes, opts, precisions),
         "vae": lambda: measure_vae(sizes, opts, precisions, notes),

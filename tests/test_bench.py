@@ -20,6 +20,7 @@ MEASUREMENTS = {  # row name prefix → unit, for every row the script writes
     "U-Net train step peak memory beyond weights, grads, AdamW state, checkpointing vs none": "MiB",
     "U-Net train step, checkpointing vs none": "steps/s",
     "U-Net train step, channels-last vs contiguous": "steps/s",
+    "U-Net train step, compiled vs eager (ours)": "steps/s",
     "AdamW update of the U-Net, fused vs default": "steps/s",
     "VAE encode": "images/s",
     "VAE decode": "images/s",

@@ -6,6 +6,7 @@ returns table rows; ``ours``/``theirs`` are named in each row's measurement (dif
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -37,6 +38,7 @@ from ldm.bench.timing import (
 )
 from ldm.bench.twins import count_parameters, diffusers_vae_like, max_relative_error
 from ldm.optim import fused_supported
+from ldm.torch_compile import compile_network
 from ldm.unet.model import UNetModel
 
 GIGA = 1e9
@@ -127,6 +129,22 @@ def measure_checkpointing(sizes: BenchSizes, opts: Options, precisions: Sequence
         memory = activation_memory({"ours": ckpt, "theirs": plain}, inputs, opts, precision)
         rows.append(Row(f"{MEMORY_ROW}, checkpointing vs none", memory["ours"], memory["theirs"], "MiB", precision))
         rows.append(Row("U-Net train step, checkpointing vs none", 1 / sec["ours"], 1 / sec["theirs"], "steps/s",
+                        precision))
+    return rows
+
+
+def measure_compiled_step(sizes: BenchSizes, opts: Options, precisions: Sequence[str]) -> list[Row]:
+    """Our U-Net training step compiled as ``compile: true`` does (ldm.torch_compile) vs eager, same weights."""
+    eager, _ = unet_pair(sizes, opts)
+    compiled = compile_network(copy.deepcopy(eager), opts.device)
+    inputs = unet_inputs(sizes, opts)
+    rows = []
+    for precision in precisions:
+        steps = {"ours": train_step(compiled, inputs, opts, precision, fused=True),
+                 "theirs": train_step(eager, inputs, opts, precision, fused=True)}
+        steps["ours"]()  # the first call (of each precision: autocast is part of the graph) compiles: not timed
+        sec = paired_medians(steps, opts.device, opts.warmup, opts.repeats)
+        rows.append(Row("U-Net train step, compiled vs eager (ours)", 1 / sec["ours"], 1 / sec["theirs"], "steps/s",
                         precision))
     return rows
 
