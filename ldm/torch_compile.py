@@ -14,10 +14,13 @@ import os
 import shutil
 
 import torch
+import torch._inductor.config as inductor_config
 from torch import nn
 
 CPU_COMPILERS = ("g++", "c++", "clang++")  # Inductor's CPU backend builds C++ kernels with one of these
-INFERENCE_OPTIONS = {"freezing": True}  # weights become constants: only for modules whose weights stay fixed
+# Weights become constants: only for modules whose weights stay fixed. Set around each call, not passed as
+# torch.compile(options=…): Dynamo decides whether parameters are constants from the global config.
+INFERENCE_OPTIONS = {"freezing": True}
 
 
 def compiler_problem(device: torch.device | str) -> str | None:
@@ -42,7 +45,15 @@ def compile_network(module: nn.Module, device: torch.device | str, inference: bo
     problem = compiler_problem(device)
     if problem is not None:
         raise RuntimeError(problem)
-    module.compile(options=dict(INFERENCE_OPTIONS) if inference else None)
+    module.compile()
+    if inference:
+        compiled = module._compiled_call_impl
+
+        def call_frozen(*args, **kwargs):  # Dynamo reads `freezing` from the global config when it traces
+            with inductor_config.patch(INFERENCE_OPTIONS):
+                return compiled(*args, **kwargs)
+
+        module._compiled_call_impl = call_frozen
     return module
 
 

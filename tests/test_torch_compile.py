@@ -44,6 +44,23 @@ def test_txt2img_compile_without_a_compiler_is_a_one_line_error(monkeypatch, tin
 
 
 @needs_compiler
+@pytest.mark.parametrize("inference", [True, False])
+def test_inference_compile_folds_the_weights_in_and_training_compile_does_not(inference):
+    layer = nn.Linear(4, 4)
+    compile_network(layer, "cpu", inference=inference)
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        before = layer(x)
+        layer.weight.add_(1.0)
+        after = layer(x)
+    assert is_compiled(layer)
+    # frozen (inference): the weights are constants of the compiled code, so a change is not seen — which is
+    # why Pipeline.compile() must come last; a training compile reads the live weights
+    assert torch.equal(before, after) == inference
+    assert torch.allclose(after, x @ layer.weight.T + layer.bias) != inference
+
+
+@needs_compiler
 def test_a_compiled_pipeline_draws_what_the_eager_one_draws(tiny_ldm_run):
     eager = Pipeline.from_run(tiny_ldm_run, device="cpu")
     compiled = Pipeline.from_run(tiny_ldm_run, device="cpu")
