@@ -67,7 +67,7 @@ def test_a_compiled_pipeline_draws_what_the_eager_one_draws(tiny_ldm_run):
     keys = list(compiled.model.state_dict())
     assert compiled.compile() is compiled and is_compiled(compiled.model.diffusion_model)
     assert list(compiled.model.state_dict()) == keys  # compiled in place: checkpoints and loaders unchanged
-    settings = dict(seed=3, steps=3, sampler="dpmpp_2m", guidance=3.0)
+    settings = {"seed": 3, "steps": 3, "sampler": "dpmpp_2m", "guidance": 3.0}
     want = np.stack([np.asarray(im, dtype=np.int16) for im in eager.generate(PROMPTS, **settings).images])
     got = np.stack([np.asarray(im, dtype=np.int16) for im in compiled.generate(PROMPTS, **settings).images])
     assert np.abs(got - want).max() <= MAX_PIXEL_DIFFERENCE

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -77,11 +77,11 @@ def measure_sampling(sizes: BenchSizes, opts: Options, precisions: Sequence[str]
     first_call, agreement = {}, {}
     with torch.no_grad():
         eager = {name: fns[name]() for name in ("ours", "theirs")}
-        for name in eager:
+        for name, reference in eager.items():
             start = time.perf_counter()
             out = fns[f"{name} compiled"]()  # the first call compiles (fp32 here)
             first_call[name] = time.perf_counter() - start
-            agreement[name] = max_relative_error(eager[name], out)
+            agreement[name] = max_relative_error(reference, out)
     error = max_relative_error(eager["ours"], eager["theirs"])
     notes.append(f"Sampling: {SAMPLING_STEPS} steps, CFG {GUIDANCE_SCALE} (one batched 2B forward per step, "
                  f"{SAMPLING_STEPS} U-Net calls on both sides), {b} images of {h}×{h} latents; fp32 samples of the two "
