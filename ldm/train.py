@@ -26,6 +26,7 @@ from ldm.config import (
 )
 from ldm.checkpoints import fit_report, load_file, state_dict_of
 from ldm.errors import UserError
+from ldm.torch_compile import compiler_problem
 from ldm.guards import GUARD_DEFAULTS, NonFiniteError, guard_callbacks
 from ldm.runs import (
     CHECKPOINT_DIR,
@@ -166,6 +167,10 @@ def train(stage: str, default_config: str, argv: Sequence[str] | None = None,
             check_resumable(model, ckpt)
         run_dir = open_run_dir(stage, cfg, cfg_path, args, run_dir)
         trainer = build_trainer(cfg, run_dir)
+        if getattr(model, "compile_networks", False):  # `compile: true`: fail now, not at the first step
+            problem = compiler_problem(trainer.strategy.root_device)
+            if problem is not None:
+                raise ConfigError(f"model.params.compile: {problem}")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT) from None

@@ -9,6 +9,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from ldm.checkpoints import load_file, state_dict_of
+from ldm.data.cache_setup import ensure_cache
 from ldm.pipeline import Pipeline
 from ldm.torch_compile import compile_network, compiler_problem, is_compiled
 from ldm.train import train
@@ -41,6 +42,18 @@ def test_txt2img_compile_without_a_compiler_is_a_one_line_error(monkeypatch, tin
     assert code == 2
     assert "--compile: no C++ compiler here" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_compile_true_without_a_compiler_stops_before_training(monkeypatch, workdir, tiny_vae_run, capsys):
+    monkeypatch.setattr("ldm.train.compiler_problem", lambda device: f"no C++ compiler for {device}")
+    cfg = str(TINY / "ldm-text.yaml")
+    argv = ["--cfg", cfg, "--runs-dir", str(workdir / "no-compiler-runs"), "model.params.compile=true",
+            f"cache.vae={tiny_vae_run}", f"cache.dir={workdir / 'cache' / 'tiny-text'}"]
+    with pytest.raises(SystemExit) as stop:
+        train("ldm", cfg, argv, before_build=ensure_cache)
+    assert stop.value.code == 2
+    assert "error: model.params.compile: no C++ compiler for cpu" in capsys.readouterr().err
+    assert not list((workdir / "no-compiler-runs").rglob("*.ckpt"))
 
 
 @needs_compiler
@@ -77,9 +90,10 @@ def test_a_compiled_pipeline_draws_what_the_eager_one_draws(tiny_ldm_run):
 def test_training_with_compile_true_writes_plain_checkpoints(workdir, tiny_vae_run):
     cfg = str(TINY / "ldm-text.yaml")
     counters["stats"].clear()
-    run = train("ldm", cfg, ["--cfg", cfg, "--runs-dir", str(workdir / "compiled-runs"), "model.params.compile=true",
-                             "trainer.max_steps=2", "model.params.sample_every_n_steps=0",
-                             f"cache.vae={tiny_vae_run}", f"cache.dir={workdir / 'cache' / 'tiny-text'}"])
+    argv = ["--cfg", cfg, "--runs-dir", str(workdir / "compiled-runs"), "model.params.compile=true",
+            "trainer.max_steps=2", "model.params.sample_every_n_steps=0",
+            f"cache.vae={tiny_vae_run}", f"cache.dir={workdir / 'cache' / 'tiny-text'}"]
+    run = train("ldm", cfg, argv, before_build=ensure_cache)
     assert counters["stats"]["unique_graphs"] >= 1  # the U-Net ran compiled
     state = state_dict_of(load_file(run / "checkpoints" / "last.ckpt"))
     assert not [k for k in state if "_orig_mod" in k]
