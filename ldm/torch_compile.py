@@ -17,10 +17,16 @@ import torch
 import torch._inductor.config as inductor_config
 from torch import nn
 
+from ldm.errors import UserError
+
 CPU_COMPILERS = ("g++", "c++", "clang++")  # Inductor's CPU backend builds C++ kernels with one of these
 # Weights become constants: only for modules whose weights stay fixed. Set around each call, not passed as
 # torch.compile(options=…): Dynamo decides whether parameters are constants from the global config.
 INFERENCE_OPTIONS = {"freezing": True}
+
+
+class CompilerUnavailableError(UserError, RuntimeError):
+    """TorchInductor cannot build kernels on this machine (the message says what to install)."""
 
 
 def compiler_problem(device: torch.device | str) -> str | None:
@@ -44,7 +50,7 @@ def compile_network(module: nn.Module, device: torch.device | str, inference: bo
     """
     problem = compiler_problem(device)
     if problem is not None:
-        raise RuntimeError(problem)
+        raise CompilerUnavailableError(problem)
     module.compile()
     if inference:
         compiled = module._compiled_call_impl

@@ -51,7 +51,7 @@ from ldm.pipeline import (
 from ldm.pipeline_load import CONTROL_TARGET, is_subclass
 from ldm.png_params import INDEX_DIGITS, next_index, png_info, slug
 from ldm.sd import describe_sd
-from ldm.torch_compile import compiler_problem
+from ldm.torch_compile import CompilerUnavailableError
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -305,10 +305,10 @@ def load_pipeline(args: argparse.Namespace, request: Request) -> Pipeline:
                                         unsafe=args.unsafe_load, device=args.device, dtype=args.dtype,
                                         use_ema=not args.no_ema)
     if args.compile:
-        problem = compiler_problem(pipe.device)
-        if problem is not None:
-            raise UserError(f"--compile: {problem}")
-        pipe.compile()
+        try:
+            pipe.compile()
+        except CompilerUnavailableError as e:
+            raise UserError(f"--compile: {e}") from e
     return pipe
 
 

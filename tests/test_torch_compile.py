@@ -36,7 +36,7 @@ def test_a_missing_cpu_compiler_is_named_before_anything_compiles(monkeypatch):
 
 def test_txt2img_compile_without_a_compiler_is_a_one_line_error(monkeypatch, tiny_ldm_run, tmp_path, capsys):
     txt2img = load_script("txt2img")
-    monkeypatch.setattr(txt2img, "compiler_problem", lambda device: "no C++ compiler here")
+    monkeypatch.setattr("ldm.torch_compile.compiler_problem", lambda device: "no C++ compiler here")
     code = txt2img.main(["--run", str(tiny_ldm_run), "--prompt", PROMPTS[0], "--steps", "2", "--compile",
                          "--out", str(tmp_path)])
     assert code == 2

@@ -12,13 +12,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 
 from ldm.bench.report import Row
 from ldm.bench.sizes import BenchSizes
 from ldm.bench.steps import Options
 from ldm.bench.timing import paired_medians
-from ldm.unet.attention import attention
+from ldm.unet.attention import attention, merge_heads, split_heads
 
 # configs/ldm/shapes-text.yaml: batch 64, 64-channel level at 8×8 latents, 32-channel heads, 16 caption tokens.
 SHAPES_TEXT_SITES = (("shapes-text self", 64, 2, 64, 64, 32), ("shapes-text cross", 64, 2, 64, 16, 32))
@@ -50,8 +49,8 @@ def fwd_bwd(fn: Callable, batch: int, heads: int, n: int, m: int, dim: int, opts
 def torch_bf16(heads: int) -> Callable:
     """Plain SDPA on the bf16 inputs (what the code did before the upcast)."""
     def run(q, k, v):
-        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=heads) for t in (q, k, v))
-        return rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)")
+        q, k, v = (split_heads(t, heads) for t in (q, k, v))  # (B, H, N, D)
+        return merge_heads(F.scaled_dot_product_attention(q, k, v))  # (B, N, H·D)
     return run
 
 
