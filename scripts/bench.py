@@ -31,6 +31,7 @@ import torch
 from ldm.bench.report import Row, write_csv, write_markdown
 from ldm.bench.sizes import DEFAULT, QUICK, BenchSizes
 from ldm.bench.steps import PRECISIONS, Options
+from ldm.core.logging import setup_cli_logging
 
 MEASUREMENTS = ("unet", "checkpointing", "channels_last", "compiled_step", "optimizer", "attention", "vae",
                 "stage2", "sampling")
@@ -110,6 +111,7 @@ def goal_notes(rows: Sequence[Row]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> list[Row]:
     """Run the chosen measurements; write OUT/bench.md and OUT/bench.csv; print the table."""
+    setup_cli_logging()
     from ldm.bench.attention import measure_attention
     from ldm.bench.measures import (
         measure_channels_last,

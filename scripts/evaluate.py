@@ -22,10 +22,11 @@ from typing import NoReturn
 
 import torch
 
-from ldm.errors import UserError
+from ldm.core.errors import UserError
+from ldm.core.logging import setup_cli_logging
 from ldm.eval import adherence_eval, class_eval, edges_eval, fid_eval, gather, vae_recon
 from ldm.eval.report import append_csv, markdown_table
-from ldm.runs import resolve_run
+from ldm.io.runs import resolve_run
 
 EXIT_BAD_INPUT = 2
 RESULTS_CSV = Path("results") / "eval.csv"
@@ -92,6 +93,7 @@ def write_outputs(args: argparse.Namespace, rows: list[dict], table: str) -> Pat
 
 def main(argv: Sequence[str] | None = None) -> dict | list[dict]:
     """Parse, run one subcommand, print its table, write its CSV rows; returns the row (or rows)."""
+    setup_cli_logging()
     args = build_parser().parse_args(argv)
     module = COMMANDS[args.command]
     if args.threads is not None:

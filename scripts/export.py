@@ -19,9 +19,10 @@ import argparse
 import sys
 from typing import NoReturn, Sequence
 
-from ldm.checkpoints import UNSAFE_FLAG
-from ldm.errors import UserError
-from ldm.sd_export import export_checkpoint
+from ldm.core.errors import UserError
+from ldm.core.logging import setup_cli_logging
+from ldm.inference.export import export_checkpoint
+from ldm.io.checkpoints import UNSAFE_FLAG
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -55,6 +56,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Export; 0 on success, 2 on bad input."""
+    setup_cli_logging()
     args = parse_args(argv)
     ema = "only" if args.ema_only else "drop" if args.no_ema else "keep"
     try:

@@ -21,9 +21,16 @@ from typing import NoReturn, Sequence
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from ldm.core.images import save_image_atomic
+from ldm.core.logging import setup_cli_logging
 from ldm.data.edges import DEFAULT_CANNY_HIGH, DEFAULT_CANNY_LOW, canny
-from ldm.data.folder import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, _probe, _summary, to_rgb
-from ldm.images import save_image_atomic
+from ldm.data.folder import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
+    _probe,
+    _summary,
+    to_rgb,
+)
 
 EXIT_BAD_INPUT = 2
 MIN_SIZE = 1  # accept any image the decoder reads; Canny works at any size
@@ -121,6 +128,7 @@ def make_edges(data: Path, out: Path, low: int, high: int, size: int | None = No
 
 def main(argv: Sequence[str] | None = None) -> dict[str, int]:
     """Run from the command line; bad input → one `error:` line and exit code 2."""
+    setup_cli_logging()
     args = parse_args(argv)
     data = Path(args.data)
     out = Path(args.out) if args.out else data / DEFAULT_OUT_NAME

@@ -33,10 +33,12 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ldm.core.errors import UserError
+from ldm.core.images import from_pil, image_grid, save_image_atomic
+from ldm.core.logging import setup_cli_logging
 from ldm.diffusion import SAMPLERS
-from ldm.errors import UserError
-from ldm.images import from_pil, image_grid, save_image_atomic
-from ldm.pipeline import (
+from ldm.inference.loaders import is_subclass
+from ldm.inference.pipeline import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CONTROL_SCALE,
     DEFAULT_GUIDANCE,
@@ -48,10 +50,10 @@ from ldm.pipeline import (
     describe_run,
     guess_sd_config,
 )
-from ldm.pipeline_load import CONTROL_TARGET, is_subclass
-from ldm.png_params import INDEX_DIGITS, next_index, png_info, slug
-from ldm.sd import describe_sd
-from ldm.torch_compile import CompilerUnavailableError
+from ldm.inference.png_params import INDEX_DIGITS, next_index, png_info, slug
+from ldm.inference.sd import describe_sd
+from ldm.nets.compile import CompilerUnavailableError
+from ldm.systems.controlnet import ControlLDM
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -247,7 +249,7 @@ def describe_source(args: argparse.Namespace) -> Source:
     if config is not None and not config.is_file():
         raise CLIError(f"--config {config} not found (the SD inference configs are in configs/sd/)")
     sd = describe_sd(config, args.ckpt, args.controlnet)
-    control = True if args.controlnet or is_subclass(sd.config.get("target", ""), CONTROL_TARGET) else None
+    control = True if args.controlnet or is_subclass(sd.config.get("target", ""), ControlLDM) else None
     return Source(str(sd.checkpoint), sd.condition_key, None, sd.downsampling_factor, control, config=config)
 
 
@@ -401,6 +403,7 @@ def print_settings(request: Request, pipe: Pipeline) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """parse → validate → load pipeline → generate → save; 0 on success, 2 on bad input."""
+    setup_cli_logging()
     try:
         args = parse_args(argv)
         request = validate(args)

@@ -7,21 +7,22 @@
 import argparse
 import sys
 
-from ldm.checkpoints import CheckpointError
-from ldm.config import ConfigError, load_config
-from ldm.data.cache_setup import make_cache
+from ldm.core.config import ConfigError, load_config
+from ldm.core.logging import setup_cli_logging
 from ldm.data.latents import CacheError
-from ldm.runs import RunError
-from ldm.train import REPO_ROOT
+from ldm.io.checkpoints import CheckpointError
+from ldm.io.runs import RunError
+from ldm.training.cache import make_cache
 
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "ldm" / "shapes-text.yaml"
+DEFAULT_CONFIG = "configs/ldm/shapes-text.yaml"
 
 
 def main(argv=None) -> dict:
     """Parse arguments, encode, and print where the cache is and its scale factor."""
+    setup_cli_logging()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vae", help="stage-1 run directory or checkpoint (default: the config's cache.vae)")
-    parser.add_argument("--cfg", default=str(DEFAULT_CONFIG), help="stage-2 config whose `cache:` section to build")
+    parser.add_argument("--cfg", default=DEFAULT_CONFIG, help="stage-2 config whose `cache:` section to build")
     parser.add_argument("--out", help="cache folder (default: the config's cache.dir)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)

@@ -8,10 +8,7 @@ The hint-carrying latent cache is built first when missing (as stage 2 does); `b
 it names now, and the U-Net, text encoder, schedule and VAE are taken from it.
 """
 
-from ldm.systems.control_base import prepare_controlnet
-from ldm.train import REPO_ROOT, train
-
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "controlnet" / "shapes-canny.yaml"
+from ldm.training.driver import train
 
 if __name__ == "__main__":
-    train("controlnet", str(DEFAULT_CONFIG), before_build=prepare_controlnet)
+    train("controlnet")  # default config and stage hooks: ldm.training.stages

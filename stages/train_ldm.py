@@ -5,10 +5,7 @@
     python stages/train_ldm.py --resume runs/ldm/latest
 """
 
-from ldm.data.cache_setup import ensure_cache
-from ldm.train import REPO_ROOT, train
-
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "ldm" / "shapes-text.yaml"
+from ldm.training.driver import train
 
 if __name__ == "__main__":
-    train("ldm", str(DEFAULT_CONFIG), before_build=lambda cfg, path: ensure_cache(cfg, path))
+    train("ldm")  # default config and stage hooks: ldm.training.stages

@@ -5,9 +5,7 @@
     python stages/train_vae.py --resume runs/vae/latest          # continue a stopped run
 """
 
-from ldm.train import REPO_ROOT, train
-
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "vae" / "shapes-kl-f4.yaml"
+from ldm.training.driver import train
 
 if __name__ == "__main__":
-    train("vae", str(DEFAULT_CONFIG))
+    train("vae")  # default config and stage hooks: ldm.training.stages

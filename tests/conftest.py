@@ -8,9 +8,8 @@ os.environ.setdefault("LDM_RUNS_DIR", os.path.join(os.environ.get("TMPDIR", "/tm
 import pytest
 import torch
 
-from ldm.train import REPO_ROOT, train
-
-TINY = REPO_ROOT / "configs" / "tiny"
+from ldm.training.driver import train
+from tests.paths import REPO_ROOT, TINY  # noqa: F401  (TINY: imported by tests from here)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -38,7 +37,7 @@ def tiny_vae_run(workdir):
 @pytest.fixture(scope="session")
 def tiny_ldm_run(workdir, tiny_vae_run):
     """A stage-2 text run of the tiny config on a cache of the tiny VAE, trained once per test session."""
-    from ldm.data.cache_setup import ensure_cache
+    from ldm.training.cache import ensure_cache
 
     cfg = str(TINY / "ldm-text.yaml")
     overrides = [f"cache.vae={tiny_vae_run}", f"cache.dir={workdir / 'cache' / 'tiny-text'}"]

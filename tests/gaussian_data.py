@@ -2,8 +2,9 @@
 
 For x = x0 + σ·ε (VE), x and x0 are jointly Gaussian per dimension, so
 E[x0 | x] = μ + Cov(x0, x)/Var(x)·(x − μ) = μ + s²/(s² + σ²)·(x − μ) = (s²·x + σ²·μ)/(s² + σ²).
-The VP ``model_fn(x_t, t)`` is this denoiser seen through a parameterisation: x = x_t·sqrt(1 + σ²) with
-σ = schedule.t_to_sigma(t), and the output is ``param.from_x0(E[x0 | x], x_t, α, σ_vp)``.
+The network ``model_fn(x_t, t)`` is this denoiser seen through the schedule and a parameterisation: σ =
+schedule.t_to_sigma(t), (α, σ_t) = schedule.alpha_sigma(σ), x = x_t/α, and the output is
+``param.from_x0(E[x0 | x], x_t, α, σ_t)``.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ldm.diffusion.denoiser import append_dims
+from ldm.diffusion.denoiser import Denoiser, append_dims, batch_sigma
 from ldm.diffusion.parameterization import get_parameterization
-from ldm.diffusion.schedule import NoiseSchedule
+from ldm.diffusion.schedule import VPSchedule
 
 MEAN = torch.tensor([0.5, -0.7])  # μ per channel
 STD = torch.tensor([0.6, 1.3])  # s per channel
@@ -33,17 +34,25 @@ def ideal_x0(x: Tensor, sigma: Tensor) -> Tensor:
     return (var * x + s2 * mean) / (var + s2)
 
 
-def ideal_model_fn(schedule: NoiseSchedule, parameterization: str):
+def ideal_model_fn(schedule: VPSchedule, parameterization: str):
     """The ideal VP network ``model_fn(x_t, t)`` predicting eps / v / x0 for the Gaussian data."""
     param = get_parameterization(parameterization)
 
     def model_fn(x_t: Tensor, t: Tensor) -> Tensor:
-        s = append_dims(schedule.t_to_sigma(t.float()), x_t.ndim)  # (B, 1, 1, 1)
-        alpha, sigma_vp = (1 + s**2).rsqrt(), s * (1 + s**2).rsqrt()
-        x0 = ideal_x0(x_t / alpha, s.flatten())
-        return param.from_x0(x0, x_t, alpha, sigma_vp)
+        sigma = schedule.t_to_sigma(t.float())  # (B,)
+        alpha, sigma_t = (append_dims(v, x_t.ndim) for v in schedule.alpha_sigma(sigma))  # (B, 1, 1, 1)
+        x0 = ideal_x0(x_t / alpha, sigma)
+        return param.from_x0(x0, x_t, alpha, sigma_t)
 
     return model_fn
+
+
+class FunctionDenoiser(Denoiser):
+    """A VE function ``fn(x, σ, **cond) → x0`` used as a Denoiser of a schedule and parameterisation (what guidance
+    rescaling needs to know), its x0 returned exactly."""
+
+    def __call__(self, x: Tensor, sigma: Tensor | float, **cond) -> Tensor:
+        return self.network(x, batch_sigma(sigma, x), **cond)
 
 
 def channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:

@@ -12,8 +12,8 @@ from typing import Callable
 
 import torch
 
-from ldm.checkpoints import load_file
-from ldm.train import REPO_ROOT
+from ldm.io.checkpoints import load_file
+from tests.paths import REPO_ROOT
 
 STAGES = REPO_ROOT / "stages"
 POLL_S = 0.05
@@ -24,6 +24,28 @@ def env(**extra: str) -> dict:
     """The environment for training subprocesses: one thread each (shared cores), test callbacks allowed."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "LDM_ALLOW_TARGETS": "tests.", "PYTHONPATH": str(REPO_ROOT),
             "PYTHONUNBUFFERED": "1", **extra}
+
+
+SLOW_RENAME = """
+import os, time
+_replace = os.replace
+
+def _slow_replace(src, dst, *args, **kwargs):
+    if str(dst).endswith(".ckpt"):
+        time.sleep({delay})
+    return _replace(src, dst, *args, **kwargs)
+
+os.replace = _slow_replace
+"""
+
+
+def slow_checkpoint_renames(folder: Path, delay_s: float) -> dict[str, str]:
+    """Environment for a subprocess whose checkpoint renames wait ``delay_s`` after the temporary file is complete
+    (a ``sitecustomize`` on its path wraps ``os.replace``), so a test can kill it inside that window. The
+    production save has no hook for this."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(SLOW_RENAME.format(delay=delay_s))
+    return {"PYTHONPATH": f"{folder}{os.pathsep}{REPO_ROOT}"}
 
 
 def launch(stage: str, args: list[str], log: Path, **extra_env: str) -> subprocess.Popen:

@@ -6,7 +6,7 @@ import importlib.util
 import sys
 from types import ModuleType
 
-from ldm.train import REPO_ROOT
+from tests.paths import REPO_ROOT
 
 
 def load_script(name: str) -> ModuleType:

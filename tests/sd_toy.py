@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from ldm.checkpoints import UNET_PREFIX, ema_shadow_key
-from ldm.config import load_config
-from ldm.sd import SD_CONFIG_DIR, build_sd
-from ldm.sd_export import public_state_dict
+from ldm.core.config import load_config
+from ldm.inference.export import public_state_dict
+from ldm.inference.sd import SD_CONFIG_DIR, build_sd
+from ldm.io.checkpoints import UNET_PREFIX, ema_shadow_key
 
 P = "model.params."
 UNET = {"model_channels": 32, "channel_mult": "[1,2]", "num_res_blocks": 1, "context_dim": 32}

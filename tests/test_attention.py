@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ldm.unet.attention import (
+from ldm.nets.unet.attention import (
     XFORMERS_AVAILABLE,
     BasicTransformerBlock,
     CrossAttention,

@@ -7,10 +7,16 @@ import sys
 import pytest
 import torch
 
-from ldm.bench.mapping import diffusers_unet_config, diffusers_vae_config, heads_per_level
+from ldm.bench.mapping import (
+    diffusers_unet_config,
+    diffusers_vae_config,
+    heads_per_level,
+)
 from ldm.bench.report import COLUMNS, Row, markdown_table
-from ldm.train import REPO_ROOT
+from tests.paths import REPO_ROOT
 from tests.scripts import load_script
+
+pytestmark = pytest.mark.slow  # subprocesses / compiles / end-to-end: `pytest -m "not slow"` skips them
 
 MEASUREMENTS = {  # row name prefix → unit, for every row the script writes
     "U-Net train step (fwd+bwd+AdamW), ours vs diffusers": "steps/s",
@@ -71,7 +77,7 @@ def test_markdown_table_matches_the_csv_and_notes_report_the_checks(bench_out):
     assert all(line.split("|")[4].strip().endswith("×") for line in table[2:])  # the ratio column
     assert "\n".join(table) in stdout  # the script prints the same table
     assert "parameters on both sides (checked equal)" in text
-    assert "Compiled sampling: both U-Nets by ldm.torch_compile.compile_network(inference=True)" in text
+    assert "Compiled sampling: both U-Nets by ldm.nets.compile.compile_network(inference=True)" in text
     assert "Goal ≥ 1.2× for U-Net train step" in text and "Goal ≥ 3.0× for stage-2" in text
 
 
@@ -120,7 +126,7 @@ def test_diffusers_twin_of_a_unet_with_a_plain_level_matches_ours():
     pytest.importorskip("diffusers")
     from ldm.bench.steps import fill_zero_init
     from ldm.bench.twins import diffusers_unet_like
-    from ldm.unet.model import UNetModel
+    from ldm.nets.unet.model import UNetModel
 
     params = dict(image_size=8, in_channels=4, out_channels=4, model_channels=32, num_res_blocks=1,
                   attention_resolutions=[2], channel_mult=[1, 2], num_heads=2, use_spatial_transformer=True,

@@ -1,4 +1,4 @@
-"""Safe checkpoint loading and Stable Diffusion / ControlNet files through the public path (ldm.sd.load_sd).
+"""Safe checkpoint loading and Stable Diffusion / ControlNet files through the public path (ldm.inference.sd.load_sd).
 
 Toy models keep the public key structure (tests/sd_toy.py); files are written as .safetensors and .ckpt.
 """
@@ -13,7 +13,18 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from ldm.checkpoints import (
+from ldm.core.config import instantiate_from_config
+from ldm.inference.control_image import ControlImageError, load_control_image
+from ldm.inference.sd import (
+    SD_CONFIG_DIR,
+    describe_sd,
+    load_component,
+    load_sd,
+    load_sd_weights,
+    read_model_config,
+)
+from ldm.inference.sd_control import controlnet_from_sd, sampling_model
+from ldm.io.checkpoints import (
     IGNORED_KEYS,
     CheckpointError,
     checkpoint_kind,
@@ -23,23 +34,10 @@ from ldm.checkpoints import (
     state_dict_of,
     strip_prefix,
 )
-from ldm.config import instantiate_from_config
-from ldm.safe_pickle import PickledClassStandIn
-from ldm.sd import (
-    SD_CONFIG_DIR,
-    ControlLDM,
-    ControlledDiffusion,
-    controlnet_from_sd,
-    describe_sd,
-    load_component,
-    load_control_image,
-    load_sd,
-    load_sd_weights,
-    read_model_config,
-    sampling_model,
-)
-from ldm.sd_control import ControlImageError
-from ldm.unet.model import UNetModel
+from ldm.io.safe_pickle import PickledClassStandIn
+from ldm.nets.controlnet import ControlledDiffusion
+from ldm.nets.unet.model import UNetModel
+from ldm.systems.controlnet import ControlLDM
 from tests.sd_toy import (
     SD_SCHEDULE_KEYS,
     ema_unet_state,
@@ -401,7 +399,7 @@ def test_control_images_are_read_resized_and_optionally_edge_detected(tmp_path):
 
 
 def test_tensors_hash_covers_scalars_and_values():
-    from ldm.checkpoints import tensors_hash
+    from ldm.io.checkpoints import tensors_hash
 
     base = {"step": torch.tensor(3), "w": torch.ones(2, 2)}
     assert tensors_hash(base) == tensors_hash({k: v.clone() for k, v in base.items()})

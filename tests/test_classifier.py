@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from ldm.data.shapes import NUM_CLASSES, ShapesDataset
-from ldm.eval.classifier import ClassifierSettings, cache_path, features, get_classifier, predict
+from ldm.eval.classifier import (
+    ClassifierSettings,
+    cache_path,
+    features,
+    get_classifier,
+    predict,
+)
 from ldm.eval.fid import frechet_distance
 from ldm.eval.measures import class_accuracy, fid
 

@@ -3,7 +3,12 @@
 import pytest
 import torch
 
-from ldm.config import ConfigError, check_config, instantiate_from_config, load_config
+from ldm.core.config import (
+    ConfigError,
+    check_config,
+    instantiate_from_config,
+    load_config,
+)
 
 
 def write(tmp_path, name, text):
@@ -82,6 +87,6 @@ def test_allow_targets_widens_explicitly(monkeypatch):
 
 
 def test_literal_and_optional_errors_list_the_choices():
-    node = {"target": "ldm.unet.attention.CrossAttention", "params": {"query_dim": 8, "backend": "flash"}}
+    node = {"target": "ldm.nets.unet.attention.CrossAttention", "params": {"query_dim": 8, "backend": "flash"}}
     with pytest.raises(ConfigError, match=r"expected one of 'auto', 'sdpa', 'xformers', 'math', got str 'flash'"):
         instantiate_from_config(node, "m")

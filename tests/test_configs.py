@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from ldm.config import check_config, load_config
-from ldm.train import REPO_ROOT, validate
+from ldm.core.config import check_config, load_config
+from ldm.training.driver import validate
+from tests.paths import REPO_ROOT
 
 CONFIGS = sorted((REPO_ROOT / "configs").rglob("*.yaml"))
 
@@ -20,7 +21,7 @@ def test_config_checks(path: Path):
     if "data" in cfg or "trainer" in cfg:  # a training config: every section
         validate(cfg)
         if "cache" in cfg:
-            from ldm.data.cache_setup import cache_section
+            from ldm.training.cache import cache_section
 
             cache_section(cfg)
     else:  # an inference config (configs/sd/): the model alone

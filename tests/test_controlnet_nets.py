@@ -3,15 +3,15 @@
 import pytest
 import torch
 
-from ldm.config import instantiate_from_config
-from ldm.unet.controlnet import (
+from ldm.core.config import instantiate_from_config
+from ldm.nets.controlnet import (
     ControlNet,
     apply_control_scales,
     copy_unet_weights,
     guess_mode_scales,
     make_hint_block,
 )
-from ldm.unet.model import UNetModel
+from ldm.nets.unet.model import UNetModel
 
 CONTEXT_DIM = 16
 TINY = dict(
@@ -132,6 +132,6 @@ def test_control_scales_and_guess_mode():
 
 
 def test_builds_from_a_config_node():
-    node = {"target": "ldm.unet.controlnet.ControlNet", "params": {**TINY, "hint_channels": 3, "downsampling_factor": 4}}
+    node = {"target": "ldm.nets.controlnet.ControlNet", "params": {**TINY, "hint_channels": 3, "downsampling_factor": 4}}
     cn = instantiate_from_config(node, "model.params.control_stage")
     assert isinstance(cn, ControlNet) and cn.downsampling_factor == 4

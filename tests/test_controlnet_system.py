@@ -7,17 +7,24 @@ import pytest
 import torch
 from safetensors.torch import load_file as load_safetensors
 
-from ldm.checkpoints import CONTROL_PREFIX, UNET_PREFIX, load_file, load_strict, state_dict_of
-from ldm.config import instantiate_from_config, load_config, save_config
+from ldm.core.config import instantiate_from_config, load_config, save_config
 from ldm.data.latents import CacheError, LatentDataset
 from ldm.data.shapes import ShapesDataset
-from ldm.runs import checkpoint_for, run_config
-from ldm.sd import load_component, load_sd
-from ldm.sd_control import controlnet_from_sd, sampling_model
-from ldm.systems.control_base import complete_model_node, prepare_controlnet
+from ldm.inference.loaders import build_system
+from ldm.inference.sd import load_component, load_sd
+from ldm.inference.sd_control import controlnet_from_sd, sampling_model
+from ldm.io.checkpoints import (
+    CONTROL_PREFIX,
+    UNET_PREFIX,
+    load_file,
+    load_strict,
+    state_dict_of,
+)
+from ldm.io.runs import checkpoint_for, run_config
+from ldm.nets.controlnet import COPIED_FROM_UNET
 from ldm.systems.controlnet import ControlLDM
-from ldm.train import train
-from ldm.unet.controlnet import COPIED_FROM_UNET
+from ldm.training.controlnet_base import complete_model_node, load_base_weights, prepare_controlnet
+from ldm.training.driver import train
 from tests.conftest import TINY
 from tests.sd_toy import ema_unet_state, public_state, tiny_config, tiny_system
 
@@ -41,7 +48,7 @@ def cfg(tiny_ldm_run, tiny_vae_run, workdir):
 @pytest.fixture(scope="module")
 def base(tiny_ldm_run):
     """The stage-2 model as sampling uses it: its checkpoint, EMA weights in the U-Net."""
-    system = instantiate_from_config(run_config(tiny_ldm_run)["model"], "model")
+    system = build_system(run_config(tiny_ldm_run)["model"])
     load_strict(system, state_dict_of(load_file(checkpoint_for(tiny_ldm_run))), "base")
     system.model_ema.copy_to(system.model)
     return system.eval()
@@ -49,8 +56,8 @@ def base(tiny_ldm_run):
 
 def build(cfg, **params) -> ControlLDM:
     node = {**cfg["model"], "params": {**cfg["model"]["params"], **params}}
-    system = instantiate_from_config(node, "model")
-    system.load_base()
+    system = build_system(node)
+    load_base_weights(system)
     return system
 
 
@@ -90,7 +97,7 @@ def test_at_initialisation_the_controlled_model_is_the_base(cfg, base):
     with torch.no_grad():
         context = base.cond_stage_model(["a red circle on a blue background", "a green square"])
         expected = base.model(x, t, context)
-        assert torch.equal(system.apply_model(x, t, context, hint), expected)
+        assert torch.equal(system.network()(x, t, context=context, hint=hint), expected)
         assert torch.equal(sampling_model(system, strength=0.7, guess_mode=True)(x, t, context, hint=hint), expected)
 
 
@@ -115,7 +122,7 @@ def test_a_training_step_trains_the_controlnet_only(cfg, base):
     x, t, hint = inputs(seed=3)
     with torch.no_grad():  # now the hint steers the model; scale 0 gives the base back
         context = base.cond_stage_model(["a red circle", "a green square"])
-        assert not torch.allclose(system.apply_model(x, t, context, hint), base.model(x, t, context))
+        assert not torch.allclose(system.network()(x, t, context=context, hint=hint), base.model(x, t, context))
         assert torch.equal(sampling_model(system, strength=0.0)(x, t, context, hint=hint), base.model(x, t, context))
 
 
@@ -174,7 +181,7 @@ def test_tiny_config_trains_end_to_end_resumes_and_exports(tiny_ldm_run, tiny_va
     assert export([str(run), "--out", str(out), "--controlnet-only"]) == 0
     exported = load_safetensors(str(out))
     assert exported and all(k.startswith(CONTROL_PREFIX) for k in exported)
-    system = instantiate_from_config(run_config(run)["model"], "model", first_stage=None)
+    system = build_system(run_config(run)["model"], load_first_stage=False)
     load_component(system.control_model, out, "controlnet")
     final = state_dict_of(load_file(run / "checkpoints" / "last.ckpt"))
     assert all(torch.equal(v, final[CONTROL_PREFIX + k]) for k, v in system.control_model.state_dict().items())
@@ -190,13 +197,13 @@ def test_a_controlnet_on_a_stable_diffusion_file(tmp_path):
     save_config(tiny_config("v1-inference"), config)
     node = complete_model_node({"target": "ldm.systems.controlnet.ControlLDM",
                                 "params": {"base_ckpt": str(ckpt), "base_config": str(config)}})
-    system = instantiate_from_config(node, "model")
-    info = system.load_base()
+    system = build_system(node)
+    info = load_base_weights(system)
     assert info["ema"] and info["text_encoder"] == "hf-clip"
     unet_state = system.model.diffusion_model.state_dict()
     assert all(torch.equal(unet_state[k], v) for k, v in ema_unet_state(state).items())
     reference = load_sd(config, ckpt)
-    from_sd = controlnet_from_sd(reference).state_dict()  # tool_add_control.py's copy, as ldm.sd_control makes it
+    from_sd = controlnet_from_sd(reference).state_dict()  # tool_add_control.py's copy, as ldm.inference.sd_control makes it
     ours = system.control_model.state_dict()
     copied = [k for k in ours if k.split(".")[0] in COPIED_FROM_UNET]
     assert copied and all(torch.equal(ours[k], from_sd[k]) for k in copied)
@@ -205,13 +212,13 @@ def test_a_controlnet_on_a_stable_diffusion_file(tmp_path):
     with torch.no_grad():
         context = reference.cond_stage_model(["a photograph of a cat", "edges"])
         assert torch.equal(system.cond_stage_model(["a photograph of a cat", "edges"]), context)
-        assert torch.equal(system.apply_model(x, t, context, hint), reference.model(x, t, context))
+        assert torch.equal(system.network()(x, t, context=context, hint=hint), reference.model(x, t, context))
     assert not any(k.startswith(UNET_PREFIX) for k in [n for n, p in system.named_parameters() if p.requires_grad])
 
 
 def test_the_sd15_config_builds_controlnet_v1_for_sd15():
-    from ldm.checkpoints import params_on_meta
-    from ldm.train import REPO_ROOT
+    from ldm.io.checkpoints import params_on_meta
+    from tests.paths import REPO_ROOT
     from tests.test_sd_configs import CONTROLNET_PARAMS, assert_layout, reference
 
     cfg = load_config(REPO_ROOT / "configs" / "controlnet" / "sd15-canny.yaml")

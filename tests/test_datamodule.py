@@ -4,7 +4,7 @@ import lightning as L
 import pytest
 import torch
 
-from ldm.config import instantiate_from_config
+from ldm.core.config import instantiate_from_config
 from ldm.data.module import DataModule
 from ldm.data.shapes import ShapesDataset
 

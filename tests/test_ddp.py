@@ -8,13 +8,15 @@ import statistics
 
 import pytest
 
-from ldm.checkpoints import load_file
-from ldm.config import load_config
-from ldm.data.cache_setup import ensure_cache
-from ldm.runs import CHECKPOINT_DIR
+from ldm.core.config import load_config
+from ldm.io.checkpoints import load_file
+from ldm.io.runs import CHECKPOINT_DIR
+from ldm.training.cache import ensure_cache
 from tests.conftest import TINY
 from tests.faults import read_probe
 from tests.procs import finish, launch, logged, only_run
+
+pytestmark = pytest.mark.slow  # subprocesses / compiles / end-to-end: `pytest -m "not slow"` skips them
 
 STEPS = 6
 BATCH = 4
@@ -26,7 +28,7 @@ def cache_args(tiny_vae_run, workdir):
     """Overrides pointing stage 2 at a latent cache of the session's tiny VAE (built once)."""
     args = [f"cache.vae={tiny_vae_run}", f"cache.dir={workdir / 'cache' / 'tiny-text'}"]
     ensure_cache(load_config(TINY / "ldm-text.yaml", args))
-    return args + ["model.params.sample_every_n_steps=0", f"trainer.max_steps={STEPS}"]
+    return args + ["callbacks=[]", f"trainer.max_steps={STEPS}"]
 
 
 def probe_override(path) -> str:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldm.checkpoints import load_file
-from ldm.config import load_config
-from ldm.data.cache_setup import ensure_cache
-from ldm.runs import CHECKPOINT_DIR
-from ldm.train import train
+from ldm.core.config import load_config
+from ldm.io.checkpoints import load_file
+from ldm.io.runs import CHECKPOINT_DIR
+from ldm.training.cache import ensure_cache
+from ldm.training.driver import train
 from tests.conftest import TINY
 from tests.procs import logged
 

@@ -1,12 +1,12 @@
-"""Parameterisations (eps / v / x0), min-SNR-γ weights and the training loss."""
+"""Parameterisations (eps / v / x0), min-SNR-γ weights and the training objective."""
 
 import pytest
 import torch
-from tests.gaussian_data import ideal_model_fn, sample_data
 
-from ldm.diffusion.loss import diffusion_loss, diffusion_loss_terms
+from ldm.diffusion.objective import DiffusionObjective
 from ldm.diffusion.parameterization import PARAMETERIZATIONS, get_parameterization
-from ldm.diffusion.schedule import NoiseSchedule
+from ldm.diffusion.schedule import VPSchedule
+from tests.gaussian_data import ideal_model_fn, sample_data
 
 NAMES = ["eps", "v", "x0"]
 DDPM_SCHEDULE = dict(kind="sqrt_linear", linear_start=1e-4, linear_end=0.02)
@@ -66,7 +66,7 @@ def test_min_snr_weighted_mse_is_the_same_x0_objective_in_every_parameterisation
 
 
 def test_loss_is_a_finite_scalar_and_trains():
-    schedule = NoiseSchedule("linear")
+    objective = DiffusionObjective(VPSchedule("linear"), "eps")
     weight = torch.nn.Parameter(torch.zeros(()))
     seen = {}
 
@@ -75,24 +75,48 @@ def test_loss_is_a_finite_scalar_and_trains():
         return weight * x_t
 
     x0 = torch.randn(6, 4, 8, 8)
-    loss = diffusion_loss(model_fn, x0, schedule, "eps", cond={"context": torch.ones(6, 2, 3)})
+    loss = objective(model_fn, x0, {"context": torch.ones(6, 2, 3)})
     assert loss.shape == () and torch.isfinite(loss)
     loss.backward()
     assert weight.grad is not None and weight.grad != 0
-    assert seen["t"].dtype == torch.long and seen["t"].shape == (6,) and 0 <= seen["t"].min() <= seen["t"].max() < 1000
+    t = seen["t"]
+    assert t.shape == (6,) and torch.equal(t, t.round()) and 0 <= t.min() <= t.max() < 1000
     assert seen["context"].shape == (6, 2, 3)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_objective_is_ddpm_algorithm_1_through_the_samplers_denoiser(name):
+    """Same draws as DDPM's (t ~ U{0..T−1}, then ε), same x_t = sqrt(ᾱ_t)·x0 + sqrt(1 − ᾱ_t)·ε, same target."""
+    schedule = VPSchedule("linear")
+    seen = {}
+
+    def model_fn(x_t, t):
+        seen.update(x_t=x_t, t=t)
+        return torch.zeros_like(x_t)
+
+    x0 = torch.randn(32, 4, 4, 4)
+    terms = DiffusionObjective(schedule, name).loss_terms(model_fn, x0, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    t = torch.randint(0, schedule.num_timesteps, (32,), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    a, s = (v.view(-1, 1, 1, 1) for v in (schedule.sqrt_alphas_cumprod[t], schedule.sqrt_one_minus_alphas_cumprod[t]))
+    assert torch.equal(seen["t"], t.float())
+    assert torch.allclose(seen["x_t"], a * x0 + s * noise, rtol=1e-5, atol=1e-6)
+    target = PARAMETERIZATIONS[name].target(x0, noise, a, s)
+    assert torch.allclose(terms.loss, target.pow(2).flatten(1).mean(1), rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("weighting", ["none", "min_snr"])
 def test_ideal_model_minimises_the_expected_loss(name, weighting):
-    schedule = NoiseSchedule(**DDPM_SCHEDULE)
+    schedule = VPSchedule(**DDPM_SCHEDULE)
+    objective = DiffusionObjective(schedule, name, weighting=weighting)
     ideal = ideal_model_fn(schedule, name)
     x0 = sample_data(4000, size=2, generator=torch.Generator().manual_seed(0))
 
     def loss_of(model_fn):
         g = torch.Generator().manual_seed(1)  # the same t and noise for every model
-        return diffusion_loss(model_fn, x0, schedule, name, weighting=weighting, generator=g).item()
+        return objective(model_fn, x0, generator=g).item()
 
     best = loss_of(ideal)
     assert best == pytest.approx(loss_of(ideal), rel=1e-6)  # deterministic per generator
@@ -102,25 +126,24 @@ def test_ideal_model_minimises_the_expected_loss(name, weighting):
 
 
 def test_min_snr_terms_are_the_unweighted_terms_times_the_weight():
-    schedule = NoiseSchedule("linear")
+    schedule = VPSchedule("linear")
     x0 = torch.randn(16, 4, 4, 4)
 
     def model_fn(x_t, t):
         return torch.zeros_like(x_t)
 
-    plain = diffusion_loss_terms(model_fn, x0, schedule, "v", generator=torch.Generator().manual_seed(3))
-    weighted = diffusion_loss_terms(
-        model_fn, x0, schedule, "v", weighting="min_snr", min_snr_gamma=2.0, generator=torch.Generator().manual_seed(3)
-    )
-    assert torch.equal(plain.t, weighted.t)
-    snr = schedule.snr(plain.t)
+    plain = DiffusionObjective(schedule, "v").loss_terms(model_fn, x0, generator=torch.Generator().manual_seed(3))
+    weighted = DiffusionObjective(schedule, "v", weighting="min_snr", min_snr_gamma=2.0).loss_terms(
+        model_fn, x0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(plain.sigma, weighted.sigma)
+    snr = schedule.snr(plain.sigma)
     assert torch.allclose(weighted.loss, plain.loss * snr.clamp(max=2.0) / (snr + 1), rtol=1e-5)
     with pytest.raises(ValueError, match="unknown weighting"):
-        diffusion_loss(model_fn, x0, schedule, "v", weighting="p2")
+        DiffusionObjective(schedule, "v", weighting="p2")
 
 
 def test_offset_noise_adds_a_per_channel_constant():
-    schedule = NoiseSchedule("linear")
+    schedule = VPSchedule("linear")
     b, c, hw = 2000, 4, 16
     recorded = {}
 
@@ -130,8 +153,9 @@ def test_offset_noise_adds_a_per_channel_constant():
 
     def channel_mean_variance(offset):
         x0 = torch.zeros(b, c, 4, 4)  # then x_t = sqrt(1 − ᾱ)·noise
-        diffusion_loss(model_fn, x0, schedule, "eps", offset_noise=offset, generator=torch.Generator().manual_seed(0))
-        noise = recorded["x_t"] / schedule.sqrt_one_minus_alphas_cumprod[recorded["t"]].view(-1, 1, 1, 1)
+        objective = DiffusionObjective(schedule, "eps", offset_noise=offset)
+        objective(model_fn, x0, generator=torch.Generator().manual_seed(0))
+        noise = recorded["x_t"] / schedule.sqrt_one_minus_alphas_cumprod[recorded["t"].long()].view(-1, 1, 1, 1)
         return noise.mean(dim=(2, 3)).var().item()  # variance of per-(sample, channel) spatial means
 
     assert channel_mean_variance(0.0) == pytest.approx(1 / hw, rel=0.1)
@@ -139,11 +163,10 @@ def test_offset_noise_adds_a_per_channel_constant():
 
 
 def test_zero_terminal_snr_losses_are_finite():
-    schedule = NoiseSchedule("linear", zero_terminal_snr=True)
+    schedule = VPSchedule("linear", zero_terminal_snr=True)
     x0 = torch.randn(3000, 1, 2, 2)  # t = 999 is drawn with probability ≈ 95 %
     for name in NAMES:
-        terms = diffusion_loss_terms(
-            ideal_model_fn(schedule, name) if name == "v" else (lambda x_t, t: torch.zeros_like(x_t)),
-            x0, schedule, name, weighting="min_snr", generator=torch.Generator().manual_seed(0),
-        )
-        assert (terms.t == 999).any() and torch.isfinite(terms.loss).all(), name
+        model_fn = ideal_model_fn(schedule, name) if name == "v" else (lambda x_t, t: torch.zeros_like(x_t))
+        terms = DiffusionObjective(schedule, name, weighting="min_snr").loss_terms(
+            model_fn, x0, generator=torch.Generator().manual_seed(0))
+        assert (terms.sigma == schedule.sigma_max).any() and torch.isfinite(terms.loss).all(), name

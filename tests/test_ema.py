@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from ldm.ema import LitEma, ema_scope, shadow_name, warmup_decay
+from ldm.nets.ema import LitEma, ema_scope, shadow_name, warmup_decay
 
 
 class ToyUNet(nn.Module):

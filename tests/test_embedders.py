@@ -11,15 +11,15 @@ import pytest
 import torch
 from open_clip.model import CLIP, CLIPVisionCfg
 
-from ldm.config import instantiate_from_config
-from ldm.conditioning.embedders import (
+from ldm.core.config import instantiate_from_config
+from ldm.nets.conditioning.embedders import (
     ClassEmbedder,
     FrozenOpenCLIP,
     TextTransformer,
     WeightsUnavailableError,
     ucg_dropout,
 )
-from ldm.conditioning.openclip_weights import read_state_dict
+from ldm.nets.conditioning.openclip_weights import read_state_dict
 
 CTX = 16
 TINY_TEXT = {"width": 32, "layers": 3, "heads": 2}
@@ -268,7 +268,7 @@ def test_read_state_dict_torchscript_archive(tmp_path):
 
 
 def test_embedders_build_from_config():
-    base = "ldm.conditioning.embedders."
+    base = "ldm.nets.conditioning.embedders."
     nodes = [
         {"target": base + "ClassEmbedder", "params": {"n_classes": 4, "embed_dim": 8}},
         {"target": base + "TextTransformer", "params": {"embed_dim": 16, "n_layers": 1, "n_heads": 2, "max_length": 8}},

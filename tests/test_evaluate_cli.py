@@ -16,7 +16,8 @@ from ldm.eval.edges_eval import takes_control
 from ldm.eval.heldout import balanced_classes, held_out
 from ldm.eval.sampled import parse_samplers
 from ldm.eval.shapes_reader import adherence
-from ldm.train import REPO_ROOT, train
+from ldm.training.driver import train
+from tests.paths import REPO_ROOT
 from tests.scripts import load_script
 
 TINY = REPO_ROOT / "configs" / "tiny"
@@ -33,7 +34,7 @@ evaluate = load_script("evaluate")
 @pytest.fixture(scope="module")
 def tiny_class_run(workdir, tiny_vae_run):
     """A class-conditional stage-2 run of the tiny config on the tiny VAE."""
-    from ldm.data.cache_setup import ensure_cache
+    from ldm.training.cache import ensure_cache
 
     cfg = str(TINY / "ldm-class.yaml")
     overrides = [f"cache.vae={tiny_vae_run}", f"cache.dir={workdir / 'cache' / 'tiny-class'}"]
@@ -45,7 +46,7 @@ def tiny_controlnet_run(workdir, tiny_vae_run, tiny_ldm_run):
     """A ControlNet run of the tiny config over the tiny text run (skips until stage 3 has landed)."""
     if not CONTROLNET_CFG.is_file():
         pytest.skip(f"no {CONTROLNET_CFG.name} yet: stage 3 (ControlNet training) has not landed")
-    from ldm.systems.control_base import prepare_controlnet
+    from ldm.training.controlnet_base import prepare_controlnet
 
     overrides = [f"model.params.base={tiny_ldm_run}", f"cache.vae={tiny_vae_run}",
                  f"cache.dir={workdir / 'cache' / 'tiny-canny-eval'}"]
@@ -131,7 +132,7 @@ def test_wrong_runs_and_arguments_are_one_line_errors(tiny_vae_run, tiny_ldm_run
     assert message in _error(capsys, ["edges", "--run", str(tiny_ldm_run), "--n", "2"])
 
 
-@pytest.mark.skipif(not takes_control(), reason="ldm.pipeline has no control= argument yet (ControlNet sampling "
+@pytest.mark.skipif(not takes_control(), reason="ldm.inference.pipeline has no control= argument yet (ControlNet sampling "
                                                  "is being added); `evaluate.py edges` is written against it")
 def test_edges_end_to_end(tiny_controlnet_run, tmp_path, capsys):
     row = evaluate.main(["edges", "--run", str(tiny_controlnet_run), "--n", "4", "--sampler", "ddim:2", "--out", str(tmp_path),

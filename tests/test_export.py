@@ -8,12 +8,18 @@ from safetensors import safe_open
 from safetensors.torch import load_file as read_tensors
 from safetensors.torch import save_file
 
-from ldm.checkpoints import CheckpointError, ema_shadow_key, load_file, state_dict_of, strip_prefix
-from ldm.config import check_config, load_config, save_config
-from ldm.pipeline import Pipeline
-from ldm.runs import checkpoint_for
-from ldm.sd import METADATA_CONFIG, load_sd
-from ldm.sd_export import export_checkpoint
+from ldm.core.config import check_config, load_config, save_config
+from ldm.inference.export import export_checkpoint
+from ldm.inference.pipeline import Pipeline
+from ldm.inference.sd import METADATA_CONFIG, load_sd
+from ldm.io.checkpoints import (
+    CheckpointError,
+    ema_shadow_key,
+    load_file,
+    state_dict_of,
+    strip_prefix,
+)
+from ldm.io.runs import checkpoint_for
 from scripts.export import main as export_main
 from tests.sd_toy import public_state, tiny_config, tiny_system
 
@@ -100,8 +106,11 @@ def test_sd1_checkpoint_reexports_to_its_own_layout(tmp_path):
     with torch.no_grad():
         context = a.cond_stage_model(PROMPTS[:1])
         torch.testing.assert_close(b.cond_stage_model(PROMPTS[:1]), context, rtol=0, atol=0)
+        sa, sb = a.model.diffusion_model.state_dict(), b.model.diffusion_model.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)  # the very same weights
+        # the same outputs, up to fp32 noise: oneDNN may pick other kernels for tensors that live elsewhere in memory
         torch.testing.assert_close(b.model.diffusion_model(x, t, context), a.model.diffusion_model(x, t, context),
-                                   rtol=0, atol=0)
+                                   rtol=0, atol=1e-5)
 
 
 def test_a_controlnet_exports_as_its_own_small_file(tmp_path):
@@ -122,8 +131,10 @@ def test_a_controlnet_exports_as_its_own_small_file(tmp_path):
     x, t, hint = torch.randn(1, 4, 8, 8), torch.tensor([20.0]), torch.rand(1, 3, 16, 16)
     with torch.no_grad():
         context = control.cond_stage_model(PROMPTS[:1])
+        mine, original = model.control_model.state_dict(), control.control_model.state_dict()
+        assert all(torch.equal(mine[k], original[k]) for k in original)  # the very same weights
         for ours, theirs in zip(model.control_model(x, hint, t, context), control.control_model(x, hint, t, context)):
-            torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)  # fp32 noise of kernel choice, as above
 
 
 def test_bad_requests_exit_2_with_a_message(tiny_ldm_run, tmp_path, capsys):

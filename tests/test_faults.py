@@ -12,13 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.checkpoints import load_file
-from ldm.config import ConfigError, load_config
-from ldm.data.cache_setup import ensure_cache
+from ldm.core.config import ConfigError, load_config
 from ldm.data.folder import DataWarning, ImageFolderDataset
-from ldm.guards import SKIPPED_METRIC
-from ldm.runs import CHECKPOINT_DIR
-from ldm.train import EXIT_BAD_INPUT, EXIT_NONFINITE, train
+from ldm.io.checkpoints import load_file
+from ldm.io.runs import CHECKPOINT_DIR
+from ldm.training.cache import ensure_cache
+from ldm.training.driver import EXIT_BAD_INPUT, EXIT_NONFINITE, train
+from ldm.training.guards import SKIPPED_METRIC
 from tests.conftest import TINY
 from tests.procs import logged
 from tests.test_train_driver import TOY_CONFIG
@@ -99,7 +99,7 @@ def ldm_args(tiny_vae_run, workdir):
     """Overrides pointing stage 2 at a latent cache of the session's tiny VAE (built once)."""
     args = [f"cache.vae={tiny_vae_run}", f"cache.dir={workdir / 'cache' / 'tiny-text'}"]
     ensure_cache(load_config(TINY / "ldm-text.yaml", args))
-    return args + ["model.params.sample_every_n_steps=0", "trainer.max_steps=4"]
+    return args + ["callbacks=[]", "trainer.max_steps=4"]
 
 
 Case = namedtuple("Case", "mode code steps")
@@ -136,7 +136,7 @@ def test_full_disk_fails_before_training_and_before_resuming(toy_cfg, tmp_path, 
     code, run = run_stage("toy", toy_cfg, tmp_path / "runs", "trainer.max_steps=2")
     assert code == 0
     real = shutil.disk_usage
-    monkeypatch.setattr("ldm.runs.shutil.disk_usage", lambda p: real(p)._replace(free=10 * 2**20))
+    monkeypatch.setattr("ldm.io.runs.shutil.disk_usage", lambda p: real(p)._replace(free=10 * 2**20))
     code, _ = run_stage("toy", toy_cfg, tmp_path / "other")
     assert code == EXIT_BAD_INPUT and not any((tmp_path / "other" / "toy").iterdir())  # no run directory
     assert "only 10 MiB free" in one_error_line(capsys.readouterr().err)
@@ -179,7 +179,7 @@ def test_resume_with_another_architecture_names_the_keys(toy_cfg, tmp_path, caps
 
 def test_an_override_into_a_list_is_a_config_error(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("name: x\ncallbacks: [{target: ldm.guards.NonFiniteGuard}]\n")
+    path.write_text("name: x\ncallbacks: [{target: ldm.training.guards.NonFiniteGuard}]\n")
     with pytest.raises(ConfigError, match=r"cannot apply overrides callbacks.0.params.mode=skip"):
         load_config(path, ["callbacks.0.params.mode=skip"])
 

@@ -206,7 +206,7 @@ def test_missing_hint_is_skipped(tmp_path):
 
 
 def test_built_from_config(tmp_path):
-    from ldm.config import ConfigError, instantiate_from_config
+    from ldm.core.config import ConfigError, instantiate_from_config
 
     _save(tmp_path / "cls" / "a.png")
     node = {"target": "ldm.data.folder.ImageFolderDataset", "params": {"root": str(tmp_path), "size": SIZE}}

@@ -2,14 +2,15 @@
 
 import pytest
 import torch
-from tests.gaussian_data import ideal_model_fn, ideal_x0
 
-from ldm.diffusion.denoiser import make_denoiser
+from ldm.diffusion.denoiser import Denoiser
 from ldm.diffusion.guidance import cfg_denoiser
 from ldm.diffusion.sampling import sample
-from ldm.diffusion.schedule import NoiseSchedule
+from ldm.diffusion.schedule import VPSchedule
+from tests.gaussian_data import FunctionDenoiser, ideal_model_fn, ideal_x0
 
 B, TOKENS, DIM = 3, 5, 8
+SCHEDULE = VPSchedule()
 
 
 class RecordingDenoiser:
@@ -80,24 +81,25 @@ def test_rescale_zero_is_plain_cfg_and_rescale_matches_lin_et_al_in_eps_space():
     std_c, std_cfg = eps_c.std(dim=(1, 2, 3), keepdim=True), eps_cfg.std(dim=(1, 2, 3), keepdim=True)
     for phi in (0.7, 1.0):
         eps = phi * eps_cfg * std_c / std_cfg + (1 - phi) * eps_cfg
-        out = cfg_denoiser(RecordingDenoiser(), cond, uncond, scale=7.0, rescale=phi)(x, sigma)
+        den = FunctionDenoiser(RecordingDenoiser(), SCHEDULE, "eps")
+        out = cfg_denoiser(den, cond, uncond, scale=7.0, rescale=phi)(x, sigma)
         assert torch.allclose(out, x - s * eps, atol=1e-4)
         assert not torch.allclose(out, plain, atol=1e-3)
 
 
 def test_rescale_in_v_space_matches_the_std_of_the_conditional_v():
     x, sigma, cond, uncond = _inputs(2)
-    out = cfg_denoiser(RecordingDenoiser(), cond, uncond, scale=5.0, rescale=1.0, rescale_space="v")(x, sigma)
+    out = cfg_denoiser(FunctionDenoiser(RecordingDenoiser(), SCHEDULE, "v"), cond, uncond, scale=5.0, rescale=1.0)(x, sigma)
     s = sigma.view(-1, 1, 1, 1)
-    alpha, sigma_vp = (1 + s**2).rsqrt(), s * (1 + s**2).rsqrt()
+    alpha, sigma_vp = (1 + s**2).rsqrt(), s * (1 + s**2).rsqrt()  # VP coefficients of VE σ, written out
 
     def v_of(x0):  # v = α·ε − σ_vp·x0 with ε = (x − x0)/σ
         return alpha * (x - x0) / s - sigma_vp * x0
 
     v_cond = v_of(RecordingDenoiser()(x, sigma, **cond))
     assert torch.allclose(v_of(out).std(dim=(1, 2, 3)), v_cond.std(dim=(1, 2, 3)), rtol=1e-4)
-    with pytest.raises(ValueError, match="unknown parameterization"):
-        cfg_denoiser(RecordingDenoiser(), cond, uncond, scale=5.0, rescale=1.0, rescale_space="noise")
+    with pytest.raises(TypeError, match="pass a Denoiser"):
+        cfg_denoiser(RecordingDenoiser(), cond, uncond, scale=5.0, rescale=1.0)
 
 
 def test_guess_mode_control_only_in_the_conditional_branch_runs_two_calls():
@@ -136,7 +138,7 @@ def test_list_values_are_batched_element_wise():
 
 
 def test_guided_sampling_through_make_denoiser_counts_one_evaluation_per_step():
-    schedule = NoiseSchedule("sqrt_linear", linear_start=1e-4, linear_end=0.02)
+    schedule = VPSchedule("sqrt_linear", linear_start=1e-4, linear_end=0.02)
     ideal = ideal_model_fn(schedule, "v")
     batches = []
 
@@ -144,7 +146,7 @@ def test_guided_sampling_through_make_denoiser_counts_one_evaluation_per_step():
         batches.append(x_t.shape[0])
         return ideal(x_t, t) + 0.01 * context.mean(dim=(1, 2)).view(-1, 1, 1, 1)
 
-    denoiser = make_denoiser(model_fn, schedule, "v")
+    denoiser = Denoiser(model_fn, schedule, "v")
     noise = torch.randn(B, 2, 4, 4, generator=torch.Generator().manual_seed(0))
     cond, null = {"context": torch.ones(1, TOKENS, DIM)}, {"context": torch.zeros(1, TOKENS, DIM)}
     result = sample("dpmpp_2m", cfg_denoiser(denoiser, cond, null, scale=5.0), noise, schedule, 10)

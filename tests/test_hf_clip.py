@@ -7,7 +7,7 @@ penultimate one with the final LayerNorm, as "CLIP skip 2" uses it) for the same
 import pytest
 import torch
 
-from ldm.conditioning.hf_clip import (
+from ldm.io.hf_clip import (
     HF_IGNORED,
     OPENCLIP_ONLY,
     ClipKeyError,
@@ -15,7 +15,7 @@ from ldm.conditioning.hf_clip import (
     is_hf_clip_text,
     openclip_to_hf,
 )
-from ldm.conditioning.openclip import FrozenOpenCLIP
+from ldm.nets.conditioning.openclip import FrozenOpenCLIP
 
 WIDTH, HEADS, LAYERS, MLP = 32, 2, 3, 128
 VOCAB, CONTEXT = 49408, 77  # CLIP's BPE vocabulary and context, as SD1's

@@ -16,8 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from ldm.data.shapes import ShapesDataset
-from ldm.pipeline import Pipeline
-from ldm.train import REPO_ROOT, train
+from ldm.inference.pipeline import Pipeline
+from ldm.training.driver import train
+from tests.paths import REPO_ROOT
 
 FIXTURE = Path(__file__).parent / "fixtures" / "legacy_runs"
 VAE_RUN = "runs/vae/vae-20261129-161237"
@@ -46,11 +47,11 @@ def samples() -> dict[str, torch.Tensor]:
 
 def _before_build(stage: str):
     if stage == "ldm":
-        from ldm.data.cache_setup import ensure_cache
+        from ldm.training.cache import ensure_cache
 
         return lambda cfg, path: ensure_cache(cfg, path)
     if stage == "controlnet":
-        from ldm.systems.control_base import prepare_controlnet
+        from ldm.training.controlnet_base import prepare_controlnet
 
         return prepare_controlnet
     return None

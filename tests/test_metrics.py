@@ -5,10 +5,11 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+from ldm.core.metrics import edge_f1, edge_precision_recall_f1, psnr, ssim
 from ldm.data.edges import canny, edge_hint
 from ldm.data.shapes import ShapesDataset
+from ldm.eval.lpips import lpips_distance, lpips_unavailable_reason
 from ldm.eval.measures import edge_scores
-from ldm.metrics import edge_f1, edge_precision_recall_f1, lpips_distance, lpips_unavailable_reason, psnr, ssim
 
 
 def _unit_hwc(x: torch.Tensor) -> np.ndarray:

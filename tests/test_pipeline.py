@@ -8,13 +8,18 @@ import pytest
 import torch
 import yaml
 
-from ldm.checkpoints import CheckpointError
-from ldm.data.cache_setup import ensure_cache
-from ldm.diffusion import make_denoiser, sample
-from ldm.errors import UserError
-from ldm.pipeline import NotAnLDMRunError, Pipeline, PipelineError, describe_run
-from ldm.runs import RunError
-from ldm.train import train
+from ldm.core.errors import UserError
+from ldm.diffusion import Denoiser, sample
+from ldm.inference.pipeline import (
+    NotAnLDMRunError,
+    Pipeline,
+    PipelineError,
+    describe_run,
+)
+from ldm.io.checkpoints import CheckpointError
+from ldm.io.runs import RunError
+from ldm.training.cache import ensure_cache
+from ldm.training.driver import train
 from tests.conftest import TINY
 
 PROMPTS = ["a red circle on a blue background", "a green square on a white background"]
@@ -28,7 +33,7 @@ def train_class_run(workdir: Path, vae_run: Path) -> Path:
         return latest.resolve()
     cfg = str(TINY / "ldm-class.yaml")
     return train("ldm", cfg, ["--cfg", cfg, "--runs-dir", str(workdir / "class-runs"), "trainer.max_steps=3",
-                              "model.params.sample_every_n_steps=0", f"cache.vae={vae_run}",
+                              "callbacks=[]", f"cache.vae={vae_run}",
                               f"cache.dir={workdir / 'cache' / 'tiny-class'}"], before_build=ensure_cache)
 
 
@@ -104,7 +109,7 @@ def test_guidance_one_runs_only_the_conditional_branch(pipe):
     assert torch.equal(plain, pipe.generate_tensors(PROMPTS, seed=2, guidance=1.0, negative="blue", **FAST))
     assert (plain - guided).abs().amax() > 1e-5  # (the 6-step toy barely listens to its prompt)
     # the conditional-only path written out: seeded noise → Euler on D(x, σ | prompt) → unscale → decode
-    denoiser = make_denoiser(pipe.model, pipe.schedule, pipe.parameterization)
+    denoiser = Denoiser(pipe.model, pipe.schedule, pipe.parameterization)
     context = pipe.encode(PROMPTS)
     noise = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(2 + i)) for i in range(2)])
     latents = sample("euler", lambda x, s: denoiser(x, s, context=context), noise, pipe.schedule, 3).x

@@ -13,12 +13,12 @@ import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
-from ldm.checkpoints import CONTROL_PREFIX
-from ldm.config import instantiate_from_config, load_config
-from ldm.control_image import prepare_hints
-from ldm.pipeline import Pipeline, PipelineError, describe_run
-from ldm.sd_control import ControlImageError
-from ldm.unet.controlnet import ControlNet
+from ldm.core.config import load_config
+from ldm.inference.control_image import ControlImageError, prepare_hints
+from ldm.inference.loaders import build_system
+from ldm.inference.pipeline import Pipeline, PipelineError, describe_run
+from ldm.io.checkpoints import CONTROL_PREFIX
+from ldm.nets.controlnet import ControlNet
 from tests.conftest import TINY
 from tests.sd_toy import public_state, randomize, tiny_config, tiny_system
 
@@ -46,20 +46,17 @@ def runs(tmp_path_factory):
     cfg = load_config(TINY / "ldm-text.yaml", [f"cache.vae={vae_dir}", "model.params.use_ema=false",
                                                "model.params.scale_factor=0.9", f"model.params.image_size={PIXELS}"])
     torch.manual_seed(0)
-    system = instantiate_from_config(cfg["model"], "model", first_stage=None)
-    system.first_stage_model = instantiate_from_config(
-        {"target": vae_cfg["model"]["target"], "params": {**vae_cfg["model"]["params"], "loss": None}}, "vae")
+    system = build_system(cfg["model"], load_first_stage=False)  # the VAE run holds only its config
     randomize(system.model, seed=0)  # wakes the U-Net's zero-initialised output conv
     write_run(root / "ldm", cfg, system)
 
     control_cfg = copy.deepcopy(cfg)
     params = control_cfg["model"]["params"]
     unet = {k: v for k, v in params["unet"]["params"].items() if k != "out_channels"}
-    params["control_stage"] = {"target": "ldm.unet.controlnet.ControlNet",
+    params["control_stage"] = {"target": "ldm.nets.controlnet.ControlNet",
                                "params": {**unet, "hint_channels": 3, "downsampling_factor": FACTOR}}
-    control_cfg["model"]["target"] = "ldm.sd_control.ControlLDM"
-    control = instantiate_from_config(control_cfg["model"], "model", first_stage=None)
-    control.first_stage_model = system.first_stage_model
+    control_cfg["model"]["target"] = "ldm.systems.controlnet.ControlLDM"
+    control = build_system(control_cfg["model"], load_first_stage=False)
     missing, unexpected = control.load_state_dict(system.state_dict(), strict=False)
     assert not unexpected and all(k.startswith(CONTROL_PREFIX) for k in missing)
     from_unet = ControlNet.from_unet(system.model.diffusion_model, hint_channels=3, downsampling_factor=FACTOR)
@@ -105,7 +102,9 @@ def test_zero_initialised_control_gives_the_base_images(base, controlled, edges)
     with_control = controlled.generate_tensors(PROMPTS, seed=0, control=edges, control_scale=1.0, **FAST)
     torch.testing.assert_close(with_control, plain, atol=1e-6, rtol=0)
     guess = controlled.generate_tensors(PROMPTS, seed=0, control=edges, guess_mode=True, **FAST)
-    torch.testing.assert_close(guess, plain, atol=1e-6, rtol=0)
+    # guess mode runs the two CFG branches as two calls of batch B (the hint only in one), the base one call of
+    # 2B: fp32 kernels differ by ~2e-6 between batch sizes
+    torch.testing.assert_close(guess, plain, atol=1e-5, rtol=0)
 
 
 def test_nonzero_control_changes_images_scale_zero_does_not(runs, base, edges):

@@ -20,7 +20,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm.train import REPO_ROOT
+from tests.paths import REPO_ROOT
+
+pytestmark = pytest.mark.slow  # subprocesses / compiles / end-to-end: `pytest -m "not slow"` skips them
 
 LINKED = ("configs", "stages", "scripts")
 FOLDER = "<folder>"
@@ -30,12 +32,12 @@ CACHE_SMOKE = ["cache.data.train.params.length=16", "cache.data.val.params.lengt
 # The smoke arguments of each command, by the first words of the command (longest prefix wins).
 SMOKE: dict[str, list[str]] = {
     "stages/train_vae.py": TRAIN_SMOKE + ["data.params.train.params.length=8", "data.params.val.params.length=4",
-                                          "model.params.sample_every_n_steps=0"],
+                                          "callbacks=[]"],
     "stages/train_vae.py --resume": ["trainer.max_steps=3"],
     "stages/cache_latents.py": CACHE_SMOKE,
-    "stages/train_ldm.py": TRAIN_SMOKE + CACHE_SMOKE + ["model.params.sample_every_n_steps=0"],
+    "stages/train_ldm.py": TRAIN_SMOKE + CACHE_SMOKE + ["callbacks=[]"],
     "stages/train_ldm.py --cfg configs/ldm/shapes-text.yaml --resume": ["trainer.max_steps=3"],
-    "stages/train_controlnet.py": TRAIN_SMOKE + CACHE_SMOKE + ["model.params.sample_every_n_steps=0"],
+    "stages/train_controlnet.py": TRAIN_SMOKE + CACHE_SMOKE + ["callbacks=[]"],
     "scripts/txt2img.py": ["--steps", "2", "--n", "1"],
     "scripts/evaluate.py vae": ["--n", "4"],
     "scripts/evaluate.py adherence": ["--n", "2", "--samplers", "ddim:2", "--no-speed", "--threads", "1"],

@@ -1,17 +1,16 @@
 """SD v1.x / v2.x U-Nets and ControlNet v1.0 built on the meta device match the public checkpoints' layouts."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from ldm.bench.mapping import diffusers_unet_config
-from ldm.config import load_config
-from ldm.unet.controlnet import ControlNet
-from ldm.unet.model import UNetModel
+from ldm.core.config import load_config
+from ldm.nets.controlnet import ControlNet
+from ldm.nets.unet.model import UNetModel
+from tests.paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 # The layouts live in the team's shared folder, beside the checkout or inside it (device machines).
 REFERENCE_DIRS = (REPO_ROOT.parent / "shared" / "reference", REPO_ROOT / "shared" / "reference")
 

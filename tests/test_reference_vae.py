@@ -4,8 +4,8 @@ import json
 
 import torch
 
-from ldm.autoencoder.model import AutoencoderKL
-from ldm.train import REPO_ROOT
+from ldm.nets.autoencoder.model import AutoencoderKL
+from tests.paths import REPO_ROOT
 
 REFERENCE = REPO_ROOT.parent / "shared" / "reference" / "sd_vae.json"
 PREFIX = "first_stage_model."
@@ -33,8 +33,8 @@ def test_sd_vae_keys_shapes_and_parameter_count():
 
 def test_gpu_config_builds_sd_layout():
     """configs/vae/kl-f8-256.yaml passes the config check and builds SD's VAE (LPIPS off: no VGG weights here)."""
-    from ldm.config import instantiate_from_config, load_config
-    from ldm.train import validate
+    from ldm.core.config import instantiate_from_config, load_config
+    from ldm.training.driver import validate
 
     cfg = load_config(REPO_ROOT / "configs" / "vae" / "kl-f8-256.yaml", ["model.params.loss.params.perceptual_weight=0"])
     validate(cfg)

@@ -6,11 +6,23 @@ from __future__ import annotations
 
 import signal
 
-from ldm.checkpoints import load_file
-from ldm.runs import CHECKPOINT_DIR
+import pytest
+
+from ldm.io.checkpoints import load_file
+from ldm.io.runs import CHECKPOINT_DIR
 from tests.conftest import TINY
 from tests.faults import read_probe
-from tests.procs import all_checkpoints_load, assert_same, finish, launch, logged, only_run, wait_until
+from tests.procs import (
+    all_checkpoints_load,
+    assert_same,
+    finish,
+    launch,
+    logged,
+    only_run,
+    wait_until,
+)
+
+pytestmark = pytest.mark.slow  # subprocesses / compiles / end-to-end: `pytest -m "not slow"` skips them
 
 STEPS = 8
 STEP_SLEEP_S = 0.4  # slows the probed run so the test can pick its moment

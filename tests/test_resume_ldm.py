@@ -7,14 +7,15 @@ import signal
 
 import pytest
 
-from ldm.callbacks import SAVE_DELAY_ENV
-from ldm.checkpoints import load_file
-from ldm.config import load_config
-from ldm.data.cache_setup import ensure_cache
-from ldm.runs import CHECKPOINT_DIR
+from ldm.core.config import load_config
+from ldm.io.checkpoints import load_file
+from ldm.io.runs import CHECKPOINT_DIR
+from ldm.training.cache import ensure_cache
 from tests.conftest import TINY
-from tests.procs import all_checkpoints_load, finish, launch, only_run, wait_until
+from tests.procs import all_checkpoints_load, finish, launch, only_run, slow_checkpoint_renames, wait_until
 from tests.test_resume import assert_matches_reference, probed_config
+
+pytestmark = pytest.mark.slow  # subprocesses / compiles / end-to-end: `pytest -m "not slow"` skips them
 
 SAVE_DELAY_S = 1.0  # the window, between writing a checkpoint's temporary file and renaming it, to kill in
 
@@ -24,7 +25,7 @@ def cache_args(tiny_vae_run, workdir):
     """Overrides pointing stage 2 at a latent cache of the session's tiny VAE (built once)."""
     args = [f"cache.vae={tiny_vae_run}", f"cache.dir={workdir / 'cache' / 'tiny-text'}"]
     ensure_cache(load_config(TINY / "ldm-text.yaml", args))
-    return args + ["model.params.sample_every_n_steps=0"]
+    return args + ["callbacks=[]"]
 
 
 def test_ldm_sigkill_while_writing_a_checkpoint_resumes_exactly(tmp_path, cache_args):
@@ -33,7 +34,7 @@ def test_ldm_sigkill_while_writing_a_checkpoint_resumes_exactly(tmp_path, cache_
     ref = launch("train_ldm", ["--cfg", ref_cfg, "--runs-dir", str(tmp_path / "ref"), *cache_args], tmp_path / "ref.log")
     log = tmp_path / "run.log"
     proc = launch("train_ldm", ["--cfg", run_cfg, "--runs-dir", str(tmp_path / "runs"), *cache_args], log,
-                  **{SAVE_DELAY_ENV: str(SAVE_DELAY_S)})
+                  **slow_checkpoint_renames(tmp_path / "inject", SAVE_DELAY_S))
 
     # Kill while step 6's checkpoint sits complete-but-unrenamed in its temporary file.
     def writing_step6() -> bool:

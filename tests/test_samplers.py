@@ -7,14 +7,13 @@ DDPM's linear betas (σ_max ≈ 157) make the N(0, σ_max²) start indistinguish
 
 import pytest
 import torch
+
+from ldm.diffusion.denoiser import Denoiser
+from ldm.diffusion.sampling import DEFAULT_SPACING, SAMPLERS, sample
+from ldm.diffusion.schedule import VPSchedule
 from tests.gaussian_data import MEAN, STD, channel_stats, ideal_model_fn, ideal_x0
 
-from ldm.diffusion.denoiser import make_denoiser
-from ldm.diffusion.sampling import DEFAULT_SPACING, SAMPLERS, sample
-from ldm.diffusion.schedule import NoiseSchedule
-from ldm.diffusion.spacing import get_sigmas
-
-SCHEDULE = NoiseSchedule("sqrt_linear", linear_start=1e-4, linear_end=0.02)
+SCHEDULE = VPSchedule("sqrt_linear", linear_start=1e-4, linear_end=0.02)
 SHAPE = (2, 8, 8)  # (C, H, W) of one sample; every dimension is an independent draw
 # Samples per moment check: the std's standard error is s/sqrt(2·N·H·W) ≈ 0.6 %. A small batch and
 # N·C·H·W < 32768 keep torch's ops single-threaded, much faster on a crowded 2-core machine.
@@ -48,7 +47,7 @@ def _exact_ode_solution(noise, sigma_max):
 @pytest.mark.parametrize("parameterization", ["eps", "v"])
 @pytest.mark.parametrize("name,steps,options,std_tol", MOMENT_CASES)
 def test_samples_match_the_data_moments(parameterization, name, steps, options, std_tol):
-    denoiser = make_denoiser(ideal_model_fn(SCHEDULE, parameterization), SCHEDULE, parameterization)
+    denoiser = Denoiser(ideal_model_fn(SCHEDULE, parameterization), SCHEDULE, parameterization)
     generator = torch.Generator().manual_seed(1)
     result = sample(name, denoiser, _noise(N), SCHEDULE, steps, generator=generator, **options)
     mean, std = channel_stats(result.x)
@@ -61,7 +60,7 @@ def test_make_denoiser_recovers_the_ideal_x0_for_every_parameterisation():
     for sigma in (0.05, 1.0, 30.0):
         expected = ideal_x0(x, torch.full((8,), sigma))
         for name in ("eps", "v", "x0"):
-            x0 = make_denoiser(ideal_model_fn(SCHEDULE, name), SCHEDULE, name)(x, torch.tensor(sigma))
+            x0 = Denoiser(ideal_model_fn(SCHEDULE, name), SCHEDULE, name)(x, torch.tensor(sigma))
             assert torch.allclose(x0, expected, atol=1e-3, rtol=1e-3), (name, sigma)
 
 
@@ -74,16 +73,16 @@ def test_make_denoiser_passes_continuous_or_quantised_t_and_cond():
 
     x = torch.ones(2, *SHAPE) * 5
     sigma = SCHEDULE.t_to_sigma(torch.tensor([10.4, 500.0]))
-    make_denoiser(model_fn, SCHEDULE, "eps")(x, sigma, context="c")
+    Denoiser(model_fn, SCHEDULE, "eps")(x, sigma, context="c")
     assert torch.allclose(seen["t"], torch.tensor([10.4, 500.0]), atol=1e-3) and seen["context"] == "c"
     assert torch.allclose(seen["x_t"], x / (1 + sigma.view(-1, 1, 1, 1) ** 2).sqrt())  # VE → VP input
-    make_denoiser(model_fn, SCHEDULE, "eps", quantize=True)(x, sigma)
+    Denoiser(model_fn, SCHEDULE, "eps", quantize=True)(x, sigma)
     assert seen["t"].tolist() == [10, 500]
 
 
 @pytest.mark.parametrize("name,order", [("euler", 1), ("ddim", 1), ("heun", 2), ("dpmpp_2m", 2)])
 def test_deterministic_samplers_converge_to_the_exact_ode_solution_at_their_order(name, order):
-    denoiser = make_denoiser(ideal_model_fn(SCHEDULE, "v"), SCHEDULE, "v")
+    denoiser = Denoiser(ideal_model_fn(SCHEDULE, "v"), SCHEDULE, "v")
     noise = _noise(64)
     errors = []
     for steps in (16, 32):
@@ -94,8 +93,8 @@ def test_deterministic_samplers_converge_to_the_exact_ode_solution_at_their_orde
 
 
 def test_known_equivalences_in_sigma_space():
-    denoiser = make_denoiser(ideal_model_fn(SCHEDULE, "eps"), SCHEDULE, "eps")
-    noise, sigmas = _noise(32), get_sigmas(SCHEDULE, 25, "trailing")
+    denoiser = Denoiser(ideal_model_fn(SCHEDULE, "eps"), SCHEDULE, "eps")
+    noise, sigmas = _noise(32), SCHEDULE.ladder(25, "trailing")
     x = noise * sigmas[0]
 
     def run(name, **options):
@@ -110,7 +109,7 @@ def test_known_equivalences_in_sigma_space():
 
 @pytest.mark.parametrize("name,options", [("ddpm", {}), ("euler_a", {}), ("ddim", {"eta": 0.7})])
 def test_stochastic_samplers_are_reproducible_per_seed(name, options):
-    denoiser = make_denoiser(ideal_model_fn(SCHEDULE, "eps"), SCHEDULE, "eps")
+    denoiser = Denoiser(ideal_model_fn(SCHEDULE, "eps"), SCHEDULE, "eps")
 
     def run(seed):
         generator = torch.Generator().manual_seed(seed)
@@ -123,7 +122,7 @@ def test_stochastic_samplers_are_reproducible_per_seed(name, options):
 
 
 def test_ddim_eta_zero_is_deterministic_given_the_noise():
-    denoiser = make_denoiser(ideal_model_fn(SCHEDULE, "eps"), SCHEDULE, "eps")
+    denoiser = Denoiser(ideal_model_fn(SCHEDULE, "eps"), SCHEDULE, "eps")
     torch.manual_seed(0)
     first = sample("ddim", denoiser, _noise(16), SCHEDULE, 20).x
     torch.manual_seed(1)
@@ -132,8 +131,8 @@ def test_ddim_eta_zero_is_deterministic_given_the_noise():
 
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_samplers_never_modify_the_callers_tensor(name):
-    denoiser = make_denoiser(ideal_model_fn(SCHEDULE, "eps"), SCHEDULE, "eps")
-    sigmas = get_sigmas(SCHEDULE, 5, DEFAULT_SPACING[name] if name != "ddpm" else "trailing")
+    denoiser = Denoiser(ideal_model_fn(SCHEDULE, "eps"), SCHEDULE, "eps")
+    sigmas = SCHEDULE.ladder(5, DEFAULT_SPACING[name] if name != "ddpm" else "trailing")
     x = _noise(4) * sigmas[0]
     before = x.clone()
     out = SAMPLERS[name](denoiser, x, sigmas, generator=torch.Generator().manual_seed(0))
@@ -142,19 +141,19 @@ def test_samplers_never_modify_the_callers_tensor(name):
 
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_nfe_and_callbacks(name):
-    denoiser = make_denoiser(ideal_model_fn(SCHEDULE, "eps"), SCHEDULE, "eps")
+    denoiser = Denoiser(ideal_model_fn(SCHEDULE, "eps"), SCHEDULE, "eps")
     steps, events = 8, []
     result = sample(name, denoiser, _noise(2), SCHEDULE, steps, generator=torch.Generator(), callback=events.append)
     assert result.nfe == (2 * steps - 1 if name == "heun" else steps)  # Heun: Euler on the last step
     assert [e["i"] for e in events] == list(range(steps))
     assert set(events[0]) == {"x", "i", "sigma", "sigma_next", "denoised"}
     assert result.sigmas.shape == (steps + 1,) and result.sigmas[-1] == 0
-    assert torch.allclose(result.sigmas, get_sigmas(SCHEDULE, steps, DEFAULT_SPACING[name]))
+    assert torch.allclose(result.sigmas, SCHEDULE.ladder(steps, DEFAULT_SPACING[name]))
 
 
 def test_sample_scales_noise_by_sigma_max_and_rejects_unknown_names(capsys):
     first_x = []
-    denoiser = make_denoiser(ideal_model_fn(SCHEDULE, "eps"), SCHEDULE, "eps")
+    denoiser = Denoiser(ideal_model_fn(SCHEDULE, "eps"), SCHEDULE, "eps")
     noise = _noise(2)
     sample("euler", denoiser, noise, SCHEDULE, 4, spacing="trailing", callback=lambda e: first_x.append(e["x"]),
            progress=True)
@@ -165,8 +164,8 @@ def test_sample_scales_noise_by_sigma_max_and_rejects_unknown_names(capsys):
 
 
 def test_zero_terminal_snr_v_model_samples_from_sigma_4096():
-    schedule = NoiseSchedule("linear", zero_terminal_snr=True)
-    denoiser = make_denoiser(ideal_model_fn(schedule, "v"), schedule, "v")
+    schedule = VPSchedule("linear", zero_terminal_snr=True)
+    denoiser = Denoiser(ideal_model_fn(schedule, "v"), schedule, "v")
     result = sample("ddim", denoiser, _noise(N), schedule, 50, spacing="trailing")
     assert result.sigmas[0].item() == pytest.approx(4096, rel=1e-3)
     mean, std = channel_stats(result.x)

@@ -5,14 +5,14 @@ import math
 import pytest
 import torch
 
-from ldm.config import ConfigError, instantiate_from_config
+from ldm.core.config import ConfigError, instantiate_from_config
 from ldm.diffusion.schedule import (
     ZERO_SNR_ALPHA_CUMPROD,
-    NoiseSchedule,
+    VPSchedule,
     make_betas,
     rescale_zero_terminal_snr,
 )
-from ldm.diffusion.spacing import get_sigmas, get_timesteps, karras_sigmas
+from ldm.diffusion.spacing import get_timesteps, karras_sigmas
 
 T = 1000
 
@@ -37,7 +37,7 @@ def test_sqrt_linear_is_diffusers_linear():
 
 def test_stable_diffusion_sigma_range():
     # k-diffusion's CompVisDenoiser reports σ_min ≈ 0.0292 and σ_max ≈ 14.6146 for SD's schedule.
-    schedule = NoiseSchedule("linear")
+    schedule = VPSchedule("linear")
     assert schedule.sigma_min.item() == pytest.approx(0.0292, abs=1e-4)
     assert schedule.sigma_max.item() == pytest.approx(14.6146, abs=1e-3)
     assert schedule.alphas_cumprod[-1].item() == pytest.approx(1 / (1 + 14.6146**2), rel=1e-3)
@@ -76,13 +76,13 @@ def test_rescale_zero_terminal_snr():
 
 
 def test_zero_terminal_snr_schedule_has_finite_sigma_max():
-    schedule = NoiseSchedule("linear", zero_terminal_snr=True)
+    schedule = VPSchedule("linear", zero_terminal_snr=True)
     assert schedule.alphas_cumprod[-1].item() == pytest.approx(0.0, abs=1e-12)
     assert schedule.sqrt_alphas_cumprod[-1].item() == 0.0
     expected = math.sqrt((1 - ZERO_SNR_ALPHA_CUMPROD) / ZERO_SNR_ALPHA_CUMPROD)  # ≈ 4096
     assert schedule.sigma_max.item() == pytest.approx(expected, rel=1e-5)
     assert torch.isfinite(schedule.sigmas).all() and (schedule.sigmas.diff() > 0).all()
-    assert schedule.snr(torch.tensor([T - 1])).item() == 0.0
+    assert schedule.snr(schedule.sigma_max).item() == pytest.approx(ZERO_SNR_ALPHA_CUMPROD, rel=1e-3)
 
 
 # ------------------------------------------------------------------------------------- σ ↔ t, SNR
@@ -90,7 +90,7 @@ def test_zero_terminal_snr_schedule_has_finite_sigma_max():
 
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
 def test_sigma_t_round_trip(kind):
-    schedule = NoiseSchedule(kind)
+    schedule = VPSchedule(kind)
     t = torch.tensor([0.0, 0.25, 1.0, 17.5, 500.0, 998.9, 999.0])
     assert torch.allclose(schedule.sigma_to_t(schedule.t_to_sigma(t)), t, atol=1e-3)
     ints = torch.arange(T)
@@ -99,7 +99,7 @@ def test_sigma_t_round_trip(kind):
 
 
 def test_sigma_to_t_interpolates_log_sigma_and_clamps():
-    schedule = NoiseSchedule("linear")
+    schedule = VPSchedule("linear")
     mid = (schedule.log_sigmas[10] * 0.3 + schedule.log_sigmas[11] * 0.7).exp()
     assert schedule.sigma_to_t(mid).item() == pytest.approx(10.7, abs=1e-3)
     assert schedule.sigma_to_t(torch.tensor([1e-6, 1e6])).tolist() == [0.0, T - 1]
@@ -107,27 +107,51 @@ def test_sigma_to_t_interpolates_log_sigma_and_clamps():
     assert schedule.sigma_to_t(grid).shape == (2, 3)
 
 
-def test_snr():
-    schedule = NoiseSchedule("linear")
+def test_snr_and_vp_coefficients_of_a_noise_level():
+    schedule = VPSchedule("linear")
     t = torch.tensor([0, 10, 999])
     ac = schedule.alphas_cumprod[t]
-    assert torch.allclose(schedule.snr(t), ac / (1 - ac))
-    assert torch.allclose(schedule.snr(t.float()), schedule.sigmas[t] ** -2, rtol=1e-4)
+    sigma = schedule.sigmas[t]
+    assert torch.allclose(schedule.snr(sigma), ac / (1 - ac), rtol=1e-4)  # 1 − ᾱ in fp32 at t = 0: ~3e-5
+    alpha, sigma_t = schedule.alpha_sigma(sigma)  # the table's own sqrt(ᾱ), sqrt(1 − ᾱ)
+    assert torch.allclose(alpha, schedule.sqrt_alphas_cumprod[t], rtol=1e-6)
+    assert torch.allclose(sigma_t, schedule.sqrt_one_minus_alphas_cumprod[t], rtol=1e-6)
+
+
+def test_timestep_is_the_exact_integer_at_every_table_sigma_and_continuous_between():
+    schedule = VPSchedule("linear", zero_terminal_snr=True)
+    ints = torch.arange(T)
+    assert torch.equal(schedule.timestep(schedule.sigmas), ints.float())
+    between = schedule.t_to_sigma(torch.tensor([10.4, 500.5]))
+    assert torch.allclose(schedule.timestep(between), torch.tensor([10.4, 500.5]), atol=1e-3)
+
+
+def test_training_draws_timesteps_uniformly_from_the_table():
+    schedule = VPSchedule("linear")
+    g = torch.Generator().manual_seed(0)
+    sigma = schedule.sample_sigmas(20000, g)
+    t = schedule.timestep(sigma)
+    assert torch.equal(t, t.round()) and t.min() >= 0 and t.max() <= T - 1
+    counts = torch.bincount(t.long(), minlength=T).float()  # 20 per timestep on average
+    assert counts.mean() == 20 and counts.std() < 6  # Poisson(20): std ≈ 4.5
+    # the same draws as DDPM's randint over timesteps with the same generator
+    expected = torch.randint(0, T, (20000,), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(t.long(), expected)
 
 
 def test_buffers_follow_ldm_names_and_stay_out_of_state_dict():
-    schedule = NoiseSchedule("linear")
+    schedule = VPSchedule("linear")
     names = dict(schedule.named_buffers())
     for name in ("betas", "alphas_cumprod", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "sigmas"):
         assert names[name].shape == (T,) and names[name].dtype == torch.float32
     assert schedule.state_dict() == {}
     assert torch.allclose(schedule.sqrt_alphas_cumprod**2 + schedule.sqrt_one_minus_alphas_cumprod**2, torch.ones(T))
-    rebuilt = NoiseSchedule.from_betas(schedule.betas)
+    rebuilt = VPSchedule.from_betas(schedule.betas)
     assert torch.allclose(rebuilt.sigmas, schedule.sigmas, rtol=1e-5)
 
 
 def test_schedule_builds_from_config():
-    node = {"target": "ldm.diffusion.schedule.NoiseSchedule",
+    node = {"target": "ldm.diffusion.schedule.VPSchedule",
             "params": {"kind": "cosine", "num_timesteps": 100, "zero_terminal_snr": True}}
     schedule = instantiate_from_config(node)
     assert schedule.num_timesteps == 100 and schedule.alphas_cumprod[-1] == 0
@@ -168,15 +192,15 @@ def test_linspace_spacing():
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
 def test_get_sigmas_reads_the_schedule_at_the_timesteps(spacing):
-    schedule = NoiseSchedule("linear")
-    sigmas = get_sigmas(schedule, 10, spacing)
+    schedule = VPSchedule("linear")
+    sigmas = schedule.ladder(10, spacing)
     assert sigmas.shape == (11,) and sigmas[-1] == 0 and (sigmas.diff() < 0).all()
     assert torch.equal(sigmas[:-1], schedule.sigmas[get_timesteps(T, 10, spacing)])
 
 
 def test_karras_sigmas():
-    schedule = NoiseSchedule("linear")
-    sigmas = get_sigmas(schedule, 10, "karras")
+    schedule = VPSchedule("linear")
+    sigmas = schedule.ladder(10, "karras")
     assert sigmas.shape == (11,) and sigmas[-1] == 0 and (sigmas.diff() < 0).all()
     assert sigmas[0].item() == pytest.approx(schedule.sigma_max.item(), rel=1e-5)
     assert sigmas[-2].item() == pytest.approx(schedule.sigma_min.item(), rel=1e-5)

@@ -129,7 +129,7 @@ def _fake_run(root: Path, model_target: str) -> Path:
 def test_evaluate_errors_are_one_line(tmp_path, capsys):
     cases = [
         (["vae", "--run", str(tmp_path / "missing")], "run not found"),
-        (["vae", "--run", str(_fake_run(tmp_path, "ldm.unet.model.UNetModel"))], "is not a VAE run"),
+        (["vae", "--run", str(_fake_run(tmp_path, "ldm.nets.unet.model.UNetModel"))], "is not a VAE run"),
         (["vae", "--run", str(tmp_path / "missing"), "--n", "many"], "invalid int value"),
         (["nonsense"], "invalid choice"),
     ]
@@ -143,7 +143,7 @@ def test_evaluate_errors_are_one_line(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def vae_run(tmp_path_factory):
-    from ldm.train import train
+    from ldm.training.driver import train
 
     runs = tmp_path_factory.mktemp("runs")
     cfg = str(REPO / "configs" / "tiny" / "vae.yaml")
@@ -171,6 +171,7 @@ def test_evaluate_vae_end_to_end(vae_run, tmp_path, capsys):
     assert e.value.code == 2 and "--n must be a positive" in _error_line(capsys)
 
 
+@pytest.mark.slow
 def test_evaluate_cli_exit_code_without_traceback(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "evaluate.py"), "vae", "--run", str(tmp_path / "x")],
                             capture_output=True, text=True, cwd=tmp_path)

@@ -6,12 +6,13 @@ import json
 import pytest
 import torch
 
-from ldm.checkpoints import CONTROL_PREFIX, UNET_PREFIX, VAE_PREFIX
-from ldm.conditioning.openclip import FrozenOpenCLIP
-from ldm.config import check_config, load_config
-from ldm.sd import SD_CONFIG_DIR, ControlLDM, build_sd
-from ldm.sd_export import public_state_dict, text_layout_for
-from ldm.train import REPO_ROOT
+from ldm.core.config import check_config, load_config
+from ldm.inference.export import public_state_dict, text_layout_for
+from ldm.inference.sd import SD_CONFIG_DIR, build_sd
+from ldm.io.checkpoints import CONTROL_PREFIX, UNET_PREFIX, VAE_PREFIX
+from ldm.nets.conditioning.openclip import FrozenOpenCLIP
+from ldm.systems.controlnet import ControlLDM
+from tests.paths import REPO_ROOT
 
 CONFIGS = ["v1-inference", "v2-inference", "v2-inference-v", "controlnet-v1"]
 SD_SCALE_FACTOR = 0.18215

@@ -10,13 +10,18 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.checkpoints import CheckpointError, load_file
-from ldm.config import ConfigError, check_config, instantiate_from_config, load_config
-from ldm.data.cache_setup import make_cache
-from ldm.errors import UserError
-from ldm.pipeline import Pipeline
-from ldm.runs import CHECKPOINT_DIR
-from ldm.train import EXIT_BAD_INPUT, train
+from ldm.core.config import (
+    ConfigError,
+    check_config,
+    load_config,
+)
+from ldm.core.errors import UserError
+from ldm.inference.loaders import build_system
+from ldm.inference.pipeline import Pipeline
+from ldm.io.checkpoints import CheckpointError, load_file
+from ldm.io.runs import CHECKPOINT_DIR
+from ldm.training.cache import make_cache
+from ldm.training.driver import EXIT_BAD_INPUT, train
 from scripts import txt2img
 from tests.conftest import TINY
 from tests.test_checkpoints import WritesAFile
@@ -77,8 +82,7 @@ def test_a_stage2_config_naming_a_poisoned_vae_run_refuses(evil, tiny_vae_run, t
     with pytest.raises(CheckpointError, match="--unsafe-load"):
         make_cache(cfg, progress=False)
     with pytest.raises(CheckpointError, match="would run code"):  # a VAE named directly as the model's first stage
-        instantiate_from_config({**cfg["model"], "params": {**cfg["model"]["params"], "first_stage": str(vae)}},
-                                "model")
+        build_system({**cfg["model"], "params": {**cfg["model"]["params"], "first_stage": str(vae)}})
     assert not marker.exists()
 
 
@@ -86,7 +90,7 @@ def test_a_stage2_config_naming_a_poisoned_vae_run_refuses(evil, tiny_vae_run, t
     "os.system", "builtins.exec", "subprocess.Popen", "pickle.loads",  # outside the allowed packages
     "torch.hub.load", "torch.load", "torch.serialization.load", "torch.utils.cpp_extension.load_inline",
     "torch.ops.load_library", "torch.package.PackageImporter", "lightning.pytorch.cli.instantiate_class",
-    "ldm.checkpoints.load_file", "ldm.safe_pickle.torch_load", "torch._C._jit_pass_inline",
+    "ldm.io.checkpoints.load_file", "ldm.io.safe_pickle.torch_load", "torch._C._jit_pass_inline",
 ])
 def test_config_targets_that_would_run_code_are_refused(target, monkeypatch):
     monkeypatch.setenv("LDM_ALLOW_TARGETS", "os.,builtins.,subprocess.,pickle.")  # widening the list…

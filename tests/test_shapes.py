@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.config import ConfigError, instantiate_from_config
+from ldm.core.config import ConfigError, instantiate_from_config
 from ldm.data import edges
 from ldm.data.shapes import (
     CAPTION_TEMPLATES,
@@ -54,6 +54,7 @@ def test_deterministic_per_index_and_seed():
     assert _digest(a, 16) != _digest(ShapesDataset(length=N, seed=2), 16)
 
 
+@pytest.mark.slow
 def test_same_items_in_another_process():
     code = (
         "from ldm.data.shapes import ShapesDataset; import tests.test_shapes as t; "

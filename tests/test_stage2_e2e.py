@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from ldm.config import load_config
-from ldm.data.cache_setup import ensure_cache, make_cache
+from ldm.core.config import load_config
 from ldm.data.latents import CacheError, LatentDataset, read_meta
-from ldm.train import train
+from ldm.training.cache import ensure_cache, make_cache
+from ldm.training.driver import train
 from tests.conftest import TINY
 
 

@@ -8,13 +8,15 @@ import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
-from ldm.checkpoints import load_file, state_dict_of
-from ldm.data.cache_setup import ensure_cache
-from ldm.pipeline import Pipeline
-from ldm.torch_compile import compile_network, compiler_problem, is_compiled
-from ldm.train import train
+from ldm.inference.pipeline import Pipeline
+from ldm.io.checkpoints import load_file, state_dict_of
+from ldm.nets.compile import compile_network, compiler_problem, is_compiled
+from ldm.training.cache import ensure_cache
+from ldm.training.driver import train
 from tests.conftest import TINY
 from tests.scripts import load_script
+
+pytestmark = pytest.mark.slow  # subprocesses / compiles / end-to-end: `pytest -m "not slow"` skips them
 
 needs_compiler = pytest.mark.skipif(compiler_problem("cpu") is not None, reason="no C++ compiler for TorchInductor")
 PROMPTS = ["a red circle on a blue background", "a green square on a white background"]
@@ -36,7 +38,7 @@ def test_a_missing_cpu_compiler_is_named_before_anything_compiles(monkeypatch):
 
 def test_txt2img_compile_without_a_compiler_is_a_one_line_error(monkeypatch, tiny_ldm_run, tmp_path, capsys):
     txt2img = load_script("txt2img")
-    monkeypatch.setattr("ldm.torch_compile.compiler_problem", lambda device: "no C++ compiler here")
+    monkeypatch.setattr("ldm.nets.compile.compiler_problem", lambda device: "no C++ compiler here")
     code = txt2img.main(["--run", str(tiny_ldm_run), "--prompt", PROMPTS[0], "--steps", "2", "--compile",
                          "--out", str(tmp_path)])
     assert code == 2
@@ -45,7 +47,7 @@ def test_txt2img_compile_without_a_compiler_is_a_one_line_error(monkeypatch, tin
 
 
 def test_compile_true_without_a_compiler_stops_before_training(monkeypatch, workdir, tiny_vae_run, capsys):
-    monkeypatch.setattr("ldm.train.compiler_problem", lambda device: f"no C++ compiler for {device}")
+    monkeypatch.setattr("ldm.training.driver.compiler_problem", lambda device: f"no C++ compiler for {device}")
     cfg = str(TINY / "ldm-text.yaml")
     argv = ["--cfg", cfg, "--runs-dir", str(workdir / "no-compiler-runs"), "model.params.compile=true",
             f"cache.vae={tiny_vae_run}", f"cache.dir={workdir / 'cache' / 'tiny-text'}"]
@@ -91,7 +93,7 @@ def test_training_with_compile_true_writes_plain_checkpoints(workdir, tiny_vae_r
     cfg = str(TINY / "ldm-text.yaml")
     counters["stats"].clear()
     argv = ["--cfg", cfg, "--runs-dir", str(workdir / "compiled-runs"), "model.params.compile=true",
-            "trainer.max_steps=2", "model.params.sample_every_n_steps=0",
+            "trainer.max_steps=2", "callbacks=[]",
             f"cache.vae={tiny_vae_run}", f"cache.dir={workdir / 'cache' / 'tiny-text'}"]
     run = train("ldm", cfg, argv, before_build=ensure_cache)
     assert counters["stats"]["unique_graphs"] >= 1  # the U-Net ran compiled

@@ -5,8 +5,8 @@ import csv
 import pytest
 import torch
 
-from ldm.callbacks import AtomicCheckpointIO
-from ldm.train import train
+from ldm.training.callbacks import AtomicCheckpointIO
+from ldm.training.driver import train
 
 TOY_CONFIG = """
 name: toy

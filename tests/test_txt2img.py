@@ -8,7 +8,7 @@ import sys
 import pytest
 from PIL import Image
 
-from ldm.train import REPO_ROOT
+from tests.paths import REPO_ROOT
 from tests.scripts import load_script
 from tests.test_pipeline import tiny_class_run  # noqa: F401  (a session fixture shared with the pipeline tests)
 
@@ -117,6 +117,7 @@ def test_too_long_prompt_warns_once(tiny_ldm_run, tmp_path, capsys):
     assert len(warnings) == 1 and "truncated" in warnings[0]
 
 
+@pytest.mark.slow
 def test_command_line_in_a_subprocess(tiny_ldm_run, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     command = [sys.executable, str(SCRIPT), "--run", str(tiny_ldm_run), "--prompt", "a red circle", "--seed", "3",

@@ -10,12 +10,12 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from ldm.config import ConfigError
-from ldm.pipeline import guess_sd_config
-from ldm.pipeline_load import CONTEXT_KEY, SD_CONFIG_DIR
+from ldm.core.config import ConfigError
+from ldm.inference.pipeline import guess_sd_config
+from ldm.inference.sd import CONTEXT_KEY, SD_CONFIG_DIR
+from tests.scripts import load_script
 from tests.sd_toy import tiny_config
 from tests.test_pipeline_control import edges, runs, sd_files  # noqa: F401  (module fixtures shared)
-from tests.scripts import load_script
 from tests.test_txt2img import pngs
 
 txt2img = load_script("txt2img")

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from ldm.config import ConfigError, instantiate_from_config
-from ldm.unet.attention import set_attention_backend
-from ldm.unet.blocks import timestep_embedding
-from ldm.unet.model import UNetModel
+from ldm.core.config import ConfigError, instantiate_from_config
+from ldm.nets.unet.attention import set_attention_backend
+from ldm.nets.unet.blocks import timestep_embedding
+from ldm.nets.unet.model import UNetModel
 
 CONTEXT_DIM = 16
 TINY = dict(
@@ -192,13 +192,13 @@ def test_bad_arguments_are_clear_errors(overrides, message):
 
 
 def test_builds_from_a_config_node_and_rejects_bad_types():
-    node = {"target": "ldm.unet.model.UNetModel", "params": {**TINY, "attention": "sdpa"}}
+    node = {"target": "ldm.nets.unet.model.UNetModel", "params": {**TINY, "attention": "sdpa"}}
     model = instantiate_from_config(node, "model.params.unet")
     assert isinstance(model, UNetModel) and model.config["channel_mult"] == [1, 2]
-    bad = {"target": "ldm.unet.model.UNetModel", "params": {**TINY, "channel_mult": "1,2"}}
+    bad = {"target": "ldm.nets.unet.model.UNetModel", "params": {**TINY, "channel_mult": "1,2"}}
     with pytest.raises(ConfigError, match="unet.params.channel_mult: expected Sequence"):  # caught by the type hints
         instantiate_from_config(bad, "model.params.unet")
     with pytest.raises(ConfigError, match="params.attention: expected"):
-        instantiate_from_config({"target": "ldm.unet.model.UNetModel", "params": {**TINY, "attention": "x"}})
+        instantiate_from_config({"target": "ldm.nets.unet.model.UNetModel", "params": {**TINY, "attention": "x"}})
     with pytest.raises(ConfigError, match="params.context_dim: expected int"):
-        instantiate_from_config({"target": "ldm.unet.model.UNetModel", "params": {**TINY, "context_dim": 16.5}})
+        instantiate_from_config({"target": "ldm.nets.unet.model.UNetModel", "params": {**TINY, "context_dim": 16.5}})

@@ -6,9 +6,18 @@ import urllib.error
 import pytest
 import torch
 
-from ldm.autoencoder.discriminator import NLayerDiscriminator, hinge_d_loss, vanilla_d_loss
-from ldm.autoencoder.losses import VGG16_FILE, LPIPSWithDiscriminator, PerceptualWeightsUnavailable, adaptive_weight
-from ldm.autoencoder.model import AutoencoderKL
+from ldm.nets.autoencoder.discriminator import (
+    NLayerDiscriminator,
+    hinge_d_loss,
+    vanilla_d_loss,
+)
+from ldm.nets.autoencoder.losses import (
+    VGG16_FILE,
+    LPIPSWithDiscriminator,
+    PerceptualWeightsUnavailable,
+    adaptive_weight,
+)
+from ldm.systems.autoencoder import AutoencoderKLSystem
 
 DDCONFIG = dict(double_z=True, z_channels=4, resolution=16, in_channels=3, out_ch=3, ch=8, ch_mult=[1, 2],
                 num_res_blocks=1, attn_resolutions=[], dropout=0.0)
@@ -18,7 +27,7 @@ def make(disc_start=0, **kw):
     torch.manual_seed(0)
     params = dict(disc_start=disc_start, kl_weight=1e-3, perceptual_weight=0.0, disc_num_layers=2, disc_ndf=8)
     loss = LPIPSWithDiscriminator(**{**params, **kw})
-    return AutoencoderKL(DDCONFIG, embed_dim=4, loss=loss), loss
+    return AutoencoderKLSystem(DDCONFIG, embed_dim=4, loss=loss), loss
 
 
 def test_generator_loss_terms():

@@ -2,7 +2,7 @@
 bf16 SDPA kernel, at the sequence lengths of the benchmark U-Net and of the shapes-text default.
 
 PyTorch's CPU flash-attention backward in bf16 is slower than in fp32 at these sizes, so
-``ldm.unet.attention`` upcasts CPU training calls; this measurement is the evidence (and tells when a new
+``ldm.nets.unet.attention`` upcasts CPU training calls; this measurement is the evidence (and tells when a new
 torch release makes the upcast unnecessary).
 """
 
@@ -17,7 +17,7 @@ from ldm.bench.report import Row
 from ldm.bench.sizes import BenchSizes
 from ldm.bench.steps import Options
 from ldm.bench.timing import paired_medians
-from ldm.unet.attention import attention, merge_heads, split_heads
+from ldm.nets.unet.attention import attention, merge_heads, split_heads
 
 # configs/ldm/shapes-text.yaml: batch 64, 64-channel level at 8×8 latents, 32-channel heads, 16 caption tokens.
 SHAPES_TEXT_SITES = (("shapes-text self", 64, 2, 64, 64, 32), ("shapes-text cross", 64, 2, 64, 16, 32))
@@ -55,7 +55,7 @@ def torch_bf16(heads: int) -> Callable:
 
 
 def measure_attention(sizes: BenchSizes, opts: Options, precisions: Sequence[str]) -> list[Row]:
-    """Calls/s of attention fwd+bwd with bf16 inputs: ``ldm.unet.attention`` vs torch's bf16 kernel (bf16 only)."""
+    """Calls/s of attention fwd+bwd with bf16 inputs: ``ldm.nets.unet.attention`` vs torch's bf16 kernel (bf16 only)."""
     rows: list[Row] = []
     if "bf16" not in precisions:
         return rows

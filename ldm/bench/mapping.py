@@ -59,7 +59,7 @@ def diffusers_unet_config(params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def diffusers_vae_config(ddconfig: Mapping[str, Any], embed_dim: int) -> dict[str, Any]:
-    """Keyword arguments of diffusers' ``AutoencoderKL`` for ``ldm.autoencoder.model.AutoencoderKL(ddconfig, embed_dim)``."""
+    """Keyword arguments of diffusers' ``AutoencoderKL`` for ``ldm.systems.autoencoder.AutoencoderKL(ddconfig, embed_dim)``."""
     if list(ddconfig.get("attn_resolutions", [])):
         raise ValueError("ddconfig.attn_resolutions must be empty: diffusers' AutoencoderKL has attention only mid-block")
     if ddconfig["z_channels"] != embed_dim:

@@ -14,7 +14,6 @@ from typing import Callable, Sequence
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from ldm.autoencoder.model import AutoencoderKL
 from ldm.bench.report import Row
 from ldm.bench.sizes import LATENT_CHANNELS, SD_SCALE_FACTOR, BenchSizes
 from ldm.bench.steps import (
@@ -37,13 +36,17 @@ from ldm.bench.timing import (
     peak_memory_bytes,
 )
 from ldm.bench.twins import count_parameters, diffusers_vae_like, max_relative_error
-from ldm.optim import fused_supported
-from ldm.torch_compile import compile_network
-from ldm.unet.model import UNetModel
+from ldm.core.dtypes import resolve_dtype
+from ldm.diffusion import DiffusionObjective, VPSchedule
+from ldm.nets.autoencoder.model import AutoencoderKL
+from ldm.nets.compile import compile_network
+from ldm.nets.conditioning.embedders import ClassEmbedder
+from ldm.nets.unet.model import UNetModel
+from ldm.systems.latent_diffusion import LatentDiffusion
+from ldm.systems.optim import fused_supported
 
 GIGA = 1e9
 MEBI = 2**20
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PROFILE_ROWS = 25
 MEMORY_ROW = "U-Net train step peak memory beyond weights, grads, AdamW state"
 
@@ -96,7 +99,7 @@ def measure_unet(sizes: BenchSizes, opts: Options, precisions: Sequence[str], no
     notes.append(f"U-Net: {count_parameters(ours):,} parameters on both sides (checked equal); outputs agree to "
                  f"{error:.1e} (max relative); {flops['ours'] / GIGA:.3g} GFLOP per training step "
                  f"(diffusers: {flops['theirs'] / GIGA:.3g}), counted by torch.utils.flop_counter. Each side steps AdamW as "
-                 "its project trains: ours fused (ldm.optim), diffusers' scripts torch's default.")
+                 "its project trains: ours fused (ldm.systems.optim), diffusers' scripts torch's default.")
     models = {"ours": maybe_compile(ours, opts), "theirs": maybe_compile(theirs, opts)}
     rows = []
     for precision in precisions:
@@ -104,7 +107,7 @@ def measure_unet(sizes: BenchSizes, opts: Options, precisions: Sequence[str], no
         sec = paired_medians(steps, opts.device, opts.warmup, opts.repeats)
         rows.append(Row("U-Net train step (fwd+bwd+AdamW), ours vs diffusers", 1 / sec["ours"], 1 / sec["theirs"],
                         "steps/s", precision))
-        peak = matmul_peak_flops(opts.device, DTYPES[precision], sizes.matmul_size, opts.warmup, opts.repeats) / GIGA
+        peak = matmul_peak_flops(opts.device, resolve_dtype(precision), sizes.matmul_size, opts.warmup, opts.repeats) / GIGA
         for name, who in (("ours", "ours"), ("theirs", "diffusers")):
             rows.append(Row(f"U-Net step achieved FLOP/s ({who}) vs {opts.device.type} {sizes.matmul_size}² matmul",
                             flops[name] / sec[name] / GIGA, peak, "GFLOP/s", precision))
@@ -134,7 +137,7 @@ def measure_checkpointing(sizes: BenchSizes, opts: Options, precisions: Sequence
 
 
 def measure_compiled_step(sizes: BenchSizes, opts: Options, precisions: Sequence[str]) -> list[Row]:
-    """Our U-Net training step compiled as ``compile: true`` does (ldm.torch_compile) vs eager, same weights."""
+    """Our U-Net training step compiled as ``compile: true`` does (ldm.nets.compile) vs eager, same weights."""
     eager, _ = unet_pair(sizes, opts)
     compiled = compile_network(copy.deepcopy(eager), opts.device)
     inputs = unet_inputs(sizes, opts)
@@ -208,14 +211,10 @@ def measure_vae(sizes: BenchSizes, opts: Options, precisions: Sequence[str], not
 
 def measure_stage2(sizes: BenchSizes, opts: Options, precisions: Sequence[str], notes: list[str]) -> list[Row]:
     """LatentDiffusion.training_step + backward + AdamW on cached posteriors vs encoding images on the fly."""
-    from ldm.conditioning.embedders import ClassEmbedder
-    from ldm.diffusion import NoiseSchedule
-    from ldm.systems.latent_diffusion import LatentDiffusion
-
     torch.manual_seed(0)
     system = LatentDiffusion(
         unet=UNetModel(**sizes.unet), cond_stage=ClassEmbedder(sizes.num_classes, sizes.context_dim),
-        schedule=NoiseSchedule(), use_ema=False,
+        objective=DiffusionObjective(VPSchedule()), use_ema=False,
         first_stage=AutoencoderKL(sizes.vae, embed_dim=LATENT_CHANNELS, channels_last=True),
         scale_factor=SD_SCALE_FACTOR,
     )

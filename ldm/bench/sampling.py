@@ -16,9 +16,9 @@ from ldm.bench.sizes import GUIDANCE_SCALE, LATENT_CHANNELS, SAMPLING_STEPS, Ben
 from ldm.bench.steps import NUM_TRAIN_TIMESTEPS, Options, place_input, unet_pair
 from ldm.bench.timing import paired_medians
 from ldm.bench.twins import max_relative_error
-from ldm.diffusion import NoiseSchedule, cfg_denoiser, make_denoiser, sample
+from ldm.diffusion import Denoiser, VPSchedule, sample_latents
 from ldm.diffusion.schedule import SD_LINEAR_END, SD_LINEAR_START
-from ldm.torch_compile import compile_network
+from ldm.nets.compile import compile_network
 
 SAMPLER = "dpmpp_2m"
 
@@ -57,7 +57,7 @@ def measure_sampling(sizes: BenchSizes, opts: Options, precisions: Sequence[str]
     ours, theirs = (m.eval() for m in unet_pair(sizes, opts))
     compiled = {name: compile_network(copy.deepcopy(m), opts.device, inference=True)
                 for name, m in (("ours", ours), ("theirs", theirs))}
-    schedule = NoiseSchedule().to(opts.device)  # SD's betas, as the diffusers scheduler's
+    schedule = VPSchedule().to(opts.device)  # SD's betas, as the diffusers scheduler's
     scheduler = diffusers_scheduler()
     g = torch.Generator().manual_seed(4)
     b, h = sizes.batch, sizes.latent_size
@@ -65,9 +65,9 @@ def measure_sampling(sizes: BenchSizes, opts: Options, precisions: Sequence[str]
     cond, uncond = (torch.randn(b, sizes.tokens, sizes.context_dim, generator=g).to(opts.device) for _ in range(2))
 
     def ours_loop(model: nn.Module) -> Callable[[], Tensor]:
-        denoiser = cfg_denoiser(make_denoiser(model, schedule, "eps"), {"context": cond}, {"context": uncond},
-                                GUIDANCE_SCALE)
-        return lambda: sample(SAMPLER, denoiser, noise, schedule, SAMPLING_STEPS).x
+        denoiser = Denoiser(model, schedule, "eps")
+        return lambda: sample_latents(denoiser, noise, {"context": cond}, {"context": uncond}, sampler=SAMPLER,
+                                      steps=SAMPLING_STEPS, guidance=GUIDANCE_SCALE).x
 
     def theirs_loop(model: nn.Module) -> Callable[[], Tensor]:
         return lambda: diffusers_sample(model, scheduler, noise, cond, uncond, GUIDANCE_SCALE, SAMPLING_STEPS)
@@ -87,7 +87,7 @@ def measure_sampling(sizes: BenchSizes, opts: Options, precisions: Sequence[str]
                  f"{SAMPLING_STEPS} U-Net calls on both sides), {b} images of {h}×{h} latents; fp32 samples of the two "
                  f"stacks from the same noise agree to {error:.1e} (max relative: the σ ladders differ, ours ends "
                  f"at t = 0 as k-diffusion's linspace, diffusers' at t ≈ T/steps).")
-    notes.append(f"Compiled sampling: both U-Nets by ldm.torch_compile.compile_network(inference=True) (TorchInductor, "
+    notes.append(f"Compiled sampling: both U-Nets by ldm.nets.compile.compile_network(inference=True) (TorchInductor, "
                  f"frozen weights), as Pipeline.compile() / txt2img.py --compile; the first fp32 sampling call "
                  f"(compiling included) took {first_call['ours']:.0f} s (ours) and {first_call['theirs']:.0f} s "
                  f"(diffusers); compiled samples agree with eager ones to {agreement['ours']:.1e} / "

@@ -13,8 +13,8 @@ from torch import Tensor, nn
 
 from ldm.bench.sizes import BenchSizes
 from ldm.bench.twins import diffusers_unet_like
-from ldm.optim import fused_supported
-from ldm.unet.model import UNetModel
+from ldm.nets.unet.model import UNetModel
+from ldm.systems.optim import fused_supported
 
 LEARNING_RATE = 1e-4
 NUM_TRAIN_TIMESTEPS = 1000
@@ -104,7 +104,7 @@ def train_step(model: nn.Module, inputs: dict[str, Tensor], opts: Options, preci
                keep_grads: bool = False, fused: bool = False) -> Callable[[], None]:
     """One training step of ``model(x, t, context)``: forward (autocast per precision), MSE, backward, AdamW.
 
-    ``fused``: torch's fused AdamW kernel, as this project's systems use it (``ldm.optim``); diffusers' training
+    ``fused``: torch's fused AdamW kernel, as this project's systems use it (``ldm.systems.optim``); diffusers' training
     scripts use the default.
 
     ``keep_grads`` zeroes the gradients in place instead of freeing them, so that after a first step the

@@ -6,11 +6,10 @@ gradient), as ControlNet's Canny annotator does: two colours of equal grey level
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
-
-import cv2
 
 # ControlNet v1.x's Canny annotator defaults (hysteresis thresholds on the Sobel gradient magnitude).
 DEFAULT_CANNY_LOW = 100

@@ -28,8 +28,8 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from ldm.core.images import from_pil
 from ldm.data.edges import hint_from_image
-from ldm.images import from_pil
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CAPTION_MODES = ("auto", "metadata", "txt", "subfolders")

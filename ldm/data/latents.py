@@ -25,8 +25,9 @@ from safetensors import safe_open
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ldm.checkpoints import save_file_atomic
-from ldm.errors import UserError
+from ldm.core.atomic import write_text_atomic
+from ldm.core.errors import UserError
+from ldm.io.checkpoints import save_file_atomic
 
 META_FILE = "meta.json"
 SHARD_PATTERN = "shard-{:05d}"
@@ -40,9 +41,7 @@ class CacheError(UserError, RuntimeError):
 
 
 def _write_json_atomic(data: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=1))
 
 
 def read_meta(cache_dir: str | os.PathLike) -> dict:

@@ -14,12 +14,11 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from ldm.core.images import from_pil
 from ldm.data.edges import DEFAULT_CANNY_HIGH, DEFAULT_CANNY_LOW, edge_hint
-from ldm.images import from_pil
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 

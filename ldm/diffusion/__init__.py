@@ -1,26 +1,32 @@
-"""Diffusion maths as plain functions: schedules, parameterisations, loss, samplers, guidance."""
+"""Diffusion maths as plain functions and small objects: schedules, parameterisations, the denoiser, the
+objective, guidance, samplers and the one sampling core."""
 
-from ldm.diffusion.denoiser import make_denoiser
+from ldm.diffusion.denoiser import Denoiser
 from ldm.diffusion.guidance import cfg_denoiser
-from ldm.diffusion.loss import diffusion_loss, diffusion_loss_terms
+from ldm.diffusion.objective import DiffusionObjective
 from ldm.diffusion.parameterization import PARAMETERIZATIONS, get_parameterization
-from ldm.diffusion.sampling import DEFAULT_SPACING, SAMPLERS, sample
-from ldm.diffusion.schedule import NoiseSchedule, make_betas, rescale_zero_terminal_snr
-from ldm.diffusion.spacing import get_sigmas, get_timesteps
+from ldm.diffusion.sampling import DEFAULT_SPACING, SAMPLERS, sample, sample_latents
+from ldm.diffusion.schedule import (
+    Schedule,
+    VPSchedule,
+    make_betas,
+    rescale_zero_terminal_snr,
+)
+from ldm.diffusion.spacing import get_timesteps
 
 __all__ = [
     "DEFAULT_SPACING",
-    "NoiseSchedule",
+    "Denoiser",
+    "DiffusionObjective",
     "PARAMETERIZATIONS",
     "SAMPLERS",
+    "Schedule",
+    "VPSchedule",
     "cfg_denoiser",
-    "diffusion_loss",
-    "diffusion_loss_terms",
     "get_parameterization",
-    "get_sigmas",
     "get_timesteps",
     "make_betas",
-    "make_denoiser",
     "rescale_zero_terminal_snr",
     "sample",
+    "sample_latents",
 ]

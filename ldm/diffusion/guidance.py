@@ -2,8 +2,8 @@
 
 D_cfg(x, σ) = D(x, σ | uncond) + s·(D(x, σ | cond) − D(x, σ | uncond)). Guidance is affine with
 weights summing to 1, so it is the same in x0, ε or v space; rescaling is not, and follows diffusers'
-``rescale_noise_cfg`` (Lin et al. 2023, §3.4, eq. 15–16) in the space named by ``rescale_space``
-(the model's own prediction space: "eps" for ε-models, "v" for v-models; default "eps").
+``rescale_noise_cfg`` (Lin et al. 2023, §3.4, eq. 15–16) in the model's own prediction space (ε for
+ε-models, v for v-models), which a ``Denoiser`` knows.
 
 Conditioning contract (``cond`` / ``uncond`` are keyword dicts for ``denoiser(x, σ, **cond)``):
 
@@ -23,8 +23,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ldm.diffusion.denoiser import Denoiser, append_dims, batch_sigma
-from ldm.diffusion.parameterization import get_parameterization
+from ldm.diffusion.denoiser import Denoiser, DenoiserFn, batch_sigma
 
 STD_EPS = 1e-12  # guards the rescale division when a prediction is constant
 
@@ -51,32 +50,25 @@ def _concat(uncond: Any, cond: Any, key: str) -> Any:
     return cond
 
 
-def rescale_guidance(
-    x0_cfg: Tensor, x0_cond: Tensor, x: Tensor, sigma: Tensor, rescale: float, space: str = "eps"
-) -> Tensor:
+def rescale_guidance(denoiser: Denoiser, x0_cfg: Tensor, x0_cond: Tensor, x: Tensor, sigma: Tensor,
+                     rescale: float) -> Tensor:
     """Lin et al. 2023 eq. 15–16: match the guided prediction's std to the conditional one's, blend by ``rescale``."""
-    param = get_parameterization(space)
-    s = append_dims(sigma, x.ndim)  # (B, 1, 1, 1)
-    alpha, sigma_vp = (1 + s**2).rsqrt(), s * (1 + s**2).rsqrt()  # VP coefficients of VE σ
-    x_t = x * alpha
-    pred_cfg, pred_cond = (param.from_x0(x0, x_t, alpha, sigma_vp) for x0 in (x0_cfg, x0_cond))
+    pred_cfg, pred_cond = (denoiser.output_for(x0, x, sigma) for x0 in (x0_cfg, x0_cond))
     dims = list(range(1, x.ndim))
     std_cond, std_cfg = pred_cond.std(dim=dims, keepdim=True), pred_cfg.std(dim=dims, keepdim=True)
     rescaled = pred_cfg * (std_cond / std_cfg.clamp(min=STD_EPS))  # eq. 15
     pred = rescale * rescaled + (1 - rescale) * pred_cfg  # eq. 16
-    return param.to_x0(pred, x_t, alpha, sigma_vp)
+    return denoiser.x0_for(pred, x, sigma)
 
 
-def cfg_denoiser(
-    denoiser: Denoiser,
-    cond: dict,
-    uncond: dict,
-    scale: float,
-    rescale: float = 0.0,
-    rescale_space: str = "eps",
-) -> Callable[[Tensor, Tensor], Tensor]:
-    """A ``denoiser(x, sigma) → x0`` applying classifier-free guidance of ``scale`` (contract: module docstring)."""
-    get_parameterization(rescale_space)  # reject a bad name now, not mid-sampling
+def cfg_denoiser(denoiser: DenoiserFn, cond: dict, uncond: dict, scale: float,
+                 rescale: float = 0.0) -> Callable[[Tensor, Tensor], Tensor]:
+    """A ``denoiser(x, sigma) → x0`` applying classifier-free guidance of ``scale`` (contract: module docstring).
+
+    ``rescale`` > 0 needs a ``Denoiser`` (it rescales in the network's own prediction space).
+    """
+    if rescale and not isinstance(denoiser, Denoiser):
+        raise TypeError("guidance rescale works in the model's prediction space: pass a Denoiser, not a function")
 
     def guided(x: Tensor, sigma: Tensor) -> Tensor:
         sigma, b = batch_sigma(sigma, x), x.shape[0]  # (B,)
@@ -90,6 +82,6 @@ def cfg_denoiser(
         else:
             x0_uncond, x0_cond = denoiser(x, sigma, **u), denoiser(x, sigma, **c)
         x0 = x0_uncond + scale * (x0_cond - x0_uncond)
-        return rescale_guidance(x0, x0_cond, x, sigma, rescale, rescale_space) if rescale else x0
+        return rescale_guidance(denoiser, x0, x0_cond, x, sigma, rescale) if rescale else x0
 
     return guided

@@ -2,7 +2,7 @@
 
 Each sampler is ``fn(denoiser, x, sigmas, *, generator=None, callback=None, progress=False, **options)``:
 ``x`` is the initial noise already scaled by ``sigmas[0]``, ``sigmas`` a (n+1,) descending σ ladder
-ending with 0 (``get_sigmas``), conditioning is closed over by the caller (``cfg_denoiser``), noise is
+ending with 0 (``schedule.ladder``), conditioning is closed over by the caller (``cfg_denoiser``), noise is
 drawn from ``generator`` only (same seed → same samples), and the caller's ``x`` is never modified.
 ``callback`` receives ``{"x", "i", "sigma", "sigma_next", "denoised"}`` once per step.
 
@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import trange
 
-from ldm.diffusion.denoiser import Denoiser
-from ldm.diffusion.schedule import NoiseSchedule
-from ldm.diffusion.spacing import get_sigmas
+from ldm.diffusion.denoiser import Denoiser, DenoiserFn
+from ldm.diffusion.guidance import cfg_denoiser
+from ldm.diffusion.schedule import Schedule
 
 Sampler = Callable[..., Tensor]
 Callback = Callable[[dict], None]
@@ -44,7 +44,7 @@ def ancestral_step(sigma_from: Tensor, sigma_to: Tensor, eta: float = 1.0) -> tu
 
 @torch.no_grad()
 def sample_euler(
-    denoiser: Denoiser,
+    denoiser: DenoiserFn,
     x: Tensor,
     sigmas: Tensor,
     *,
@@ -65,7 +65,7 @@ def sample_euler(
 
 @torch.no_grad()
 def sample_euler_ancestral(
-    denoiser: Denoiser,
+    denoiser: DenoiserFn,
     x: Tensor,
     sigmas: Tensor,
     *,
@@ -91,7 +91,7 @@ def sample_euler_ancestral(
 
 @torch.no_grad()
 def sample_heun(
-    denoiser: Denoiser,
+    denoiser: DenoiserFn,
     x: Tensor,
     sigmas: Tensor,
     *,
@@ -118,7 +118,7 @@ def sample_heun(
 
 @torch.no_grad()
 def sample_ddim(
-    denoiser: Denoiser,
+    denoiser: DenoiserFn,
     x: Tensor,
     sigmas: Tensor,
     *,
@@ -148,7 +148,7 @@ def sample_ddim(
 
 @torch.no_grad()
 def sample_ddpm(
-    denoiser: Denoiser,
+    denoiser: DenoiserFn,
     x: Tensor,
     sigmas: Tensor,
     *,
@@ -174,7 +174,7 @@ def sample_ddpm(
 
 @torch.no_grad()
 def sample_dpmpp_2m(
-    denoiser: Denoiser,
+    denoiser: DenoiserFn,
     x: Tensor,
     sigmas: Tensor,
     *,
@@ -233,7 +233,7 @@ def sample(
     name: str,
     denoiser: Callable[[Tensor, Tensor], Tensor],
     noise: Tensor,
-    schedule: NoiseSchedule,
+    schedule: Schedule,
     steps: int,
     spacing: str | None = None,
     generator: torch.Generator | None = None,
@@ -245,7 +245,7 @@ def sample(
     """Run sampler ``name`` from unit Gaussian ``noise`` for ``steps`` steps; count denoiser calls (NFE)."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-    sigmas = get_sigmas(schedule, steps, spacing or DEFAULT_SPACING[name]).to(noise.device)
+    sigmas = schedule.ladder(steps, spacing or DEFAULT_SPACING[name]).to(noise.device)
     nfe = 0
 
     def counted(x: Tensor, sigma: Tensor) -> Tensor:
@@ -257,3 +257,30 @@ def sample(
         counted, noise * sigmas[0], sigmas, generator=generator, callback=callback, progress=progress, **opts
     )
     return SampleResult(x, nfe, sigmas)
+
+
+def sample_latents(
+    denoiser: Denoiser,
+    noise: Tensor,
+    cond: dict,
+    uncond: dict | None = None,
+    *,
+    sampler: str,
+    steps: int,
+    guidance: float = 1.0,
+    guidance_rescale: float = 0.0,
+    spacing: str | None = None,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    progress: bool = False,
+    **options,
+) -> SampleResult:
+    """The one sampling core: classifier-free guidance of ``guidance`` around ``denoiser``, then ``sampler``.
+
+    ``noise`` (B, C, h, w) is unit Gaussian; ``cond`` / ``uncond`` are the network's conditioning keywords
+    (``uncond`` is unused at guidance 1). Every caller (Pipeline, training sample grids through it, ControlNet,
+    evaluation, the benchmark) samples through here.
+    """
+    guided = cfg_denoiser(denoiser, cond, uncond or {}, guidance, guidance_rescale)
+    return sample(sampler, guided, noise, denoiser.schedule, steps, spacing, generator, callback=callback,
+                  progress=progress, **options)

@@ -1,4 +1,12 @@
-"""Noise schedules: betas → ᾱ_t → σ_t = sqrt((1 − ᾱ_t) / ᾱ_t), continuous σ ↔ t, SNR.
+"""Noise schedules: the ``Schedule`` interface every family of noise paths implements, and LDM's discrete VP one.
+
+A schedule is a family of paths x_t = α·x0 + σ_t·ε indexed by one noise level, the VE σ = σ_t/α of
+Karras et al. (2022): x_t/α = x0 + σ·ε. Samplers, the training objective and guidance state the noise level
+as σ and nothing else; ``alpha_sigma(σ)`` gives the path's (α, σ_t), ``timestep(σ)`` what the network is told,
+``sample_sigmas`` how training draws noise levels and ``ladder(steps, spacing)`` a sampling ladder. A new
+family of paths is one new subclass (and a config naming it).
+
+``VPSchedule``: betas → ᾱ_t → σ_t = sqrt((1 − ᾱ_t) / ᾱ_t), continuous σ ↔ t, as latent-diffusion / SD.
 
 Beta-schedule names follow latent-diffusion's ``make_beta_schedule`` (what SD / LDM YAMLs say), with
 diffusers' names accepted as aliases. Beware that the two projects use "linear" for different things:
@@ -15,10 +23,10 @@ kind (here)         betas                                          diffusers ``b
 So an SD config ``beta_schedule: linear, linear_start: 0.00085, linear_end: 0.012`` means the same
 here as in latent-diffusion; a diffusers user's plain ``linear`` is our ``sqrt_linear``.
 
-Zero terminal SNR (Lin et al. 2023, Algorithm 1) gives ᾱ_T = 0 and so σ_T = ∞. Training keeps the
-exact ᾱ_T = 0 (the v-target at t = T is −x0, well defined); the σ table used by samplers clamps
-ᾱ_T to ``ZERO_SNR_ALPHA_CUMPROD`` = 2⁻²⁴ (diffusers' choice for its Euler / DPM schedulers), so
-σ_max ≈ 4096 stays finite. Use the ``trailing`` spacing (or ``karras``) so sampling starts at t = T − 1,
+Zero terminal SNR (Lin et al. 2023, Algorithm 1) gives ᾱ_T = 0 and so σ_T = ∞. The σ table clamps ᾱ_T
+to ``ZERO_SNR_ALPHA_CUMPROD`` = 2⁻²⁴ (diffusers' choice for its Euler / DPM schedulers), so σ_max ≈ 4096
+stays finite; training draws its noise levels from the same table (at t = T − 1 the v-target is
+−x0 + 2⁻¹²·ε instead of exactly −x0). Use the ``trailing`` spacing (or ``karras``) so sampling starts at t = T − 1,
 and a v-model: an ε-model's x0 = (x_t − σ·ε̂)/α divides by α ≈ 2⁻¹² there. The first step of a
 ``trailing`` ladder then spans σ ≈ 4096 → ~15, which first-order samplers (DDIM, Euler) take exactly
 for a Gaussian but second-order ones (Heun, DPM++ 2M) do not: pair those with ``karras``.
@@ -27,10 +35,19 @@ for a Gaussian but second-order ones (Heun, DPM++ 2M) do not: pair those with ``
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
+
+from ldm.diffusion.spacing import (
+    KARRAS_RHO,
+    SD_STEPS_OFFSET,
+    Spacing,
+    get_timesteps,
+    karras_sigmas,
+)
 
 BetaKind = Literal["linear", "scaled_linear", "sqrt_linear", "cosine"]
 
@@ -74,13 +91,52 @@ def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
     return (1 - alphas).to(betas.dtype)
 
 
-class NoiseSchedule(nn.Module):
+class Schedule(nn.Module, ABC):
+    """A family of noise paths x_t = α·x0 + σ_t·ε, indexed by the VE noise level σ = σ_t/α (module docstring).
+
+    An ``nn.Module`` so that its tables move with the model; it holds no parameters and, by convention,
+    no persistent buffers (a schedule is derived from its config, never loaded from a checkpoint).
+    """
+
+    @abstractmethod
+    def alpha_sigma(self, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        """(α, σ_t) of the path at VE noise levels ``sigma``: the network sees x_t = α·(x0 + σ·ε)."""
+
+    @abstractmethod
+    def timestep(self, sigma: Tensor) -> Tensor:
+        """The time input the network was trained with, at noise levels ``sigma``."""
+
+    @abstractmethod
+    def sample_sigmas(self, n: int, generator: torch.Generator | None = None,
+                      device: torch.device | str | None = None) -> Tensor:
+        """(n,) noise levels drawn as training draws them."""
+
+    @abstractmethod
+    def ladder(self, steps: int, spacing: str) -> Tensor:
+        """A sampling ladder: (steps + 1,) descending σ ending with 0."""
+
+    @property
+    @abstractmethod
+    def sigma_min(self) -> Tensor:
+        """The smallest positive noise level of the family."""
+
+    @property
+    @abstractmethod
+    def sigma_max(self) -> Tensor:
+        """The noise level sampling starts from."""
+
+    def snr(self, sigma: Tensor) -> Tensor:
+        """Signal-to-noise ratio α²/σ_t² = 1/σ² of every path family."""
+        return sigma.double().pow(-2).to(sigma.dtype)
+
+
+class VPSchedule(Schedule):
     """A discrete VP schedule: x_t = sqrt(ᾱ_t)·x0 + sqrt(1 − ᾱ_t)·ε, t = 0 … T−1, with its σ table.
 
     Buffers (float32, non-persistent: derived from the config, so they never clutter a state dict) use
     latent-diffusion's names: ``betas``, ``alphas_cumprod``, ``sqrt_alphas_cumprod``,
     ``sqrt_one_minus_alphas_cumprod``; plus ``sigmas`` (k-diffusion's VE noise levels, increasing in t)
-    and ``log_sigmas``.
+    and ``log_sigmas``. Training draws t uniformly from {0, …, T−1}, i.e. σ from the table.
     """
 
     def __init__(
@@ -97,7 +153,7 @@ class NoiseSchedule(nn.Module):
         self._set_betas(rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas)
 
     @classmethod
-    def from_betas(cls, betas: Tensor) -> NoiseSchedule:
+    def from_betas(cls, betas: Tensor) -> VPSchedule:
         """A schedule from explicit betas (e.g. a checkpoint's ``betas`` buffer)."""
         schedule = cls.__new__(cls)
         nn.Module.__init__(schedule)
@@ -107,7 +163,7 @@ class NoiseSchedule(nn.Module):
     def _set_betas(self, betas: Tensor) -> None:
         alphas_cumprod = torch.cumprod(1 - betas, dim=0)  # (T,) float64
         clamped = alphas_cumprod.clamp(min=ZERO_SNR_ALPHA_CUMPROD)  # finite σ_max under zero terminal SNR
-        sigmas = ((1 - clamped) / clamped).sqrt()
+        sigmas = ((1 - clamped) / clamped).sqrt().float()
         tables = {
             "betas": betas,
             "alphas_cumprod": alphas_cumprod,
@@ -134,6 +190,33 @@ class NoiseSchedule(nn.Module):
         """σ at t = T − 1 (finite even under zero terminal SNR, see module docstring)."""
         return self.sigmas[-1]
 
+    def alpha_sigma(self, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        """VP coefficients of VE σ: α = (1 + σ²)^-½ (i.e. ᾱ = 1/(1 + σ²)) and σ_t = σ·α."""
+        alpha = (1 + sigma**2).rsqrt()
+        return alpha, sigma * alpha
+
+    def timestep(self, sigma: Tensor) -> Tensor:
+        """The continuous timestep t of σ; exactly the integer t at a σ read off the table (training, DDPM)."""
+        t = self.sigma_to_t(sigma)
+        nearest = t.round()
+        on_table = self.sigmas[nearest.long()] == sigma.to(self.sigmas)
+        return torch.where(on_table, nearest, t)
+
+    def sample_sigmas(self, n: int, generator: torch.Generator | None = None,
+                      device: torch.device | str | None = None) -> Tensor:
+        """σ at n timesteps drawn uniformly from {0, …, T−1} (DDPM, Algorithm 1)."""
+        t = torch.randint(0, self.num_timesteps, (n,), generator=generator, device=device)  # (n,)
+        return self.sigmas.to(t.device)[t]
+
+    def ladder(self, steps: int, spacing: Spacing, steps_offset: int = SD_STEPS_OFFSET,
+               rho: float = KARRAS_RHO) -> Tensor:
+        """The (steps + 1,) descending σ a sampler visits, ending with 0 (spacings: ``ldm.diffusion.spacing``)."""
+        if spacing == "karras":
+            sigmas = karras_sigmas(steps, self.sigma_min.item(), self.sigma_max.item(), rho).to(self.sigmas)
+        else:
+            sigmas = self.sigmas[get_timesteps(self.num_timesteps, steps, spacing, steps_offset).to(self.sigmas.device)]
+        return torch.cat([sigmas, sigmas.new_zeros(1)])
+
     def sigma_to_t(self, sigma: Tensor) -> Tensor:
         """Continuous t in [0, T−1] for σ, by linear interpolation in log σ (k-diffusion's DiscreteSchedule)."""
         log_sigma = sigma.to(self.log_sigmas).log().clamp(self.log_sigmas[0], self.log_sigmas[-1])
@@ -149,14 +232,3 @@ class NoiseSchedule(nn.Module):
         low = t.floor().long().clamp(max=self.num_timesteps - 2)
         w = t - low
         return ((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[low + 1]).exp()
-
-    def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        """VP coefficients (sqrt(ᾱ_t), sqrt(1 − ᾱ_t)) at integer timesteps t, exact (no clamping)."""
-        return self.sqrt_alphas_cumprod[t], self.sqrt_one_minus_alphas_cumprod[t]
-
-    def snr(self, t: Tensor) -> Tensor:
-        """Signal-to-noise ratio ᾱ/(1 − ᾱ): exact at integer t (0 at a zero-SNR end), 1/σ(t)² otherwise."""
-        if t.dtype.is_floating_point:
-            return self.t_to_sigma(t) ** -2
-        alphas_cumprod = self.alphas_cumprod[t]
-        return alphas_cumprod / (1 - alphas_cumprod)

@@ -12,7 +12,7 @@ For T training steps and n sampling steps (cf. diffusers' DDIMScheduler ``timest
 - ``karras``   σ_i = (σ_max^(1/ρ) + i/(n−1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ, ρ = 7 (Karras et al. 2022,
   eq. 5), between the schedule's σ at t = 0 and t = T−1.
 
-Every spacing returns σ at those points followed by a final 0: (n+1,) descending.
+A schedule's ``ladder(steps, spacing)`` reads its σ at those points and appends a final 0: (n+1,) descending.
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ from typing import Literal
 
 import torch
 from torch import Tensor
-
-from ldm.diffusion.schedule import NoiseSchedule
 
 Spacing = Literal["leading", "trailing", "linspace", "karras"]
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -58,20 +56,3 @@ def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = K
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
     max_inv, min_inv = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
     return (max_inv + ramp * (min_inv - max_inv)) ** rho
-
-
-def get_sigmas(
-    schedule: NoiseSchedule,
-    steps: int,
-    spacing: Spacing,
-    steps_offset: int = SD_STEPS_OFFSET,
-    rho: float = KARRAS_RHO,
-) -> Tensor:
-    """The (steps+1,) descending σ a sampler visits, ending with 0, on the schedule's device."""
-    if spacing == "karras":
-        sigmas = karras_sigmas(steps, schedule.sigma_min.item(), schedule.sigma_max.item(), rho)
-        sigmas = sigmas.to(schedule.sigmas)
-    else:
-        timesteps = get_timesteps(schedule.num_timesteps, steps, spacing, steps_offset)
-        sigmas = schedule.sigmas[timesteps.to(schedule.sigmas.device)]
-    return torch.cat([sigmas, sigmas.new_zeros(1)])

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ldm.checkpoints import CheckpointError, load_file, save_file_atomic
+from ldm.core.images import from_pil
 from ldm.data.shapes import COLORS, NUM_CLASSES, SHAPES, ShapesDataset, class_factors
-from ldm.images import from_pil
+from ldm.io.checkpoints import CheckpointError, load_file, save_file_atomic
 
 ARCH_VERSION = 1  # bump when the network or the training recipe changes: old cache files stop matching
 TARGET_ACCURACY = 0.98  # val accuracy a default-settings classifier reaches; below it, a warning

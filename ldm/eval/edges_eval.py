@@ -29,6 +29,7 @@ from ldm.eval.sampled import (
     save_grid,
 )
 from ldm.eval.shapes_reader import adherence
+from ldm.inference.pipeline import Pipeline
 
 DEFAULT_N = 64
 DEFAULT_SAMPLER = "ddim:50"
@@ -48,8 +49,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def takes_control() -> bool:
     """Whether this version of the pipeline accepts control images (``pipe(..., control=...)``)."""
-    from ldm.pipeline import Pipeline
-
     if "control_model" in {f.name for f in dataclasses.fields(Pipeline)}:
         return True
     methods = ("__call__", "generate", "iter_generate", "generate_tensors")
@@ -66,7 +65,7 @@ def run(args: argparse.Namespace) -> dict:
     check_counts(args)
     (sampler, steps), = parse_samplers(args.sampler)
     if not takes_control():
-        raise EvalError("ldm.pipeline cannot take control images yet (no control= argument); edges needs it")
+        raise EvalError("ldm.inference.pipeline cannot take control images yet (no control= argument); edges needs it")
     pipe = load_pipeline(args.run, None, args.device)
     if getattr(pipe, "control_model", True) is None:
         raise EvalError(f"{args.run} has no ControlNet; pass a stage-3 run such as runs/controlnet/latest")

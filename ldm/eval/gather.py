@@ -16,7 +16,7 @@ from types import ModuleType
 from ldm.eval import adherence_eval, class_eval, edges_eval, fid_eval, vae_recon
 from ldm.eval.report import EvalError
 from ldm.eval.sampled import check_kind
-from ldm.runs import resolve_run, run_config
+from ldm.io.runs import resolve_run, run_config
 
 DEFAULT_OUT = Path("results") / "eval"
 VAE_MEASURES = {"psnr_db": "PSNR (dB)", "ssim": "SSIM", "lpips": "LPIPS"}
@@ -61,7 +61,7 @@ def _check_runs(args: argparse.Namespace) -> list[str]:
         if name == "vae":
             vae_recon.check_vae_run(resolve_run(run), run_config(run))
         elif name == "edges" and not edges_eval.takes_control():
-            raise EvalError("--controlnet: ldm.pipeline cannot take control images yet (no control= argument)")
+            raise EvalError("--controlnet: ldm.inference.pipeline cannot take control images yet (no control= argument)")
         else:
             check_kind(run, key)
     return sections

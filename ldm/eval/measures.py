@@ -16,11 +16,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm.core.images import to_uint8
+from ldm.core.metrics import EDGE_TOLERANCE, edge_precision_recall_f1
 from ldm.data.edges import DEFAULT_CANNY_HIGH, DEFAULT_CANNY_LOW, canny
-from ldm.eval.classifier import DEFAULT_CACHE_DIR, ShapesClassifier, features, get_classifier, predict
+from ldm.eval.classifier import (
+    DEFAULT_CACHE_DIR,
+    ShapesClassifier,
+    features,
+    get_classifier,
+    predict,
+)
 from ldm.eval.fid import frechet_distance
-from ldm.images import to_uint8
-from ldm.metrics import EDGE_TOLERANCE, edge_precision_recall_f1
 
 ImageLike = Image.Image | np.ndarray | torch.Tensor
 HINT_THRESHOLD = 0.5  # a hint pixel (in [0, 1]) above this is an edge

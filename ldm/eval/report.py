@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 from pathlib import Path
 from typing import Mapping
 
-from ldm.errors import UserError
+from ldm.core.atomic import write_text_atomic
+from ldm.core.errors import UserError
 
 FLOAT_DIGITS = 4
 
@@ -58,9 +60,8 @@ def append_csv(path: str | os.PathLike, row: Mapping[str, object]) -> Path:
 
 def _write_all(path: Path, header: list[str], rows: list[Mapping[str, str]]) -> None:
     """Write a whole CSV via a temporary file and rename."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=header, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=header, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, text.getvalue())

@@ -9,22 +9,22 @@ one call is one denoiser evaluation).
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 
+from ldm.core.images import from_pil, image_grid, save_image_atomic
 from ldm.diffusion import SAMPLERS
 from ldm.eval.heldout import HeldOut
 from ldm.eval.report import EvalError
-from ldm.images import from_pil, image_grid, save_image_atomic
+from ldm.inference.pipeline import Pipeline, describe_run
 
-if TYPE_CHECKING:  # ldm.pipeline pulls in Lightning: imported when a run is loaded, so `--help` stays quick
-    from ldm.pipeline import Pipeline
+log = logging.getLogger(__name__)
 
 DEFAULT_GUIDANCE = 4.0
 DEFAULT_BATCH = 8
@@ -68,8 +68,6 @@ def check_counts(args: argparse.Namespace) -> None:
 
 def check_kind(run: str, condition_key: str | None = None) -> None:
     """Refuse a missing run, one that is not stage 2, or (``condition_key`` "caption" / "label") the other kind."""
-    from ldm.pipeline import describe_run
-
     info = describe_run(run)  # one-line errors for a missing run or one that is not stage 2
     if condition_key is not None and info.condition_key != condition_key:
         raise EvalError(f"{run} is a {KINDS.get(info.condition_key, info.condition_key)} run; this measure needs a "
@@ -78,8 +76,6 @@ def check_kind(run: str, condition_key: str | None = None) -> None:
 
 def load_pipeline(run: str, condition_key: str | None = None, device: str | None = None) -> Pipeline:
     """A stage-2 run's pipeline, after ``check_kind``."""
-    from ldm.pipeline import Pipeline
-
     check_kind(run, condition_key)
     return Pipeline.from_run(run, device=device)
 
@@ -133,4 +129,4 @@ def save_grid(images: Sequence[Image.Image], path: str | Path | None, rows: Sequ
     rows = list(rows) or [images[i : i + GRID_COLUMNS] for i in range(0, min(len(images), GRID_IMAGES), GRID_COLUMNS)]
     tensors = [torch.stack([from_pil(im) for im in row]) for row in rows if row]  # each (B, 3, H, W)
     save_image_atomic(image_grid([torch.cat(tensors)], ncol=len(rows[0])), path)
-    print(f"grid: {path}")
+    log.info("grid: %s", path)

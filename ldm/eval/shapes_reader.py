@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
 
-import cv2
 from ldm.data.shapes import COLORS, PALETTE, SHAPES, render
 
 BORDER_FRACTION = 1 / 32  # ring width (≥ 1 px) read for the background; shapes keep 5 % clear of it

@@ -8,19 +8,25 @@ fraction; without that, the shapes val split at the VAE's resolution.
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ldm.config import get_obj_from_str, instantiate_from_config, is_node
+from ldm.core.config import get_obj_from_str, instantiate_from_config, is_node
+from ldm.core.errors import UserError
+from ldm.core.images import image_grid, save_image_atomic
+from ldm.core.metrics import SSIM_WINDOW, psnr, ssim
 from ldm.data.shapes import ShapesDataset
-from ldm.errors import UserError
+from ldm.eval.lpips import lpips_distance, lpips_unavailable_reason
 from ldm.eval.report import EvalError
-from ldm.images import image_grid, save_image_atomic
-from ldm.metrics import SSIM_WINDOW, lpips_distance, lpips_unavailable_reason, psnr, ssim
-from ldm.runs import resolve_run, run_config
+from ldm.inference.loaders import load_autoencoder
+from ldm.io.runs import resolve_run, run_config
+from ldm.nets.autoencoder.model import AutoencoderKL
+
+log = logging.getLogger(__name__)
 
 DEFAULT_N = 512
 DEFAULT_BATCH = 32
@@ -42,8 +48,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_vae_run(run: Path, cfg: dict) -> None:
     """Refuse a run whose model is not an AutoencoderKL, before loading anything heavy."""
-    from ldm.autoencoder.model import AutoencoderKL
-
     target = (cfg.get("model") or {}).get("target", "<none>")
     try:
         cls = get_obj_from_str(target, "model")
@@ -78,8 +82,6 @@ def run(args: argparse.Namespace) -> dict:
     run_dir = resolve_run(args.run)
     cfg = run_config(args.run)
     check_vae_run(run_dir, cfg)
-    from ldm.autoencoder.load import load_autoencoder
-
     vae, info = load_autoencoder(args.run)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     vae = vae.to(device)
@@ -105,7 +107,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.grid is not None and grid_rows is not None:
         grid_path = Path(args.grid) if args.grid else Path(args.csv).parent / "vae-recon.png"
         save_image_atomic(image_grid(grid_rows), grid_path)
-        print(f"grid: {grid_path}")
+        log.info("grid: %s", grid_path)
     return {
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": "vae",

@@ -1,0 +1,161 @@
+"""Loaders: runs on disk → built systems. Systems never read files; the training driver and the Pipeline call these.
+
+``build_system`` turns a model node into a system, loading the stage-1 run a stage-2 config names by path
+(``first_stage: runs/vae/latest``); ``load_autoencoder`` loads such a run's VAE. ``describe_run`` checks a
+stage-2 or ControlNet run cheaply (configs only, nothing heavy built) so a command line can refuse bad
+arguments before loading; ``load_run_system`` builds it and loads its checkpoint strictly.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ldm.core.config import get_obj_from_str, instantiate_from_config
+from ldm.core.errors import UserError
+from ldm.core.migrate import vae_network_node
+from ldm.io.checkpoints import load_file, load_strict, state_dict_of, tensors_hash
+from ldm.io.runs import RunError, checkpoint_for, resolve_run, run_config
+from ldm.nets.autoencoder.model import AutoencoderKL, downsampling_factor
+from ldm.systems.controlnet import ControlLDM
+from ldm.systems.latent_diffusion import LatentDiffusion
+
+DEFAULT_RUN = "runs/ldm/latest"
+CONTROL_STAGE_PARAM = "control_stage"
+EMA_TARGETS = {"model_ema": "model", "control_ema": "control_model"}  # a system's EMA → the module it shadows
+VAE_TRAINING_ONLY = ("loss.",)  # LPIPS and discriminator weights in a stage-1 checkpoint: not the autoencoder's
+
+
+class PipelineError(UserError, ValueError):
+    """A request the pipeline cannot draw: bad size, steps, guidance, sampler, conditions or control image."""
+
+
+class NotAnLDMRunError(PipelineError):
+    """A run directory that holds no stage-2 (latent diffusion) model, e.g. a VAE run."""
+
+
+# ---------------------------------------------------------------------------------------------- stage 1
+
+
+def vae_node(first_stage: str | os.PathLike | Mapping, referrer: str | os.PathLike = "the config") -> dict:
+    """The VAE network's node (architecture only) for a stage-1 run named by path, or an inline node."""
+    if isinstance(first_stage, Mapping):
+        return vae_network_node(dict(first_stage))
+    try:
+        return vae_network_node(run_config(first_stage)["model"])
+    except RunError as e:
+        raise RunError(f"the VAE run {first_stage} that {referrer} names (model.params.first_stage) is gone "
+                       f"({e}); restore its folder (its config.yaml is enough for sampling)") from e
+
+
+def load_autoencoder(spec: str | os.PathLike) -> tuple[AutoencoderKL, dict]:
+    """A frozen, eval-mode VAE from a stage-1 run (``runs/vae/latest``) or a checkpoint inside one.
+
+    Returns the network and its identity: checkpoint path, hash of its weights, downsampling factor.
+    """
+    ckpt = checkpoint_for(spec)
+    vae = instantiate_from_config(vae_node(ckpt), "first_stage")
+    load_strict(vae, state_dict_of(load_file(ckpt)), f"VAE checkpoint {ckpt}", ignore=VAE_TRAINING_ONLY)
+    vae.eval().requires_grad_(False)
+    info = {"checkpoint": str(ckpt), "hash": tensors_hash(vae.state_dict()),
+            "downsampling_factor": vae.downsampling_factor, "embed_dim": vae.embed_dim}
+    return vae, info
+
+
+def build_system(node: Mapping, path: str = "model", load_first_stage: bool = True) -> nn.Module:
+    """A system from its model node. A ``first_stage`` named by run path is loaded with its weights, or with
+    ``load_first_stage=False`` built from the run's config alone (its weights then come from a checkpoint)."""
+    first_stage = (node.get("params") or {}).get("first_stage")
+    if not isinstance(first_stage, (str, os.PathLike)):
+        return instantiate_from_config(node, path)
+    if load_first_stage:
+        vae = load_autoencoder(first_stage)[0]
+    else:
+        vae = instantiate_from_config(vae_node(first_stage), f"{path}.params.first_stage")
+    return instantiate_from_config(node, path, first_stage=vae)
+
+
+# ---------------------------------------------------------------------------------------------- stage-2 runs
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a stage-2 (or ControlNet) run draws, read from its config alone (nothing heavy is built)."""
+
+    run_dir: Path
+    checkpoint: Path
+    config: dict
+    condition_key: str  # "caption" (text run) or "label" (class run)
+    n_classes: int | None
+    first_stage: str | dict  # the VAE run (stage 2), or its model node (a ControlNet on an SD file)
+    downsampling_factor: int  # pixels per latent cell, from the VAE's config
+    controlnet: bool = False  # a ControlNet run: sampling needs a control image
+
+
+def describe_run(run: str | os.PathLike = DEFAULT_RUN) -> RunSummary:
+    """Check that ``run`` (a run directory, ``runs/ldm/latest`` or a .ckpt inside one) is a stage-2 run; summarise it."""
+    run_dir = resolve_run(run)
+    cfg = run_config(run_dir)
+    node = cfg.get("model") or {}
+    target = node.get("target", "")
+    if not isinstance(target, str) or not is_subclass(target, LatentDiffusion):
+        raise NotAnLDMRunError(f"{run} is not a stage-2 (latent diffusion) run: its model is {target or 'missing'}; "
+                               f"name a run under runs/ldm/ (e.g. {DEFAULT_RUN}) or runs/controlnet/")
+    params = node.get("params") or {}
+    first_stage = params.get("first_stage")
+    if not first_stage:
+        raise NotAnLDMRunError(f"{run}: model.params.first_stage is empty, so there is no VAE to decode with")
+    cond = params.get("cond_stage") or {}
+    cond_params = cond.get("params") or {}
+    key = cond_params.get("key") or _default_argument(cond.get("target", ""), "key") or "caption"
+    n_classes = cond_params.get("n_classes") if key == "label" else None
+    control = is_subclass(target, ControlLDM) or CONTROL_STAGE_PARAM in params
+    first_stage = first_stage if isinstance(first_stage, Mapping) else str(first_stage)
+    factor = downsampling_factor((vae_node(first_stage, run).get("params") or {}).get("ddconfig") or {})
+    return RunSummary(run_dir, checkpoint_for(run), cfg, key, n_classes, first_stage, factor, control)
+
+
+def is_subclass(target: str, base: type) -> bool:
+    """Whether the config target ``target`` names a subclass of ``base``."""
+    try:
+        cls = get_obj_from_str(target)
+    except UserError:
+        return False
+    return isinstance(cls, type) and issubclass(cls, base)
+
+
+def _default_argument(target: str, name: str):
+    """The default of constructor argument ``name`` of a config target (None when it has none)."""
+    try:
+        param = inspect.signature(get_obj_from_str(target)).parameters.get(name)
+    except (UserError, TypeError, ValueError):
+        return None
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device``, or CUDA when there is one, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_run_system(info: RunSummary, use_ema: bool = True) -> tuple[nn.Module, bool]:
+    """Build a run's system (a LatentDiffusion or ControlLDM) and load its checkpoint strictly; (system, EMA used).
+
+    The VAE's architecture comes from its run's config; all weights (VAE included) from the run's checkpoint.
+    With ``use_ema`` the U-Net (and a ControlNet) take the EMA weights when the run kept them.
+    """
+    system = build_system(info.config["model"], load_first_stage=False)
+    load_strict(system, state_dict_of(load_file(info.checkpoint)), f"checkpoint {info.checkpoint}")
+    emas = {name: target for name, target in EMA_TARGETS.items() if getattr(system, name, None) is not None}
+    if use_ema:
+        for name, target in emas.items():
+            getattr(system, name).copy_to(getattr(system, target))
+    return system, use_ema and bool(emas)

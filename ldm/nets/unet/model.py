@@ -1,0 +1,158 @@
+"""UNetModel: the cross-attention U-Net of latent diffusion, with openaimodel's argument and module names.
+
+State-dict keys are Stable Diffusion's (``time_embed.{0,2}``, ``input_blocks.N.M``, ``middle_block.{0,1,2}``,
+``output_blocks.N.M``, ``out.{0,2}``, optional ``label_emb``), so ``model.diffusion_model.*`` of an SD v1.x /
+v2.x checkpoint loads with the prefix stripped. ``forward`` also takes ControlNet residuals (``control``),
+as ControlNet's ``ControlledUnetModel`` does.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ldm.nets.unet.attention import AttentionBackend, zero_module
+from ldm.nets.unet.blocks import (
+    BlockFactory,
+    as_batch_timesteps,
+    make_block_factory,
+    normalization,
+    timestep_embedding,
+)
+
+
+class UNetModel(nn.Module):
+    """U-Net ε/v/x0 predictor over latents, conditioned on time, cross-attention context and optional class.
+
+    Arguments are openaimodel's (see latent-diffusion): ``attention_resolutions`` lists downsampling rates
+    (1, 2, 4, …) that get attention; ``num_heads`` *or* ``num_head_channels`` (-1 = unused) sets the heads;
+    ``use_spatial_transformer`` + ``context_dim`` make it a cross-attention U-Net, ``use_linear_in_transformer``
+    picks SD 2.x's Linear projections; ``num_classes`` adds ``label_emb``; ``attention`` picks the attention
+    backend (auto | sdpa | xformers | math). ``image_size`` is informational (the net is fully convolutional).
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        in_channels: int,
+        model_channels: int,
+        out_channels: int,
+        num_res_blocks: int | Sequence[int],
+        attention_resolutions: Sequence[int],
+        dropout: float = 0.0,
+        channel_mult: Sequence[int] = (1, 2, 4, 8),
+        conv_resample: bool = True,
+        dims: int = 2,
+        num_classes: int | None = None,
+        use_checkpoint: bool = False,
+        num_heads: int = -1,
+        num_head_channels: int = -1,
+        num_heads_upsample: int = -1,
+        use_scale_shift_norm: bool = False,
+        resblock_updown: bool = False,
+        use_spatial_transformer: bool = False,
+        transformer_depth: int = 1,
+        context_dim: int | None = None,
+        use_linear_in_transformer: bool = False,
+        legacy: bool = True,
+        attention: AttentionBackend = "auto",
+    ):
+        self_config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        super().__init__()
+        self.config: dict = self_config  # constructor arguments, e.g. for ControlNet.from_unet
+        factory = make_block_factory(
+            model_channels, num_res_blocks, attention_resolutions, dropout, channel_mult, conv_resample, dims,
+            use_checkpoint, num_heads, num_head_channels, num_heads_upsample, use_scale_shift_norm,
+            resblock_updown, use_spatial_transformer, transformer_depth, context_dim, use_linear_in_transformer,
+            legacy, attention,
+        )
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.model_channels = model_channels
+        self.out_channels = out_channels
+        self.num_classes = num_classes
+        self.context_dim = context_dim
+
+        self.time_embed, self.label_emb = make_time_embed(factory, num_classes)
+        self.input_blocks, self.middle_block, skip_channels = factory.build_encoder(in_channels)
+        self.output_blocks = factory.build_decoder(skip_channels)
+        self.out = nn.Sequential(
+            normalization(model_channels),
+            nn.SiLU(),
+            zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1)),
+        )
+
+    @property
+    def num_control_residuals(self) -> int:
+        """How many ControlNet residuals ``forward(control=…)`` takes: one per input block + the middle block."""
+        return len(self.input_blocks) + 1
+
+    def forward(
+        self,
+        x: Tensor,
+        timesteps: Tensor | float,
+        context: Tensor | None = None,
+        y: Tensor | None = None,
+        control: Sequence[Tensor] | None = None,
+        only_mid_control: bool = False,
+    ) -> Tensor:
+        """x (B, in, H, W), timesteps (B,) int or float, context (B, T, D), y (B,) → (B, out, H, W).
+
+        ``control``: ControlNet residuals, one per input block then the middle block's (``ControlNet``'s
+        output). The last is added to the middle block's output; the others to the matching skip
+        connections (all of them unless ``only_mid_control``). The caller's list is not modified.
+        """
+        dtype = self.time_embed[0].weight.dtype
+        emb = embed_time(self.time_embed, self.label_emb, timesteps, x, y, self.model_channels)  # (B, 4C)
+        context = None if context is None else context.to(dtype)
+        if control is not None and len(control) != self.num_control_residuals:
+            raise ValueError(f"control has {len(control)} residuals, this U-Net takes {self.num_control_residuals}")
+
+        h = x.to(dtype)
+        skips = []
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)  # (B, C_mid, H/2^L, W/2^L)
+        if control is not None:
+            h = h + control[-1]
+        for block in self.output_blocks:
+            skip = skips.pop()
+            if control is not None and not only_mid_control:
+                skip = skip + control[len(skips)]  # the residual of the input block this skip came from
+            h = block(torch.cat([h, skip], dim=1), emb, context)
+        return self.out(h).to(x.dtype)  # (B, out, H, W)
+
+
+def make_time_embed(factory: BlockFactory, num_classes: int | None) -> tuple[nn.Sequential, nn.Embedding | None]:
+    """``time_embed`` (Linear, SiLU, Linear) and, for class-conditional models, ``label_emb``."""
+    dim = factory.time_embed_dim
+    time_embed = nn.Sequential(nn.Linear(factory.model_channels, dim), nn.SiLU(), nn.Linear(dim, dim))
+    label_emb = nn.Embedding(num_classes, dim) if num_classes is not None else None
+    return time_embed, label_emb
+
+
+def embed_time(
+    time_embed: nn.Module,
+    label_emb: nn.Module | None,
+    timesteps: Tensor | float,
+    x: Tensor,
+    y: Tensor | None,
+    model_channels: int,
+) -> Tensor:
+    """Timestep (+ class) embedding (B, 4·model_channels) in the weights' dtype; checks y against label_emb."""
+    if (y is not None) != (label_emb is not None):
+        raise ValueError(
+            "pass class labels `y` if and only if the model is class-conditional (num_classes set); "
+            f"got y={'set' if y is not None else 'None'}, num_classes={'set' if label_emb is not None else 'None'}"
+        )
+    weight = time_embed[0].weight
+    t = as_batch_timesteps(timesteps, x.shape[0], x.device)
+    emb = time_embed(timestep_embedding(t, model_channels).to(weight.dtype))  # (B, 4C)
+    if label_emb is not None:
+        if y.shape[0] != x.shape[0]:
+            raise ValueError(f"y has {y.shape[0]} labels for a batch of {x.shape[0]}")
+        emb = emb + label_emb(y)
+    return emb

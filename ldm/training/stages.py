@@ -1,0 +1,33 @@
+"""The training stages: each is its default config plus what runs before the model is built (the latent cache, a
+ControlNet's base model) and what initialises a new run's weights. ``ldm.training.driver.train`` looks them up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+from ldm.training.cache import ensure_cache
+from ldm.training.controlnet_base import load_base_weights, prepare_controlnet
+
+BeforeBuild = Callable[[dict, str], object]  # (config, config path): prepares what the model and data need
+InitWeights = Callable[[nn.Module, dict], object]  # (model, config): a new run's initial weights
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage: its runs folder name, default config and hooks."""
+
+    name: str
+    default_config: str
+    before_build: BeforeBuild | None = None
+    init_weights: InitWeights | None = None
+
+
+STAGES: dict[str, Stage] = {
+    "vae": Stage("vae", "configs/vae/shapes-kl-f4.yaml"),
+    "ldm": Stage("ldm", "configs/ldm/shapes-text.yaml", before_build=ensure_cache),
+    "controlnet": Stage("controlnet", "configs/controlnet/shapes-canny.yaml", before_build=prepare_controlnet,
+                        init_weights=load_base_weights),
+}

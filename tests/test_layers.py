@@ -1,0 +1,70 @@
+"""The package's layers: the import-linter contract in pyproject.toml holds (and fails on a planted upward
+import), no module imports another inside a function, and no two modules import each other, even indirectly."""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import grimp
+import pytest
+
+from tests.paths import REPO_ROOT
+
+PACKAGE = REPO_ROOT / "ldm"
+
+
+def lint_imports(root: Path) -> subprocess.CompletedProcess:
+    """``lint-imports`` on the package and pyproject.toml under ``root`` (a fresh process: grimp reads the files)."""
+    code = "import sys; from importlinter.cli import lint_imports; sys.exit(lint_imports(no_cache=True))"
+    return subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+
+
+def test_the_layers_contract_is_kept():
+    result = lint_imports(REPO_ROOT)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "KEPT" in result.stdout and "BROKEN" not in result.stdout
+
+
+@pytest.mark.slow
+def test_an_upward_import_breaks_the_contract(tmp_path):
+    shutil.copytree(PACKAGE, tmp_path / "ldm", ignore=shutil.ignore_patterns("__pycache__", "configs"))
+    shutil.copy(REPO_ROOT / "pyproject.toml", tmp_path)
+    planted = tmp_path / "ldm" / "core" / "paths.py"
+    planted.write_text(planted.read_text() + "\nfrom ldm.training import driver  # noqa: E402,F401 (planted)\n")
+    result = lint_imports(tmp_path)
+    assert result.returncode != 0
+    assert "BROKEN" in result.stdout and "ldm.core.paths -> ldm.training.driver" in result.stdout
+
+
+def _function_level_imports(path: Path) -> list[str]:
+    """``file:line module`` for every import of ``ldm`` written inside a function of ``path``."""
+    found = []
+    for func in (n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+        for node in ast.walk(func):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            found += [f"{path.relative_to(REPO_ROOT)}:{node.lineno} {n}" for n in names if n.split(".")[0] == "ldm"]
+    return found
+
+
+def test_no_module_of_the_package_is_imported_inside_a_function():
+    """An import inside a function may defer an optional heavy dependency (open_clip, lpips, diffusers), never
+    one of the package's own modules: that would hide a cycle or an upward import from the contract."""
+    found = [hit for path in sorted(PACKAGE.rglob("*.py")) for hit in _function_level_imports(path)]
+    assert not found, "\n".join(found)
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = grimp.build_graph("ldm")
+    cycles = []
+    for importer in sorted(graph.modules):
+        for imported in graph.find_modules_directly_imported_by(importer):
+            back = graph.find_shortest_chain(importer=imported, imported=importer)
+            if back:
+                cycles.append(" -> ".join((importer, *back)))
+    assert not cycles, "\n".join(cycles)
