@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ldm.core.aliases import resolve_alias
+from ldm.core.atomic import write_text_atomic
 from ldm.core.errors import UserError
 from ldm.core.migrate import upgrade_config
 from ldm.core.paths import config_path
@@ -113,8 +114,8 @@ def _load_with_bases(path: Path, seen: tuple[Path, ...]):
 
 
 def save_config(cfg: dict, path: str | os.PathLike) -> None:
-    """Write a resolved config as YAML (the run directory's `config.yaml`)."""
-    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
+    """Write a resolved config as YAML (the run directory's `config.yaml`), atomically."""
+    write_text_atomic(path, OmegaConf.to_yaml(OmegaConf.create(cfg)))
 
 
 def _suggest(word: str, choices: Iterable[str]) -> str:

@@ -2,6 +2,7 @@
 objective, guidance, samplers and the one sampling core."""
 
 from ldm.diffusion.denoiser import Denoiser
+from ldm.diffusion.flow import FlowSchedule
 from ldm.diffusion.guidance import cfg_denoiser
 from ldm.diffusion.objective import DiffusionObjective
 from ldm.diffusion.parameterization import PARAMETERIZATIONS, get_parameterization
@@ -18,6 +19,7 @@ __all__ = [
     "DEFAULT_SPACING",
     "Denoiser",
     "DiffusionObjective",
+    "FlowSchedule",
     "PARAMETERIZATIONS",
     "SAMPLERS",
     "Schedule",

@@ -40,7 +40,7 @@ class DiffusionObjective(nn.Module):
     An ``nn.Module`` only so that the schedule's tables move with the model (it has no parameters).
     """
 
-    def __init__(self, schedule: Schedule, parameterization: Literal["eps", "v", "x0"] = "eps",
+    def __init__(self, schedule: Schedule, parameterization: Literal["eps", "v", "x0", "flow"] = "eps",
                  weighting: Weighting = "none", min_snr_gamma: float = MIN_SNR_GAMMA, offset_noise: float = 0.0):
         super().__init__()
         if weighting not in WEIGHTINGS:
@@ -63,10 +63,11 @@ class DiffusionObjective(nn.Module):
         return noise
 
     def loss_terms(self, network: Callable[..., Tensor], x0: Tensor, cond: dict | None = None,
-                   generator: torch.Generator | None = None) -> LossTerms:
-        """Per-sample losses of ``network(x_t, t, **cond)`` on clean x0 (B, C, H, W)."""
+                   generator: torch.Generator | None = None, noise: Tensor | None = None) -> LossTerms:
+        """Per-sample losses of ``network(x_t, t, **cond)`` on clean x0 (B, C, H, W); ``noise`` paired with x0
+        (reflow's couplings) instead of fresh ε when given."""
         sigma = self.schedule.sample_sigmas(x0.shape[0], generator, x0.device)  # (B,)
-        noise = self.noise(x0, generator)
+        noise = self.noise(x0, generator) if noise is None else noise
         prediction = self.denoiser(network).predict(x0 + append_dims(sigma, x0.ndim) * noise, sigma, **(cond or {}))
         target = self.parameterization.target(x0, noise, prediction.alpha, prediction.sigma)
         mse = (prediction.output.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)
@@ -74,6 +75,6 @@ class DiffusionObjective(nn.Module):
         return LossTerms(weight * mse, sigma)
 
     def forward(self, network: Callable[..., Tensor], x0: Tensor, cond: dict | None = None,
-                generator: torch.Generator | None = None) -> Tensor:
+                generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
         """The scalar training loss: ``loss_terms`` averaged over the batch."""
-        return self.loss_terms(network, x0, cond, generator).loss.mean()
+        return self.loss_terms(network, x0, cond, generator, noise).loss.mean()

@@ -1,6 +1,8 @@
-"""What the network predicts — ε, v or x0 — as one small object each (cf. generative-models' denoiser_scaling).
+"""What the network predicts — ε, v, x0 or a flow's velocity — as one small object each (cf. generative-models'
+denoiser_scaling).
 
-All formulas are in the VP form x_t = α·x0 + σ·ε with α = sqrt(ᾱ_t), σ = sqrt(1 − ᾱ_t), α² + σ² = 1;
+The ε / v / x0 formulas are in the VP form x_t = α·x0 + σ·ε with α = sqrt(ᾱ_t), σ = sqrt(1 − ᾱ_t), α² + σ² = 1
+(the flow velocity's hold on any path);
 ``alpha`` and ``sigma`` are tensors broadcastable to x (e.g. (B, 1, 1, 1)). v = α·ε − σ·x0
 (Salimans & Ho 2022, "Progressive Distillation", §4). Nothing outside this file branches on the name.
 
@@ -109,8 +111,33 @@ class X0Parameterization(Parameterization):
         return snr.clamp(max=gamma)
 
 
+class FlowParameterization(Parameterization):
+    """The model predicts the velocity v = ε − x0 of the straight path (rectified flow, flow matching, SD3).
+
+    Written for any path x_t = α·x0 + σ·ε: x0 = (x_t − σ·v)/(α + σ); on the flow path α + σ = 1. For min-SNR,
+    ‖v − v̂‖² = ((α + σ)/σ)²·‖x0 − x̂0‖², which on the flow path is (1 + √SNR)²·‖x0 − x̂0‖².
+    """
+
+    name = "flow"
+
+    def target(self, x0: Tensor, noise: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+        return noise - x0
+
+    def to_x0(self, model_out: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+        return (x_t - sigma * model_out) / (alpha + sigma)
+
+    def to_eps(self, model_out: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+        return model_out + self.to_x0(model_out, x_t, alpha, sigma)
+
+    def from_x0(self, x0: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+        return (x_t - alpha * x0) / sigma - x0
+
+    def min_snr_weight(self, snr: Tensor, gamma: float) -> Tensor:
+        return snr.clamp(max=gamma) / (1 + snr.sqrt()) ** 2
+
+
 PARAMETERIZATIONS: dict[str, Parameterization] = {
-    p.name: p for p in (EpsParameterization(), VParameterization(), X0Parameterization())
+    p.name: p for p in (EpsParameterization(), VParameterization(), X0Parameterization(), FlowParameterization())
 }
 
 

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from ldm.diffusion.spacing import (
+    DEFAULT_SPACING,
     KARRAS_RHO,
     SD_STEPS_OFFSET,
     Spacing,
@@ -107,6 +108,10 @@ class Schedule(nn.Module, ABC):
         """The time input the network was trained with, at noise levels ``sigma``."""
 
     @abstractmethod
+    def sigma_at(self, timestep: Tensor) -> Tensor:
+        """The noise level of a network time input (inverse of ``timestep``)."""
+
+    @abstractmethod
     def sample_sigmas(self, n: int, generator: torch.Generator | None = None,
                       device: torch.device | str | None = None) -> Tensor:
         """(n,) noise levels drawn as training draws them."""
@@ -124,6 +129,15 @@ class Schedule(nn.Module, ABC):
     @abstractmethod
     def sigma_max(self) -> Tensor:
         """The noise level sampling starts from."""
+
+    def ode_coordinates(self, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        """(scale, u): the state y = scale·x and time u in which multi-evaluation samplers (Heun) take their steps,
+        with dy/du = (y − D)/u. VE by default: (1, σ)."""
+        return torch.ones_like(sigma), sigma
+
+    def default_spacing(self, sampler: str) -> str:
+        """The ladder ``sampler`` walks unless told otherwise (``ldm.diffusion.spacing.DEFAULT_SPACING``)."""
+        return DEFAULT_SPACING[sampler]
 
     def snr(self, sigma: Tensor) -> Tensor:
         """Signal-to-noise ratio α²/σ_t² = 1/σ² of every path family."""
@@ -201,6 +215,10 @@ class VPSchedule(Schedule):
         nearest = t.round()
         on_table = self.sigmas[nearest.long()] == sigma.to(self.sigmas)
         return torch.where(on_table, nearest, t)
+
+    def sigma_at(self, timestep: Tensor) -> Tensor:
+        """σ at a (continuous) timestep."""
+        return self.t_to_sigma(timestep)
 
     def sample_sigmas(self, n: int, generator: torch.Generator | None = None,
                       device: torch.device | str | None = None) -> Tensor:

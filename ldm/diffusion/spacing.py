@@ -56,3 +56,18 @@ def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = K
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
     max_inv, min_inv = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
     return (max_inv + ramp * (min_inv - max_inv)) ** rho
+
+
+# Spacing each sampler uses unless told: DDPM walks every step from T−1, DDIM as LDM / SD
+# (leading + offset 1), Euler and Heun as k-diffusion / diffusers' Euler (linspace), DPM-Solver++(2M) on
+# Karras et al.'s ladder (std error on exact Gaussian data at 20 steps: 1.3 % with SD's schedule, against
+# 3.5-11 % on linspace; python scripts/sampler_moments.py). A schedule may choose otherwise (``default_spacing``).
+DEFAULT_SPACING: dict[str, str] = {
+    "ddpm": "trailing",
+    "ddim": "leading",
+    "euler": "linspace",
+    "euler_a": "linspace",
+    "heun": "linspace",
+    "dpmpp_2m": "karras",
+    "dpmpp_2m_karras": "karras",
+}
