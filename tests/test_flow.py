@@ -11,6 +11,9 @@ from ldm.diffusion.denoiser import Denoiser, append_dims
 from ldm.diffusion.flow import shift_t
 from ldm.diffusion.parameterization import PARAMETERIZATIONS
 from ldm.diffusion.sampling import sample_euler
+from ldm.inference.pipeline import Pipeline
+from ldm.training.driver import train
+from tests.conftest import TINY
 from tests.gaussian_data import MEAN, STD, channel_stats, ideal_model_fn, ideal_x0, sample_data
 
 SCHEDULE = FlowSchedule()
@@ -130,3 +133,25 @@ def test_flow_target_and_min_snr_weight_on_the_flow_path():
     expected = snr.clamp(max=5.0) * (x0_hat - x0).pow(2).flatten(1).mean(1)
     assert torch.allclose(weighted, expected, rtol=1e-3)
     assert math.isclose(param.min_snr_weight(torch.tensor(0.0), 5.0).item(), 0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_flow_run(workdir, tiny_vae_run):
+    """A stage-2 rectified-flow run of the tiny config on the tiny VAE's cache."""
+    cfg = str(TINY / "ldm-flow.yaml")
+    overrides = [f"cache.vae={tiny_vae_run}", f"cache.dir={workdir / 'cache' / 'tiny-text'}"]
+    return train("ldm", cfg, ["--cfg", cfg, "--runs-dir", str(workdir / "runs"), "--name", "flow", *overrides])
+
+
+@pytest.mark.slow
+def test_a_flow_run_trains_and_the_pipeline_samples_it_on_its_own_path(tiny_flow_run):
+    pipe = Pipeline.from_run(tiny_flow_run, device="cpu")
+    assert isinstance(pipe.schedule, FlowSchedule) and pipe.parameterization == "flow"
+    prompts = ["a red circle on a blue background"] * 2
+    for sampler in ("euler", "heun", "dpmpp_2m", "ddim"):
+        images = pipe.generate_tensors(prompts, steps=2, sampler=sampler, guidance=3.0, seed=0)
+        assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+    seen = []
+    pipe.generate_tensors(prompts[:1], steps=4, sampler="euler", guidance=1.0, callback=seen.append)
+    t = FlowSchedule.t_of(torch.stack([info["sigma"] for info in seen]).double())
+    assert torch.allclose(t, torch.linspace(FlowSchedule().t_max, 0, 5, dtype=torch.float64)[:-1], atol=1e-6)
