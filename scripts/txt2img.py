@@ -61,6 +61,7 @@ EXIT_INTERRUPTED = 130
 DEFAULT_OUT = "outputs"
 SEED_RANGE = 2**31  # a random seed is drawn below this when none is given
 GRID_MAX_COLUMNS = 8
+DEFAULT_CLASSIFIER_SCALE = 1.0  # with the exact p(y | x), scale 1 samples p(x | y)
 
 
 class CLIError(UserError):
@@ -138,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--compile", action="store_true",
                        help="torch.compile the U-Net (and ControlNet), weights frozen: the first batch compiles "
                             "(tens of seconds), later ones run faster; pays off for many images")
+    steer = p.add_argument_group("classifier guidance (class and unconditional runs)")
+    steer.add_argument("--classifier", metavar="RUN", help="a noise-aware classifier run (stages/train_classifier.py) "
+                       "that steers each image toward its --class")
+    steer.add_argument("--classifier-scale", type=float, help="its scale s (default 1): s·∇ log p(class | x) added")
     control = p.add_argument_group("control (ControlNet models)")
     control.add_argument("--control", metavar="IMAGE", help="the control image (e.g. an edge map); any size and "
                          "mode: it is converted to RGB and resized to the output size")
@@ -291,6 +296,12 @@ def validate(args: argparse.Namespace) -> Request:
     if args.control is not None:
         options.update(control=args.control, guess_mode=args.guess_mode,
                        control_scale=DEFAULT_CONTROL_SCALE if args.control_scale is None else args.control_scale)
+    if args.classifier_scale is not None and not args.classifier:
+        raise CLIError("--classifier-scale needs --classifier RUN (a classifier trained with stages/train_classifier.py)")
+    if args.classifier:
+        if source.condition_key != "label":
+            raise CLIError("--classifier steers toward class labels: give a class (or unconditional) run and --class")
+        options["classifier_scale"] = DEFAULT_CLASSIFIER_SCALE if args.classifier_scale is None else args.classifier_scale
     return Request(conditions, [seed + i for i in range(len(conditions))], options, source)
 
 
@@ -306,6 +317,8 @@ def load_pipeline(args: argparse.Namespace, request: Request) -> Pipeline:
         pipe = Pipeline.from_checkpoint(args.ckpt, source.config, controlnet=args.controlnet,
                                         unsafe=args.unsafe_load, device=args.device, dtype=args.dtype,
                                         use_ema=not args.no_ema)
+    if args.classifier:
+        pipe.with_classifier(args.classifier)
     if args.compile:
         try:
             pipe.compile()
@@ -350,6 +363,8 @@ def image_parameters(request: Request, pipe: Pipeline, condition, seed: int) -> 
         params.update(config=pipe.source.get("config"), controlnet=pipe.source.get("controlnet"))
     if "control" in o:
         params.update(control=str(o["control"]), control_scale=o["control_scale"], guess_mode=o["guess_mode"])
+    if "classifier_scale" in o:
+        params.update(classifier=pipe.source.get("classifier"), classifier_scale=o["classifier_scale"])
     return params
 
 

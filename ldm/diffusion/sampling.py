@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import trange
 
+from ldm.diffusion.classifier_guidance import ClassifierGuidance
 from ldm.diffusion.denoiser import Denoiser, DenoiserFn
 from ldm.diffusion.guidance import cfg_denoiser
 from ldm.diffusion.schedule import Schedule
@@ -285,14 +286,18 @@ def sample_latents(
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
     progress: bool = False,
+    classifier_guidance: ClassifierGuidance | None = None,
     **options,
 ) -> SampleResult:
-    """The one sampling core: classifier-free guidance of ``guidance`` around ``denoiser``, then ``sampler``.
+    """The one sampling core: classifier-free guidance of ``guidance`` around ``denoiser`` (and classifier guidance
+    around that, when given), then ``sampler``.
 
     ``noise`` (B, C, h, w) is unit Gaussian; ``cond`` / ``uncond`` are the network's conditioning keywords
     (``uncond`` is unused at guidance 1). Every caller (Pipeline, training sample grids through it, ControlNet,
     evaluation, the benchmark) samples through here.
     """
     guided = cfg_denoiser(denoiser, cond, uncond or {}, guidance, guidance_rescale)
+    if classifier_guidance is not None:
+        guided = classifier_guidance.wrap(guided)
     return sample(sampler, guided, noise, denoiser.schedule, steps, spacing, generator, callback=callback,
                   progress=progress, **options)

@@ -20,9 +20,11 @@ from torch import nn
 from ldm.core.config import get_obj_from_str, instantiate_from_config
 from ldm.core.errors import UserError
 from ldm.core.migrate import vae_network_node
+from ldm.diffusion.schedule import Schedule
 from ldm.io.checkpoints import load_file, load_strict, state_dict_of, tensors_hash
 from ldm.io.runs import RunError, checkpoint_for, resolve_run, run_config
 from ldm.nets.autoencoder.model import AutoencoderKL, downsampling_factor
+from ldm.systems.classifier import NoisyClassifier
 from ldm.systems.controlnet import ControlLDM
 from ldm.systems.latent_diffusion import LatentDiffusion
 
@@ -137,6 +139,18 @@ def _default_argument(target: str, name: str):
     except (UserError, TypeError, ValueError):
         return None
     return None if param is None or param.default is inspect.Parameter.empty else param.default
+
+
+def load_classifier(run: str | os.PathLike) -> tuple[nn.Module, Schedule, float]:
+    """A classifier run's network (frozen, eval mode), the schedule it was trained on and its latents' scale factor."""
+    ckpt = checkpoint_for(run)
+    node = run_config(ckpt).get("model") or {}
+    if not is_subclass(node.get("target", ""), NoisyClassifier):
+        raise NotAnLDMRunError(f"{run} is not a classifier run (stages/train_classifier.py): its model is "
+                               f"{node.get('target', 'missing')}")
+    system = instantiate_from_config(node, "model")
+    load_strict(system, state_dict_of(load_file(ckpt)), f"checkpoint {ckpt}")
+    return system.classifier.eval().requires_grad_(False), system.schedule, float(system.scale_factor)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ldm.core.dtypes import resolve_dtype
 from ldm.core.images import to_pil
 from ldm.diffusion import SAMPLERS, Denoiser, Schedule, sample_latents
+from ldm.diffusion.classifier_guidance import ClassifierGuidance
 from ldm.inference.control_image import (
     DEFAULT_CONTROL_SCALE,
     ControlInput,
@@ -37,6 +38,7 @@ from ldm.inference.loaders import (  # noqa: F401  (re-exported: the pipeline's 
     PipelineError,
     RunSummary,
     describe_run,
+    load_classifier,
     load_run_system,
     resolve_device,
 )
@@ -48,6 +50,7 @@ DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 5.0
 DEFAULT_SAMPLER = "dpmpp_2m"
 DEFAULT_BATCH_SIZE = 8  # images sampled at once (CFG doubles the U-Net's batch)
+SCALE_RTOL = 1e-4  # a classifier's latent scale must be the model's (the same cache measures both)
 DECODE_CHUNK = 16  # images decoded at once: bounds the VAE decoder's peak memory
 
 
@@ -77,6 +80,8 @@ class Pipeline:
     control_model: nn.Module | None = None  # a ControlNet (then every request needs a control image)
     only_mid_control: bool = False
     control_scales: list[float] | None = None  # per-residual scales a ControlNet was trained with (× control_scale)
+    classifier: nn.Module | None = None  # a noise-aware classifier for classifier guidance (``with_classifier``)
+    classifier_schedule: Schedule | None = None  # the path it was trained on
 
     @classmethod
     def from_system(cls, system: nn.Module) -> Pipeline:
@@ -250,6 +255,29 @@ class Pipeline:
             raise PipelineError(f"control scale must be ≥ 0, got {scale}")
         return ControlSettings(prepare_hints(control, n, height, width), float(scale), bool(guess_mode))
 
+    def with_classifier(self, run: str | os.PathLike) -> Pipeline:
+        """Attach a noise-aware classifier run (``stages/train_classifier.py``) for classifier guidance: then
+        ``classifier_scale=s`` in a request steers each image toward its class label."""
+        classifier, schedule, scale_factor = load_classifier(run)
+        if not math.isclose(scale_factor, self.scale_factor, rel_tol=SCALE_RTOL):
+            raise PipelineError(f"the classifier {run} was trained on latents scaled by {scale_factor:.5f}, this model's "
+                                f"are scaled by {self.scale_factor:.5f}: train it on this model's latent cache")
+        self.classifier = classifier.to(self.device).eval().requires_grad_(False)
+        self.classifier_schedule = schedule.to(self.device)
+        self.source["classifier"] = str(run)
+        return self
+
+    def _classifier_scale(self, options: dict) -> float:
+        """The request's classifier-guidance scale (taken out of the sampler options), checked."""
+        scale = float(options.pop("classifier_scale", 0.0))
+        if scale and self.classifier is None:
+            raise PipelineError("classifier_scale needs a classifier: Pipeline.with_classifier(run), or --classifier")
+        if scale and self.condition_key != "label":
+            raise PipelineError("classifier guidance steers toward class labels: this run is text-conditional")
+        if scale < 0:
+            raise PipelineError(f"classifier scale must be ≥ 0, got {scale}")
+        return scale
+
     # ------------------------------------------------------------------------------------ sampling
 
     def _plan(self, conditions, negative, steps: int, guidance: float, sampler: str, guidance_rescale: float,
@@ -258,12 +286,14 @@ class Pipeline:
         """Check a request before anything is drawn and gather what sampling needs."""
         conditions = self.check_conditions(conditions)
         negative = self._negatives(negative, len(conditions))
+        options = dict(options)
+        classifier_scale = self._classifier_scale(options)
         self._check_sampling(steps, guidance, sampler, batch_size, options)
         height, width = height or self.image_size, width or self.image_size
         shape = self.latent_shape(height, width)
         control = self._control(control, len(conditions), height, width, control_scale, guess_mode)
         return _Plan(conditions, negative, shape, height, width, steps, guidance, sampler, guidance_rescale,
-                     batch_size, options, control)
+                     batch_size, options, control, classifier_scale)
 
     def generate_tensors(
         self,
@@ -333,10 +363,14 @@ class Pipeline:
         noise = torch.stack([  # (B, C, h, w): each image's noise from its own seed
             torch.randn(plan.shape, generator=torch.Generator().manual_seed(seed + j)) for j in range(b)
         ]).to(device)
+        steer = None
+        if plan.classifier_scale:
+            labels = torch.as_tensor(conditions, device=device)  # (B,)
+            steer = ClassifierGuidance(self.classifier, self.classifier_schedule, labels, plan.classifier_scale)
         return sample_latents(Denoiser(model, self.schedule, self.parameterization), noise, cond, uncond,
                               sampler=plan.sampler, steps=plan.steps, guidance=plan.guidance,
                               guidance_rescale=plan.guidance_rescale, generator=torch.Generator(device).manual_seed(seed),
-                              callback=callback, **plan.options).x
+                              callback=callback, classifier_guidance=steer, **plan.options).x
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -375,7 +409,8 @@ class Pipeline:
                  **options) -> Generation:
         """PIL images with their seeds and settings (each image's ``info`` holds its seed and condition).
 
-        ``options``: ``control``, ``control_scale``, ``guess_mode`` for a ControlNet, and the sampler's own.
+        ``options``: ``control``, ``control_scale``, ``guess_mode`` for a ControlNet, ``classifier_scale`` with a
+        classifier attached (``with_classifier``), and the sampler's own.
         """
         parts = list(self.iter_generate(conditions, steps, guidance, seed, sampler, negative, height, width,
                                         guidance_rescale, batch_size, progress, **options))
@@ -408,11 +443,14 @@ class _Plan:
     batch_size: int
     options: dict  # the sampler's own keyword arguments (eta, …)
     control: ControlSettings | None
+    classifier_scale: float = 0.0
 
     def settings(self) -> dict:
-        """The settings a Generation records (control scale and guess mode for a ControlNet)."""
+        """The settings a Generation records (control scale and guess mode for a ControlNet, the classifier scale)."""
         control = {} if self.control is None else {"control_scale": self.control.scale,
                                                    "guess_mode": self.control.guess_mode}
+        if self.classifier_scale:
+            control["classifier_scale"] = self.classifier_scale
         return dict(steps=self.steps, guidance=self.guidance, sampler=self.sampler,
                     guidance_rescale=self.guidance_rescale, height=self.height, width=self.width, **control,
                     **self.options)

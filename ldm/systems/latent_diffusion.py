@@ -19,6 +19,7 @@ from ldm.diffusion import DiffusionObjective
 from ldm.nets.compile import compile_network, is_compiled
 from ldm.nets.conditioning.base import ucg_dropout
 from ldm.nets.ema import DEFAULT_DECAY, LitEma, ema_scope
+from ldm.systems.latents import adopt_cache_scale, cache_meta, cached_latents
 from ldm.systems.optim import AdamW, total_steps
 
 VAL_NOISE_SEED = 1234  # validation loss uses the same noise levels and ε every time, so curves are comparable
@@ -96,13 +97,7 @@ class LatentDiffusion(L.LightningModule):
 
     def on_fit_start(self) -> None:
         """Take the scale factor and image size from the latent cache the data module reads."""
-        meta = getattr(getattr(self.trainer.datamodule, "train_dataset", None), "meta", None) or {}
-        if torch.isnan(self.scale_factor) and "scale_factor" in meta:
-            self.scale_factor.fill_(meta["scale_factor"])
-        if not int(self.image_size) and meta.get("image_size"):
-            self.image_size.fill_(int(meta["image_size"][-1]))
-        if torch.isnan(self.scale_factor):
-            raise ValueError("scale_factor is unknown: train on a latent cache (which measures it) or set it in the config")
+        adopt_cache_scale(self.scale_factor, self.image_size, cache_meta(self.trainer))
         if self.compile_networks:
             for network in self.trained_networks():
                 if not is_compiled(network):
@@ -113,14 +108,14 @@ class LatentDiffusion(L.LightningModule):
         return [self.model.diffusion_model]
 
     def latents(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Scaled latents z·scale_factor: sampled from the cached posterior, or encoded on the fly from images."""
+        """Scaled latents z·scale_factor: given (reflow pairs), sampled from the cached posterior, or encoded on the
+        fly from images."""
+        if "latent" in batch:
+            return batch["latent"]  # already in the model's scaled latent space
         if "mean" in batch:
-            mean, std = batch["mean"], batch["std"]  # (B, C, h, w)
-            eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-            z = mean + std * eps
-        else:
-            with torch.no_grad():
-                z = self.first_stage_model.encode(batch["image"]).sample()
+            return cached_latents(batch, self.scale_factor, generator)
+        with torch.no_grad():
+            z = self.first_stage_model.encode(batch["image"]).sample()
         return z * self.scale_factor
 
     def conditioning(self, batch: dict, drop: bool) -> dict:
@@ -136,7 +131,8 @@ class LatentDiffusion(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """Latents → conditioning (with CFG dropout) → objective → log."""
-        loss = self.objective(self.network(), self.latents(batch), self.conditioning(batch, drop=True))
+        loss = self.objective(self.network(), self.latents(batch), self.conditioning(batch, drop=True),
+                              noise=batch.get("noise"))  # reflow pairs bring their noise
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -160,7 +156,8 @@ class LatentDiffusion(L.LightningModule):
         """The loss on held-out latents, with fixed noise."""
         g = self._val_generator
         z = self.latents(batch, generator=g)
-        loss = self.objective(self.network(), z, self.conditioning(batch, drop=False), generator=g)
+        loss = self.objective(self.network(), z, self.conditioning(batch, drop=False), generator=g,
+                              noise=batch.get("noise"))
         self.log("val/loss", loss, prog_bar=True, batch_size=len(z))
 
     def on_validation_epoch_end(self) -> None:

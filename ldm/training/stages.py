@@ -30,4 +30,5 @@ STAGES: dict[str, Stage] = {
     "ldm": Stage("ldm", "configs/ldm/shapes-text.yaml", before_build=ensure_cache),
     "controlnet": Stage("controlnet", "configs/controlnet/shapes-canny.yaml", before_build=prepare_controlnet,
                         init_weights=load_base_weights),
+    "classifier": Stage("classifier", "configs/classifier/shapes-latent.yaml", before_build=ensure_cache),
 }

@@ -53,12 +53,23 @@ class ClassEmbedder(Embedder):
         return self.embedding(labels.long())[:, None]  # (B, 1, D)
 
 
+class UnconditionalEmbedder(ClassEmbedder):
+    """An unconditional model's conditioning: class labels are read and checked (so samplers and classifier guidance
+    can name them) but every one maps to the null class's learned context, so the U-Net never sees the class."""
+
+    def forward(self, labels: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """Labels ``(B,)`` → the null context ``(B, 1, embed_dim)``."""
+        checked = super().forward(labels)  # validates the labels
+        return self.embedding.weight[self.null_class].expand_as(checked)
+
+
 __all__ = [
     "ClassEmbedder",
     "Condition",
     "Embedder",
     "FrozenOpenCLIP",
     "TextTransformer",
+    "UnconditionalEmbedder",
     "WeightsUnavailableError",
     "ucg_dropout",
 ]
