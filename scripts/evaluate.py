@@ -2,9 +2,10 @@
 
     python scripts/evaluate.py vae --run runs/vae/latest [--n 512] [--split val] [--grid]
     python scripts/evaluate.py adherence --run runs/ldm/latest [--samplers ddim:50,dpmpp_2m:20] [--n 64] [--scale 4]
-    python scripts/evaluate.py classes --run runs/ldm/<class-run> [--n 128]
+    python scripts/evaluate.py classes --run runs/ldm/<class-run> [--n 128] [--guide runs/classifier/<run> --guide-scale 2]
     python scripts/evaluate.py fid --run runs/ldm/latest [--n 256]
     python scripts/evaluate.py edges --run runs/controlnet/latest [--n 64]
+    python scripts/evaluate.py straightness --run runs/ldm/<flow run> [--n 64] [--steps 50]
     python scripts/evaluate.py all --vae runs/vae/latest --ldm runs/ldm/latest [--class-run R] [--controlnet R] --out results/eval
 
 The CSV defaults to ``<run>/eval.csv`` (``results/eval.csv`` for commands without a run); ``--out DIR`` puts
@@ -24,7 +25,7 @@ import torch
 
 from ldm.core.errors import UserError
 from ldm.core.logging import setup_cli_logging
-from ldm.eval import adherence_eval, class_eval, edges_eval, fid_eval, gather, vae_recon
+from ldm.eval import adherence_eval, class_eval, edges_eval, fid_eval, gather, straightness, vae_recon
 from ldm.eval.report import append_csv, markdown_table
 from ldm.io.runs import resolve_run
 
@@ -41,6 +42,7 @@ COMMANDS: dict[str, ModuleType] = {
     "classes": class_eval,
     "fid": fid_eval,
     "edges": edges_eval,
+    "straightness": straightness,
     "all": gather,
 }
 FRESH_TABLE = ("all",)  # commands whose table replaces the CSV instead of appending to it

@@ -42,3 +42,11 @@ def tiny_ldm_run(workdir, tiny_vae_run):
     cfg = str(TINY / "ldm-text.yaml")
     overrides = [f"cache.vae={tiny_vae_run}", f"cache.dir={workdir / 'cache' / 'tiny-text'}"]
     return train("ldm", cfg, ["--cfg", cfg, "--runs-dir", str(workdir / "runs"), *overrides], before_build=ensure_cache)
+
+
+@pytest.fixture(scope="session")
+def tiny_flow_run(workdir, tiny_vae_run):
+    """A stage-2 rectified-flow run of the tiny config on the tiny text cache, trained once per test session."""
+    cfg = str(TINY / "ldm-flow.yaml")
+    overrides = [f"cache.vae={tiny_vae_run}", f"cache.dir={workdir / 'cache' / 'tiny-text'}"]
+    return train("ldm", cfg, ["--cfg", cfg, "--runs-dir", str(workdir / "runs"), "--name", "flow", *overrides])

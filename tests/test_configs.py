@@ -6,6 +6,7 @@ import pytest
 
 from ldm.core.config import check_config, load_config
 from ldm.training.driver import validate
+from ldm.training.reflow import INHERITED, reflow_section
 from tests.paths import REPO_ROOT
 
 CONFIGS = sorted((REPO_ROOT / "configs").rglob("*.yaml"))
@@ -18,6 +19,11 @@ def test_there_are_configs():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO_ROOT / "configs")))
 def test_config_checks(path: Path):
     cfg = load_config(path)
+    if "reflow" in cfg:  # the model comes from the source run: take it from the flow config the run would use
+        reflow_section(cfg)
+        flow = load_config(path.parent / ("ldm-flow.yaml" if path.parent.name == "tiny" else "shapes-text-flow.yaml"))
+        for key in INHERITED:
+            cfg["model"]["params"].setdefault(key, flow["model"]["params"].get(key))
     if "data" in cfg or "trainer" in cfg:  # a training config: every section
         validate(cfg)
         if "cache" in cfg:

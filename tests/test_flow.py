@@ -12,8 +12,6 @@ from ldm.diffusion.flow import shift_t
 from ldm.diffusion.parameterization import PARAMETERIZATIONS
 from ldm.diffusion.sampling import sample_euler
 from ldm.inference.pipeline import Pipeline
-from ldm.training.driver import train
-from tests.conftest import TINY
 from tests.gaussian_data import MEAN, STD, channel_stats, ideal_model_fn, ideal_x0, sample_data
 
 SCHEDULE = FlowSchedule()
@@ -133,14 +131,6 @@ def test_flow_target_and_min_snr_weight_on_the_flow_path():
     expected = snr.clamp(max=5.0) * (x0_hat - x0).pow(2).flatten(1).mean(1)
     assert torch.allclose(weighted, expected, rtol=1e-3)
     assert math.isclose(param.min_snr_weight(torch.tensor(0.0), 5.0).item(), 0.0)
-
-
-@pytest.fixture(scope="module")
-def tiny_flow_run(workdir, tiny_vae_run):
-    """A stage-2 rectified-flow run of the tiny config on the tiny VAE's cache."""
-    cfg = str(TINY / "ldm-flow.yaml")
-    overrides = [f"cache.vae={tiny_vae_run}", f"cache.dir={workdir / 'cache' / 'tiny-text'}"]
-    return train("ldm", cfg, ["--cfg", cfg, "--runs-dir", str(workdir / "runs"), "--name", "flow", *overrides])
 
 
 @pytest.mark.slow

@@ -40,7 +40,7 @@ class CacheError(UserError, RuntimeError):
     """A latent cache that is missing, incomplete, or made with another VAE."""
 
 
-def _write_json_atomic(data: Any, path: Path) -> None:
+def write_json_atomic(data: Any, path: Path) -> None:
     write_text_atomic(path, json.dumps(data, indent=1))
 
 
@@ -93,7 +93,7 @@ def encode_split(autoencoder: torch.nn.Module, dataset: Dataset, out_dir: Path, 
         shard_stats = {"count": mean.numel(), "sum": mean.double().sum().item(),
                        "sum_sq": mean.double().square().sum().item(), "sum_var": std.double().square().sum().item()}
         save_file_atomic(arrays, out_dir / f"{name}.safetensors")
-        _write_json_atomic({**{k: v for k, v in records.items() if v}, "stats": shard_stats}, index_path)
+        write_json_atomic({**{k: v for k, v in records.items() if v}, "stats": shard_stats}, index_path)
         stats.append(shard_stats)
     bar.close()
     return _combine(stats) | {"items": len(dataset), "shards": n_shards}
@@ -123,7 +123,7 @@ def build_cache(autoencoder: torch.nn.Module, datasets: Mapping[str, Dataset], c
             )
     cache_dir.mkdir(parents=True, exist_ok=True)
     meta = {"version": CACHE_VERSION, "vae": vae_info, "complete": False}
-    _write_json_atomic(meta, meta_path)
+    write_json_atomic(meta, meta_path)
     autoencoder.eval()
     splits = {name: encode_split(autoencoder, ds, cache_dir / name, batch_size, shard_size, num_workers, progress)
               for name, ds in datasets.items()}
@@ -137,12 +137,13 @@ def build_cache(autoencoder: torch.nn.Module, datasets: Mapping[str, Dataset], c
         scale_factor=1.0 / splits["train" if "train" in splits else next(iter(splits))]["latent_std"],
         complete=True,
     )
-    _write_json_atomic(meta, meta_path)
+    write_json_atomic(meta, meta_path)
     return meta
 
 
 class LatentDataset(Dataset):
-    """Items of one cache split: posterior ``mean`` and ``std`` (C, h, w) fp32, caption, label, path[, hint]."""
+    """Items of one cache split: its tensors as fp32 — a latent cache's posterior ``mean`` and ``std`` (C, h, w), a
+    reflow cache's ``noise`` and ``latent`` — the hint in [0, 1] when stored, and caption, label, path."""
 
     def __init__(self, cache_dir: str, split: str = "train", check: bool = True):
         self.cache_dir = Path(cache_dir)
@@ -155,7 +156,7 @@ class LatentDataset(Dataset):
         self.offsets = [0]
         for shard in self.shards:
             with safe_open(str(shard), framework="pt") as f:
-                self.offsets.append(self.offsets[-1] + f.get_slice("mean").get_shape()[0])
+                self.offsets.append(self.offsets[-1] + f.get_slice(next(iter(f.keys()))).get_shape()[0])
         self._handles: dict[int, Any] = {}
 
     def __len__(self) -> int:
@@ -172,7 +173,7 @@ class LatentDataset(Dataset):
         if shard not in self._handles:  # one memory-mapped handle per shard and worker
             self._handles[shard] = safe_open(str(self.shards[shard]), framework="pt")
         handle = self._handles[shard]
-        item = {key: handle.get_slice(key)[row].float() for key in ("mean", "std")}
+        item = {key: handle.get_slice(key)[row].float() for key in handle.keys() if key != "hint"}
         if "hint" in handle.keys():
             item["hint"] = handle.get_slice("hint")[row].float() / HINT_SCALE
         record = self.records[shard]

@@ -46,8 +46,11 @@ def classifier_for(args: argparse.Namespace, size: int) -> ShapesClassifier:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `classes` subcommand's options."""
-    add_sampling_arguments(parser, DEFAULT_N, "class-conditional stage-2 run")
+    add_sampling_arguments(parser, DEFAULT_N, "class-conditional (or unconditional) stage-2 run")
     add_classifier_arguments(parser)
+    parser.add_argument("--guide", metavar="RUN", help="a noise-aware classifier run for classifier guidance "
+                        "(stages/train_classifier.py); the measuring classifier stays the held-out shapes one")
+    parser.add_argument("--guide-scale", type=float, default=1.0, help="its classifier-guidance scale (default 1)")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -55,13 +58,18 @@ def run(args: argparse.Namespace) -> dict:
     check_counts(args)
     (sampler, steps), = parse_samplers(args.sampler)
     pipe = load_pipeline(args.run, "label", args.device)
+    guide_scale = 0.0
+    if args.guide:
+        pipe.with_classifier(args.guide)
+        guide_scale = args.guide_scale
     size = int(pipe.image_size)
     held = held_out(args.n, size)
-    result = generate(pipe, held.labels, sampler, steps, args.scale, args.seed, args.batch_size)
+    extra = {"classifier_scale": guide_scale} if guide_scale else {}
+    result = generate(pipe, held.labels, sampler, steps, args.scale, args.seed, args.batch_size, **extra)
     classifier = classifier_for(args, size)
     save_grid(result.images, args.grid)
     return {"command": "classes", "run": Path(pipe.source["run"]).name, "sampler": sampler, "steps": steps,
-            "nfe": result.nfe, "scale": args.scale, "n": len(held.labels),
+            "nfe": result.nfe, "scale": args.scale, "classifier_scale": guide_scale, "n": len(held.labels),
             "class_accuracy_pct": PERCENT * class_accuracy(result.images, held.labels, classifier)["class_accuracy"],
             "reader_adherence_pct": PERCENT * adherence(result.images, held.factors)["all"],
             "fid": fid(result.images, held.images, classifier)}
@@ -69,6 +77,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def summary(row: dict) -> list[tuple[str, str, object]]:
     """(setting, measure, value) triples for the gathered table of `evaluate.py all`."""
-    setting = f"{row['sampler']} {row['steps']} steps, scale {row['scale']:g}, n={row['n']}"
+    guided = f", classifier scale {row['classifier_scale']:g}" if row.get("classifier_scale") else ""
+    setting = f"{row['sampler']} {row['steps']} steps, scale {row['scale']:g}{guided}, n={row['n']}"
     return [(setting, "class accuracy %", row["class_accuracy_pct"]),
             (setting, "reader adherence %", row["reader_adherence_pct"]), (setting, "feature FID", row["fid"])]

@@ -347,8 +347,9 @@ class Pipeline:
                 yield start, images
 
     def _sample_chunk(self, plan: _Plan, conditions: list, negative: list | None, control: ControlSettings | None,
-                      seed: int, callback: Callable[[dict], None]) -> torch.Tensor:
-        """Latents (B, C, h, w) for one chunk; image j's noise from seed + j."""
+                      seed: int, callback: Callable[[dict], None] | None,
+                      noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Latents (B, C, h, w) for one chunk; image j's noise from seed + j unless ``noise`` (B, C, h, w) is given."""
         device, b = self.device, len(conditions)
         cond = {"context": self.encode(conditions)}  # (B, T, D)
         uncond = {}  # scale 1 never runs the unconditional branch
@@ -360,9 +361,11 @@ class Pipeline:
             cond["hint"] = control.hints.to(device)  # (1 or B, 3, H, W)
             if not control.guess_mode:  # guess mode: the unconditional branch runs without the hint
                 uncond["hint"] = cond["hint"]
-        noise = torch.stack([  # (B, C, h, w): each image's noise from its own seed
-            torch.randn(plan.shape, generator=torch.Generator().manual_seed(seed + j)) for j in range(b)
-        ]).to(device)
+        if noise is None:
+            noise = torch.stack([  # (B, C, h, w): each image's noise from its own seed
+                torch.randn(plan.shape, generator=torch.Generator().manual_seed(seed + j)) for j in range(b)
+            ])
+        noise = noise.to(device)
         steer = None
         if plan.classifier_scale:
             labels = torch.as_tensor(conditions, device=device)  # (B,)
@@ -371,6 +374,18 @@ class Pipeline:
                               sampler=plan.sampler, steps=plan.steps, guidance=plan.guidance,
                               guidance_rescale=plan.guidance_rescale, generator=torch.Generator(device).manual_seed(seed),
                               callback=callback, classifier_guidance=steer, **plan.options).x
+
+    @torch.no_grad()
+    def latents_for(self, conditions: Sequence, noise: torch.Tensor, steps: int = DEFAULT_STEPS,
+                    guidance: float = DEFAULT_GUIDANCE, sampler: str = DEFAULT_SAMPLER, seed: int = 0,
+                    callback: Callable[[dict], None] | None = None, **options) -> torch.Tensor:
+        """The sampled latents (N, C, h, w), in the model's scaled latent space, that unit ``noise`` (N, C, h, w)
+        becomes for ``conditions`` (reflow draws its pairs so); one batch, no decoding."""
+        plan = self._plan(conditions, None, steps, guidance, sampler, 0.0, len(noise), None, None, None,
+                          DEFAULT_CONTROL_SCALE, False, options)
+        if tuple(noise.shape[1:]) != plan.shape:
+            raise PipelineError(f"noise of shape {tuple(noise.shape[1:])} for latents of shape {plan.shape}")
+        return self._sample_chunk(plan, plan.conditions, None, None, seed, callback, noise)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

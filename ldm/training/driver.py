@@ -44,7 +44,7 @@ from ldm.nets.compile import compiler_problem
 from ldm.training.callbacks import AtomicCheckpointIO, GracefulStop, ResumeBookkeeping
 from ldm.training.csv_logger import RunCSVLogger
 from ldm.training.guards import GUARD_DEFAULTS, NonFiniteError, guard_callbacks
-from ldm.training.stages import STAGES, BeforeBuild, InitWeights
+from ldm.training.stages import STAGES, BeforeBuild, Complete, InitWeights
 
 # Set by the launching process so that DDP workers (which re-run the script) join its run directory.
 RUN_DIR_ENV = "LDM_RUN_DIR"
@@ -87,14 +87,18 @@ def validate(cfg: dict) -> None:
         raise ConfigError(f"guard.nonfinite: expected one of {', '.join(GUARD_MODES)}, got {guard['nonfinite']!r}")
 
 
-def load_run_config(args: argparse.Namespace, default_config: str) -> tuple[dict, str, Path | None, Path | None]:
-    """The checked config, its path, and on resume the run directory and checkpoint to continue from."""
+def load_run_config(args: argparse.Namespace, default_config: str, complete: Complete | None = None
+                    ) -> tuple[dict, str, Path | None, Path | None]:
+    """The checked config (``complete`` fills what it inherits first), its path, and on resume the run directory and
+    checkpoint to continue from."""
     run_dir = ckpt = None
     if args.resume:
         run_dir = resolve_run(args.resume)
         ckpt = checkpoint_for(args.resume)
     cfg_path = str(args.cfg or (run_dir / CONFIG_FILE if run_dir else default_config))
     cfg = load_config(cfg_path, args.overrides)
+    if complete is not None:
+        complete(cfg)
     validate(cfg)
     return cfg, cfg_path, run_dir, ckpt
 
@@ -156,13 +160,15 @@ def _build_trainer(cfg: dict, run_dir: Path) -> L.Trainer:
 
 
 def train(stage: str, default_config: str | None = None, argv: Sequence[str] | None = None,
-          before_build: BeforeBuild | None = None, init_weights: InitWeights | None = None) -> Path:
+          before_build: BeforeBuild | None = None, init_weights: InitWeights | None = None,
+          complete: Complete | None = None) -> Path:
     """Run one stage's training from the command line; returns the run directory.
 
     ``stage`` names the runs folder and, for the stages of ``ldm.training.stages``, the defaults of the rest:
     ``default_config``; ``before_build(cfg, config_path)``, run after the config is checked and before anything
     is built (stage 2 builds or checks its latent cache); ``init_weights(model, cfg)``, run on a new run (not a
-    resumed one) once the model is built (stage 3 loads its base model's weights).
+    resumed one) once the model is built (stage 3 loads its base model's weights); ``complete(cfg)``, run before the
+    config is checked, fills in what it inherits (reflow: the model of its source run).
     """
     setup_cli_logging()
     known = STAGES.get(stage)
@@ -170,9 +176,10 @@ def train(stage: str, default_config: str | None = None, argv: Sequence[str] | N
         default_config = default_config or known.default_config
         before_build = before_build or known.before_build
         init_weights = init_weights or known.init_weights
+        complete = complete or known.complete
     args = parse_args(argv, default_config)
     try:
-        cfg, cfg_path, run_dir, ckpt = load_run_config(args, default_config)
+        cfg, cfg_path, run_dir, ckpt = load_run_config(args, default_config, complete)
         if before_build is not None:
             before_build(cfg, cfg_path)
         L.seed_everything(cfg.get("seed", 0), workers=True, verbose=False)

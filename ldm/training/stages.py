@@ -1,5 +1,6 @@
-"""The training stages: each is its default config plus what runs before the model is built (the latent cache, a
-ControlNet's base model) and what initialises a new run's weights. ``ldm.training.driver.train`` looks them up."""
+"""The training stages: each is its default config plus what completes the config before it is checked (reflow's
+inherited model), what runs before the model is built (the latent cache, a ControlNet's base model, reflow's pairs)
+and what initialises a new run's weights. ``ldm.training.driver.train`` looks them up."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from torch import nn
 
 from ldm.training.cache import ensure_cache
 from ldm.training.controlnet_base import load_base_weights, prepare_controlnet
+from ldm.training.reflow import complete_reflow, ensure_pairs, load_source_weights
 
+Complete = Callable[[dict], object]  # (config): fills in what the config inherits, before it is checked
 BeforeBuild = Callable[[dict, str], object]  # (config, config path): prepares what the model and data need
 InitWeights = Callable[[nn.Module, dict], object]  # (model, config): a new run's initial weights
 
@@ -23,6 +26,7 @@ class Stage:
     default_config: str
     before_build: BeforeBuild | None = None
     init_weights: InitWeights | None = None
+    complete: Complete | None = None
 
 
 STAGES: dict[str, Stage] = {
@@ -31,4 +35,6 @@ STAGES: dict[str, Stage] = {
     "controlnet": Stage("controlnet", "configs/controlnet/shapes-canny.yaml", before_build=prepare_controlnet,
                         init_weights=load_base_weights),
     "classifier": Stage("classifier", "configs/classifier/shapes-latent.yaml", before_build=ensure_cache),
+    "reflow": Stage("reflow", "configs/ldm/shapes-text-reflow.yaml", complete=complete_reflow,
+                    before_build=ensure_pairs, init_weights=load_source_weights),
 }

@@ -1,0 +1,10 @@
+"""Reflow a rectified-flow run: draw (noise, latent) pairs with it (built first when missing), fine-tune a copy on them.
+
+    python stages/train_reflow.py --cfg configs/ldm/shapes-text-reflow.yaml reflow.source=runs/ldm/<flow run>
+    python stages/train_reflow.py --resume runs/reflow/latest
+"""
+
+from ldm.training.driver import train
+
+if __name__ == "__main__":
+    train("reflow")  # default config and stage hooks: ldm.training.stages
