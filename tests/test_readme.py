@@ -45,6 +45,11 @@ SMOKE: dict[str, list[str]] = {
     "scripts/make_edges.py": [],
     "scripts/plot_metrics.py": [],
     "scripts/export.py": [],
+    "stages/train_reflow.py": TRAIN_SMOKE + ["reflow.count=4", "reflow.val_count=2", "reflow.steps=2",
+                                             "reflow.batch_size=4", "reflow.shard_size=4", "callbacks=[]"],
+    "stages/train_classifier.py": TRAIN_SMOKE + CACHE_SMOKE,
+    "scripts/evaluate.py straightness": ["--n", "2", "--steps", "2", "--threads", "1"],
+    "scripts/sampler_moments.py": ["--steps", "2", "--n", "8"],
 }
 
 
