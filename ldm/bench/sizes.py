@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ldm.nets.autoencoder.model import downsampling_factor
+
 LATENT_CHANNELS = 4  # SD's latent channels
 SD_SCALE_FACTOR = 0.18215  # SD's latent scale; only sets the magnitude of the benchmark's latents
 SAMPLING_STEPS = 20
@@ -26,7 +28,7 @@ class BenchSizes:
     @property
     def image_size(self) -> int:
         """Side in pixels of the images the VAE encodes (latent side × f)."""
-        return self.latent_size * 2 ** (len(self.vae["ch_mult"]) - 1)
+        return self.latent_size * downsampling_factor(self.vae)
 
     @property
     def context_dim(self) -> int:
