@@ -36,6 +36,7 @@ from PIL import Image, UnidentifiedImageError
 from ldm.core.errors import UserError
 from ldm.core.images import from_pil, image_grid, save_image_atomic
 from ldm.core.logging import setup_cli_logging
+from ldm.core.threads import add_threads_argument, apply_threads
 from ldm.diffusion import SAMPLERS
 from ldm.inference.loaders import is_subclass
 from ldm.inference.pipeline import (
@@ -125,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"images drawn at once (default {DEFAULT_BATCH_SIZE})")
     model = p.add_argument_group("model")
     model.add_argument("--run", help=f"a stage-2 or ControlNet run directory, or a .ckpt in one (default {DEFAULT_RUN})")
+    add_threads_argument(model)
     model.add_argument("--ckpt", help="a Stable Diffusion checkpoint (.safetensors, .ckpt, .pth) instead of a run")
     model.add_argument("--config", help="the inference config of --ckpt, e.g. configs/sd/v1-inference.yaml "
                        "(default: guessed for SD 1.x, or the config an exported file carries)")
@@ -328,8 +330,9 @@ def check_prompts(pipe: Pipeline, request: Request) -> None:
 
 
 def generate(pipe: Pipeline, request: Request) -> Iterator[Generation]:
-    """Sample the request one batch at a time, with a progress bar."""
-    return pipe.iter_generate(request.conditions, seed=request.seeds[0], progress=True, **request.options)
+    """Sample the request one batch at a time, with a progress bar in a terminal (a log gets the saved paths)."""
+    return pipe.iter_generate(request.conditions, seed=request.seeds[0], progress=sys.stderr.isatty(),
+                              **request.options)
 
 
 # ---------------------------------------------------------------------------------------------- save
@@ -406,6 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_cli_logging()
     try:
         args = parse_args(argv)
+        apply_threads(args.threads)
         request = validate(args)
         pipe = load_pipeline(args, request)
         print_settings(request, pipe)

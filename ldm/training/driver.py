@@ -29,6 +29,7 @@ from ldm.core.config import (
 )
 from ldm.core.errors import UserError
 from ldm.core.logging import setup_cli_logging
+from ldm.core.threads import add_threads_argument, apply_threads
 from ldm.inference.loaders import build_system
 from ldm.io.checkpoints import fit_report, load_file, state_dict_of
 from ldm.io.runs import (
@@ -41,9 +42,10 @@ from ldm.io.runs import (
     resolve_run,
 )
 from ldm.nets.compile import compiler_problem
-from ldm.training.callbacks import AtomicCheckpointIO, GracefulStop, ResumeBookkeeping
+from ldm.training.callbacks import AtomicCheckpointIO, FinalValidation, GracefulStop, ResumeBookkeeping
 from ldm.training.csv_logger import RunCSVLogger
 from ldm.training.guards import GUARD_DEFAULTS, NonFiniteError, guard_callbacks
+from ldm.training.progress import progress_callback
 from ldm.training.stages import STAGES, BeforeBuild, InitWeights
 
 # Set by the launching process so that DDP workers (which re-run the script) join its run directory.
@@ -63,6 +65,7 @@ def parse_args(argv: Sequence[str] | None, default_config: str) -> argparse.Name
     parser.add_argument("--resume", metavar="RUN", help="run directory, <stage>/latest or a .ckpt to continue from")
     parser.add_argument("--name", help="run name (default: the config's `name`)")
     parser.add_argument("--runs-dir", help="folder for run directories (default: runs, or $LDM_RUNS_DIR)")
+    add_threads_argument(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. trainer.max_steps=500")
     return parser.parse_intermixed_args(argv)  # overrides may come before or after options
 
@@ -148,9 +151,12 @@ def _build_trainer(cfg: dict, run_dir: Path) -> L.Trainer:
             dirpath=ckpt_dir, filename="best", monitor=ckpt_cfg["monitor"], mode=ckpt_cfg["mode"],
             save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False,
         ))
-    callbacks += [GracefulStop(ckpt_dir / LAST_CHECKPOINT), ResumeBookkeeping(), *guard_callbacks(cfg, ckpt_dir)]
+    callbacks += [GracefulStop(ckpt_dir / LAST_CHECKPOINT), ResumeBookkeeping(), FinalValidation(),
+                  *guard_callbacks(cfg, ckpt_dir)]
     callbacks += [instantiate_from_config(node, f"callbacks.{i}") for i, node in enumerate(cfg.get("callbacks") or [])]
     trainer_kwargs = dict(cfg.get("trainer") or {})
+    progress = progress_callback(trainer_kwargs)
+    callbacks += [progress] if progress is not None else []
     return L.Trainer(default_root_dir=str(run_dir), logger=RunCSVLogger(run_dir), callbacks=callbacks,
                      plugins=[AtomicCheckpointIO()], **trainer_kwargs)
 
@@ -173,6 +179,8 @@ def train(stage: str, default_config: str | None = None, argv: Sequence[str] | N
     args = parse_args(argv, default_config)
     try:
         cfg, cfg_path, run_dir, ckpt = load_run_config(args, default_config)
+        apply_threads(args.threads if args.threads is not None else cfg.get("threads"),
+                      "--threads" if args.threads is not None else "threads")
         if before_build is not None:
             before_build(cfg, cfg_path)
         L.seed_everything(cfg.get("seed", 0), workers=True, verbose=False)
