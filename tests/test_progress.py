@@ -50,6 +50,7 @@ def test_bad_threads_is_a_one_line_error(value):
 
 
 def test_auto_threads_leaves_busy_cores_alone(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.setattr("os.getloadavg", lambda: (1.1, 1.0, 1.0))
     assert resolve_threads("auto") == 1
@@ -57,6 +58,14 @@ def test_auto_threads_leaves_busy_cores_alone(monkeypatch):
     assert resolve_threads(None) == 2
     monkeypatch.setattr("os.getloadavg", lambda: (5.0, 5.0, 5.0))
     assert resolve_threads("auto") == 1
+
+
+def test_omp_num_threads_is_the_default(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert resolve_threads(None) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "zero")
+    with pytest.raises(ThreadsError, match="^OMP_NUM_THREADS: expected"):
+        resolve_threads(None)
 
 
 def test_apply_threads_sets_torch():

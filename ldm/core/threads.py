@@ -4,6 +4,7 @@ On a small shared CPU torch's default (one thread per core) is the slow choice a
 busy: every operator's threads wait for the one that was descheduled (README, "Threads": 18-22× slower training
 with two threads while another training ran on this 2-core machine). ``auto`` therefore takes the cores the
 load average leaves free, at least one: two on an idle 2-core machine, one as soon as another job runs.
+Precedence: ``--threads``, then the config's ``threads:``, then ``$OMP_NUM_THREADS``, then ``auto``.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from ldm.core.errors import UserError
 
 log = logging.getLogger(__name__)
 AUTO = "auto"
-THREADS_HELP = (f"torch CPU threads: a number, or {AUTO!r} (default): the cores the load average leaves free, "
-                "at least 1 (one thread per process is fastest on a busy machine)")
+OMP_ENV = "OMP_NUM_THREADS"  # honoured when neither --threads nor the config's `threads:` is given
+THREADS_HELP = (f"torch CPU threads: a number, or {AUTO!r}: the cores the load average leaves free, at least 1 "
+                f"(default: the config's `threads:`, else ${OMP_ENV}, else {AUTO})")
 
 
 class ThreadsError(UserError, ValueError):
@@ -44,7 +46,9 @@ def free_cores() -> int:
 
 
 def resolve_threads(value: int | str | None, where: str = "--threads") -> int:
-    """A thread count from ``N`` or ``auto`` (None means auto); a one-line error otherwise."""
+    """A thread count from ``N`` or ``auto``; None: ``$OMP_NUM_THREADS`` when set, else auto. One-line error if bad."""
+    if value is None and os.environ.get(OMP_ENV, "").strip():
+        value, where = os.environ[OMP_ENV], OMP_ENV
     if value is None or (isinstance(value, str) and value.strip().lower() == AUTO):
         return free_cores()
     try:
@@ -60,7 +64,12 @@ def apply_threads(value: int | str | None, where: str = "--threads") -> int:
     """Set torch's intra-op threads from ``value`` (see ``resolve_threads``), say so once; returns the count."""
     n = resolve_threads(value, where)
     torch.set_num_threads(n)
-    how = "auto: cores left free by the load" if value is None or str(value).lower() == AUTO else where
+    if value is None and os.environ.get(OMP_ENV, "").strip():
+        how = f"${OMP_ENV}"
+    elif value is None or str(value).strip().lower() == AUTO:
+        how = "auto: cores left free by the load"
+    else:
+        how = where
     log.info("threads: %d (%s; change with --threads N)", n, how)
     return n
 

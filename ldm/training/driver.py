@@ -1,6 +1,7 @@
 """The one training driver every stage script calls: config → run directory → Lightning Trainer → fit.
 
-Stages differ only in their config. ``python stages/<stage>.py [--cfg FILE] [--resume RUN] [key=value …]``.
+Stages differ only in their config. ``python stages/<stage>.py [--cfg FILE] [--resume RUN] [--data DIR] [--threads N]
+[key=value …]``; ``--data DIR`` points the recipe at a folder of images (``ldm.training.presets``).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from ldm.nets.compile import compiler_problem
 from ldm.training.callbacks import AtomicCheckpointIO, FinalValidation, GracefulStop, ResumeBookkeeping
 from ldm.training.csv_logger import RunCSVLogger
 from ldm.training.guards import GUARD_DEFAULTS, NonFiniteError, guard_callbacks
+from ldm.training.presets import apply_folder, take_folder_overrides
 from ldm.training.progress import progress_callback
 from ldm.training.stages import STAGES, BeforeBuild, InitWeights
 
@@ -65,6 +67,10 @@ def parse_args(argv: Sequence[str] | None, default_config: str) -> argparse.Name
     parser.add_argument("--resume", metavar="RUN", help="run directory, <stage>/latest or a .ckpt to continue from")
     parser.add_argument("--name", help="run name (default: the config's `name`)")
     parser.add_argument("--runs-dir", help="folder for run directories (default: runs, or $LDM_RUNS_DIR)")
+    parser.add_argument("--data", metavar="DIR", help="train on the images in DIR instead of the config's data "
+                        "(same as data.root=DIR); the caption mode is detected and reported")
+    parser.add_argument("--captions", metavar="MODE", help="with --data: auto (default), metadata, txt, subfolders "
+                        "or none (same as data.captions=MODE)")
     add_threads_argument(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. trainer.max_steps=500")
     return parser.parse_intermixed_args(argv)  # overrides may come before or after options
@@ -97,7 +103,12 @@ def load_run_config(args: argparse.Namespace, default_config: str) -> tuple[dict
         run_dir = resolve_run(args.resume)
         ckpt = checkpoint_for(args.resume)
     cfg_path = str(args.cfg or (run_dir / CONFIG_FILE if run_dir else default_config))
-    cfg = load_config(cfg_path, args.overrides)
+    overrides, folder = take_folder_overrides(list(args.overrides), args.data, args.captions)
+    if folder is not None and run_dir is not None:
+        raise ConfigError("--data / data.root starts a new run on a folder; a resumed run keeps its data (drop it)")
+    cfg = load_config(cfg_path, overrides)
+    for line in apply_folder(cfg, folder) if folder is not None else ():
+        log.info("%s", line)
     validate(cfg)
     return cfg, cfg_path, run_dir, ckpt
 

@@ -8,7 +8,7 @@ from typing import Callable
 
 from torch import nn
 
-from ldm.training.cache import ensure_cache
+from ldm.training.cache import prepare_stage2
 from ldm.training.controlnet_base import load_base_weights, prepare_controlnet
 
 BeforeBuild = Callable[[dict, str], object]  # (config, config path): prepares what the model and data need
@@ -27,7 +27,7 @@ class Stage:
 
 STAGES: dict[str, Stage] = {
     "vae": Stage("vae", "configs/vae/shapes-kl-f4.yaml"),
-    "ldm": Stage("ldm", "configs/ldm/shapes-text.yaml", before_build=ensure_cache),
+    "ldm": Stage("ldm", "configs/ldm/shapes-text.yaml", before_build=prepare_stage2),
     "controlnet": Stage("controlnet", "configs/controlnet/shapes-canny.yaml", before_build=prepare_controlnet,
                         init_weights=load_base_weights),
 }
