@@ -32,6 +32,7 @@ from ldm.bench.report import Row, write_csv, write_markdown
 from ldm.bench.sizes import DEFAULT, QUICK, BenchSizes
 from ldm.bench.steps import PRECISIONS, Options
 from ldm.core.logging import setup_cli_logging
+from ldm.core.threads import ThreadsError, add_threads_argument, apply_threads
 
 MEASUREMENTS = ("unet", "checkpointing", "channels_last", "compiled_step", "optimizer", "attention", "vae",
                 "stage2", "sampling")
@@ -56,8 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, help=f"timed calls (default {DEFAULT_REPEATS}, quick {QUICK_REPEATS})")
     p.add_argument("--batch", type=int, help="batch size (default: the sizes' own)")
     p.add_argument("--latent-size", type=int, help="latent side (images are 8× larger)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 avoids thread contention "
-                   "on a loaded machine)")
+    add_threads_argument(p)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile both sides of the training and VAE rows (sampling always has compiled rows)")
     p.add_argument("--channels-last", action="store_true", help="channels-last weights and inputs on both sides")
@@ -134,8 +134,10 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     repeats = args.repeats if args.repeats is not None else (QUICK_REPEATS if args.quick else DEFAULT_REPEATS)
     if repeats < 1 or warmup < 0:
         raise SystemExit("error: --repeats must be ≥ 1 and --warmup ≥ 0")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    try:
+        apply_threads(args.threads)
+    except ThreadsError as e:
+        raise SystemExit(f"error: {e}") from None
     opts = Options(torch.device(args.device), warmup, repeats, args.compile, args.channels_last)
     args.out.mkdir(parents=True, exist_ok=True)
     profile_dir = args.out / "profiles" if args.profile else None

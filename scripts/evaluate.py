@@ -21,10 +21,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import NoReturn
 
-import torch
-
 from ldm.core.errors import UserError
 from ldm.core.logging import setup_cli_logging
+from ldm.core.threads import add_threads_argument, apply_threads
 from ldm.eval import adherence_eval, class_eval, edges_eval, fid_eval, gather, straightness, vae_recon
 from ldm.eval.report import append_csv, markdown_table
 from ldm.io.runs import resolve_run
@@ -63,8 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module in COMMANDS.items():
         child = sub.add_parser(name, help=(module.__doc__ or "").splitlines()[0], description=module.__doc__)
         module.add_arguments(child)
-        child.add_argument("--threads", type=int, default=None,
-                           help="torch CPU threads (1 is often fastest on a busy shared machine; default torch's)")
+        add_threads_argument(child)
         if name not in FRESH_TABLE:  # `all` always writes its own --out/eval.csv afresh
             child.add_argument("--csv", default=None, help=f"CSV to append to (default <run>/{RUN_CSV_NAME} or {RESULTS_CSV})")
             child.add_argument("--out", default=None, help=f"folder for {TABLE_NAME} (and {RUN_CSV_NAME} unless --csv)")
@@ -98,9 +96,8 @@ def main(argv: Sequence[str] | None = None) -> dict | list[dict]:
     setup_cli_logging()
     args = build_parser().parse_args(argv)
     module = COMMANDS[args.command]
-    if args.threads is not None:
-        torch.set_num_threads(max(1, args.threads))
     try:
+        apply_threads(args.threads)
         args.csv = Path(args.csv) if getattr(args, "csv", None) else default_csv(args)
         result = module.run(args)
         rows = [result] if isinstance(result, dict) else list(result)

@@ -21,6 +21,7 @@ from typing import NoReturn, Sequence
 
 from ldm.core.errors import UserError
 from ldm.core.logging import setup_cli_logging
+from ldm.core.threads import add_threads_argument, apply_threads
 from ldm.inference.export import export_checkpoint
 from ldm.io.checkpoints import UNSAFE_FLAG
 
@@ -45,6 +46,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ema.add_argument("--ema-only", action="store_true",
                      help="write the EMA weights as the U-Net's weights, no model_ema.*")
     ema.add_argument("--no-ema", action="store_true", help="write the raw weights only, no model_ema.*")
+    add_threads_argument(p)
     p.add_argument("--half", action="store_true", help="fp16 weights (half the size)")
     p.add_argument("--controlnet-only", action="store_true", help="write only the ControlNet (control_model.*)")
     p.add_argument("--text-layout", choices=["auto", "hf", "openclip"], default="auto",
@@ -60,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     ema = "only" if args.ema_only else "drop" if args.no_ema else "keep"
     try:
+        apply_threads(args.threads)
         out = export_checkpoint(args.source, args.out, config=args.config, ema=ema, half=args.half,
                                 controlnet_only=args.controlnet_only, text_layout=args.text_layout,
                                 unsafe=args.unsafe)

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from ldm.core.images import save_image_atomic
 from ldm.core.logging import setup_cli_logging
+from ldm.core.threads import add_threads_argument, apply_threads
 from ldm.data.edges import DEFAULT_CANNY_HIGH, DEFAULT_CANNY_LOW, canny
 from ldm.data.folder import (
     DEFAULT_MAX_PIXELS,
@@ -51,6 +52,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--low", type=int, default=DEFAULT_CANNY_LOW, help="Canny low threshold")
     parser.add_argument("--high", type=int, default=DEFAULT_CANNY_HIGH, help="Canny high threshold")
     parser.add_argument("--size", type=int, default=None, help="resize the shorter side to this before Canny")
+    add_threads_argument(parser)
     parser.add_argument("--overwrite", action="store_true", help="redo outputs that already exist")
     return parser.parse_args(argv)
 
@@ -133,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, int]:
     data = Path(args.data)
     out = Path(args.out) if args.out else data / DEFAULT_OUT_NAME
     try:
+        apply_threads(args.threads)
         if not data.is_dir():
             raise ValueError(f"--data {data} is not a folder")
         counts = make_edges(data, out, args.low, args.high, args.size, args.overwrite)

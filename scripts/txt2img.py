@@ -4,7 +4,7 @@
     python scripts/txt2img.py --run runs/ldm/<name> --prompt "…" --n 8 --steps 20 --sampler dpmpp_2m \\
            --scale 5 --negative-prompt "…" --seed 7 --out outputs/
     python scripts/txt2img.py --from-file prompts.txt --n 4
-    python scripts/txt2img.py --run runs/ldm/<class-run> --class 3 --n 16
+    python scripts/txt2img.py --run runs/ldm/<class-run> --class 3 --n 16        # or --class seven: a class folder
     python scripts/txt2img.py --run runs/controlnet/latest --control edges.png --prompt "…" --control-scale 1.0
     python scripts/txt2img.py --ckpt v1-5-pruned-emaonly.safetensors --config configs/sd/v1-inference.yaml \\
            --controlnet control_v11p_sd15_canny.pth --control edges.png --prompt "…" --steps 25
@@ -36,8 +36,9 @@ from PIL import Image, UnidentifiedImageError
 from ldm.core.errors import UserError
 from ldm.core.images import from_pil, image_grid, save_image_atomic
 from ldm.core.logging import setup_cli_logging
+from ldm.core.threads import add_threads_argument, apply_threads
 from ldm.diffusion import SAMPLERS
-from ldm.inference.loaders import is_subclass
+from ldm.inference.loaders import is_subclass, resolve_class
 from ldm.inference.pipeline import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CONTROL_SCALE,
@@ -47,6 +48,7 @@ from ldm.inference.pipeline import (
     DEFAULT_STEPS,
     Generation,
     Pipeline,
+    PipelineError,
     describe_run,
     guess_sd_config,
 )
@@ -86,6 +88,7 @@ class Source:
     controlnet: bool | None  # None: only loading tells (a full ControlNet v1.0 file holds one)
     run: Path | None = None  # --run: the checkpoint inside it
     config: Path | None = None  # --ckpt: the inference config (None: the file carries it)
+    class_names: list[str] | None = None  # a class run's names: --class NAME
 
 
 @dataclass
@@ -107,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     what = p.add_argument_group("what to draw")
     what.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     what.add_argument("--from-file", metavar="FILE", help="prompts, one per line (blank lines skipped)")
-    what.add_argument("--class", dest="classes", type=int, action="append", default=[], metavar="INDEX",
-                      help="a class index, for class-conditional runs (repeatable)")
+    what.add_argument("--class", dest="classes", action="append", default=[], metavar="NAME|INDEX",
+                      help="a class name (e.g. its folder's name) or index, for class-conditional runs (repeatable)")
     what.add_argument("--negative-prompt", help="what to steer away from (text runs)")
     what.add_argument("--n", type=int, default=1, help="images per prompt / class (default 1)")
     samp = p.add_argument_group("sampling")
@@ -126,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"images drawn at once (default {DEFAULT_BATCH_SIZE})")
     model = p.add_argument_group("model")
     model.add_argument("--run", help=f"a stage-2 or ControlNet run directory, or a .ckpt in one (default {DEFAULT_RUN})")
+    add_threads_argument(model)
     model.add_argument("--ckpt", help="a Stable Diffusion checkpoint (.safetensors, .ckpt, .pth) instead of a run")
     model.add_argument("--config", help="the inference config of --ckpt, e.g. configs/sd/v1-inference.yaml "
                        "(default: guessed for SD 1.x, or the config an exported file carries)")
@@ -225,13 +229,13 @@ def conditions_for(args: argparse.Namespace, run: Source) -> list:
     if run.condition_key == "label":
         if prompts or args.negative_prompt is not None:
             flag = "--negative-prompt" if not prompts else "--prompt/--from-file"
-            raise CLIError(f"{run.name} is a class-conditional run: use --class INDEX, not {flag}")
+            raise CLIError(f"{run.name} is a class-conditional run: use --class NAME or INDEX, not {flag}")
         if not args.classes:
-            raise CLIError("give at least one --class INDEX for this class-conditional run")
-        out = [c for c in args.classes if run.n_classes is not None and not 0 <= c < run.n_classes]
-        if out:
-            raise CLIError(f"--class {out[0]} is out of range: {Path(run.name).name} has classes 0..{run.n_classes - 1}")
-        return list(args.classes)
+            raise CLIError("give at least one --class NAME or INDEX for this class-conditional run")
+        try:
+            return [resolve_class(c, run.class_names, run.n_classes) for c in args.classes]
+        except PipelineError as e:
+            raise CLIError(f"{Path(run.name).name}: {e}") from None
     if args.classes:
         raise CLIError(f"{run.name} is a text-conditional run: use --prompt or --from-file, not --class")
     if not prompts:
@@ -247,7 +251,7 @@ def describe_source(args: argparse.Namespace) -> Source:
                 raise CLIError(f"{flag} goes with --ckpt (a run names its own config and ControlNet)")
         run = describe_run(args.run or DEFAULT_RUN)
         return Source(str(run.run_dir), run.condition_key, run.n_classes, run.downsampling_factor, run.controlnet,
-                      run=run.checkpoint)
+                      run=run.checkpoint, class_names=run.class_names)
     if args.run is not None:
         raise CLIError("give --run or --ckpt, not both")
     config = Path(args.config) if args.config else guess_sd_config(args.ckpt, args.unsafe_load)
@@ -341,8 +345,9 @@ def check_prompts(pipe: Pipeline, request: Request) -> None:
 
 
 def generate(pipe: Pipeline, request: Request) -> Iterator[Generation]:
-    """Sample the request one batch at a time, with a progress bar."""
-    return pipe.iter_generate(request.conditions, seed=request.seeds[0], progress=True, **request.options)
+    """Sample the request one batch at a time, with a progress bar in a terminal (a log gets the saved paths)."""
+    return pipe.iter_generate(request.conditions, seed=request.seeds[0], progress=sys.stderr.isatty(),
+                              **request.options)
 
 
 # ---------------------------------------------------------------------------------------------- save
@@ -357,6 +362,8 @@ def image_parameters(request: Request, pipe: Pipeline, condition, seed: int) -> 
               "height": o["height"] or pipe.image_size, "width": o["width"] or pipe.image_size,
               "run": pipe.source.get("run"), "checkpoint": pipe.source.get("checkpoint"),
               "ema": pipe.source.get("ema"), "dtype": str(pipe.dtype).removeprefix("torch.")}
+    if kind == "class" and request.source.class_names and condition is not None:
+        params["class_name"] = request.source.class_names[condition]
     if "eta" in o:
         params["eta"] = o["eta"]
     if pipe.source.get("config") or pipe.source.get("controlnet"):
@@ -366,6 +373,12 @@ def image_parameters(request: Request, pipe: Pipeline, condition, seed: int) -> 
     if "classifier_scale" in o:
         params.update(classifier=pipe.source.get("classifier"), classifier_scale=o["classifier_scale"])
     return params
+
+
+def shown_condition(request: Request, condition):
+    """A prompt as is; a class label as its name when the run keeps names (``seven``), else its index."""
+    names = request.source.class_names
+    return names[condition] if names and request.source.condition_key == "label" else condition
 
 
 def save(parts: Iterable[Generation], request: Request, pipe: Pipeline, out: Path, grid: bool, n: int) -> list[Path]:
@@ -378,11 +391,12 @@ def save(parts: Iterable[Generation], request: Request, pipe: Pipeline, out: Pat
     paths, kept = [], []
     for part in parts:
         for image, seed, condition in zip(part.images, part.seeds, part.conditions):
-            path = out / f"{start + len(paths):0{INDEX_DIGITS}d}-s{seed}-{slug(condition)}.png"
+            shown = shown_condition(request, condition)
+            path = out / f"{start + len(paths):0{INDEX_DIGITS}d}-s{seed}-{slug(shown)}.png"
             save_image_atomic(image, path, pnginfo=png_info(image_parameters(request, pipe, condition, seed)))
             paths.append(path)
             kept += [image] if grid else []
-            print(f"{path}  seed={seed}  {json.dumps(condition, ensure_ascii=False)}", flush=True)
+            print(f"{path}  seed={seed}  {json.dumps(shown, ensure_ascii=False)}", flush=True)
     if len(kept) > 1:
         ncol = n if 1 < n <= 2 * GRID_MAX_COLUMNS else min(len(kept), GRID_MAX_COLUMNS)
         grid_image = image_grid([torch.stack([from_pil(im) for im in kept])], ncol=ncol)  # (N, 3, H, W) → grid
@@ -421,6 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_cli_logging()
     try:
         args = parse_args(argv)
+        apply_threads(args.threads)
         request = validate(args)
         pipe = load_pipeline(args, request)
         print_settings(request, pipe)

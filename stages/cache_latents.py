@@ -9,6 +9,7 @@ import sys
 
 from ldm.core.config import ConfigError, load_config
 from ldm.core.logging import setup_cli_logging
+from ldm.core.threads import ThreadsError, add_threads_argument, apply_threads
 from ldm.data.latents import CacheError
 from ldm.io.checkpoints import CheckpointError
 from ldm.io.runs import RunError
@@ -24,14 +25,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--vae", help="stage-1 run directory or checkpoint (default: the config's cache.vae)")
     parser.add_argument("--cfg", default=DEFAULT_CONFIG, help="stage-2 config whose `cache:` section to build")
     parser.add_argument("--out", help="cache folder (default: the config's cache.dir)")
+    add_threads_argument(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     overrides = list(args.overrides)
     overrides += [f"cache.vae={args.vae}"] if args.vae else []
     overrides += [f"cache.dir={args.out}"] if args.out else []
     try:
+        apply_threads(args.threads)
         meta = make_cache(load_config(args.cfg, overrides))
-    except (ConfigError, CacheError, RunError, CheckpointError) as e:
+    except (ConfigError, CacheError, RunError, CheckpointError, ThreadsError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     cache_dir = args.out or load_config(args.cfg, overrides)["cache"]["dir"]

@@ -36,7 +36,7 @@ SMOKE: dict[str, list[str]] = {
     "stages/train_vae.py --resume": ["trainer.max_steps=3"],
     "stages/cache_latents.py": CACHE_SMOKE,
     "stages/train_ldm.py": TRAIN_SMOKE + CACHE_SMOKE + ["callbacks=[]"],
-    "stages/train_ldm.py --cfg configs/ldm/shapes-text.yaml --resume": ["trainer.max_steps=3"],
+    "stages/train_ldm.py --cfg configs/ldm/shapes-text.yaml --resume": ["trainer.max_steps=3"] + CACHE_SMOKE,
     "stages/train_controlnet.py": TRAIN_SMOKE + CACHE_SMOKE + ["callbacks=[]"],
     "scripts/txt2img.py": ["--steps", "2", "--n", "1"],
     "scripts/evaluate.py vae": ["--n", "4"],

@@ -190,3 +190,28 @@ def test_csv_rows_with_new_columns_keep_the_old_ones(tmp_path):
         rows = list(csv.DictReader(f))
     assert [r["psnr_db"] for r in rows] == ["20.1235", "inf", ""] and rows[2]["edge_f1"] == "0.5000"
     assert markdown_table([{"a": 1, "b": 0.5}]).splitlines() == ["| a | b |", "|---|---|", "| 1 | 0.5000 |"]
+
+
+def test_evaluate_vae_offline_makes_no_network_attempt(vae_run, tmp_path, monkeypatch, capsys):
+    """Without VGG16 weights on disk, LPIPS is reported n/a before anything reaches for the network."""
+    import socket
+
+    from ldm.eval import lpips as eval_lpips
+
+    attempts = []
+
+    def guard(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network use in an offline evaluation")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-hub"))
+    monkeypatch.setattr(eval_lpips, "_LPIPS", {})
+    for name in ("connect", "connect_ex"):
+        monkeypatch.setattr(socket.socket, name, guard)
+    monkeypatch.setattr(socket, "getaddrinfo", guard)
+    monkeypatch.setattr(socket, "create_connection", guard)
+    row = evaluate.main(["vae", "--run", str(vae_run), "--n", "2", "--csv", str(tmp_path / "eval.csv")])
+    out = capsys.readouterr().out
+    assert row["lpips"] == "n/a (no VGG weights)"
+    assert "note: LPIPS n/a: torchvision's VGG16 weights are not on this machine" in out
+    assert attempts == []

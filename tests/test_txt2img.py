@@ -86,7 +86,7 @@ BAD_ARGUMENTS = {
     "no prompt": ([], "give --prompt TEXT"),
     "missing run": (P + ["--run", "{tmp}/nowhere"], "run not found"),
     "VAE run": (P + ["--run", "{vae}"], "is not a stage-2 (latent diffusion) run"),
-    "prompt on a class run": (P + ["--run", "{cls}"], "is a class-conditional run: use --class INDEX, not --prompt"),
+    "prompt on a class run": (P + ["--run", "{cls}"], "is a class-conditional run: use --class NAME or INDEX, not --prompt"),
     "class out of range": (["--run", "{cls}", "--class", "168"], "--class 168 is out of range"),
     "negative prompt on a class run": (["--run", "{cls}", "--class", "1", "--negative-prompt", "x"],
                                        "not --negative-prompt"),

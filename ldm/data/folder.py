@@ -6,8 +6,13 @@ Layouts (``captions=``):
 - ``subfolders``: ``root/<class>/...`` — label = index of the class in sorted order, caption = the
   folder name with ``_`` → space;
 - ``txt``: every image under root, caption from ``<same name>.txt`` next to it;
+- ``none``: every image under root, no caption (a VAE's photos);
 - ``auto``: metadata if ``metadata.jsonl`` exists, else subfolders if the images live in sub-folders
-  (none at the top level), else txt.
+  (none at the top level), else txt if any image has a ``.txt`` beside it, else none.
+
+Class folders are numbered in natural order (``2`` before ``10``). ``split="train"`` / ``"val"`` picks one side:
+``root/train`` / ``root/val`` when the folder is split that way, else a ``val_fraction`` held out by a hash of each
+file's path (``ldm.data.folder_layout``). ``hint=True`` adds the Canny edges of each crop (ControlNet).
 
 A folder of real images always has a few bad files. Cheap checks happen at scan time (header, verify,
 size limits) and every skipped file is reported in ONE ``DataWarning``; a file that still fails to
@@ -18,7 +23,6 @@ bad file; an empty (or all-bad) folder raises ``ValueError`` naming the folder a
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -29,11 +33,20 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from ldm.core.images import from_pil
-from ldm.data.edges import hint_from_image
+from ldm.data.edges import DEFAULT_CANNY_HIGH, DEFAULT_CANNY_LOW, edge_hint, hint_from_image
+from ldm.data.folder_layout import (  # noqa: F401  (IMAGE_EXTENSIONS, METADATA_FILE: re-exported)
+    CAPTION_MODES,
+    DEFAULT_VAL_FRACTION,
+    IMAGE_EXTENSIONS,
+    METADATA_FILE,
+    SPLITS,
+    class_names,
+    detect_captions,
+    held_out,
+    image_files,
+    split_dirs,
+)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-CAPTION_MODES = ("auto", "metadata", "txt", "subfolders")
-METADATA_FILE = "metadata.jsonl"
 CAPTION_KEYS = ("text", "caption")  # metadata.jsonl column holding the caption, first found wins
 DEFAULT_MIN_SIZE = 16  # shorter side in pixels below which an image is skipped
 DEFAULT_MAX_PIXELS = 8192 * 8192  # larger images are skipped unread (decompression-bomb guard)
@@ -139,12 +152,23 @@ class ImageFolderDataset(Dataset):
         hint_dir: str | None = None,
         min_size: int = DEFAULT_MIN_SIZE,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        split: str | None = None,
+        val_fraction: float = DEFAULT_VAL_FRACTION,
+        hint: bool = False,
     ) -> None:
         if captions not in CAPTION_MODES:
-            raise ValueError(f"captions must be one of {CAPTION_MODES}, got {captions!r}")
+            raise ValueError(f"captions must be one of {', '.join(CAPTION_MODES)}, got {captions!r}")
+        if split is not None and split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)} (or null for every image), got {split!r}")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         self.root = Path(root)
         if not self.root.is_dir():
             raise ValueError(f"image folder {self.root} does not exist or is not a directory")
+        dirs = split_dirs(self.root) if split is not None else None
+        self.root = dirs[split] if dirs else self.root
+        self.split, self.val_fraction = (None if dirs else split), val_fraction  # the hashed split, if any
+        self.hint = hint
         self.size, self.center_crop, self.random_flip = size, center_crop, random_flip
         self.min_size, self.max_pixels = min_size, max_pixels
         self.hint_dir = self._resolve_hint_dir(hint_dir)
@@ -156,7 +180,12 @@ class ImageFolderDataset(Dataset):
         self._files: list[str] | None = None
         self.captions = self._pick_mode(captions)
         candidates = {"metadata": self._scan_metadata, "subfolders": self._scan_subfolders, "txt": self._scan_txt}
-        checked = (self._checked(record) for record in candidates[self.captions]())
+        candidates["none"] = self._scan_none
+        records = candidates[self.captions]()
+        if self.split is not None:
+            val = held_out([r.rel for r in records], self.val_fraction)
+            records = [r for r in records if (r.rel in val) == (self.split == "val")]
+        checked = (self._checked(record) for record in records)
         self.records = [record for record in checked if record is not None]
         self._report()
 
@@ -172,27 +201,12 @@ class ImageFolderDataset(Dataset):
 
     def _image_files(self) -> list[str]:
         """Relative posix paths of every image under root (hidden entries and hint_dir excluded), sorted."""
-        if self._files is not None:
-            return self._files
-        skip_dir = self.hint_dir.resolve() if self.hint_dir is not None else None
-        found = []
-        for dirpath, dirnames, filenames in os.walk(self.root):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".") and Path(dirpath, d).resolve() != skip_dir]
-            for name in filenames:
-                if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
-                    found.append(Path(dirpath, name).relative_to(self.root).as_posix())
-        self._files = sorted(found)
+        if self._files is None:
+            self._files = image_files(self.root, self.hint_dir)
         return self._files
 
     def _pick_mode(self, captions: str) -> str:
-        if captions != "auto":
-            return captions
-        if (self.root / METADATA_FILE).is_file():
-            return "metadata"
-        files = self._image_files()
-        if files and all("/" in f for f in files):
-            return "subfolders"
-        return "txt"
+        return detect_captions(self.root, self._image_files()) if captions == "auto" else captions
 
     def _scan_metadata(self) -> list[Record]:
         path = self.root / METADATA_FILE
@@ -229,13 +243,16 @@ class ImageFolderDataset(Dataset):
 
     def _scan_subfolders(self) -> list[Record]:
         files = self._image_files()
-        self.classes = sorted({f.split("/", 1)[0] for f in files if "/" in f})
+        self.classes = class_names(files)
         if not self.classes:
             raise ValueError(f"captions='subfolders' but {self.root} has no sub-folders with images")
         index = {name: i for i, name in enumerate(self.classes)}
         self.skipped += [(f, "not inside a class sub-folder") for f in files if "/" not in f]
         in_classes = [(f, f.split("/", 1)[0]) for f in files if "/" in f]
         return [Record(f, cls.replace("_", " ").strip(), index[cls]) for f, cls in in_classes]
+
+    def _scan_none(self) -> list[Record]:
+        return [Record(rel, "", 0) for rel in self._image_files()]
 
     def _scan_txt(self) -> list[Record]:
         records = []
@@ -336,13 +353,16 @@ class ImageFolderDataset(Dataset):
             top = int(torch.randint(resized[1] - self.size + 1, ()))
         box = (left, top, left + self.size, top + self.size)
         flip = self.random_flip and bool(torch.rand(()) < 0.5)
+        crop = self._fit(image, resized, box, flip, Image.BICUBIC)
         item = {
-            "image": from_pil(self._fit(image, resized, box, flip, Image.BICUBIC)),  # (3, size, size) in [-1, 1]
+            "image": from_pil(crop),  # (3, size, size) in [-1, 1]
             "caption": record.caption,
             "label": record.label,
             "path": record.rel,
         }
-        if record.hint is not None:
+        if self.hint and record.hint is None:
+            item["hint"] = edge_hint(crop, DEFAULT_CANNY_LOW, DEFAULT_CANNY_HIGH)  # (3, size, size) in [0, 1]
+        elif record.hint is not None:
             hint = self._open_rgb(record.hint)
             item["hint"] = hint_from_image(self._fit(hint, resized, box, flip, Image.BILINEAR))  # (3, size, size)
         return item

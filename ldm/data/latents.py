@@ -2,7 +2,8 @@
 
 Layout of ``cache/<name>/``::
 
-    meta.json                      # VAE hash, factor, latent shape, counts, scale_factor, complete flag
+    meta.json                      # VAE hash, factor, latent shape, counts, scale_factor, complete flag; the data
+                                   # nodes it was built from and, for class folders, the class name → label map
     <split>/shard-00000.safetensors  # posterior `mean`, `std` (N, C, h, w) fp16 [+ `hint` uint8]
     <split>/shard-00000.json         # captions, labels, source paths, and the shard's latent statistics
 
@@ -107,10 +108,20 @@ def _combine(stats: list[dict]) -> dict:
     return {"latent_mean": mu, "latent_std": math.sqrt(var)}
 
 
+def class_map(datasets: Mapping[str, Dataset]) -> dict[str, int]:
+    """Class name → label of the first dataset that names its classes (class folders); {} when none does."""
+    for dataset in datasets.values():
+        names = getattr(dataset, "classes", None)
+        if names:
+            return {name: i for i, name in enumerate(names)}
+    return {}
+
+
 def build_cache(autoencoder: torch.nn.Module, datasets: Mapping[str, Dataset], cache_dir: str | os.PathLike,
                 vae_info: dict, batch_size: int = 64, shard_size: int = 1024, num_workers: int = 0,
-                progress: bool = True) -> dict:
-    """Encode every split, then write ``meta.json`` with the scale factor of the training split."""
+                progress: bool = True, data_config: Mapping | None = None) -> dict:
+    """Encode every split, then write ``meta.json`` with the scale factor of the training split, the class map
+    and ``data_config`` (the dataset nodes, so that a cache is never silently reused for other data)."""
     cache_dir = Path(cache_dir)
     meta_path = cache_dir / META_FILE
     if meta_path.is_file():
@@ -122,7 +133,9 @@ def build_cache(autoencoder: torch.nn.Module, datasets: Mapping[str, Dataset], c
                 f"(hash {vae_info['hash']}); delete it or choose another cache folder"
             )
     cache_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"version": CACHE_VERSION, "vae": vae_info, "complete": False}
+    meta = {"version": CACHE_VERSION, "vae": vae_info, "complete": False, "classes": class_map(datasets)}
+    if data_config is not None:
+        meta["data"] = json.loads(json.dumps(data_config))
     write_json_atomic(meta, meta_path)
     autoencoder.eval()
     splits = {name: encode_split(autoencoder, ds, cache_dir / name, batch_size, shard_size, num_workers, progress)

@@ -19,19 +19,25 @@ def lpips_unavailable_reason() -> str | None:
 
 
 def _lpips_net() -> torch.nn.Module | None:
+    """The LPIPS network when torchvision's VGG16 weights are on disk; never a download (evaluation is offline)."""
     if "net" in _LPIPS or "reason" in _LPIPS:
         return _LPIPS.get("net")
+    if not vgg16_weights_path().is_file():  # building lpips would try to download them first
+        _LPIPS["reason"] = _offline_reason()
+        return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torchvision's deprecation chatter about `pretrained`
             _LPIPS["net"] = build_lpips()
-    except PerceptualWeightsUnavailable:
-        _LPIPS["reason"] = (
-            f"LPIPS n/a: torchvision's VGG16 weights are not available offline; "
-            f"place {VGG16_FILE} at {vgg16_weights_path()} to enable it"
-        )
+    except PerceptualWeightsUnavailable:  # a truncated or unreadable weights file
+        _LPIPS["reason"] = _offline_reason()
         return None
     return _LPIPS["net"]
+
+
+def _offline_reason() -> str:
+    return (f"LPIPS n/a: torchvision's VGG16 weights are not on this machine; "
+            f"place {VGG16_FILE} at {vgg16_weights_path()} to enable it")
 
 
 @torch.no_grad()

@@ -98,6 +98,7 @@ class RunSummary:
     first_stage: str | dict  # the VAE run (stage 2), or its model node (a ControlNet on an SD file)
     downsampling_factor: int  # pixels per latent cell, from the VAE's config
     controlnet: bool = False  # a ControlNet run: sampling needs a control image
+    class_names: list[str] | None = None  # a class run's names (label i is class_names[i]), e.g. its class folders
 
 
 def describe_run(run: str | os.PathLike = DEFAULT_RUN) -> RunSummary:
@@ -120,7 +121,28 @@ def describe_run(run: str | os.PathLike = DEFAULT_RUN) -> RunSummary:
     control = is_subclass(target, ControlLDM) or CONTROL_STAGE_PARAM in params
     first_stage = first_stage if isinstance(first_stage, Mapping) else str(first_stage)
     factor = downsampling_factor((vae_node(first_stage, run).get("params") or {}).get("ddconfig") or {})
-    return RunSummary(run_dir, checkpoint_for(run), cfg, key, n_classes, first_stage, factor, control)
+    names = cond_params.get("class_names") if key == "label" else None
+    return RunSummary(run_dir, checkpoint_for(run), cfg, key, n_classes, first_stage, factor, control, names)
+
+
+def resolve_class(value: str | int, names: list[str] | None, n_classes: int | None, where: str = "--class") -> int:
+    """A class label from a class name (a run that keeps its names) or an index; a name wins over an index."""
+    text = str(value).strip()
+    if names and text in names:
+        return names.index(text)
+    try:
+        label = int(text)
+    except ValueError:
+        known = f"its classes are {_names_text(names)}" if names else "this run keeps no class names: give an index"
+        raise PipelineError(f"{where} {text!r} is not a class of this run: {known}") from None
+    if n_classes is not None and not 0 <= label < n_classes:
+        named = f" (or a name: {_names_text(names)})" if names else ""
+        raise PipelineError(f"{where} {label} is out of range: this run has classes 0..{n_classes - 1}{named}")
+    return label
+
+
+def _names_text(names: list[str], shown: int = 10) -> str:
+    return ", ".join(names[:shown]) + (f", … ({len(names)} in all)" if len(names) > shown else "")
 
 
 def is_subclass(target: str, base: type) -> bool:

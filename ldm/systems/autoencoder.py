@@ -73,6 +73,11 @@ class AutoencoderKLSystem(AutoencoderKL, L.LightningModule):
         schedule = warmup_schedule(opt_ae, self.warmup_steps, total_steps(self.trainer), self.lr_schedule)
         return [opt_ae, opt_disc], [schedule]
 
+    def on_fit_start(self) -> None:
+        """Resolve the loss's disc_start against the run's length (a fraction of it, or a warning past its end)."""
+        if self.loss is not None:
+            self.loss.set_run_length(total_steps(self.trainer))
+
     def _step_uncounted(self, optimizer: Any) -> None:
         """Step an optimiser through the precision plugin (autocast, GradScaler unscale/step/update) without
         LightningOptimizer's progress hooks, so it does not advance ``global_step``."""

@@ -10,12 +10,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
 from pathlib import Path
 
-from ldm.core.config import ConfigError, check_config, instantiate_from_config
+from ldm.core.config import ConfigError, check_config, get_obj_from_str, instantiate_from_config
 from ldm.data.latents import CacheError, build_cache, read_meta
 from ldm.inference.loaders import load_autoencoder
+from ldm.nets.conditioning.embedders import ClassEmbedder
 
 log = logging.getLogger(__name__)
 CACHE_DEFAULTS = {"batch_size": 64, "shard_size": 4096, "num_workers": 0}
@@ -40,13 +43,25 @@ def cache_section(cfg: dict) -> dict:
     return {**CACHE_DEFAULTS, **section}
 
 
-def make_cache(cfg: dict, progress: bool = True) -> dict:
-    """Encode the datasets of ``cfg['cache']`` with its VAE (resuming finished shards); returns meta."""
+def make_cache(cfg: dict, progress: bool | None = None) -> dict:
+    """Encode the datasets of ``cfg['cache']`` with its VAE (resuming finished shards); returns meta. The bar
+    shows in a terminal only (``progress=None``), so a log file gets lines."""
     section = cache_section(cfg)
+    progress = sys.stderr.isatty() if progress is None else progress
     vae, info = load_autoencoder(section["vae"])
     datasets = {split: instantiate_from_config(node, f"cache.data.{split}") for split, node in section["data"].items()}
-    return build_cache(vae, datasets, section["dir"], info, section["batch_size"], section["shard_size"],
-                       section["num_workers"], progress)
+    meta = build_cache(vae, datasets, section["dir"], info, section["batch_size"], section["shard_size"],
+                       section["num_workers"], progress, data_config=section["data"])
+    for split, info in meta["splits"].items():
+        log.info("cache %s: %s %d items in %d shard(s)", section["dir"], split, info["items"], info["shards"])
+    if meta.get("classes"):
+        log.info("classes (name → label, stored in %s/meta.json): %s", section["dir"], _class_list(meta["classes"]))
+    return meta
+
+
+def _class_list(classes: dict[str, int], shown: int = 12) -> str:
+    items = [f"{name}={label}" for name, label in sorted(classes.items(), key=lambda kv: kv[1])]
+    return ", ".join(items[:shown]) + (f", … ({len(items)} in all)" if len(items) > shown else "")
 
 
 def ensure_cache(cfg: dict, config_path: str | None = None, build_missing: bool = True) -> dict:
@@ -60,6 +75,13 @@ def ensure_cache(cfg: dict, config_path: str | None = None, build_missing: bool 
             raise CacheError(f"{e}. Build it with: {command}") from e
         log.info("%s: building it now (the same as `%s`)", e, command)
         return make_cache(cfg)
+    built_from = meta.get("data")
+    if built_from is not None and built_from != json.loads(json.dumps(section["data"])):
+        raise CacheError(
+            f"the latent cache {section['dir']} was built from other data than this config's cache.data "
+            f"({_difference(built_from, json.loads(json.dumps(section['data'])), 'cache.data')}); delete "
+            f"{Path(section['dir'])}, or set cache.dir to another folder"
+        )
     _, info = load_autoencoder(section["vae"])
     if meta["vae"]["hash"] != info["hash"]:
         raise CacheError(
@@ -67,4 +89,49 @@ def ensure_cache(cfg: dict, config_path: str | None = None, build_missing: bool 
             f"{meta['vae']['hash']}), but this config uses {info['checkpoint']} (hash {info['hash']}). "
             f"Delete {Path(section['dir'])} and re-run: {command}, or set cache.dir to another folder."
         )
+    return meta
+
+
+def _difference(cached: object, wanted: object, path: str) -> str:
+    """The first setting where two configs differ: ``path: X in the cache, Y in the config``."""
+    if isinstance(cached, dict) and isinstance(wanted, dict):
+        for key in list(dict.fromkeys([*cached, *wanted])):
+            if cached.get(key) != wanted.get(key):
+                return _difference(cached.get(key), wanted.get(key), f"{path}.{key}")
+    return f"{path}: {cached!r} in the cache, {wanted!r} in the config"
+
+
+def class_embedder_params(cfg: dict) -> dict | None:
+    """The ``params`` of a stage-2 config's class embedder (None when it is conditioned on something else)."""
+    cond = ((cfg.get("model") or {}).get("params") or {}).get("cond_stage")
+    if not isinstance(cond, dict) or "target" not in cond:
+        return None
+    try:
+        cls = get_obj_from_str(cond["target"], "model.params.cond_stage")
+    except ConfigError:
+        return None
+    return cond.setdefault("params", {}) if isinstance(cls, type) and issubclass(cls, ClassEmbedder) else None
+
+
+def sync_classes(cfg: dict, meta: dict) -> None:
+    """Check ``n_classes`` against the cache's class folders and store their names in the config (the run keeps
+    them): an error naming both numbers when they differ."""
+    params = class_embedder_params(cfg)
+    classes = meta.get("classes") or {}
+    if params is None or not classes:
+        return
+    n = params.get("n_classes")
+    if n != len(classes):
+        raise ConfigError(
+            f"model.params.cond_stage.params.n_classes is {n}, but the data has {len(classes)} classes (the "
+            f"sub-folders listed in {cfg['cache']['dir']}/meta.json); set model.params.cond_stage.params.n_classes="
+            f"{len(classes)}, or train with --data FOLDER, which fills it in"
+        )
+    params["class_names"] = [name for name, _ in sorted(classes.items(), key=lambda kv: kv[1])]
+
+
+def prepare_stage2(cfg: dict, config_path: str | None = None) -> dict:
+    """Stage 2's preparation: the latent cache (built when missing), then the class names it found."""
+    meta = ensure_cache(cfg, config_path)
+    sync_classes(cfg, meta)
     return meta

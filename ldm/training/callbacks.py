@@ -95,6 +95,22 @@ class ResumeBookkeeping(L.Callback):
             self._rng_states = None
 
 
+def is_last_step(trainer: L.Trainer) -> bool:
+    """Whether the step just taken is a step-based run's last (``trainer.max_steps`` reached)."""
+    return trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step
+
+
+class FinalValidation(L.Callback):
+    """A step-based run validates at its last step even when ``max_steps`` is not a multiple of
+    ``val_check_interval``: Lightning validates after a batch that asks the loop to stop."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        """At the last step, ask the loop to stop (it would anyway), which makes it validate first."""
+        if is_last_step(trainer):
+            trainer.should_stop = True
+
+
 class GracefulStop(L.Callback):
     """The first Ctrl-C (like SIGTERM) ends the current step, saves ``last.ckpt`` and stops; a second aborts.
 
@@ -116,7 +132,7 @@ class GracefulStop(L.Callback):
         """A run that ends between periodic checkpoints still leaves its final state in ``last.ckpt``
         (Lightning's ModelCheckpoint writes `last` at the end only if it never wrote it during the fit)."""
         if trainer.global_step != self._saved_step:
-            trainer.save_checkpoint(self.last_checkpoint)
+            trainer.save_checkpoint(self.last_checkpoint, weights_only=False)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Turn the first SIGINT into a SIGTERM, which Lightning answers by stopping after the current step."""
@@ -142,6 +158,6 @@ class GracefulStop(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         """After a graceful stop (never after a crash), write the last checkpoint."""
         if isinstance(exception, SIGTERMException):
-            trainer.save_checkpoint(self.last_checkpoint)
+            trainer.save_checkpoint(self.last_checkpoint, weights_only=False)
             self.stopped = True
             rank_zero_info(f"Saved {self.last_checkpoint} at step {trainer.global_step}.")

@@ -164,9 +164,12 @@ def prepare_controlnet(cfg: dict, config_path: str | None = None) -> None:
             raise CacheError(
                 f"cache.vae {section['vae']} is not the VAE the base model was trained with ({first_stage}): "
                 f"set cache.vae={first_stage} (and a new cache.dir if {section['dir']} exists)")
-    ensure_cache(cfg, config_path)
-    if not cache_has_hints(section["dir"]):
+    cache_dir = Path(section["dir"])
+    hintless = cache_dir.is_dir() and any(cache_dir.iterdir()) and not cache_has_hints(cache_dir)
+    if not hintless:  # a cache without hints is refused for that first, whatever data it was built from
+        ensure_cache(cfg, config_path)
+    if not cache_has_hints(cache_dir):
         raise CacheError(
             f"the latent cache {section['dir']} has no hints (edge maps): it was built from datasets that do not "
-            "yield them. Give cache.data datasets that do (ShapesDataset hint: true, ImageFolderDataset hint_dir) and "
+            "yield them. Give cache.data datasets that do (ShapesDataset or ImageFolderDataset hint: true, or ImageFolderDataset hint_dir) and "
             f"a new cache.dir, then build it: {command} (or let this stage build it)")

@@ -1,6 +1,7 @@
 """The one training driver every stage script calls: config → run directory → Lightning Trainer → fit.
 
-Stages differ only in their config. ``python stages/<stage>.py [--cfg FILE] [--resume RUN] [key=value …]``.
+Stages differ only in their config. ``python stages/<stage>.py [--cfg FILE] [--resume RUN] [--data DIR] [--threads N]
+[key=value …]``; ``--data DIR`` points the recipe at a folder of images (``ldm.training.presets``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ldm.core.config import (
 )
 from ldm.core.errors import UserError
 from ldm.core.logging import setup_cli_logging
+from ldm.core.threads import add_threads_argument, apply_threads
 from ldm.inference.loaders import build_system
 from ldm.io.checkpoints import fit_report, load_file, state_dict_of
 from ldm.io.runs import (
@@ -41,9 +43,11 @@ from ldm.io.runs import (
     resolve_run,
 )
 from ldm.nets.compile import compiler_problem
-from ldm.training.callbacks import AtomicCheckpointIO, GracefulStop, ResumeBookkeeping
+from ldm.training.callbacks import AtomicCheckpointIO, FinalValidation, GracefulStop, ResumeBookkeeping
 from ldm.training.csv_logger import RunCSVLogger
 from ldm.training.guards import GUARD_DEFAULTS, NonFiniteError, guard_callbacks
+from ldm.training.presets import apply_folder, take_folder_overrides
+from ldm.training.progress import progress_callback
 from ldm.training.stages import STAGES, BeforeBuild, Complete, InitWeights
 
 # Set by the launching process so that DDP workers (which re-run the script) join its run directory.
@@ -63,6 +67,11 @@ def parse_args(argv: Sequence[str] | None, default_config: str) -> argparse.Name
     parser.add_argument("--resume", metavar="RUN", help="run directory, <stage>/latest or a .ckpt to continue from")
     parser.add_argument("--name", help="run name (default: the config's `name`)")
     parser.add_argument("--runs-dir", help="folder for run directories (default: runs, or $LDM_RUNS_DIR)")
+    parser.add_argument("--data", metavar="DIR", help="train on the images in DIR instead of the config's data "
+                        "(same as data.root=DIR); the caption mode is detected and reported")
+    parser.add_argument("--captions", metavar="MODE", help="with --data: auto (default), metadata, txt, subfolders "
+                        "or none (same as data.captions=MODE)")
+    add_threads_argument(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. trainer.max_steps=500")
     return parser.parse_intermixed_args(argv)  # overrides may come before or after options
 
@@ -96,7 +105,12 @@ def load_run_config(args: argparse.Namespace, default_config: str, complete: Com
         run_dir = resolve_run(args.resume)
         ckpt = checkpoint_for(args.resume)
     cfg_path = str(args.cfg or (run_dir / CONFIG_FILE if run_dir else default_config))
-    cfg = load_config(cfg_path, args.overrides)
+    overrides, folder = take_folder_overrides(list(args.overrides), args.data, args.captions)
+    if folder is not None and run_dir is not None:
+        raise ConfigError("--data / data.root starts a new run on a folder; a resumed run keeps its data (drop it)")
+    cfg = load_config(cfg_path, overrides)
+    for line in apply_folder(cfg, folder) if folder is not None else ():
+        log.info("%s", line)
     if complete is not None:
         complete(cfg)
     validate(cfg)
@@ -152,9 +166,12 @@ def _build_trainer(cfg: dict, run_dir: Path) -> L.Trainer:
             dirpath=ckpt_dir, filename="best", monitor=ckpt_cfg["monitor"], mode=ckpt_cfg["mode"],
             save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False,
         ))
-    callbacks += [GracefulStop(ckpt_dir / LAST_CHECKPOINT), ResumeBookkeeping(), *guard_callbacks(cfg, ckpt_dir)]
+    callbacks += [GracefulStop(ckpt_dir / LAST_CHECKPOINT), ResumeBookkeeping(), FinalValidation(),
+                  *guard_callbacks(cfg, ckpt_dir)]
     callbacks += [instantiate_from_config(node, f"callbacks.{i}") for i, node in enumerate(cfg.get("callbacks") or [])]
     trainer_kwargs = dict(cfg.get("trainer") or {})
+    progress = progress_callback(trainer_kwargs)
+    callbacks += [progress] if progress is not None else []
     return L.Trainer(default_root_dir=str(run_dir), logger=RunCSVLogger(run_dir), callbacks=callbacks,
                      plugins=[AtomicCheckpointIO()], **trainer_kwargs)
 
@@ -180,6 +197,8 @@ def train(stage: str, default_config: str | None = None, argv: Sequence[str] | N
     args = parse_args(argv, default_config)
     try:
         cfg, cfg_path, run_dir, ckpt = load_run_config(args, default_config, complete)
+        apply_threads(args.threads if args.threads is not None else cfg.get("threads"),
+                      "--threads" if args.threads is not None else "threads")
         if before_build is not None:
             before_build(cfg, cfg_path)
         L.seed_everything(cfg.get("seed", 0), workers=True, verbose=False)

@@ -21,6 +21,7 @@ from ldm.core.atomic import write_text_atomic
 from ldm.core.images import image_grid, save_image_atomic
 from ldm.inference.pipeline import Pipeline
 from ldm.io.runs import SAMPLES_DIR
+from ldm.training.callbacks import is_last_step
 
 SAMPLE_SEED = 0
 MAX_COLUMNS = 8
@@ -32,7 +33,9 @@ def grid_path(trainer: L.Trainer, name: str) -> Path:
 
 
 def _due(trainer: L.Trainer, every: int) -> bool:
-    return bool(every) and trainer.global_step % every == 0 and trainer.is_global_zero
+    """Every ``every`` steps and at the run's last step (rank zero only)."""
+    periodic = bool(every) and trainer.global_step % every == 0
+    return (periodic or (bool(every) and is_last_step(trainer))) and trainer.is_global_zero
 
 
 class SampleGrid(L.Callback):

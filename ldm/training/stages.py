@@ -9,7 +9,7 @@ from typing import Callable
 
 from torch import nn
 
-from ldm.training.cache import ensure_cache
+from ldm.training.cache import ensure_cache, prepare_stage2
 from ldm.training.controlnet_base import load_base_weights, prepare_controlnet
 from ldm.training.reflow import complete_reflow, ensure_pairs, load_source_weights
 
@@ -31,7 +31,7 @@ class Stage:
 
 STAGES: dict[str, Stage] = {
     "vae": Stage("vae", "configs/vae/shapes-kl-f4.yaml"),
-    "ldm": Stage("ldm", "configs/ldm/shapes-text.yaml", before_build=ensure_cache),
+    "ldm": Stage("ldm", "configs/ldm/shapes-text.yaml", before_build=prepare_stage2),
     "controlnet": Stage("controlnet", "configs/controlnet/shapes-canny.yaml", before_build=prepare_controlnet,
                         init_weights=load_base_weights),
     "classifier": Stage("classifier", "configs/classifier/shapes-latent.yaml", before_build=ensure_cache),

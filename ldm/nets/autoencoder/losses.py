@@ -11,10 +11,13 @@ Semantics follow latent-diffusion's ``LPIPSWithDiscriminator`` (``ldm/modules/lo
 Unlike latent-diffusion, which multiplies the GAN terms by zero before ``disc_start``, the discriminator here
 does no work at all until then: callers ask :meth:`LPIPSWithDiscriminator.discriminator_active` and skip
 its step; the generator loss does not run it. ``pixelloss_weight`` is applied (LDM stores but ignores it).
+``disc_start`` is a step, or a fraction of the run in [0, 1) (``0.75``: the last quarter), resolved by
+:meth:`LPIPSWithDiscriminator.set_run_length` when the fit starts; a start at or beyond the run's end is warned about.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Literal
 
@@ -29,6 +32,7 @@ from ldm.nets.autoencoder.discriminator import (
 )
 from ldm.nets.autoencoder.distributions import DiagonalGaussianDistribution
 
+log = logging.getLogger(__name__)
 ADAPTIVE_EPS = 1e-4
 ADAPTIVE_MAX = 1e4
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's VGG16_Weights.IMAGENET1K_V1, which lpips loads
@@ -74,7 +78,7 @@ def adaptive_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: to
 class LPIPSWithDiscriminator(nn.Module):
     """latent-diffusion's VAE loss; ``forward(..., optimizer_idx=0)`` → generator loss, ``1`` → discriminator loss."""
 
-    def __init__(self, disc_start: int, logvar_init: float = 0.0, kl_weight: float = 1.0,
+    def __init__(self, disc_start: int | float, logvar_init: float = 0.0, kl_weight: float = 1.0,
                  pixelloss_weight: float = 1.0, disc_num_layers: int = 3, disc_in_channels: int = 3,
                  disc_factor: float = 1.0, disc_weight: float = 1.0, perceptual_weight: float = 1.0,
                  use_actnorm: bool = False, disc_conditional: bool = False,
@@ -87,7 +91,12 @@ class LPIPSWithDiscriminator(nn.Module):
         # LDM keeps logvar fixed at logvar_init (it is not in its optimiser); learn_logvar=True trains it.
         self.logvar = nn.Parameter(torch.full((), float(logvar_init)), requires_grad=learn_logvar)
         self.discriminator = NLayerDiscriminator(disc_in_channels, disc_ndf, disc_num_layers, use_actnorm)
-        self.discriminator_iter_start = disc_start
+        if disc_start < 0 or (isinstance(disc_start, float) and disc_start >= 1 and not disc_start.is_integer()):
+            raise ValueError(f"disc_start must be a step (an integer ≥ 0) or a fraction of the run in [0, 1), "
+                             f"got {disc_start}")
+        self.disc_start = disc_start
+        fraction = isinstance(disc_start, float) and disc_start < 1
+        self.discriminator_iter_start: int | None = None if fraction else int(disc_start)
         self.disc_loss = D_LOSSES[disc_loss]
         self.disc_factor, self.discriminator_weight = disc_factor, disc_weight
         self.disc_conditional = disc_conditional
@@ -99,9 +108,22 @@ class LPIPSWithDiscriminator(nn.Module):
             self.perceptual_loss.eval()
         return self
 
+    def set_run_length(self, total_steps: int | None) -> None:
+        """Resolve a fractional ``disc_start`` against the run's steps; warn when the discriminator would never start."""
+        if isinstance(self.disc_start, float) and self.disc_start < 1:
+            if total_steps is None:
+                raise ValueError(f"disc_start={self.disc_start} is a fraction of the run, but the run's length is "
+                                 "unknown: set trainer.max_steps, or give disc_start as a step")
+            self.discriminator_iter_start = round(self.disc_start * total_steps)
+        if total_steps is not None and self.discriminator_iter_start >= total_steps:
+            log.warning("disc_start=%s is at or beyond the run's end (%d steps): the discriminator never trains; "
+                        "set model.params.loss.params.disc_start below trainer.max_steps, or as a fraction of the "
+                        "run (e.g. 0.75)", self.disc_start, total_steps)
+
     def discriminator_active(self, global_step: int) -> bool:
         """Whether the GAN terms are on at this step (global_step ≥ disc_start)."""
-        return global_step >= self.discriminator_iter_start
+        start = self.discriminator_iter_start
+        return start is not None and global_step >= start  # None: a fraction not resolved yet (no fit started)
 
     def forward(self, inputs: torch.Tensor, reconstructions: torch.Tensor,
                 posteriors: DiagonalGaussianDistribution, optimizer_idx: int, global_step: int,

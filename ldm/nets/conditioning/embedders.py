@@ -21,12 +21,18 @@ NULL_ROWS = 1  # one extra embedding row: the null (unconditional) class
 
 
 class ClassEmbedder(Embedder):
-    """Class label → context ``(B, 1, embed_dim)``; index ``n_classes`` is the null class (as LDM's)."""
+    """Class label → context ``(B, 1, embed_dim)``; index ``n_classes`` is the null class (as LDM's).
 
-    def __init__(self, n_classes: int, embed_dim: int, key: str = "label"):
+    ``class_names`` (label i is ``class_names[i]``, e.g. the class folders) are kept for sampling by name.
+    """
+
+    def __init__(self, n_classes: int, embed_dim: int, key: str = "label", class_names: list[str] | None = None):
         super().__init__()
         if n_classes < 1:
             raise ValueError(f"n_classes must be at least 1, got {n_classes}")
+        if class_names is not None and len(class_names) != n_classes:
+            raise ValueError(f"class_names has {len(class_names)} names for n_classes={n_classes}")
+        self.class_names = list(class_names) if class_names is not None else None
         self.key = key
         self.context_dim = embed_dim
         self.n_classes = n_classes
