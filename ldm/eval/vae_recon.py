@@ -2,7 +2,9 @@
 
 Reconstructions use the posterior mode (no sampling noise), on the data the run was trained on: its
 config's ``data.params.val`` (or ``train`` with ``--split train``); without one, the DataModule's held-out
-fraction; without that, the shapes val split at the VAE's resolution.
+fraction; without that, the shapes val split at the VAE's resolution. Beside the VAE, the same images go through
+bicubic ×f down-and-up (f: the VAE's downsampling factor), the baseline a VAE must beat; both are also measured on
+the inputs' saturated pixels (``ldm.core.colour``: mean absolute error and the signed bias per channel).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ldm.core.colour import SaturatedError, bicubic_roundtrip
 from ldm.core.config import get_obj_from_str, instantiate_from_config, is_node
 from ldm.core.errors import UserError
 from ldm.core.images import image_grid, save_image_atomic
@@ -89,15 +92,22 @@ def run(args: argparse.Namespace) -> dict:
     dataset, source = held_out_dataset(cfg, args.split, resolution)
     n = min(args.n, len(dataset))
     loader = DataLoader(Subset(dataset, range(n)), batch_size=args.batch_size, shuffle=False)
-    scores: dict[str, list[torch.Tensor]] = {"psnr": [], "ssim": [], "lpips": []}
+    scores: dict[str, list[torch.Tensor]] = {"psnr": [], "ssim": [], "lpips": [], "bicubic_psnr": [],
+                                              "bicubic_ssim": []}
+    colour = {"vae": SaturatedError(), "bicubic": SaturatedError()}
+    factor = int(info["downsampling_factor"])
     grid_rows = None
     with torch.no_grad():
         for batch in loader:
             x = batch["image"].to(device)  # (B, 3, H, W) in [-1, 1]
             recon = vae.decode(vae.encode(x).mode()).clamp(-1, 1)  # (B, 3, H, W)
-            scores["psnr"].append(psnr(x, recon).cpu())
-            if min(x.shape[-2:]) >= SSIM_WINDOW:
-                scores["ssim"].append(ssim(x, recon).cpu())
+            baseline = bicubic_roundtrip(x, factor)  # (B, 3, H, W)
+            for name, y in (("", recon), ("bicubic_", baseline)):
+                scores[f"{name}psnr"].append(psnr(x, y).cpu())
+                if min(x.shape[-2:]) >= SSIM_WINDOW:
+                    scores[f"{name}ssim"].append(ssim(x, y).cpu())
+            colour["vae"].update(x, recon)
+            colour["bicubic"].update(x, baseline)
             distance = lpips_distance(x, recon)
             if distance is not None:
                 scores["lpips"].append(distance.cpu())
@@ -118,7 +128,19 @@ def run(args: argparse.Namespace) -> dict:
         "psnr_db": mean["psnr"],
         "ssim": mean["ssim"] if mean["ssim"] is not None else f"n/a (images < {SSIM_WINDOW} px)",
         "lpips": mean["lpips"] if mean["lpips"] is not None else LPIPS_NA,
+        f"bicubic_x{factor}_psnr_db": mean["bicubic_psnr"],
+        f"bicubic_x{factor}_ssim": mean["bicubic_ssim"] if mean["bicubic_ssim"] is not None else "n/a",
+        "numbers_per_image": f"{latent_numbers(vae, x.shape)} (bicubic {3 * x.shape[-2] * x.shape[-1] // factor**2})",
+        "saturated_mae": colour["vae"].mean_absolute(),
+        "saturated_bias_rgb": colour["vae"].bias(),
+        "bicubic_saturated_mae": colour["bicubic"].mean_absolute(),
+        "bicubic_saturated_bias_rgb": colour["bicubic"].bias(),
     }
+
+
+def latent_numbers(vae: AutoencoderKL, shape: torch.Size) -> int:
+    """Numbers the VAE keeps per image: latent channels × H/f × W/f."""
+    return int(vae.embed_dim) * (shape[-2] // vae.downsampling_factor) * (shape[-1] // vae.downsampling_factor)
 
 
 def note(row: dict) -> str | None:
