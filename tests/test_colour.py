@@ -49,3 +49,13 @@ def test_untrained_bicubic_skip_vae_is_the_bicubic_roundtrip():
         assert torch.allclose(vae.decode(vae.encode(x).mode()), bicubic_roundtrip(x, 4), atol=1e-6)
     with pytest.raises(ValueError, match="bicubic_skip needs embed_dim"):
         AutoencoderKL(dd | {"z_channels": 2}, 2, bicubic_skip=True)
+
+
+def test_vae_rows_by_source_photo():
+    from ldm.eval.vae_recon import by_source
+
+    row = {"time": "t", "run": "r", "checkpoint": "c", "data": "data.val"}
+    rows = by_source(row, ["val/Cups-0001.png", "val/Cups-0002.png", "val/Path-0001.png"],
+                     torch.tensor([30.0, 32.0, 28.0]), torch.tensor([25.0, 27.0, 28.5]), 4)
+    assert [(r["data"], r["n"], r["psnr_db"], r["bicubic_x4_psnr_db"]) for r in rows] == [
+        ("data.val: Cups", 2, 31.0, 26.0), ("data.val: Path", 1, 28.0, 28.5)]

@@ -45,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=SPLITS, default="val", help="which of the run's data sets (default val)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    parser.add_argument("--by-source", action="store_true",
+                        help="also one row per source image of crops named <source>-<n>.png (make_photo_crops.py)")
     parser.add_argument("--grid", nargs="?", const="", default=None, metavar="PNG",
                         help="also save inputs above reconstructions (bare --grid: vae-recon.png next to the CSV)")
 
@@ -76,8 +78,8 @@ def held_out_dataset(cfg: dict, split: str, resolution: int) -> tuple[Dataset, s
     return ShapesDataset(size=resolution, split="val"), f"shapes val @ {resolution}px (the run has no {split} set)"
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Evaluate a VAE run → one result row (also saves the grid when asked)."""
+def run(args: argparse.Namespace) -> dict | list[dict]:
+    """Evaluate a VAE run → one result row, or with --by-source one more per source (also saves the grid)."""
     if args.n < 1:
         raise EvalError(f"--n must be a positive number of images, got {args.n}")
     if args.batch_size < 1:
@@ -96,9 +98,10 @@ def run(args: argparse.Namespace) -> dict:
                                               "bicubic_ssim": []}
     colour = {"vae": SaturatedError(), "bicubic": SaturatedError()}
     factor = int(info["downsampling_factor"])
-    grid_rows = None
+    grid_rows, paths = None, []
     with torch.no_grad():
         for batch in loader:
+            paths += list(batch.get("path", [""] * len(batch["image"])))
             x = batch["image"].to(device)  # (B, 3, H, W) in [-1, 1]
             recon = vae.decode(vae.encode(x).mode()).clamp(-1, 1)  # (B, 3, H, W)
             baseline = bicubic_roundtrip(x, factor)  # (B, 3, H, W)
@@ -118,7 +121,7 @@ def run(args: argparse.Namespace) -> dict:
         grid_path = Path(args.grid) if args.grid else Path(args.csv).parent / "vae-recon.png"
         save_image_atomic(image_grid(grid_rows), grid_path)
         log.info("grid: %s", grid_path)
-    return {
+    row = {
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": "vae",
         "run": run_dir.name,
@@ -136,6 +139,22 @@ def run(args: argparse.Namespace) -> dict:
         "bicubic_saturated_mae": colour["bicubic"].mean_absolute(),
         "bicubic_saturated_bias_rgb": colour["bicubic"].bias(),
     }
+    if not args.by_source:
+        return row
+    return [row] + by_source(row, paths, torch.cat(scores["psnr"]), torch.cat(scores["bicubic_psnr"]), factor)
+
+
+def by_source(row: dict, paths: list[str], vae_psnr: torch.Tensor, bicubic_psnr: torch.Tensor, factor: int) -> list[dict]:
+    """Rows of mean PSNR per source image (the file name before its last ``-``), VAE and bicubic."""
+    sources = [Path(p).stem.rsplit("-", 1)[0] for p in paths]
+    rows = []
+    for source in sorted(set(sources)):
+        picked = torch.tensor([s == source for s in sources])
+        rows.append({"time": row["time"], "command": "vae", "run": row["run"], "checkpoint": row["checkpoint"],
+                     "data": f"{row['data']}: {source}", "n": int(picked.sum()),
+                     "psnr_db": vae_psnr[picked].mean().item(),
+                     f"bicubic_x{factor}_psnr_db": bicubic_psnr[picked].mean().item()})
+    return rows
 
 
 def latent_numbers(vae: AutoencoderKL, shape: torch.Size) -> int:
