@@ -98,7 +98,7 @@ def make_edges(data: Path, out: Path, low: int, high: int, size: int | None = No
     counts = {"written": 0, "existing": 0, "skipped": 0}
     skipped: list[tuple[str, str]] = []
     claimed: dict[Path, str] = {}
-    for rel in tqdm(scan(data, out), desc="edges", unit="img", dynamic_ncols=True):
+    for rel in tqdm(scan(data, out), desc="edges", unit="img", dynamic_ncols=True, disable=not sys.stderr.isatty()):
         try:
             target = output_path(out, rel)
         except ValueError:

@@ -2,6 +2,7 @@
 
     python stages/cache_latents.py --vae runs/vae/latest                        # the shapes text config's data
     python stages/cache_latents.py --vae runs/vae/latest --cfg configs/ldm/shapes-class.yaml --out cache/mine
+    python stages/cache_latents.py --cfg configs/ldm/folder-class.yaml --data digits/   # as train_ldm.py --data would
 """
 
 import argparse
@@ -14,6 +15,7 @@ from ldm.data.latents import CacheError
 from ldm.io.checkpoints import CheckpointError
 from ldm.io.runs import RunError
 from ldm.training.cache import make_cache
+from ldm.training.presets import apply_folder, take_folder_overrides
 
 DEFAULT_CONFIG = "configs/ldm/shapes-text.yaml"
 
@@ -25,20 +27,24 @@ def main(argv=None) -> dict:
     parser.add_argument("--vae", help="stage-1 run directory or checkpoint (default: the config's cache.vae)")
     parser.add_argument("--cfg", default=DEFAULT_CONFIG, help="stage-2 config whose `cache:` section to build")
     parser.add_argument("--out", help="cache folder (default: the config's cache.dir)")
+    parser.add_argument("--data", metavar="DIR", help="encode the images in DIR (as the training stages' --data)")
+    parser.add_argument("--captions", metavar="MODE", help="with --data: the caption mode (default: detected)")
     add_threads_argument(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
-    overrides = list(args.overrides)
-    overrides += [f"cache.vae={args.vae}"] if args.vae else []
-    overrides += [f"cache.dir={args.out}"] if args.out else []
     try:
+        overrides, folder = take_folder_overrides(list(args.overrides), args.data, args.captions)
+        overrides += [f"cache.vae={args.vae}"] if args.vae else []
+        cfg = load_config(args.cfg, overrides)
+        for line in apply_folder(cfg, folder) if folder is not None else ():
+            print(line)
+        cfg["cache"]["dir"] = args.out or cfg["cache"]["dir"]
         apply_threads(args.threads)
-        meta = make_cache(load_config(args.cfg, overrides))
+        meta = make_cache(cfg)
     except (ConfigError, CacheError, RunError, CheckpointError, ThreadsError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    cache_dir = args.out or load_config(args.cfg, overrides)["cache"]["dir"]
-    print(f"cache: {cache_dir}  items: {meta['count']}  latent: {meta['latent_shape']}  "
+    print(f"cache: {cfg['cache']['dir']}  items: {meta['count']}  latent: {meta['latent_shape']}  "
           f"scale_factor: {meta['scale_factor']:.5f}")
     return meta
 

@@ -194,3 +194,11 @@ def test_class_folder_end_to_end_keeps_names(class_folder, tmp_path, capsys):
     assert code == 0 and '-s0-10.png  seed=0  "10"' in printed and '-s1-1.png  seed=1  "1"' in printed
     assert txt2img.main(["--run", str(run), "--class", "seven", "--out", str(tmp_path / "o")]) == 2
     assert "'seven' is not a class of this run: its classes are 1, 2, 10" in capsys.readouterr().err
+    evaluate = load_script("evaluate")
+    row = evaluate.main(["classes", "--run", str(run), "--n", "6", "--sampler", "ddim:2", "--csv",
+                         str(tmp_path / "eval.csv"), "--classifier-cache", str(tmp_path / "clf")])
+    printed = capsys.readouterr().out
+    assert row["data"] == f"folder {class_folder}" and row["n"] == 6 and 0 <= row["class_accuracy_pct"] <= 100
+    assert 0 <= row["reader_heldout_accuracy_pct"] <= 100 and row["fid"] >= 0
+    assert f"note: measured on the folder {class_folder}: the reader is a CNN trained on the run's 17 training" in printed
+    assert len(list((tmp_path / "clf").glob("folder-*.safetensors"))) == 1  # trained once, cached

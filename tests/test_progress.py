@@ -96,3 +96,32 @@ def test_run_through_a_pipe_logs_lines_and_ends_with_validation_and_grid(tmp_pat
     run = next((tmp_path / "vae").glob("tiny-vae-*"))
     assert (run / "samples" / "vae-step20.png").is_file() and (run / "samples" / "vae-step18.png").is_file()
     assert not [n for n in NOISE if n in proc.stdout + proc.stderr], proc.stderr
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("txt2img", ["--prompt", "x"]), ("evaluate", ["vae", "--run", "r"]), ("export", ["src", "--out", "o"]),
+    ("make_edges", ["--data", "d"]), ("bench", []),
+])
+def test_every_script_takes_threads(script, argv):
+    from tests.scripts import load_script
+
+    module = load_script(script)
+    parse = module.build_parser().parse_args if hasattr(module, "build_parser") else module.parse_args
+    assert parse([*argv, "--threads", "3"]).threads == "3"
+
+
+def test_stages_take_threads_and_refuse_a_bad_count(capsys):
+    import runpy
+
+    from ldm.training.driver import parse_args
+
+    assert parse_args(["--threads", "2", "trainer.max_steps=1"], "x.yaml").threads == "2"
+    saved = sys.argv
+    sys.argv = ["cache_latents.py", "--threads", "zero"]
+    try:
+        with pytest.raises(SystemExit) as info:
+            runpy.run_path(str(REPO_ROOT / "stages" / "cache_latents.py"), run_name="__main__")
+    finally:
+        sys.argv = saved
+    assert info.value.code == 2
+    assert "error: --threads: expected a positive number of threads or 'auto', got 'zero'" in capsys.readouterr().err

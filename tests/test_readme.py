@@ -25,7 +25,7 @@ from tests.paths import REPO_ROOT
 pytestmark = pytest.mark.slow  # subprocesses / compiles / end-to-end: `pytest -m "not slow"` skips them
 
 LINKED = ("configs", "stages", "scripts")
-FOLDER = "<folder>"
+FOLDERS = {"<folder>": "images", "<classes>": "classes", "<captioned>": "captioned"}  # placeholder → made folder
 TRAIN_SMOKE = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
                "trainer.enable_progress_bar=false", "trainer.precision=32-true", "data.params.batch_size=4"]
 CACHE_SMOKE = ["cache.data.train.params.length=16", "cache.data.val.params.length=4"]
@@ -38,8 +38,12 @@ SMOKE: dict[str, list[str]] = {
     "stages/train_ldm.py": TRAIN_SMOKE + CACHE_SMOKE + ["callbacks=[]"],
     "stages/train_ldm.py --cfg configs/ldm/shapes-text.yaml --resume": ["trainer.max_steps=3"] + CACHE_SMOKE,
     "stages/train_controlnet.py": TRAIN_SMOKE + CACHE_SMOKE + ["callbacks=[]"],
+    "stages/train_ldm.py --cfg configs/ldm/folder-class.yaml": TRAIN_SMOKE + ["callbacks=[]"],  # small folders:
+    "stages/train_ldm.py --cfg configs/ldm/folder-text.yaml": TRAIN_SMOKE + ["callbacks=[]"],  # no lengths
+    "stages/train_controlnet.py --cfg configs/controlnet/folder-canny.yaml": TRAIN_SMOKE + ["callbacks=[]"],
     "scripts/txt2img.py": ["--steps", "2", "--n", "1"],
     "scripts/evaluate.py vae": ["--n", "4"],
+    "scripts/evaluate.py classes": ["--n", "2", "--sampler", "ddim:2", "--threads", "1"],
     "scripts/evaluate.py adherence": ["--n", "2", "--samplers", "ddim:2", "--no-speed", "--threads", "1"],
     "scripts/evaluate.py edges": ["--n", "2", "--sampler", "ddim:2", "--threads", "1"],
     "scripts/make_edges.py": [],
@@ -98,16 +102,41 @@ def make_folder(root: Path) -> None:
         Image.fromarray(array).save(root / f"img{i}.png")
 
 
+def make_class_folders(root: Path) -> None:
+    """Two class folders ("seven", "eight") of grey images, for `<classes>`."""
+    rng = np.random.default_rng(1)
+    for k, name in enumerate(("seven", "eight")):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 80, (28, 28), dtype=np.uint8) + 120 * k).save(root / name / f"{i}.png")
+
+
+def make_captioned(root: Path) -> None:
+    """Eight images with metadata.jsonl captions, for `<captioned>`."""
+    make_folder(root)
+    rng = np.random.default_rng(2)
+    lines = []
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / f"c{i}.png")
+        lines.append(f'{{"file_name": "c{i}.png", "text": "picture number {i}"}}')
+    lines += [f'{{"file_name": "img{i}.png", "text": "a coloured block"}}' for i in range(3)]
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+
+
 def test_readme_commands_run_in_order(tmp_path, monkeypatch):
     commands = readme_commands()
     assert any("stages/train_vae.py" == c.split()[1] for c in commands)  # the main job is there
     for name in LINKED:
         (tmp_path / name).symlink_to(REPO_ROOT / name)
     make_folder(tmp_path / "images")
+    make_class_folders(tmp_path / "classes")
+    make_captioned(tmp_path / "captioned")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("LDM_RUNS_DIR", str(tmp_path / "runs"))
     for command in commands:
-        words = shlex.split(command.replace(FOLDER, "images"))[1:]
+        for placeholder, folder in FOLDERS.items():
+            command = command.replace(placeholder, folder)
+        words = shlex.split(command)[1:]
         if "edges.png" in words and not Path("edges.png").exists():
             Image.open(sorted(Path("images/edges").glob("*.png"))[0]).save("edges.png")
         run_command(words + smoke_arguments(words))

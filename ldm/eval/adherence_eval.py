@@ -18,6 +18,7 @@ from ldm.eval.sampled import (
     generate,
     load_pipeline,
     parse_samplers,
+    require_shapes,
     save_grid,
 )
 from ldm.eval.shapes_reader import adherence
@@ -50,6 +51,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     check_counts(args)
     samplers = parse_samplers(args.samplers)
     pipe = load_pipeline(args.run, "caption", args.device)
+    require_shapes(pipe, "adherence")
     run_name = Path(pipe.source["run"]).name
     held = held_out(args.n)
     rows, first = [], None

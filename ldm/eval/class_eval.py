@@ -1,4 +1,7 @@
-"""`evaluate.py classes`: class accuracy of a class-conditional run (shapes classifier) and its feature FID.
+"""`evaluate.py classes`: class accuracy of a class-conditional run and its feature FID.
+
+On a run trained on a folder of class sub-folders, the reader is a classifier trained on the run's own images
+(``ldm.eval.folder_classes``); on the shapes data, as follows.
 
 Balanced held-out classes (``ldm.eval.heldout``) are drawn once; the shapes classifier trained on the
 data's own labels (``ldm.eval.classifier``) reads each image's class; the Fréchet distance in its feature
@@ -12,17 +15,20 @@ import argparse
 from pathlib import Path
 
 from ldm.eval.classifier import DEFAULT_CACHE_DIR, ShapesClassifier, get_classifier
+from ldm.eval.folder_classes import run_on_folder
 from ldm.eval.heldout import held_out
 from ldm.eval.measures import class_accuracy, fid
 from ldm.eval.sampled import (
     add_sampling_arguments,
     check_counts,
+    folder_nodes,
     generate,
     load_pipeline,
     parse_samplers,
     save_grid,
 )
 from ldm.eval.shapes_reader import adherence
+from ldm.io.runs import run_config
 
 DEFAULT_N = 128
 DEFAULT_SAMPLER = "ddim:50"
@@ -62,17 +68,29 @@ def run(args: argparse.Namespace) -> dict:
     if args.guide:
         pipe.with_classifier(args.guide)
         guide_scale = args.guide_scale
+    extra = {"classifier_scale": guide_scale} if guide_scale else {}
+    nodes = folder_nodes(run_config(pipe.source["run"]))
+    if nodes is not None:
+        return run_on_folder(args, pipe, run_config(pipe.source["run"]), nodes, **extra)
     size = int(pipe.image_size)
     held = held_out(args.n, size)
-    extra = {"classifier_scale": guide_scale} if guide_scale else {}
     result = generate(pipe, held.labels, sampler, steps, args.scale, args.seed, args.batch_size, **extra)
     classifier = classifier_for(args, size)
     save_grid(result.images, args.grid)
-    return {"command": "classes", "run": Path(pipe.source["run"]).name, "sampler": sampler, "steps": steps,
-            "nfe": result.nfe, "scale": args.scale, "classifier_scale": guide_scale, "n": len(held.labels),
+    return {"command": "classes", "run": Path(pipe.source["run"]).name, "data": "shapes (held-out val items)",
+            "sampler": sampler, "steps": steps, "nfe": result.nfe, "scale": args.scale,
+            "classifier_scale": guide_scale, "n": len(held.labels),
             "class_accuracy_pct": PERCENT * class_accuracy(result.images, held.labels, classifier)["class_accuracy"],
             "reader_adherence_pct": PERCENT * adherence(result.images, held.factors)["all"],
             "fid": fid(result.images, held.images, classifier)}
+
+
+def note(row: dict) -> str | None:
+    """Says what the classes were measured on, and how good the reader is on a folder."""
+    if str(row.get("data", "")).startswith("folder"):
+        return (f"measured on the {row['data']}: the reader is a {row['reader']} images, where it reads "
+                f"{row['reader_heldout_accuracy_pct']:.1f} % right")
+    return "measured on the shapes data: the shapes classifier and the analytic reader"
 
 
 def summary(row: dict) -> list[tuple[str, str, object]]:
@@ -80,4 +98,6 @@ def summary(row: dict) -> list[tuple[str, str, object]]:
     guided = f", classifier scale {row['classifier_scale']:g}" if row.get("classifier_scale") else ""
     setting = f"{row['sampler']} {row['steps']} steps, scale {row['scale']:g}{guided}, n={row['n']}"
     return [(setting, "class accuracy %", row["class_accuracy_pct"]),
-            (setting, "reader adherence %", row["reader_adherence_pct"]), (setting, "feature FID", row["fid"])]
+            (setting, "reader adherence %", row["reader_adherence_pct"]) if "reader_adherence_pct" in row else
+            (setting, "reader's held-out accuracy %", row["reader_heldout_accuracy_pct"]),
+            (setting, "feature FID", row["fid"])]

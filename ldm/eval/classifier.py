@@ -20,7 +20,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -115,25 +115,32 @@ def _augment(x: torch.Tensor, noise: float, generator: torch.Generator) -> torch
     return (x + sigma * torch.randn(x.shape, generator=generator, device=x.device)).clamp(-1, 1)
 
 
+def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int, lr: float,
+        augment: Callable[[torch.Tensor], torch.Tensor], generator: torch.Generator) -> None:
+    """Cross-entropy training: AdamW with a one-cycle schedule over shuffled epochs, each batch augmented."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    total = epochs * -(-len(x) // batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=total)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator, device=generator.device)
+        for start in range(0, len(x), batch_size):
+            batch = order[start : start + batch_size]
+            loss = F.cross_entropy(model(augment(x[batch])), y[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+
+
 def train_classifier(settings: ClassifierSettings, device: str | torch.device = "cpu") -> tuple[ShapesClassifier, float]:
     """Train on the shapes train split; returns the eval-mode model and its val-split accuracy."""
     torch.manual_seed(settings.seed)
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     x, y = (t.to(device) for t in _render_split("train", settings.n_train, settings.size, settings.seed))
     model = ShapesClassifier(settings.width, settings.size).to(device)
-    steps_per_epoch = -(-settings.n_train // settings.batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.lr, total_steps=settings.epochs * steps_per_epoch)
-    model.train()
-    for _ in range(settings.epochs):
-        order = torch.randperm(settings.n_train, generator=generator, device=device)
-        for start in range(0, settings.n_train, settings.batch_size):
-            batch = order[start : start + settings.batch_size]
-            loss = F.cross_entropy(model(_augment(x[batch], settings.noise, generator)), y[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+    fit(model, x, y, settings.epochs, settings.batch_size, settings.lr,
+        lambda batch: _augment(batch, settings.noise, generator), generator)
     model.eval()
     x_val, y_val = _render_split("val", settings.n_val, settings.size, settings.seed)
     accuracy = (predict(model, x_val) == y_val).float().mean().item()

@@ -21,6 +21,7 @@ from ldm.eval.sampled import (
     generate,
     load_pipeline,
     parse_samplers,
+    require_shapes,
     save_grid,
 )
 
@@ -42,6 +43,7 @@ def run(args: argparse.Namespace) -> dict:
         raise EvalError(f"--n must be at least {MIN_N} for a covariance, got {args.n}")
     (sampler, steps), = parse_samplers(args.sampler)
     pipe = load_pipeline(args.run, None, args.device)
+    require_shapes(pipe, "fid")
     size = int(pipe.image_size)
     held = held_out(args.n, size)
     result = generate(pipe, conditions_for(pipe, held), sampler, steps, args.scale, args.seed, args.batch_size)

@@ -31,6 +31,7 @@ DEFAULT_BATCH = 8
 GRID_COLUMNS = 8
 GRID_IMAGES = 32
 KINDS = {"caption": "text-conditional", "label": "class-conditional"}
+FOLDER_TARGET = "ldm.data.folder.ImageFolderDataset"
 
 
 @dataclass
@@ -78,6 +79,21 @@ def load_pipeline(run: str, condition_key: str | None = None, device: str | None
     """A stage-2 run's pipeline, after ``check_kind``."""
     check_kind(run, condition_key)
     return Pipeline.from_run(run, device=device)
+
+
+def folder_nodes(cfg: dict) -> dict | None:
+    """A run's ``cache.data`` nodes when they read a folder of images (None for the shapes data)."""
+    data = (cfg.get("cache") or {}).get("data") or {}
+    train = data.get("train")
+    return data if isinstance(train, dict) and train.get("target") == FOLDER_TARGET else None
+
+
+def require_shapes(pipe: Pipeline, measure: str) -> None:
+    """Refuse, in one line, a shapes-only measure on a run trained on a folder."""
+    if folder_nodes(describe_run(pipe.source["run"]).config) is not None:
+        raise EvalError(f"evaluate.py {measure} reads the shapes data's prompts and images, but "
+                        f"{pipe.source['run']} was trained on a folder; for a class run use evaluate.py classes "
+                        f"(a classifier trained on its own images, and a feature FID)")
 
 
 def parse_samplers(spec: str) -> list[tuple[str, int]]:

@@ -37,8 +37,9 @@ class AutoencoderKLSystem(AutoencoderKL, L.LightningModule):
 
     def __init__(self, ddconfig: dict, embed_dim: int, loss: nn.Module | None = None, learning_rate: float = 4.5e-6,
                  image_key: str = "image", disc_learning_rate: float | None = None,
-                 lr_schedule: LRDecay = "constant", warmup_steps: int = 0, channels_last: bool = False):
-        super().__init__(ddconfig, embed_dim, channels_last)
+                 lr_schedule: LRDecay = "constant", warmup_steps: int = 0, channels_last: bool = False,
+                 bicubic_skip: bool = False):
+        super().__init__(ddconfig, embed_dim, channels_last, bicubic_skip)
         self.save_hyperparameters(ignore=["loss"])
         self.automatic_optimization = False
         self.loss = loss

@@ -137,7 +137,10 @@ def apply_folder(cfg: dict, request: FolderRequest) -> list[str]:
     class_params = class_embedder_params(cfg)
     _check_fit(cfg, summary, class_params)
     for split in ("train", "val"):
-        params = {"root": str(summary.root), "size": size, "captions": summary.captions, "split": split}
+        old = slots.get(split)
+        kept = dict(_params(old)) if isinstance(old, dict) and old.get("target") == FOLDER_TARGET else {}
+        kept.pop("hint_dir", None)  # edges stored for another folder; Canny of each crop instead (hint: true)
+        params = {**kept, "root": str(summary.root), "size": size, "captions": summary.captions, "split": split}
         slots[split] = {"target": FOLDER_TARGET, "params": {**params, **({"hint": True} if hint else {})}}
     lines = [f"data: {summary.describe()}",
              f"data: {size}-px crops → {where}.train / {where}.val; held out: " +

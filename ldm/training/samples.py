@@ -65,7 +65,9 @@ class SampleGrid(L.Callback):
         system.train(was_training)
         out = grid_path(trainer, f"ldm-step{trainer.global_step:07d}")
         save_image_atomic(image_grid([images], ncol=min(len(images), MAX_COLUMNS)), out)
-        write_text_atomic(out.with_suffix(".txt"), "\n".join(map(str, self.conditions)) + "\n")
+        names = getattr(system.cond_stage_model, "class_names", None)  # a class run on folders: their names
+        legend = [f"{c} {names[c]}" if names and isinstance(c, int) else str(c) for c in self.conditions]
+        write_text_atomic(out.with_suffix(".txt"), "\n".join(legend) + "\n")
         return out
 
 

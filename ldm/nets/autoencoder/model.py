@@ -2,6 +2,11 @@
 
 State-dict keys are latent-diffusion's (``encoder.*``, ``decoder.*``, ``quant_conv.*``, ``post_quant_conv.*``), so
 SD's VAE weights load into a model built from SD's ddconfig. Training lives in ``ldm.systems.autoencoder``.
+
+``bicubic_skip=True`` (off by default, and in SD's files) adds a fixed path around the networks: the first three
+latent channels' mean gets the image bicubic-downsampled by f, and the decoder's output the first three latent
+channels bicubic-upsampled by f. The learned parts start at zero, so an untrained model *is* bicubic ×f
+down-and-up and training only learns what bicubic misses (README, "A VAE for photographs").
 """
 
 from __future__ import annotations
@@ -9,12 +14,15 @@ from __future__ import annotations
 import inspect
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ldm.nets.autoencoder.distributions import DiagonalGaussianDistribution
 from ldm.nets.autoencoder.encoder_decoder import Decoder, Encoder
 
 DEFAULT_CH_MULT = (1, 2, 4, 8)  # Encoder / Decoder's default levels
+RGB = 3
+SKIP_LOGVAR_INIT = -6.0  # with the bicubic skip, posteriors start narrow (std ≈ 0.05), not at std 1
 
 
 def downsampling_factor(ddconfig: dict) -> int:
@@ -35,9 +43,11 @@ def check_ddconfig(ddconfig: dict) -> None:
 class AutoencoderKL(nn.Module):
     """KL-VAE: ``encode(x) → DiagonalGaussianDistribution``, ``decode(z) → x̂``."""
 
-    def __init__(self, ddconfig: dict, embed_dim: int, channels_last: bool = False):
+    def __init__(self, ddconfig: dict, embed_dim: int, channels_last: bool = False, bicubic_skip: bool = False):
         super().__init__()
         check_ddconfig(ddconfig)
+        if bicubic_skip and (embed_dim < RGB or ddconfig.get("out_ch", RGB) != RGB):
+            raise ValueError(f"bicubic_skip needs embed_dim ≥ {RGB} and RGB images, got embed_dim={embed_dim}")
         self.encoder = Encoder(**ddconfig)
         self.decoder = Decoder(**ddconfig)
         z_channels = ddconfig["z_channels"]
@@ -46,6 +56,12 @@ class AutoencoderKL(nn.Module):
         self.embed_dim = embed_dim
         self.downsampling_factor = downsampling_factor(ddconfig)
         self.channels_last = channels_last
+        self.bicubic_skip = bicubic_skip
+        if bicubic_skip:  # the learned parts start at zero: an untrained model is the bicubic round trip
+            for conv in (self.decoder.conv_out, self.quant_conv):
+                nn.init.zeros_(conv.weight)
+                nn.init.zeros_(conv.bias)
+            nn.init.constant_(self.quant_conv.bias[embed_dim:], SKIP_LOGVAR_INIT)
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         """Channels-last activations when enabled: oneDNN's bf16 convolutions on CPU (like cuDNN's tensor-core
@@ -57,12 +73,18 @@ class AutoencoderKL(nn.Module):
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         """Images (B, 3, H, W) in [-1, 1] → posterior over latents (B, embed_dim, H/f, W/f)."""
         moments = self.quant_conv(self.encoder(self._layout(x))).contiguous()  # (B, 2·embed_dim, H/f, W/f)
+        if self.bicubic_skip:
+            small = _bicubic(x, moments.shape[-2:], antialias=True)  # (B, 3, H/f, W/f) fp32
+            moments = torch.cat([moments[:, :RGB] + small, moments[:, RGB:]], dim=1)
         return DiagonalGaussianDistribution(moments)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents (B, embed_dim, h, w) → images (B, 3, h·f, w·f)."""
         z = z.to(self.post_quant_conv.weight.dtype)  # the posterior is fp32; a half model takes half latents
-        return self.decoder(self.post_quant_conv(self._layout(z))).contiguous()
+        x = self.decoder(self.post_quant_conv(self._layout(z))).contiguous()  # (B, 3, h·f, w·f)
+        if self.bicubic_skip:
+            x = x.float() + _bicubic(z[:, :RGB], x.shape[-2:], antialias=False)  # fp32 (the skip's precision)
+        return x
 
     def forward(self, x: torch.Tensor, sample_posterior: bool = True) -> tuple[torch.Tensor, DiagonalGaussianDistribution]:
         """(reconstruction, posterior); the latent is a posterior sample, or its mode."""
@@ -73,3 +95,9 @@ class AutoencoderKL(nn.Module):
     def get_last_layer(self) -> torch.Tensor:
         """The decoder's last conv weight: where the adaptive GAN weight compares gradients."""
         return self.decoder.conv_out.weight
+
+
+def _bicubic(x: torch.Tensor, size: tuple[int, int] | torch.Size, antialias: bool) -> torch.Tensor:
+    """Bicubic resize in fp32 outside autocast (no bf16 kernel; the skip path keeps full precision)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.interpolate(x.float(), size=tuple(size), mode="bicubic", antialias=antialias, align_corners=False)
