@@ -91,9 +91,15 @@ def controlnet_state_dict(state: Mapping[str, Tensor], half: bool = False) -> di
     return {k: v.half() if half and v.is_floating_point() else v for k, v in control.items()}
 
 
+TRAINING_ONLY = ("base_ckpt", "base_config")  # where a fine-tune started: provenance, not part of the model
+
+
 def inference_config(cfg: Mapping) -> dict:
-    """``name`` + ``model`` of a training config, ready for load_sd: the VAE inlined, no EMA copy."""
-    return {"name": cfg.get("name", "exported"), "model": inference_node(cfg["model"])}
+    """``name`` + ``model`` of a training config, ready for load_sd: the VAE inlined, no EMA copy, no base file."""
+    node = inference_node(cfg["model"])
+    for key in TRAINING_ONLY:
+        node["params"].pop(key, None)
+    return {"name": cfg.get("name", "exported"), "model": node}
 
 
 def schedule_buffers(node: Mapping) -> dict[str, Tensor]:

@@ -17,11 +17,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ldm.core.config import get_obj_from_str, instantiate_from_config
+from ldm.core.config import ConfigError, get_obj_from_str, instantiate_from_config, load_config
 from ldm.core.errors import UserError
 from ldm.core.migrate import vae_network_node
 from ldm.diffusion.schedule import Schedule
-from ldm.io.checkpoints import load_file, load_strict, state_dict_of, tensors_hash
+from ldm.io.checkpoints import (
+    VAE_PREFIX,
+    CheckpointError,
+    load_file,
+    load_prefixed,
+    load_strict,
+    state_dict_of,
+    strip_prefix,
+    tensors_hash,
+)
 from ldm.io.runs import RunError, checkpoint_for, resolve_run, run_config
 from ldm.nets.autoencoder.model import AutoencoderKL, downsampling_factor
 from ldm.systems.classifier import NoisyClassifier
@@ -56,14 +65,31 @@ def vae_node(first_stage: str | os.PathLike | Mapping, referrer: str | os.PathLi
                        f"({e}); restore its folder (its config.yaml is enough for sampling)") from e
 
 
-def load_autoencoder(spec: str | os.PathLike) -> tuple[AutoencoderKL, dict]:
-    """A frozen, eval-mode VAE from a stage-1 run (``runs/vae/latest``) or a checkpoint inside one.
+def sd_vae_node(config: str | os.PathLike) -> dict:
+    """The VAE network's node of a Stable Diffusion inference config (``configs/sd/*.yaml``)."""
+    first_stage = ((load_config(config).get("model") or {}).get("params") or {}).get("first_stage")
+    if not isinstance(first_stage, Mapping):
+        raise ConfigError(f"{config}: model.params.first_stage is not a VAE node, so the config does not describe "
+                          "the SD file's VAE (give its inference config, e.g. configs/sd/v1-inference.yaml)")
+    return vae_node(first_stage)
+
+
+def load_autoencoder(spec: str | os.PathLike, config: str | os.PathLike | None = None) -> tuple[AutoencoderKL, dict]:
+    """A frozen, eval-mode VAE from a stage-1 run (``runs/vae/latest``) or a checkpoint inside one, or, with
+    ``config`` (its inference config), the ``first_stage_model.*`` of a public Stable Diffusion file.
 
     Returns the network and its identity: checkpoint path, hash of its weights, downsampling factor.
     """
-    ckpt = checkpoint_for(spec)
-    vae = instantiate_from_config(vae_node(ckpt), "first_stage")
-    load_strict(vae, state_dict_of(load_file(ckpt)), f"VAE checkpoint {ckpt}", ignore=VAE_TRAINING_ONLY)
+    if config is None:
+        ckpt = checkpoint_for(spec)
+        node, state = vae_node(ckpt), state_dict_of(load_file(ckpt))
+    else:
+        ckpt = Path(spec)
+        if not ckpt.is_file():
+            raise CheckpointError(f"checkpoint not found: {ckpt}")
+        node, state = sd_vae_node(config), strip_prefix(load_prefixed(ckpt, VAE_PREFIX), VAE_PREFIX)
+    vae = instantiate_from_config(node, "first_stage")
+    load_strict(vae, state, f"VAE checkpoint {ckpt}", ignore=VAE_TRAINING_ONLY)
     vae.eval().requires_grad_(False)
     info = {"checkpoint": str(ckpt), "hash": tensors_hash(vae.state_dict()),
             "downsampling_factor": vae.downsampling_factor, "embed_dim": vae.embed_dim}

@@ -50,6 +50,7 @@ class LatentDiffusion(L.LightningModule):
     """U-Net + conditioning + objective; the frozen VAE (``first_stage``) decodes samples.
 
     ``compile: true`` torch.compiles the trained networks in place when training starts (keys unchanged).
+    ``base_ckpt`` + ``base_config`` record the public Stable Diffusion file a fine-tune starts from.
     """
 
     def __init__(
@@ -66,6 +67,8 @@ class LatentDiffusion(L.LightningModule):
         scale_factor: float | None = None,
         image_size: int | None = None,
         compile: bool = False,
+        base_ckpt: str | None = None,
+        base_config: str | None = None,
     ):
         super().__init__()
         self.model = DiffusionWrapper(unet)
@@ -82,6 +85,9 @@ class LatentDiffusion(L.LightningModule):
         self.register_buffer("scale_factor", torch.tensor(scale_factor if scale_factor else math.nan))
         self.register_buffer("image_size", torch.tensor(image_size or 0))
         self.compile_networks = compile
+        # Where a fine-tune's starting weights come from (a public SD file and its inference config); loaders
+        # (ldm.inference.sd_base) read it, the system never does.
+        self.base_source = dict(base_ckpt=base_ckpt, base_config=base_config)
 
     @property
     def schedule(self):

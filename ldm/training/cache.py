@@ -2,7 +2,8 @@
 
     cache:
       dir: cache/shapes-f4            # where the shards and meta.json live
-      vae: runs/vae/latest            # the stage-1 run (or checkpoint) that encodes the images
+      vae: runs/vae/latest            # the stage-1 run (or checkpoint) that encodes the images, or a public
+      vae_config: null                # SD file whose VAE does, with its inference config here (a fine-tune)
       data: {train: <dataset node>, val: <dataset node>}
       batch_size: 64                  # encoding batch size
       shard_size: 4096                # items per shard
@@ -18,7 +19,7 @@ from ldm.data.latents import CacheError, build_cache, read_meta
 from ldm.inference.loaders import load_autoencoder
 
 log = logging.getLogger(__name__)
-CACHE_DEFAULTS = {"batch_size": 64, "shard_size": 4096, "num_workers": 0}
+CACHE_DEFAULTS = {"batch_size": 64, "shard_size": 4096, "num_workers": 0, "vae_config": None}
 CACHE_REQUIRED = ("dir", "vae", "data")
 
 
@@ -43,7 +44,7 @@ def cache_section(cfg: dict) -> dict:
 def make_cache(cfg: dict, progress: bool = True) -> dict:
     """Encode the datasets of ``cfg['cache']`` with its VAE (resuming finished shards); returns meta."""
     section = cache_section(cfg)
-    vae, info = load_autoencoder(section["vae"])
+    vae, info = load_autoencoder(section["vae"], section["vae_config"])
     datasets = {split: instantiate_from_config(node, f"cache.data.{split}") for split, node in section["data"].items()}
     return build_cache(vae, datasets, section["dir"], info, section["batch_size"], section["shard_size"],
                        section["num_workers"], progress)
@@ -60,7 +61,7 @@ def ensure_cache(cfg: dict, config_path: str | None = None, build_missing: bool 
             raise CacheError(f"{e}. Build it with: {command}") from e
         log.info("%s: building it now (the same as `%s`)", e, command)
         return make_cache(cfg)
-    _, info = load_autoencoder(section["vae"])
+    _, info = load_autoencoder(section["vae"], section["vae_config"])
     if meta["vae"]["hash"] != info["hash"]:
         raise CacheError(
             f"the latent cache {section['dir']} was made with VAE {meta['vae']['checkpoint']} (weights hash "

@@ -1,6 +1,7 @@
-"""The training stages: each is its default config plus what completes the config before it is checked (reflow's
-inherited model), what runs before the model is built (the latent cache, a ControlNet's base model, reflow's pairs)
-and what initialises a new run's weights. ``ldm.training.driver.train`` looks them up."""
+"""The training stages: each is its default config plus what completes the config before it is checked (the model
+reflow and a fine-tune of an SD file inherit), what runs before the model is built (the latent cache, a ControlNet's
+base model, reflow's pairs) and what initialises a new run's weights (a base's). ``ldm.training.driver.train`` looks
+them up."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch import nn
 from ldm.training.cache import ensure_cache
 from ldm.training.controlnet_base import load_base_weights, prepare_controlnet
 from ldm.training.reflow import complete_reflow, ensure_pairs, load_source_weights
+from ldm.training.sd_finetune import complete_from_base, start_from_base
 
 Complete = Callable[[dict], object]  # (config): fills in what the config inherits, before it is checked
 BeforeBuild = Callable[[dict, str], object]  # (config, config path): prepares what the model and data need
@@ -31,7 +33,8 @@ class Stage:
 
 STAGES: dict[str, Stage] = {
     "vae": Stage("vae", "configs/vae/shapes-kl-f4.yaml"),
-    "ldm": Stage("ldm", "configs/ldm/shapes-text.yaml", before_build=ensure_cache),
+    "ldm": Stage("ldm", "configs/ldm/shapes-text.yaml", before_build=ensure_cache, init_weights=start_from_base,
+                 complete=complete_from_base),
     "controlnet": Stage("controlnet", "configs/controlnet/shapes-canny.yaml", before_build=prepare_controlnet,
                         init_weights=load_base_weights),
     "classifier": Stage("classifier", "configs/classifier/shapes-latent.yaml", before_build=ensure_cache),
