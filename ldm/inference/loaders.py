@@ -3,7 +3,7 @@
 ``build_system`` turns a model node into a system, loading the stage-1 run a stage-2 config names by path
 (``first_stage: runs/vae/latest``); ``load_autoencoder`` loads such a run's VAE. ``describe_run`` checks a
 stage-2 or ControlNet run cheaply (configs only, nothing heavy built) so a command line can refuse bad
-arguments before loading; ``load_run_system`` builds it and loads its checkpoint strictly.
+arguments before loading (``ldm.inference.sd_base.load_run_system`` builds it and loads its checkpoint).
 """
 
 from __future__ import annotations
@@ -184,18 +184,3 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is not None:
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def load_run_system(info: RunSummary, use_ema: bool = True) -> tuple[nn.Module, bool]:
-    """Build a run's system (a LatentDiffusion or ControlLDM) and load its checkpoint strictly; (system, EMA used).
-
-    The VAE's architecture comes from its run's config; all weights (VAE included) from the run's checkpoint.
-    With ``use_ema`` the U-Net (and a ControlNet) take the EMA weights when the run kept them.
-    """
-    system = build_system(info.config["model"], load_first_stage=False)
-    load_strict(system, state_dict_of(load_file(info.checkpoint)), f"checkpoint {info.checkpoint}")
-    emas = {name: target for name, target in EMA_TARGETS.items() if getattr(system, name, None) is not None}
-    if use_ema:
-        for name, target in emas.items():
-            getattr(system, name).copy_to(getattr(system, target))
-    return system, use_ema and bool(emas)

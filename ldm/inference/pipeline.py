@@ -39,10 +39,10 @@ from ldm.inference.loaders import (  # noqa: F401  (re-exported: the pipeline's 
     RunSummary,
     describe_run,
     load_classifier,
-    load_run_system,
     resolve_device,
 )
 from ldm.inference.sd import guess_sd_config, load_sd
+from ldm.inference.sd_base import load_run_system
 from ldm.inference.sd_control import sampling_model
 from ldm.nets.compile import compile_network, is_compiled
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from ldm.core.config import ConfigError
 from ldm.inference.sd import read_model_config
-from ldm.inference.sd_base import load_base
+from ldm.inference.sd_base import prepare_weights
 from ldm.io.checkpoints import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -89,15 +89,20 @@ def complete_from_base(cfg: dict) -> None:
         if key in base or params.get(key) is not None:
             params[key] = merged(base.get(key), params.get(key))
     text = params.get("cond_stage") or {}
-    if FROZEN_TEXT_PARAM in (text.get("params") or {}):  # a frozen encoder computes no gradients at all
-        text["params"][FROZEN_TEXT_PARAM] = not params.get("cond_stage_trainable", False)
+    if FROZEN_TEXT_PARAM in (text.get("params") or {}):  # a frozen encoder computes no gradients, even for adapters
+        lora_text = ((params.get("lora") or {}).get("params") or {}).get("text_targets")
+        text["params"][FROZEN_TEXT_PARAM] = not (params.get("cond_stage_trainable", False) or bool(lora_text))
     _check_cache(cfg, ckpt, config)
 
 
 def start_from_base(system: nn.Module, cfg: dict | None = None) -> dict:
-    """Stage 2's ``init_weights``: a new run of a system with a base starts from the base file's weights."""
-    if not (getattr(system, "base_source", None) or {}).get("base_ckpt"):
-        return {}
-    info = load_base(system)
-    log.info("starting from %s (%s weights in the U-Net)", info["checkpoint"], "EMA" if info["ema"] else "raw")
+    """Stage 2's ``init_weights``: a new run starts from its base file's weights (then a LoRA run adds its adapters)."""
+    info = prepare_weights(system)
+    if info:
+        log.info("starting from %s (%s weights in the U-Net)", info["checkpoint"], "EMA" if info["ema"] else "raw")
     return info
+
+
+def resume_from_base(system: nn.Module, cfg: dict | None = None) -> dict:
+    """Stage 2's ``resume_weights``: a resumed LoRA run's base and adapters (its checkpoints hold only the adapters)."""
+    return prepare_weights(system, resumed=True)
