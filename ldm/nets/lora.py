@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Iterable, Literal, Mapping
 
 import torch
 from torch import Tensor, nn
+
+from ldm.nets.unet.attention import SpatialTransformer
 
 ADAPTER = "default"  # the adapter a LoRA run trains
 UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
@@ -33,8 +35,8 @@ UNET_TARGETS = UNET_ATTENTION + UNET_FEED_FORWARD + UNET_PROJECTIONS
 TEXT_ATTENTION = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj")
 TEXT_MLP = ("mlp.c_fc", "mlp.c_proj")
 TEXT_TARGETS = TEXT_ATTENTION + TEXT_MLP
-UNET_SCOPE = ".transformer_blocks."  # U-Net targets live in SpatialTransformers (proj_in / proj_out: their own)
-TEXT_SCOPE = "transformer.resblocks."
+TEXT_SCOPE = "transformer.resblocks."  # a CLIP tower's residual blocks (U-Net targets: its SpatialTransformers)
+Component = Literal["unet", "text"]
 LORA_MARKERS = (".lora_A.", ".lora_B.")
 GAUSSIAN_INIT = "gaussian"  # A ~ N(0, 1/rank), B = 0 (diffusers' train_text_to_image_lora.py): starts as the base
 
@@ -85,43 +87,62 @@ class LoRA:
 
     def apply(self, unet: nn.Module, text_model: nn.Module | None) -> None:
         """Add this adapter to the U-Net (and text tower) and make only adapter weights trainable (all in place)."""
-        add_adapter(unet, target_modules(unet, self.unet_targets, UNET_SCOPE), self.rank, self._alpha, self.dropout)
+        add_adapter(unet, target_modules(unet, self.unet_targets, "unet"), self.rank, self._alpha, self.dropout)
         if self.text_targets:
-            if text_model is None or not hasattr(text_model, "transformer"):
+            if not is_clip_tower(text_model):
                 raise LoRAError("lora text_targets: the text encoder is not a CLIP text tower (FrozenOpenCLIP); "
                                 "LoRA on the text encoder is for Stable Diffusion's")
-            add_adapter(text_model, target_modules(text_model, self.text_targets, TEXT_SCOPE), self.rank,
-                        self._alpha, self.dropout)
+            add_adapter(text_model, target_modules(text_model, self.text_targets, "text"), self.rank, self._alpha,
+                        self.dropout)
 
     @property
     def _alpha(self) -> float:
         return float(self.alpha if self.alpha is not None else self.rank)
 
 
-def target_modules(network: nn.Module, suffixes: Iterable[str], scope: str) -> list[str]:
-    """Full names of the modules of ``network`` inside ``scope`` whose names end with one of ``suffixes``."""
+def is_clip_tower(text_model: nn.Module | None) -> bool:
+    """Whether a text encoder's ``model`` is an open_clip text tower (residual blocks a LoRA can adapt)."""
+    return text_model is not None and hasattr(getattr(text_model, "transformer", None), "resblocks")
+
+
+def adaptable_modules(network: nn.Module, component: Component) -> list[str]:
+    """Every module a LoRA may adapt: in the U-Net its SpatialTransformers' attention, feed-forward and projections
+    (``UNET_TARGETS``), in a CLIP tower its blocks' attention and MLP (``TEXT_TARGETS``); peft's own sub-modules aside."""
+    suffixes = UNET_TARGETS if component == "unet" else TEXT_TARGETS
+    scopes = (tuple(f"{n}." for n, m in network.named_modules() if isinstance(m, SpatialTransformer))
+              if component == "unet" else (TEXT_SCOPE,))
+    return [name for name, _ in network.named_modules()
+            if scopes and name.startswith(scopes) and any(name.endswith(f".{s}") for s in suffixes)
+            and ".lora_" not in name and ".base_layer" not in name]
+
+
+def target_modules(network: nn.Module, suffixes: Iterable[str], component: Component) -> list[str]:
+    """The adaptable modules of ``network`` whose names end with one of ``suffixes``."""
     suffixes = tuple(suffixes)
-    names = [name for name, _ in network.named_modules()
-             if scope in f".{name}" and any(name == s or name.endswith(f".{s}") for s in suffixes)]
-    names = [n for n in names if ".lora_" not in n and ".base_layer" not in n]
+    names = [n for n in adaptable_modules(network, component) if any(n.endswith(f".{s}") for s in suffixes)]
     if suffixes and not names:
         raise LoRAError(f"no module of {type(network).__name__} matches the LoRA targets {', '.join(suffixes)}")
     return names
 
 
 def add_adapter(network: nn.Module, modules: list[str], rank: int, alpha: float, dropout: float = 0.0,
-                adapter: str = ADAPTER, ranks: Mapping[str, int] | None = None, init: str | bool = GAUSSIAN_INIT) -> None:
-    """Wrap ``modules`` of ``network`` with a peft LoRA adapter (per-module ``ranks`` override ``rank``; alpha as
-    given for all); only adapter weights keep ``requires_grad``."""
+                adapter: str = ADAPTER, ranks: Mapping[str, int] | None = None,
+                alphas: Mapping[str, float] | None = None, init: str | bool = GAUSSIAN_INIT) -> None:
+    """Wrap ``modules`` of ``network`` with a peft LoRA adapter (per-module ``ranks`` / ``alphas`` override ``rank`` /
+    ``alpha``); only this adapter's weights keep ``requires_grad``."""
     if not modules:
         return
     peft, _ = _peft()
-    pattern = {re.escape(name): r for name, r in (ranks or {}).items()}  # peft matches patterns as regexes
     config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(modules),
-                             rank_pattern=pattern, alpha_pattern={k: alpha for k in pattern}, init_lora_weights=init)
+                             rank_pattern=_patterns(ranks), alpha_pattern=_patterns(alphas), init_lora_weights=init)
     peft.inject_adapter_in_model(config, network, adapter_name=adapter)
     for name, param in network.named_parameters():
         param.requires_grad_(is_lora_key(name) and f".{adapter}." in name)
+
+
+def _patterns(values: Mapping[str, float] | None) -> dict:
+    """Per-module values keyed by a peft pattern (a regex) matching that module only."""
+    return {re.escape(name): value for name, value in (values or {}).items()}
 
 
 def is_lora_key(key: str) -> bool:

@@ -20,7 +20,7 @@ from ldm.io.checkpoints import EMA_PREFIX, fit_report
 from ldm.nets.compile import compile_network, is_compiled
 from ldm.nets.conditioning.base import ucg_dropout
 from ldm.nets.ema import DEFAULT_DECAY, LitEma, ema_scope
-from ldm.nets.lora import LoRA, is_lora_key
+from ldm.nets.lora import LoRA, is_lora_key, merge_adapters
 from ldm.systems.latents import adopt_cache_scale, cache_meta, cached_latents
 from ldm.systems.optim import AdamW, total_steps
 
@@ -194,6 +194,13 @@ class LatentDiffusion(L.LightningModule):
         if self.keep_ema:
             self.model_ema = LitEma(self.model, decay=self.ema_decay)
         self.lora_added = True
+
+    def merge_lora(self) -> None:
+        """Fold the adapters into the base weights (for sampling): the networks are plain again, the EMA (of adapters)
+        dropped; no more training as a LoRA system."""
+        for network in (self.model.diffusion_model, self.cond_stage_model):
+            merge_adapters(network)
+        self.lora, self.model_ema = None, None
 
     def configure_model(self) -> None:
         """Lightning's hook before training starts or a checkpoint is restored: the LoRA adapters in place."""
