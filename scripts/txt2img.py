@@ -41,6 +41,7 @@ from ldm.core.images import from_pil, image_grid, save_image_atomic
 from ldm.core.logging import setup_cli_logging
 from ldm.diffusion import SAMPLERS
 from ldm.inference.loaders import is_subclass
+from ldm.inference.lora_files import lora_spec
 from ldm.inference.pipeline import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CONTROL_SCALE,
@@ -210,11 +211,7 @@ def lora_requests(specs: Sequence[str]) -> list[tuple[Path, float]]:
     """``FILE[:SCALE]`` arguments as (existing file, scale)."""
     out = []
     for spec in specs:
-        path, _, scale = spec.rpartition(":")
-        try:
-            path, scale = (Path(path), float(scale)) if path else (Path(spec), 1.0)
-        except ValueError:
-            path, scale = Path(spec), 1.0  # a ':' that is part of the file name
+        path, scale = lora_spec(spec)
         if not path.is_file():
             raise CLIError(f"--lora {spec}: no such file {path} (give FILE or FILE:SCALE, e.g. style.safetensors:0.8)")
         out.append((path, scale))

@@ -23,7 +23,9 @@ def test_config_checks(path: Path, tmp_path: Path):
     if (cfg["model"].get("params") or {}).get("base_ckpt"):  # a fine-tune: the model comes from the base's config
         stand_in = tmp_path / "base.safetensors"  # completing reads the base's config, never its weights
         stand_in.touch()
-        cfg = load_config(path, [f"model.params.base_ckpt={stand_in}"])
+        config = cfg["model"]["params"].get("base_config")  # a file scripts/export.py writes: SD 1.x's stands in
+        config = config if config and Path(config).is_file() else REPO_ROOT / "configs" / "sd" / "v1-inference.yaml"
+        cfg = load_config(path, [f"model.params.base_ckpt={stand_in}", f"model.params.base_config={config}"])
         complete_from_base(cfg)
     if "reflow" in cfg:  # the model comes from the source run: take it from the flow config the run would use
         reflow_section(cfg)

@@ -45,6 +45,10 @@ SMOKE: dict[str, list[str]] = {
     "scripts/make_edges.py": [],
     "scripts/plot_metrics.py": [],
     "scripts/export.py": [],
+    "scripts/make_zorbs.py": ["--n", "8", "--regular", "4"],
+    "stages/train_ldm.py --cfg configs/ldm/shapes-lora.yaml": TRAIN_SMOKE + ["callbacks=[]"],
+    "scripts/compare_lora.py": ["--steps", "2", "--n", "2"],
+    "scripts/bench_lora.py": ["--quick", "--precision", "fp32"],
 }
 
 

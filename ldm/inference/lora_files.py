@@ -40,6 +40,15 @@ PREFIXES = {"unet": UNET_PREFIX, "text": OPENCLIP_TEXT_PREFIX}  # where a system
 REPORT_MODULES = 3
 
 
+def lora_spec(spec: str) -> tuple[Path, float]:
+    """A ``FILE[:SCALE]`` argument as (file, scale); scale 1 when none is given (a ':' in the name is kept)."""
+    path, _, scale = spec.rpartition(":")
+    try:
+        return (Path(path), float(scale)) if path else (Path(spec), 1.0)
+    except ValueError:
+        return Path(spec), 1.0
+
+
 def num_res_blocks(unet: nn.Module) -> int:
     """Res-blocks per level of a U-Net (the block numbering LoRA layouts need); one count for every level."""
     count = (getattr(unet, "config", None) or {}).get("num_res_blocks")

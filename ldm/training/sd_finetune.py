@@ -26,6 +26,7 @@ from typing import Any
 from torch import nn
 
 from ldm.core.config import ConfigError
+from ldm.core.paths import config_path
 from ldm.inference.sd import read_model_config
 from ldm.inference.sd_base import prepare_weights
 from ldm.io.checkpoints import CheckpointError
@@ -59,9 +60,10 @@ def _base_paths(params: dict) -> tuple[Path, Path]:
     if not Path(ckpt).is_file():
         raise CheckpointError(f"model.params.base_ckpt: {ckpt} not found (a public SD file, e.g. "
                               "v1-5-pruned-emaonly.safetensors)")
-    if not Path(config).is_file():
+    config = config_path(config)  # configs/sd/… also from an installed package
+    if not config.is_file():
         raise ConfigError(f"model.params.base_config: {config} not found (the SD inference configs are in configs/sd/)")
-    return Path(ckpt).resolve(), Path(config).resolve()
+    return Path(ckpt).resolve(), config.resolve()
 
 
 def _check_cache(cfg: dict, ckpt: Path, config: Path) -> None:
@@ -71,7 +73,7 @@ def _check_cache(cfg: dict, ckpt: Path, config: Path) -> None:
         return  # no cache section: the stage's cache check names what is missing
     for key, want in (("vae", ckpt), ("vae_config", config)):
         given = cache.get(key)
-        if given is None or Path(given).resolve() != want:
+        if given is None or config_path(given).resolve() != want:
             raise ConfigError(f"cache.{key}: a fine-tune's latents are encoded by its base's VAE, so cache.{key} must "
                               f"be {want} (model.params.base_{'ckpt' if key == 'vae' else 'config'}), got {given}")
         cache[key] = str(want)
