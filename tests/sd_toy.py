@@ -91,7 +91,7 @@ def ema_unet_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def write_sd_file(folder, name: str = "v1-inference", seed: int = 0, ema_seed: int | None = 1) -> tuple:
     """A toy SD file in the public layout and its inference config, written under ``folder``: (ckpt, config)."""
     ckpt, config = folder / f"toy-{name}-{seed}.safetensors", folder / f"toy-{name}.yaml"
-    save_file(public_state(tiny_system(name, seed), ema_seed), str(ckpt))
+    save_file(public_state(tiny_system(name, seed), ema_seed, hf_text=name.startswith("v1")), str(ckpt))  # SD 2: open_clip
     save_config(tiny_config(name), config)
     return ckpt, config
 

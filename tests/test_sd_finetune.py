@@ -2,13 +2,15 @@
 with the file's EMA weights, the cache encoded by the base's VAE (and refusing another), the base's scale factor,
 the shipped configs, and a full fine-tune end to end → export → txt2img --ckpt."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from ldm.core.config import ConfigError, instantiate_from_config, load_config
-from ldm.data.latents import CacheError, read_meta
+from ldm.data.latents import CacheError, LatentDataset, read_meta
 from ldm.inference.loaders import build_system, load_autoencoder
 from ldm.inference.pipeline import Pipeline
 from ldm.inference.sd import load_sd
@@ -173,3 +175,39 @@ def test_a_full_fine_tune_trains_exports_and_loads_back(base, tmp_path, capsys):
                          "ddim", "--scale", "3", "--out", str(tmp_path / "png")])
     assert code == 0, capsys.readouterr().err
     assert len(list((tmp_path / "png").glob("*.png"))) == 1
+
+
+def train_step(system, cfg) -> torch.Tensor:
+    """One loss + backward on a batch of the cache (built when missing)."""
+    ensure_cache(cfg)
+    data = LatentDataset(cfg["cache"]["dir"], "train")
+    batch = torch.utils.data.default_collate([data[i] for i in range(4)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log outside a Trainer
+        loss = system.training_step(batch, 0)
+    loss.backward()
+    return loss
+
+
+def test_a_trainable_text_encoder_gets_gradients_with_the_u_net(base):
+    cfg = completed(base, "model.params.cond_stage_trainable=true", f"cache.dir={base[3] / 'te-cache'}")
+    system = build_system(cfg["model"])
+    start_from_base(system, cfg)
+    system.train()
+    train_step(system, cfg)
+    blocks = list(system.cond_stage_model.model.transformer.parameters())  # what the context is computed with
+    assert blocks and all(p.requires_grad and p.grad is not None for p in blocks)
+    assert {id(p) for p in system.trainable_parameters()} >= {id(p) for p in blocks}
+
+
+def test_an_sd2_v_base_fine_tunes_with_v_prediction_and_its_schedule(tmp_path):
+    ckpt, config = write_sd_file(tmp_path, "v2-inference-v", seed=2)
+    cfg = load_config(CFG, [f"model.params.base_ckpt={ckpt}", f"model.params.base_config={config}",
+                            f"cache.data.train.params.root={write_image_folder(tmp_path / 'images')}",
+                            f"cache.dir={tmp_path / 'cache'}"])
+    complete_from_base(cfg)
+    system = build_system(cfg["model"])
+    info = start_from_base(system, cfg)
+    assert info["ema"] and info["text_encoder"] == "native"  # SD 2's open_clip names
+    assert system.parameterization == "v" and system.cond_stage_model.layer == "penultimate"
+    assert torch.isfinite(train_step(system.train(), cfg))
