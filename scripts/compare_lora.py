@@ -5,13 +5,17 @@
 
 Rows: prompt 1 before, prompt 1 after, prompt 2 before, … (image j of every row from seed --seed + j); the legend
 is written beside the grid as <out>.txt. --ckpt takes --config as txt2img.py does (default: guessed, or the config
-an exported file carries); --run draws a run instead. --lora FILE[:SCALE] as in txt2img.py.
+an exported file carries); --run draws a run instead. --lora FILE[:SCALE] as in txt2img.py. --read (shapes models)
+adds to each legend line how the images read back (ldm.eval.shapes_reader): the commonest fill-on-background pair,
+and for a prompt in the shapes dataset's words how many images show exactly what it asks for.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
@@ -21,8 +25,12 @@ from ldm.core.atomic import write_text_atomic
 from ldm.core.errors import UserError
 from ldm.core.images import image_grid, save_image_atomic
 from ldm.core.logging import setup_cli_logging
+from ldm.eval.shapes_reader import read_factors
 from ldm.inference.lora_files import lora_spec
 from ldm.inference.pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, Pipeline
+
+# a prompt in the shapes dataset's first phrasing: what it asks for, to check the images against
+CAPTION = re.compile(r"an? (?P<color>\w+) (?P<shape>\w+) on an? (?P<background>\w+) background")
 
 EXIT_BAD_INPUT = 2
 
@@ -42,7 +50,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--sampler", default=DEFAULT_SAMPLER)
     p.add_argument("--scale", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance scale")
     p.add_argument("--out", type=Path, required=True, help="the grid (.png)")
+    p.add_argument("--read", action="store_true", help="read the images back as shapes (colours, shape, adherence)")
     return p.parse_args(argv)
+
+
+def reading(images: torch.Tensor, prompt: str) -> str:
+    """How a row of shapes images (N, 3, H, W) reads back: its commonest fill-on-background pair, and how many show
+    exactly what the prompt asks for when it names a shape, a colour and a background."""
+    reads = [read_factors(image) for image in images]
+    (pair, count), = Counter(f"{r['color']} on {r['background']}" for r in reads).most_common(1)
+    text = f"commonest colours {pair} {count}/{len(reads)}"
+    asked = CAPTION.fullmatch(prompt)
+    if asked:
+        hits = sum(all(r[k] == asked[k] for k in ("shape", "color", "background")) for r in reads)
+        text += f", reads as the prompt {hits}/{len(reads)}"
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -63,10 +85,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = [row for pair in zip(before, after) for row in pair]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_image_atomic(image_grid([torch.cat(rows)], ncol=args.n), args.out)
-    legend = [f"{p!r} {when}" for p in args.prompt for when in ("without the LoRA", f"with {path} at {scale}")]
-    write_text_atomic(args.out.with_suffix(".txt"), "rows, top to bottom (seeds "
-                      f"{args.seed}..{args.seed + args.n - 1} in every row):\n" + "\n".join(legend) + "\n")
-    print(f"{args.out}\n{args.out.with_suffix('.txt')}")
+    whens = ("without the LoRA", f"with {path} at {scale}")
+    legend = [f"{p!r} {when}" + (f": {reading(images, p)}" if args.read else "")
+              for p, pair in zip(args.prompt, zip(before, after)) for when, images in zip(whens, pair)]
+    text = f"rows, top to bottom (seeds {args.seed}..{args.seed + args.n - 1} in every row):\n" + "\n".join(legend)
+    write_text_atomic(args.out.with_suffix(".txt"), text + "\n")
+    print(f"{text}\n{args.out}\n{args.out.with_suffix('.txt')}")
     return 0
 
 
