@@ -15,7 +15,7 @@ files). Its inference config is written beside it (<out>.yaml) and into its meta
 --controlnet-only writes only `control_model.*` (a ControlNet file, as ControlNet v1.1 ships them).
 A LoRA run (configs/sd/finetune-*-lora.yaml) gives a LoRA file: kohya's layout (lora_unet_… / lora_te_… with .alpha,
 what AUTOMATIC1111 and ComfyUI load) or diffusers' (unet.… / text_encoder.… lora_A / lora_B, for load_lora_weights),
-the adapters' EMA when the run kept one (unless --no-ema); --merge writes its base with the adapters folded in, one SD
+the adapters' EMA when the run kept one (unless --no-ema), fp16 with --half; --merge writes its base with the adapters folded in, one SD
 file like a full fine-tune's. `txt2img.py --lora FILE[:SCALE]` loads such files.
 """
 

@@ -134,7 +134,7 @@ def export_checkpoint(source: str | os.PathLike, out: str | os.PathLike, config:
         raise CheckpointError(f"{source} trains every weight, not LoRA adapters: --lora-layout and --merge are for "
                               "LoRA runs (export it without them)")
     if lora and not merge:
-        return export_lora(ckpt, cfg, out, lora_layout or "kohya", ema)
+        return export_lora(ckpt, cfg, out, lora_layout or "kohya", ema, half)
     if merge:
         state, ema = merged_state(ckpt, use_ema=ema != "drop"), "drop"  # the EMA adapters are folded in
     else:

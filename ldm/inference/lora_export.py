@@ -45,8 +45,9 @@ def kohya_metadata(settings: LoRA, cfg: Mapping) -> dict[str, str]:
 
 
 def export_lora(ckpt: str | os.PathLike, cfg: Mapping, out: str | os.PathLike, layout: Layout = "kohya",
-                ema: Literal["keep", "only", "drop"] = "keep") -> Path:
-    """Write a LoRA run's adapters (``ckpt``: one of its checkpoints, ``cfg``: its config) as a LoRA file."""
+                ema: Literal["keep", "only", "drop"] = "keep", half: bool = False) -> Path:
+    """Write a LoRA run's adapters (``ckpt``: one of its checkpoints, ``cfg``: its config) as a LoRA file (fp16 weights
+    with ``half``, as shared files often are)."""
     settings = lora_settings(cfg)
     if settings is None:
         raise LoraFileError("the run trains every weight, not LoRA adapters: export it as a whole model "
@@ -56,7 +57,7 @@ def export_lora(ckpt: str | os.PathLike, cfg: Mapping, out: str | os.PathLike, l
     state, used = select_ema(state, adapters, use_ema=ema != "drop")
     res_blocks = _unet_params(cfg).get("num_res_blocks")
     metadata = {**kohya_metadata(settings, cfg), METADATA_SOURCE: str(ckpt), "ldm.ema": str(used)}
-    return write_lora_file(trained_lora(state, settings), out, layout, res_blocks, metadata)
+    return write_lora_file(trained_lora(state, settings), out, layout, res_blocks, metadata, half)
 
 
 def merged_state(ckpt: str | os.PathLike, use_ema: bool = True) -> dict[str, Tensor]:

@@ -146,10 +146,13 @@ def trained_lora(state: Mapping[str, Tensor], settings: LoRA, adapter: str = ADA
 
 
 def write_lora_file(weights: list[LoraWeight], out: str | os.PathLike, layout: Layout, res_blocks: int,
-                    metadata: Mapping[str, str] | None = None) -> Path:
-    """Write ``weights`` as a `.safetensors` LoRA file in ``layout`` (kohya or diffusers), atomically."""
+                    metadata: Mapping[str, str] | None = None, half: bool = False) -> Path:
+    """Write ``weights`` as a `.safetensors` LoRA file in ``layout`` (kohya or diffusers), atomically; fp16 with
+    ``half`` (alphas stay fp32)."""
     out = Path(out)
     if out.suffix != ".safetensors":
         raise LoraFileError(f"--out {out}: a LoRA file is a .safetensors file")
     tensors, layout_metadata = layout_tensors(weights, layout, res_blocks)
+    if half:
+        tensors = {k: v if k.endswith(".alpha") else v.half() for k, v in tensors.items()}
     return save_file_atomic(tensors, out, {**layout_metadata, **(metadata or {})})
