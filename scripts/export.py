@@ -2,6 +2,8 @@
 
     python scripts/export.py runs/ldm/latest --out model.safetensors [--ema-only | --no-ema] [--half]
     python scripts/export.py runs/controlnet/latest --out control.safetensors --controlnet-only [--half]
+    python scripts/export.py runs/ldm/<lora run> --out my-lora.safetensors [--lora-layout kohya | diffusers]
+    python scripts/export.py runs/ldm/<lora run> --out merged.safetensors --merge
     python scripts/export.py v1-5-pruned.ckpt --config configs/sd/v1-inference.yaml \\
            --out v1-5-emaonly-fp16.safetensors --ema-only --half
 
@@ -11,6 +13,10 @@ checkpoint. The file has `model.diffusion_model.*`, `first_stage_model.*`, `cond
 files). Its inference config is written beside it (<out>.yaml) and into its metadata, so
 `python scripts/txt2img.py --ckpt <out> --config <out>.yaml …` samples from it.
 --controlnet-only writes only `control_model.*` (a ControlNet file, as ControlNet v1.1 ships them).
+A LoRA run (configs/sd/finetune-*-lora.yaml) gives a LoRA file: kohya's layout (lora_unet_… / lora_te_… with .alpha,
+what AUTOMATIC1111 and ComfyUI load) or diffusers' (unet.… / text_encoder.… lora_A / lora_B, for load_lora_weights),
+the adapters' EMA when the run kept one (unless --no-ema), fp16 with --half; --merge writes its base with the adapters folded in, one SD
+file like a full fine-tune's. `txt2img.py --lora FILE[:SCALE]` loads such files.
 """
 
 from __future__ import annotations
@@ -51,6 +57,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--controlnet-only", action="store_true", help="write only the ControlNet (control_model.*)")
     p.add_argument("--text-layout", choices=["auto", "hf", "openclip"], default="auto",
                    help="text-encoder key names: hf = SD1's CLIPTextModel, openclip = SD2's (default auto)")
+    p.add_argument("--lora-layout", choices=["kohya", "diffusers"],
+                   help="a LoRA run's file layout (default kohya: lora_unet_… / lora_te_… with .alpha)")
+    p.add_argument("--merge", action="store_true", help="a LoRA run: its base with the adapters folded in, one SD file")
     p.add_argument(UNSAFE_FLAG, dest="unsafe", action="store_true",
                    help="allow a pickled checkpoint that runs code when loaded (only for files you trust)")
     return p.parse_args(argv)
@@ -65,11 +74,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         apply_threads(args.threads)
         out = export_checkpoint(args.source, args.out, config=args.config, ema=ema, half=args.half,
                                 controlnet_only=args.controlnet_only, text_layout=args.text_layout,
-                                unsafe=args.unsafe)
+                                unsafe=args.unsafe, lora_layout=args.lora_layout, merge=args.merge)
     except UserError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(f"{out}" + ("" if args.controlnet_only else f"\n{out.with_suffix('.yaml')}"))
+    sidecar = out.with_suffix(".yaml")
+    print(f"{out}" + (f"\n{sidecar}" if sidecar.is_file() and not args.controlnet_only else ""))
     return EXIT_OK
 
 

@@ -9,6 +9,9 @@
     python scripts/txt2img.py --ckpt v1-5-pruned-emaonly.safetensors --config configs/sd/v1-inference.yaml \\
            --controlnet control_v11p_sd15_canny.pth --control edges.png --prompt "…" --steps 25
 
+--lora FILE[:SCALE] (repeatable; scale 1 by default) applies a LoRA file in kohya's or diffusers' layout, made here
+(scripts/export.py of a LoRA run) or by other tools, to the U-Net and text encoder of --ckpt or --run: folded into
+the weights (--lora-mode fold, the default) or as live peft adapters (--lora-mode live).
 A control image of any size and mode is converted to RGB and resized to the output size. Pickled
 checkpoints are read without running code from them; one that needs full unpickling is refused unless
 --unsafe-load is given (only for files you trust).
@@ -39,6 +42,7 @@ from ldm.core.logging import setup_cli_logging
 from ldm.core.threads import add_threads_argument, apply_threads
 from ldm.diffusion import SAMPLERS
 from ldm.inference.loaders import is_subclass, resolve_class
+from ldm.inference.lora_files import lora_spec
 from ldm.inference.pipeline import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CONTROL_SCALE,
@@ -134,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--config", help="the inference config of --ckpt, e.g. configs/sd/v1-inference.yaml "
                        "(default: guessed for SD 1.x, or the config an exported file carries)")
     model.add_argument("--controlnet", help="a ControlNet file to load with --ckpt (e.g. control_v11p_sd15_canny.pth)")
+    model.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                       help="a LoRA file (kohya or diffusers layout) and its scale (default 1); repeatable")
+    model.add_argument("--lora-mode", choices=["fold", "live"], default="fold",
+                       help="fold the LoRA into the weights (default) or add it as a live adapter")
     model.add_argument("--unsafe-load", action="store_true",
                        help="allow pickled checkpoints that run code when loaded (only for files you trust)")
     model.add_argument("--device", help="cpu, cuda, cuda:1, … (default: cuda if available)")
@@ -201,6 +209,17 @@ def check_numbers(args: argparse.Namespace) -> None:
             raise CLIError(f"--eta applies to the samplers {', '.join(takers)}, not {args.sampler}")
         if args.eta < 0:
             raise CLIError(f"--eta must be ≥ 0, got {args.eta}")
+
+
+def lora_requests(specs: Sequence[str]) -> list[tuple[Path, float]]:
+    """``FILE[:SCALE]`` arguments as (existing file, scale)."""
+    out = []
+    for spec in specs:
+        path, scale = lora_spec(spec)
+        if not path.is_file():
+            raise CLIError(f"--lora {spec}: no such file {path} (give FILE or FILE:SCALE, e.g. style.safetensors:0.8)")
+        out.append((path, scale))
+    return out
 
 
 def check_device(args: argparse.Namespace) -> None:
@@ -287,6 +306,7 @@ def validate(args: argparse.Namespace) -> Request:
     """Everything that can be checked before loading the models: numbers, model kind, conditions, size, control."""
     check_numbers(args)
     check_device(args)
+    args.loras = lora_requests(args.lora)
     source = describe_source(args)
     check_size(args, source)
     check_control(args, source)
@@ -321,6 +341,8 @@ def load_pipeline(args: argparse.Namespace, request: Request) -> Pipeline:
         pipe = Pipeline.from_checkpoint(args.ckpt, source.config, controlnet=args.controlnet,
                                         unsafe=args.unsafe_load, device=args.device, dtype=args.dtype,
                                         use_ema=not args.no_ema)
+    for path, scale in args.loras:
+        pipe.with_lora(path, scale, live=args.lora_mode == "live", unsafe=args.unsafe_load)
     if args.classifier:
         pipe.with_classifier(args.classifier)
     if args.compile:
@@ -372,6 +394,8 @@ def image_parameters(request: Request, pipe: Pipeline, condition, seed: int) -> 
         params.update(control=str(o["control"]), control_scale=o["control_scale"], guess_mode=o["guess_mode"])
     if "classifier_scale" in o:
         params.update(classifier=pipe.source.get("classifier"), classifier_scale=o["classifier_scale"])
+    if pipe.source.get("lora"):
+        params["lora"] = pipe.source["lora"]
     return params
 
 
@@ -417,6 +441,8 @@ def print_settings(request: Request, pipe: Pipeline) -> None:
              f"checkpoint: {p['checkpoint']} ({'EMA' if p['ema'] else 'raw'} weights, {p['dtype']}, {pipe.device})"]
     if p.get("controlnet"):
         lines.append(f"controlnet: {p['controlnet']}")
+    for lora in p.get("lora") or []:
+        lines.append(f"lora: {lora['file']} (scale {lora['scale']}, {lora['mode']})")
     lines.append(f"sampler: {p['sampler']}, steps: {p['steps']}, scale: {p['scale']}, guidance rescale: "
                  f"{p['guidance_rescale']}" + (f", eta: {p['eta']}" if "eta" in p else "") +
                  f", size: {p['width']}x{p['height']}")

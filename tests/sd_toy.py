@@ -8,9 +8,14 @@ hold it (HF-named SD1 text encoder, schedule buffers, an EMA copy, no ``scale_fa
 
 from __future__ import annotations
 
-import torch
+import json
 
-from ldm.core.config import load_config
+import torch
+from safetensors.torch import save_file
+
+from ldm.core.config import load_config, save_config
+from ldm.core.images import to_pil
+from ldm.data.shapes import ShapesDataset
 from ldm.inference.export import public_state_dict
 from ldm.inference.sd import SD_CONFIG_DIR, build_sd
 from ldm.io.checkpoints import UNET_PREFIX, ema_shadow_key
@@ -81,3 +86,24 @@ def public_state(system, ema_seed: int | None = 1, hf_text: bool = True) -> dict
 def ema_unet_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The U-Net weights (bare keys) a loader should pick from ``public_state``: the EMA copy."""
     return {k[len(UNET_PREFIX):]: state[ema_shadow_key(k)] for k in state if k.startswith(UNET_PREFIX)}
+
+
+def write_sd_file(folder, name: str = "v1-inference", seed: int = 0, ema_seed: int | None = 1) -> tuple:
+    """A toy SD file in the public layout and its inference config, written under ``folder``: (ckpt, config)."""
+    ckpt, config = folder / f"toy-{name}-{seed}.safetensors", folder / f"toy-{name}.yaml"
+    save_file(public_state(tiny_system(name, seed), ema_seed, hf_text=name.startswith("v1")), str(ckpt))  # SD 2: open_clip
+    save_config(tiny_config(name), config)
+    return ckpt, config
+
+
+def write_image_folder(folder, count: int = 8, size: int = PIXELS, seed: int = 0):
+    """``count`` captioned shapes images as a folder (PNG files + metadata.jsonl); returns the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = ShapesDataset(size=size, length=count, seed=seed)
+    lines = []
+    for i in range(count):
+        item = data[i]
+        to_pil(item["image"][None])[0].save(folder / f"{i:03d}.png")
+        lines.append(json.dumps({"file_name": f"{i:03d}.png", "text": item["caption"]}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder

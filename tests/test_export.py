@@ -143,6 +143,9 @@ def test_bad_requests_exit_2_with_a_message(tiny_ldm_run, tmp_path, capsys):
     assert export_main([str(tiny_ldm_run), "--out", str(tmp_path / "c.safetensors"), "--controlnet-only"]) == 2
     assert "no ControlNet" in capsys.readouterr().err
     assert export_main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "y.safetensors")]) == 2
+    for lora_flag in (["--lora-layout", "kohya"], ["--merge"]):
+        assert export_main([str(tiny_ldm_run), "--out", str(tmp_path / "l.safetensors"), *lora_flag]) == 2
+        assert "are for LoRA runs" in capsys.readouterr().err
     raw = tmp_path / "raw.safetensors"
     export_checkpoint(tiny_ldm_run, raw, ema="drop")
     with pytest.raises(CheckpointError, match="no EMA"):  # a raw-only file has no EMA left to promote

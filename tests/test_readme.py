@@ -54,6 +54,10 @@ SMOKE: dict[str, list[str]] = {
     "stages/train_classifier.py": TRAIN_SMOKE + CACHE_SMOKE,
     "scripts/evaluate.py straightness": ["--n", "2", "--steps", "2", "--threads", "1"],
     "scripts/sampler_moments.py": ["--steps", "2", "--n", "8"],
+    "scripts/make_zorbs.py": ["--n", "8", "--regular", "4"],
+    "stages/train_ldm.py --cfg configs/ldm/shapes-lora.yaml": TRAIN_SMOKE + ["callbacks=[]"],
+    "scripts/compare_lora.py": ["--steps", "2", "--n", "2"],
+    "scripts/bench_lora.py": ["--quick", "--precision", "fp32"],
 }
 
 

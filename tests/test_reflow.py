@@ -10,8 +10,9 @@ from safetensors.torch import load_file
 from ldm.core.config import load_config
 from ldm.data.latents import CacheError, LatentDataset
 from ldm.eval.straightness import straightness
-from ldm.inference.loaders import build_system, describe_run, load_run_system
+from ldm.inference.loaders import build_system, describe_run
 from ldm.inference.pipeline import Pipeline
+from ldm.inference.sd_base import load_run_system
 from ldm.training.driver import train
 from ldm.training.reflow import complete_reflow, ensure_pairs, load_source_weights
 from tests.conftest import TINY

@@ -110,7 +110,14 @@ def train_step(model: nn.Module, inputs: dict[str, Tensor], opts: Options, preci
     ``keep_grads`` zeroes the gradients in place instead of freeing them, so that after a first step the
     memory a step allocates is activations and workspace only (weights, grads, AdamW state already exist).
     """
-    params = list(model.parameters())
+    return train_step_and_optimizer(model, inputs, opts, precision, keep_grads, fused)[0]
+
+
+def train_step_and_optimizer(model: nn.Module, inputs: dict[str, Tensor], opts: Options, precision: str,
+                             keep_grads: bool = False, fused: bool = False
+                             ) -> tuple[Callable[[], None], torch.optim.Optimizer]:
+    """``train_step`` and the AdamW it steps, over the parameters that train (all, or a LoRA's adapters)."""
+    params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LEARNING_RATE, fused=fused and fused_supported(params))
     x, t, ctx, target = inputs["x"], inputs["t"], inputs["context"], inputs["target"]
 
@@ -121,7 +128,7 @@ def train_step(model: nn.Module, inputs: dict[str, Tensor], opts: Options, preci
         F.mse_loss(out.float(), target).backward()
         opt.step()
 
-    return step
+    return step, opt
 
 
 @contextlib.contextmanager

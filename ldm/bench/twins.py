@@ -8,6 +8,9 @@ import torch
 from torch import nn
 
 from ldm.bench.mapping import diffusers_unet_config, diffusers_vae_config
+from ldm.io.hf_clip import openclip_to_hf
+
+HF_TEXT_ROOT = "text_model."  # transformers 5's CLIPTextModel keeps its modules one level up
 
 UNET_PREFIX = "model.diffusion_model."  # the prefix diffusers' LDM converter looks for
 VAE_PREFIX = "first_stage_model."
@@ -64,3 +67,21 @@ def diffusers_vae_like(ours: nn.Module, ddconfig: Mapping[str, Any], embed_dim: 
 def max_relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a − b| / max |b|: how far apart two outputs of "the same" network are."""
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-12)).item()
+
+
+def diffusers_text_encoder_like(ours: nn.Module) -> nn.Module:
+    """transformers' ``CLIPTextModel`` with the architecture and weights of our SD1 text encoder (``FrozenOpenCLIP``:
+    ViT-L/14-style tower, last layer, QuickGELU), as diffusers' Stable Diffusion pipelines hold it."""
+    import transformers
+
+    tower = ours.model
+    block = tower.transformer.resblocks[0]
+    config = transformers.CLIPTextConfig(
+        vocab_size=tower.vocab_size, hidden_size=tower.token_embedding.embedding_dim,
+        intermediate_size=block.mlp.c_fc.out_features, num_hidden_layers=len(tower.transformer.resblocks),
+        num_attention_heads=block.attn.heads, max_position_embeddings=tower.context_length, hidden_act="quick_gelu")
+    theirs = transformers.CLIPTextModel(config)
+    own = theirs.state_dict()
+    state = {k if k in own else k.removeprefix(HF_TEXT_ROOT): v for k, v in openclip_to_hf(tower.state_dict()).items()}
+    theirs.load_state_dict(state, strict=True)
+    return theirs.train(ours.training)

@@ -19,6 +19,7 @@ import yaml
 from torch import Tensor
 
 from ldm.core.config import instantiate_from_config, load_config, save_config
+from ldm.inference.lora_export import export_lora, lora_settings, merged_state
 from ldm.inference.sd import inference_node
 from ldm.io.checkpoints import (
     CONTROL_PREFIX,
@@ -38,6 +39,7 @@ from ldm.io.checkpoints import (
     strip_prefix,
 )
 from ldm.io.hf_clip import openclip_to_hf
+from ldm.io.lora_layout import Layout
 from ldm.io.runs import checkpoint_for, run_config
 
 EmaMode = Literal["keep", "only", "drop"]
@@ -91,9 +93,15 @@ def controlnet_state_dict(state: Mapping[str, Tensor], half: bool = False) -> di
     return {k: v.half() if half and v.is_floating_point() else v for k, v in control.items()}
 
 
+TRAINING_ONLY = ("base_ckpt", "base_config", "lora")  # how a fine-tune trained: not part of the exported model
+
+
 def inference_config(cfg: Mapping) -> dict:
-    """``name`` + ``model`` of a training config, ready for load_sd: the VAE inlined, no EMA copy."""
-    return {"name": cfg.get("name", "exported"), "model": inference_node(cfg["model"])}
+    """``name`` + ``model`` of a training config, ready for load_sd: the VAE inlined, no EMA copy, no base file."""
+    node = inference_node(cfg["model"])
+    for key in TRAINING_ONLY:
+        node["params"].pop(key, None)
+    return {"name": cfg.get("name", "exported"), "model": node}
 
 
 def schedule_buffers(node: Mapping) -> dict[str, Tensor]:
@@ -109,17 +117,28 @@ def schedule_buffers(node: Mapping) -> dict[str, Tensor]:
 
 def export_checkpoint(source: str | os.PathLike, out: str | os.PathLike, config: str | os.PathLike | None = None,
                       ema: EmaMode = "keep", half: bool = False, controlnet_only: bool = False,
-                      text_layout: TextLayout = "auto", unsafe: bool = False) -> Path:
+                      text_layout: TextLayout = "auto", unsafe: bool = False, lora_layout: Layout | None = None,
+                      merge: bool = False) -> Path:
     """Write a run's (``runs/ldm/<name>``, a checkpoint in one) or any checkpoint's weights to ``out`` (.safetensors).
 
     The config comes from the run, or from ``config`` for a checkpoint outside a run. Besides the file, a full
-    export writes its inference config as ``out`` with suffix ``.yaml``. Returns ``out``.
+    export writes its inference config as ``out`` with suffix ``.yaml``. A LoRA run gives a LoRA file in
+    ``lora_layout`` (default kohya's), or with ``merge`` its base with the adapters folded in. Returns ``out``.
     """
     out = Path(out)
     if out.suffix != ".safetensors":
         raise CheckpointError(f"--out {out}: the export is a .safetensors file")
     ckpt, cfg = _source(source, config)
-    state = state_dict_of(load_file(ckpt, unsafe, mmap=True))
+    lora = lora_settings(cfg) is not None
+    if (lora_layout or merge) and not lora:
+        raise CheckpointError(f"{source} trains every weight, not LoRA adapters: --lora-layout and --merge are for "
+                              "LoRA runs (export it without them)")
+    if lora and not merge:
+        return export_lora(ckpt, cfg, out, lora_layout or "kohya", ema, half)
+    if merge:
+        state, ema = merged_state(ckpt, use_ema=ema != "drop"), "drop"  # the EMA adapters are folded in
+    else:
+        state = state_dict_of(load_file(ckpt, unsafe, mmap=True))
     if controlnet_only:
         save_file_atomic(controlnet_state_dict(state, half), out, {"format": "pt", METADATA_SOURCE: str(ckpt)})
         return out

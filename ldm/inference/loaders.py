@@ -3,7 +3,7 @@
 ``build_system`` turns a model node into a system, loading the stage-1 run a stage-2 config names by path
 (``first_stage: runs/vae/latest``); ``load_autoencoder`` loads such a run's VAE. ``describe_run`` checks a
 stage-2 or ControlNet run cheaply (configs only, nothing heavy built) so a command line can refuse bad
-arguments before loading; ``load_run_system`` builds it and loads its checkpoint strictly.
+arguments before loading (``ldm.inference.sd_base.load_run_system`` builds it and loads its checkpoint).
 """
 
 from __future__ import annotations
@@ -17,11 +17,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ldm.core.config import get_obj_from_str, instantiate_from_config
+from ldm.core.config import ConfigError, get_obj_from_str, instantiate_from_config, load_config
 from ldm.core.errors import UserError
 from ldm.core.migrate import vae_network_node
 from ldm.diffusion.schedule import Schedule
-from ldm.io.checkpoints import load_file, load_strict, state_dict_of, tensors_hash
+from ldm.io.checkpoints import (
+    VAE_PREFIX,
+    CheckpointError,
+    load_file,
+    load_prefixed,
+    load_strict,
+    state_dict_of,
+    strip_prefix,
+    tensors_hash,
+)
 from ldm.io.runs import RunError, checkpoint_for, resolve_run, run_config
 from ldm.nets.autoencoder.model import AutoencoderKL, downsampling_factor
 from ldm.systems.classifier import NoisyClassifier
@@ -56,14 +65,31 @@ def vae_node(first_stage: str | os.PathLike | Mapping, referrer: str | os.PathLi
                        f"({e}); restore its folder (its config.yaml is enough for sampling)") from e
 
 
-def load_autoencoder(spec: str | os.PathLike) -> tuple[AutoencoderKL, dict]:
-    """A frozen, eval-mode VAE from a stage-1 run (``runs/vae/latest``) or a checkpoint inside one.
+def sd_vae_node(config: str | os.PathLike) -> dict:
+    """The VAE network's node of a Stable Diffusion inference config (``configs/sd/*.yaml``)."""
+    first_stage = ((load_config(config).get("model") or {}).get("params") or {}).get("first_stage")
+    if not isinstance(first_stage, Mapping):
+        raise ConfigError(f"{config}: model.params.first_stage is not a VAE node, so the config does not describe "
+                          "the SD file's VAE (give its inference config, e.g. configs/sd/v1-inference.yaml)")
+    return vae_node(first_stage)
+
+
+def load_autoencoder(spec: str | os.PathLike, config: str | os.PathLike | None = None) -> tuple[AutoencoderKL, dict]:
+    """A frozen, eval-mode VAE from a stage-1 run (``runs/vae/latest``) or a checkpoint inside one, or, with
+    ``config`` (its inference config), the ``first_stage_model.*`` of a public Stable Diffusion file.
 
     Returns the network and its identity: checkpoint path, hash of its weights, downsampling factor.
     """
-    ckpt = checkpoint_for(spec)
-    vae = instantiate_from_config(vae_node(ckpt), "first_stage")
-    load_strict(vae, state_dict_of(load_file(ckpt)), f"VAE checkpoint {ckpt}", ignore=VAE_TRAINING_ONLY)
+    if config is None:
+        ckpt = checkpoint_for(spec)
+        node, state = vae_node(ckpt), state_dict_of(load_file(ckpt))
+    else:
+        ckpt = Path(spec)
+        if not ckpt.is_file():
+            raise CheckpointError(f"checkpoint not found: {ckpt}")
+        node, state = sd_vae_node(config), strip_prefix(load_prefixed(ckpt, VAE_PREFIX), VAE_PREFIX)
+    vae = instantiate_from_config(node, "first_stage")
+    load_strict(vae, state, f"VAE checkpoint {ckpt}", ignore=VAE_TRAINING_ONLY)
     vae.eval().requires_grad_(False)
     info = {"checkpoint": str(ckpt), "hash": tensors_hash(vae.state_dict()),
             "downsampling_factor": vae.downsampling_factor, "embed_dim": vae.embed_dim}
@@ -180,18 +206,3 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is not None:
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def load_run_system(info: RunSummary, use_ema: bool = True) -> tuple[nn.Module, bool]:
-    """Build a run's system (a LatentDiffusion or ControlLDM) and load its checkpoint strictly; (system, EMA used).
-
-    The VAE's architecture comes from its run's config; all weights (VAE included) from the run's checkpoint.
-    With ``use_ema`` the U-Net (and a ControlNet) take the EMA weights when the run kept them.
-    """
-    system = build_system(info.config["model"], load_first_stage=False)
-    load_strict(system, state_dict_of(load_file(info.checkpoint)), f"checkpoint {info.checkpoint}")
-    emas = {name: target for name, target in EMA_TARGETS.items() if getattr(system, name, None) is not None}
-    if use_ema:
-        for name, target in emas.items():
-            getattr(system, name).copy_to(getattr(system, target))
-    return system, use_ema and bool(emas)

@@ -39,10 +39,11 @@ from ldm.inference.loaders import (  # noqa: F401  (re-exported: the pipeline's 
     RunSummary,
     describe_run,
     load_classifier,
-    load_run_system,
     resolve_device,
 )
+from ldm.inference.lora_files import add_live_lora, fold_lora, read_lora_file
 from ldm.inference.sd import guess_sd_config, load_sd
+from ldm.inference.sd_base import load_run_system
 from ldm.inference.sd_control import sampling_model
 from ldm.nets.compile import compile_network, is_compiled
 
@@ -103,6 +104,8 @@ class Pipeline:
         """
         info = describe_run(run)
         system, ema = load_run_system(info, use_ema)
+        if getattr(system, "lora", None) is not None:
+            system.merge_lora()  # a LoRA run samples as one set of weights: nothing extra per step
         device = resolve_device(device)
         pipe = cls.from_system(system)
         pipe.source = {"run": str(info.run_dir), "checkpoint": str(info.checkpoint), "ema": ema}
@@ -254,6 +257,20 @@ class Pipeline:
         if not scale >= 0:
             raise PipelineError(f"control scale must be ≥ 0, got {scale}")
         return ControlSettings(prepare_hints(control, n, height, width), float(scale), bool(guess_mode))
+
+    def with_lora(self, path: str | os.PathLike, scale: float = 1.0, live: bool = False, unsafe: bool = False
+                  ) -> Pipeline:
+        """Apply a LoRA file (kohya's or diffusers' layout, ``ldm.inference.lora_files``) to the U-Net and a CLIP text
+        tower: folded into the weights, or with ``live`` as a peft adapter (several add up). Recorded in ``source``."""
+        text = getattr(self.cond_stage_model, "model", None)
+        weights = read_lora_file(path, self.model.diffusion_model, text, unsafe)
+        applied = self.source.setdefault("lora", [])
+        if live:
+            add_live_lora(weights, self.model.diffusion_model, text, f"lora{len(applied)}", scale)
+        else:
+            fold_lora(weights, self.model.diffusion_model, text, scale)
+        applied.append({"file": str(path), "scale": scale, "mode": "live" if live else "fold"})
+        return self
 
     def with_classifier(self, run: str | os.PathLike) -> Pipeline:
         """Attach a noise-aware classifier run (``stages/train_classifier.py``) for classifier guidance: then

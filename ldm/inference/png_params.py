@@ -54,6 +54,8 @@ def a1111_text(params: dict) -> str:
         fields.update({"ControlNet": Path(params["controlnet"]).stem if params.get("controlnet") else None,
                        "Control image": params["control"], "Control scale": params["control_scale"],
                        "Guess mode": params["guess_mode"]})
+    if params.get("lora"):
+        fields["Lora"] = ", ".join(f"{Path(lora['file']).stem}:{lora['scale']}" for lora in params["lora"])
     fields["Checkpoint"] = params.get("checkpoint")
     lines.append(", ".join(f"{k}: {_field(v)}" for k, v in fields.items() if v is not None))
     return "\n".join(lines)

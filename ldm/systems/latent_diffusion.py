@@ -16,14 +16,17 @@ import torch
 from torch import nn
 
 from ldm.diffusion import DiffusionObjective
+from ldm.io.checkpoints import EMA_PREFIX, fit_report
 from ldm.nets.compile import compile_network, is_compiled
 from ldm.nets.conditioning.base import ucg_dropout
 from ldm.nets.ema import DEFAULT_DECAY, LitEma, ema_scope
+from ldm.nets.lora import LoRA, is_lora_key, merge_adapters
 from ldm.systems.latents import adopt_cache_scale, cache_meta, cached_latents
 from ldm.systems.optim import AdamW, total_steps
 
 VAL_NOISE_SEED = 1234  # validation loss uses the same noise levels and ε every time, so curves are comparable
 DEFAULT_EMA_DECAY = DEFAULT_DECAY
+SCALE_BUFFERS = ("scale_factor", "image_size")  # a LoRA checkpoint keeps them: a run samples at its own scale
 
 
 class DiffusionWrapper(nn.Module):
@@ -50,6 +53,9 @@ class LatentDiffusion(L.LightningModule):
     """U-Net + conditioning + objective; the frozen VAE (``first_stage``) decodes samples.
 
     ``compile: true`` torch.compiles the trained networks in place when training starts (keys unchanged).
+    ``base_ckpt`` + ``base_config`` record the public Stable Diffusion file a fine-tune starts from. With ``lora``
+    (``ldm.nets.lora.LoRA``) only LoRA adapters train: ``add_lora`` adds them once the base weights are loaded (a
+    loader, or Lightning's ``configure_model``), and checkpoints hold the adapters, their EMA and the scale buffers.
     """
 
     def __init__(
@@ -66,8 +72,14 @@ class LatentDiffusion(L.LightningModule):
         scale_factor: float | None = None,
         image_size: int | None = None,
         compile: bool = False,
+        base_ckpt: str | None = None,
+        base_config: str | None = None,
+        lora: LoRA | None = None,
     ):
         super().__init__()
+        if lora is not None and cond_stage_trainable:
+            raise ValueError("cond_stage_trainable: with lora only the adapters train; adapt the text encoder with "
+                             "lora.params.text_targets (e.g. [attn.q_proj, attn.v_proj]) and set cond_stage_trainable: false")
         self.model = DiffusionWrapper(unet)
         self.cond_stage_model = cond_stage
         self.objective = objective
@@ -77,11 +89,16 @@ class LatentDiffusion(L.LightningModule):
         self.cond_stage_trainable = cond_stage_trainable
         self.ucg_rate = ucg_rate
         self.optimizer_settings = optimizer or AdamW()
-        self.model_ema = LitEma(self.model, decay=ema_decay) if use_ema else None
+        self.lora, self.lora_added, self.keep_ema, self.ema_decay = lora, False, use_ema, ema_decay
+        self.model_ema = LitEma(self.model, decay=ema_decay) if use_ema and lora is None else None  # LoRA: add_lora
+        self.strict_loading = lora is None  # a LoRA run's checkpoints hold its adapters only (on_load_checkpoint)
         # Measured per cache (1 / std of the latents) unless given; stored so a checkpoint is self-contained.
         self.register_buffer("scale_factor", torch.tensor(scale_factor if scale_factor else math.nan))
         self.register_buffer("image_size", torch.tensor(image_size or 0))
         self.compile_networks = compile
+        # Where a fine-tune's starting weights come from (a public SD file and its inference config); loaders
+        # (ldm.inference.sd_base) read it, the system never does.
+        self.base_source = dict(base_ckpt=base_ckpt, base_config=base_config)
 
     @property
     def schedule(self):
@@ -164,8 +181,56 @@ class LatentDiffusion(L.LightningModule):
         """Swap the training weights back."""
         self._ema_context.__exit__(None, None, None)
 
+    # ------------------------------------------------------------------------------------ LoRA
+
+    def add_lora(self) -> None:
+        """Add the configured LoRA adapters (after the base weights are loaded; once): only they keep gradients, and a
+        kept EMA tracks them alone."""
+        if self.lora is None or self.lora_added:
+            return
+        self.lora.apply(self.model.diffusion_model, getattr(self.cond_stage_model, "model", None))
+        for name, param in self.named_parameters():
+            param.requires_grad_(is_lora_key(name))
+        if self.keep_ema:
+            self.model_ema = LitEma(self.model, decay=self.ema_decay)
+        self.lora_added = True
+
+    def merge_lora(self) -> None:
+        """Fold the adapters into the base weights (for sampling): the networks are plain again, the EMA (of adapters)
+        dropped; no more training as a LoRA system."""
+        for network in (self.model.diffusion_model, self.cond_stage_model):
+            merge_adapters(network)
+        self.lora, self.model_ema = None, None
+
+    def configure_model(self) -> None:
+        """Lightning's hook before training starts or a checkpoint is restored: the LoRA adapters in place."""
+        self.add_lora()
+
+    def in_checkpoint(self, key: str) -> bool:
+        """Whether checkpoints hold the state entry ``key``: every one, or for LoRA the adapters, their EMA and the
+        scale buffers (the base comes from its file)."""
+        return self.lora is None or is_lora_key(key) or key.startswith(EMA_PREFIX) or key in SCALE_BUFFERS
+
+    def checkpoint_state(self) -> dict:
+        """The state entries a checkpoint of this system holds."""
+        return {k: v for k, v in self.state_dict().items() if self.in_checkpoint(k)}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """A LoRA run's checkpoint keeps the adapters only (megabytes, not the base's gigabytes)."""
+        if self.lora is not None:
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if self.in_checkpoint(k)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A LoRA checkpoint must hold exactly this system's adapter entries (Lightning then loads it non-strictly)."""
+        if self.lora is not None:
+            own = {k: v.shape for k, v in self.checkpoint_state().items()}
+            fit_report(own, checkpoint["state_dict"], "the LoRA checkpoint",
+                       hint="resume with the config (lora settings) the run was started with")
+
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """What the optimiser updates: the U-Net (and a trainable text encoder)."""
+        """What the optimiser updates: the U-Net (and a trainable text encoder), or the LoRA adapters alone."""
+        if self.lora is not None:
+            return [p for p in self.parameters() if p.requires_grad]
         params = list(self.model.parameters())
         if self.cond_stage_trainable:
             params += [p for p in self.cond_stage_model.parameters() if p.requires_grad]

@@ -2,7 +2,8 @@
 
     cache:
       dir: cache/shapes-f4            # where the shards and meta.json live
-      vae: runs/vae/latest            # the stage-1 run (or checkpoint) that encodes the images
+      vae: runs/vae/latest            # the stage-1 run (or checkpoint) that encodes the images, or a public
+      vae_config: null                # SD file whose VAE does, with its inference config here (a fine-tune)
       data: {train: <dataset node>, val: <dataset node>}
       batch_size: 64                  # encoding batch size
       shard_size: 4096                # items per shard
@@ -21,7 +22,7 @@ from ldm.inference.loaders import load_autoencoder
 from ldm.nets.conditioning.embedders import ClassEmbedder
 
 log = logging.getLogger(__name__)
-CACHE_DEFAULTS = {"batch_size": 64, "shard_size": 4096, "num_workers": 0}
+CACHE_DEFAULTS = {"batch_size": 64, "shard_size": 4096, "num_workers": 0, "vae_config": None}
 CACHE_REQUIRED = ("dir", "vae", "data")
 
 
@@ -48,7 +49,7 @@ def make_cache(cfg: dict, progress: bool | None = None) -> dict:
     shows in a terminal only (``progress=None``), so a log file gets lines."""
     section = cache_section(cfg)
     progress = sys.stderr.isatty() if progress is None else progress
-    vae, info = load_autoencoder(section["vae"])
+    vae, info = load_autoencoder(section["vae"], section["vae_config"])
     datasets = {split: instantiate_from_config(node, f"cache.data.{split}") for split, node in section["data"].items()}
     meta = build_cache(vae, datasets, section["dir"], info, section["batch_size"], section["shard_size"],
                        section["num_workers"], progress, data_config=section["data"])
@@ -82,7 +83,7 @@ def ensure_cache(cfg: dict, config_path: str | None = None, build_missing: bool 
             f"({_difference(built_from, json.loads(json.dumps(section['data'])), 'cache.data')}); delete "
             f"{Path(section['dir'])}, or set cache.dir to another folder"
         )
-    _, info = load_autoencoder(section["vae"])
+    _, info = load_autoencoder(section["vae"], section["vae_config"])
     if meta["vae"]["hash"] != info["hash"]:
         raise CacheError(
             f"the latent cache {section['dir']} was made with VAE {meta['vae']['checkpoint']} (weights hash "

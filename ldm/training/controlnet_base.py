@@ -159,7 +159,8 @@ def prepare_controlnet(cfg: dict, config_path: str | None = None) -> None:
     command = f"python stages/cache_latents.py --cfg {config_path or '<this config>'} --out {section['dir']}"
     first_stage = cfg["model"]["params"].get("first_stage")
     if isinstance(first_stage, str):  # checked before anything is encoded
-        base_vae, cache_vae = load_autoencoder(first_stage)[1], load_autoencoder(section["vae"])[1]
+        base_vae = load_autoencoder(first_stage)[1]
+        cache_vae = load_autoencoder(section["vae"], section["vae_config"])[1]
         if base_vae["hash"] != cache_vae["hash"]:
             raise CacheError(
                 f"cache.vae {section['vae']} is not the VAE the base model was trained with ({first_stage}): "

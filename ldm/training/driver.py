@@ -32,6 +32,7 @@ from ldm.core.errors import UserError
 from ldm.core.logging import setup_cli_logging
 from ldm.core.threads import add_threads_argument, apply_threads
 from ldm.inference.loaders import build_system
+from ldm.inference.sd_base import checkpoint_state_of
 from ldm.io.checkpoints import fit_report, load_file, state_dict_of
 from ldm.io.runs import (
     CHECKPOINT_DIR,
@@ -48,7 +49,7 @@ from ldm.training.csv_logger import RunCSVLogger
 from ldm.training.guards import GUARD_DEFAULTS, NonFiniteError, guard_callbacks
 from ldm.training.presets import apply_folder, take_folder_overrides
 from ldm.training.progress import progress_callback
-from ldm.training.stages import STAGES, BeforeBuild, Complete, InitWeights
+from ldm.training.stages import STAGES, BeforeBuild, Complete, InitWeights, ResumeWeights
 
 # Set by the launching process so that DDP workers (which re-run the script) join its run directory.
 RUN_DIR_ENV = "LDM_RUN_DIR"
@@ -139,7 +140,7 @@ def remove_stale_temporaries(ckpt_dir: Path) -> None:
 
 def check_resumable(model: L.LightningModule, ckpt: Path) -> None:
     """Refuse, in one line, a checkpoint that is unsafe to unpickle or was written by another architecture."""
-    own = {k: v.shape for k, v in model.state_dict().items()}
+    own = {k: v.shape for k, v in checkpoint_state_of(model).items()}
     fit_report(own, state_dict_of(load_file(ckpt, mmap=True)), f"checkpoint {ckpt}",
                hint="resume with the config the run was started with (or start a new run)")
 
@@ -178,14 +179,16 @@ def _build_trainer(cfg: dict, run_dir: Path) -> L.Trainer:
 
 def train(stage: str, default_config: str | None = None, argv: Sequence[str] | None = None,
           before_build: BeforeBuild | None = None, init_weights: InitWeights | None = None,
-          complete: Complete | None = None) -> Path:
+          complete: Complete | None = None, resume_weights: ResumeWeights | None = None) -> Path:
     """Run one stage's training from the command line; returns the run directory.
 
     ``stage`` names the runs folder and, for the stages of ``ldm.training.stages``, the defaults of the rest:
     ``default_config``; ``before_build(cfg, config_path)``, run after the config is checked and before anything
     is built (stage 2 builds or checks its latent cache); ``init_weights(model, cfg)``, run on a new run (not a
     resumed one) once the model is built (stage 3 loads its base model's weights); ``complete(cfg)``, run before the
-    config is checked, fills in what it inherits (reflow: the model of its source run).
+    config is checked, fills in what it inherits (reflow: the model of its source run); ``resume_weights(model, cfg)``,
+    run on a resumed run before its checkpoint is checked, gives it what the checkpoints do not hold (a LoRA run's
+    base and adapters).
     """
     setup_cli_logging()
     known = STAGES.get(stage)
@@ -194,6 +197,7 @@ def train(stage: str, default_config: str | None = None, argv: Sequence[str] | N
         before_build = before_build or known.before_build
         init_weights = init_weights or known.init_weights
         complete = complete or known.complete
+        resume_weights = resume_weights or known.resume_weights
     args = parse_args(argv, default_config)
     try:
         cfg, cfg_path, run_dir, ckpt = load_run_config(args, default_config, complete)
@@ -205,6 +209,8 @@ def train(stage: str, default_config: str | None = None, argv: Sequence[str] | N
         datamodule = instantiate_from_config(cfg["data"], "data")
         model = build_system(cfg["model"])  # a stage-1 run named by path is loaded, not read by the system
         if ckpt is not None:
+            if resume_weights is not None:
+                resume_weights(model, cfg)
             check_resumable(model, ckpt)
         elif init_weights is not None:
             init_weights(model, cfg)

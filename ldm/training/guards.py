@@ -45,10 +45,11 @@ def nonfinite_grads(optimizer: torch.optim.Optimizer) -> bool:
     return not bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
 
 
-def nonfinite_tensors(module: torch.nn.Module) -> list[str]:
-    """Names of the parameters and floating-point buffers of ``module`` that hold a NaN or an infinity."""
-    return [name for name, t in [*module.named_parameters(), *module.named_buffers()]
-            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+def nonfinite_tensors(state: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of a state dict that hold a NaN or an infinity (masks that are meant to
+    hold −∞, like a text encoder's causal mask, are non-persistent buffers: not in the state dict)."""
+    return [name for name, t in state.items()
+            if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 def last_good_checkpoint(ckpt_dir: Path) -> str:
@@ -95,7 +96,7 @@ class NonFiniteGuard(L.Callback):
         """Refuse to write a checkpoint whose weights are not finite (it would replace a good one)."""
         if self.mode == "off":
             return
-        bad = nonfinite_tensors(pl_module)
+        bad = nonfinite_tensors(checkpoint.get("state_dict") or pl_module.state_dict())
         if bad:
             more = f" and {len(bad) - MAX_NAMED_TENSORS} more" if len(bad) > MAX_NAMED_TENSORS else ""
             raise NonFiniteError(

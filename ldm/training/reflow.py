@@ -30,8 +30,9 @@ from tqdm import tqdm
 from ldm.core.config import ConfigError
 from ldm.data.latents import META_FILE, SHARD_PATTERN, CacheError, LatentDataset, read_meta, write_json_atomic
 from ldm.diffusion.flow import FlowSchedule
-from ldm.inference.loaders import describe_run, load_run_system
+from ldm.inference.loaders import describe_run
 from ldm.inference.pipeline import Pipeline
+from ldm.inference.sd_base import load_run_system
 from ldm.io.checkpoints import fit_report, load_file, save_file_atomic, select_ema, state_dict_of, tensors_hash
 from ldm.io.runs import resolve_run, run_config
 from ldm.training.cache import ensure_cache

@@ -1,6 +1,7 @@
-"""The training stages: each is its default config plus what completes the config before it is checked (reflow's
-inherited model), what runs before the model is built (the latent cache, a ControlNet's base model, reflow's pairs)
-and what initialises a new run's weights. ``ldm.training.driver.train`` looks them up."""
+"""The training stages: each is its default config plus what completes the config before it is checked (the model
+reflow and a fine-tune of an SD file inherit), what runs before the model is built (the latent cache, a ControlNet's
+base model, reflow's pairs) and what initialises a new run's weights (a base's). ``ldm.training.driver.train`` looks
+them up."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ from torch import nn
 from ldm.training.cache import ensure_cache, prepare_stage2
 from ldm.training.controlnet_base import load_base_weights, prepare_controlnet
 from ldm.training.reflow import complete_reflow, ensure_pairs, load_source_weights
+from ldm.training.sd_finetune import complete_from_base, resume_from_base, start_from_base
 
 Complete = Callable[[dict], object]  # (config): fills in what the config inherits, before it is checked
 BeforeBuild = Callable[[dict, str], object]  # (config, config path): prepares what the model and data need
 InitWeights = Callable[[nn.Module, dict], object]  # (model, config): a new run's initial weights
+ResumeWeights = Callable[[nn.Module, dict], object]  # (model, config): what a resumed run's checkpoints do not hold
 
 
 @dataclass(frozen=True)
@@ -27,11 +30,13 @@ class Stage:
     before_build: BeforeBuild | None = None
     init_weights: InitWeights | None = None
     complete: Complete | None = None
+    resume_weights: ResumeWeights | None = None
 
 
 STAGES: dict[str, Stage] = {
     "vae": Stage("vae", "configs/vae/shapes-kl-f4.yaml"),
-    "ldm": Stage("ldm", "configs/ldm/shapes-text.yaml", before_build=prepare_stage2),
+    "ldm": Stage("ldm", "configs/ldm/shapes-text.yaml", before_build=prepare_stage2, init_weights=start_from_base,
+                 complete=complete_from_base, resume_weights=resume_from_base),
     "controlnet": Stage("controlnet", "configs/controlnet/shapes-canny.yaml", before_build=prepare_controlnet,
                         init_weights=load_base_weights),
     "classifier": Stage("classifier", "configs/classifier/shapes-latent.yaml", before_build=ensure_cache),

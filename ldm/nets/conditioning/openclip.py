@@ -23,6 +23,7 @@ from open_clip.model import CLIPTextCfg, _build_text_tower
 from torch import nn
 
 from ldm.nets.conditioning.base import Embedder
+from ldm.nets.conditioning.clip_attention import ClipSelfAttention
 from ldm.nets.conditioning.openclip_weights import (
     read_state_dict,
     resolve_pretrained,
@@ -42,6 +43,8 @@ class OpenCLIPTextModel(nn.Module):
         super().__init__()
         text = _build_text_tower(embed_dim, text_cfg, quick_gelu)
         self.transformer = text.transformer
+        for block in self.transformer.resblocks:  # q, k, v and out as Linear layers (LoRA), same state-dict keys
+            block.attn = ClipSelfAttention.from_mha(block.attn)
         self.context_length = text.context_length
         self.vocab_size = text.vocab_size
         self.token_embedding = text.token_embedding

@@ -1,0 +1,188 @@
+"""LoRA adapters (Hu et al. 2021) on the U-Net and the text encoder, through peft (the library diffusers uses).
+
+    lora:
+      target: ldm.nets.lora.LoRA
+      params:
+        rank: 16
+        alpha: 16                                   # the update is (alpha / rank) · B·A; default alpha = rank
+        dropout: 0.0
+        unet_targets: [to_q, to_k, to_v, to_out.0]  # attention; + ff.net.0.proj, ff.net.2 (feed-forward), proj_in, proj_out
+        text_targets: []                            # CLIP tower: attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj,
+                                                    # mlp.c_fc, mlp.c_proj
+
+Targets are module-name suffixes inside the U-Net's transformer blocks and the open_clip text tower's residual blocks
+(whose attention is ``ClipSelfAttention``: q, k, v and out as Linear layers, as Hugging Face's CLIP has them). peft
+wraps each target (``to_q`` → ``to_q.base_layer`` + ``to_q.lora_A.<adapter>`` / ``lora_B.<adapter>``), so adapters are
+added *after* a network's own weights are loaded. peft is imported when adapters are first made.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Literal, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ldm.nets.unet.attention import SpatialTransformer
+
+ADAPTER = "default"  # the adapter a LoRA run trains
+UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+UNET_FEED_FORWARD = ("ff.net.0.proj", "ff.net.2")
+UNET_PROJECTIONS = ("proj_in", "proj_out")
+UNET_TARGETS = UNET_ATTENTION + UNET_FEED_FORWARD + UNET_PROJECTIONS
+TEXT_ATTENTION = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj")
+TEXT_MLP = ("mlp.c_fc", "mlp.c_proj")
+TEXT_TARGETS = TEXT_ATTENTION + TEXT_MLP
+TEXT_SCOPE = "transformer.resblocks."  # a CLIP tower's residual blocks (U-Net targets: its SpatialTransformers)
+Component = Literal["unet", "text"]
+LORA_MARKERS = (".lora_A.", ".lora_B.")
+GAUSSIAN_INIT = "gaussian"  # A ~ N(0, 1/rank), B = 0 (diffusers' train_text_to_image_lora.py): starts as the base
+
+
+class LoRAError(ValueError):
+    """A LoRA setting or module name that does not fit the networks."""
+
+
+def _peft():
+    """peft's LoRA entry points (imported on first use: peft pulls in transformers)."""
+    try:
+        import peft
+        from peft.tuners.lora import LoraLayer
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise LoRAError("LoRA needs peft: pip install peft (or pip install -e .)") from e
+    return peft, LoraLayer
+
+
+@dataclass(frozen=True)
+class LoRA:
+    """LoRA settings of a fine-tune: rank, alpha (None: = rank), dropout and the modules adapted."""
+
+    rank: int = 4
+    alpha: float | None = None
+    dropout: float = 0.0
+    unet_targets: list[str] = field(default_factory=lambda: list(UNET_ATTENTION))
+    text_targets: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise LoRAError(f"lora rank must be at least 1, got {self.rank}")
+        if self.alpha is not None and not self.alpha > 0:
+            raise LoRAError(f"lora alpha must be positive (or null for alpha = rank), got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise LoRAError(f"lora dropout must be in [0, 1), got {self.dropout}")
+        for name, given, allowed in (("unet_targets", self.unet_targets, UNET_TARGETS),
+                                     ("text_targets", self.text_targets, TEXT_TARGETS)):
+            unknown = [t for t in given if t not in allowed]
+            if unknown:
+                raise LoRAError(f"lora {name}: unknown target {unknown[0]!r}; choose from {', '.join(allowed)}")
+        if not self.unet_targets and not self.text_targets:
+            raise LoRAError("lora: no targets (set unet_targets and/or text_targets)")
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank, the factor of B·A."""
+        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+    def apply(self, unet: nn.Module, text_model: nn.Module | None) -> None:
+        """Add this adapter to the U-Net (and text tower) and make only adapter weights trainable (all in place)."""
+        add_adapter(unet, target_modules(unet, self.unet_targets, "unet"), self.rank, self._alpha, self.dropout)
+        if self.text_targets:
+            if not is_clip_tower(text_model):
+                raise LoRAError("lora text_targets: the text encoder is not a CLIP text tower (FrozenOpenCLIP); "
+                                "LoRA on the text encoder is for Stable Diffusion's")
+            add_adapter(text_model, target_modules(text_model, self.text_targets, "text"), self.rank, self._alpha,
+                        self.dropout)
+
+    @property
+    def _alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.rank)
+
+
+def is_clip_tower(text_model: nn.Module | None) -> bool:
+    """Whether a text encoder's ``model`` is an open_clip text tower (residual blocks a LoRA can adapt)."""
+    return text_model is not None and hasattr(getattr(text_model, "transformer", None), "resblocks")
+
+
+def adaptable_modules(network: nn.Module, component: Component) -> list[str]:
+    """Every module a LoRA may adapt: in the U-Net its SpatialTransformers' attention, feed-forward and projections
+    (``UNET_TARGETS``), in a CLIP tower its blocks' attention and MLP (``TEXT_TARGETS``); peft's own sub-modules aside."""
+    suffixes = UNET_TARGETS if component == "unet" else TEXT_TARGETS
+    scopes = (tuple(f"{n}." for n, m in network.named_modules() if isinstance(m, SpatialTransformer))
+              if component == "unet" else (TEXT_SCOPE,))
+    return [name for name, _ in network.named_modules()
+            if scopes and name.startswith(scopes) and any(name.endswith(f".{s}") for s in suffixes)
+            and ".lora_" not in name and ".base_layer" not in name]
+
+
+def target_modules(network: nn.Module, suffixes: Iterable[str], component: Component) -> list[str]:
+    """The adaptable modules of ``network`` whose names end with one of ``suffixes``."""
+    suffixes = tuple(suffixes)
+    names = [n for n in adaptable_modules(network, component) if any(n.endswith(f".{s}") for s in suffixes)]
+    if suffixes and not names:
+        raise LoRAError(f"no module of {type(network).__name__} matches the LoRA targets {', '.join(suffixes)}")
+    return names
+
+
+def add_adapter(network: nn.Module, modules: list[str], rank: int, alpha: float, dropout: float = 0.0,
+                adapter: str = ADAPTER, ranks: Mapping[str, int] | None = None,
+                alphas: Mapping[str, float] | None = None, init: str | bool = GAUSSIAN_INIT) -> None:
+    """Wrap ``modules`` of ``network`` with a peft LoRA adapter (per-module ``ranks`` / ``alphas`` override ``rank`` /
+    ``alpha``); only this adapter's weights keep ``requires_grad``."""
+    if not modules:
+        return
+    peft, _ = _peft()
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(modules),
+                             rank_pattern=_patterns(ranks), alpha_pattern=_patterns(alphas), init_lora_weights=init)
+    peft.inject_adapter_in_model(config, network, adapter_name=adapter)
+    for name, param in network.named_parameters():
+        param.requires_grad_(is_lora_key(name) and f".{adapter}." in name)
+
+
+def _patterns(values: Mapping[str, float] | None) -> dict:
+    """Per-module values keyed by a peft pattern (a regex) matching that module only."""
+    return {re.escape(name): value for name, value in (values or {}).items()}
+
+
+def is_lora_key(key: str) -> bool:
+    """Whether a parameter / state-dict key is a LoRA adapter's (``…lora_A.<adapter>.weight``)."""
+    return any(marker in key for marker in LORA_MARKERS)
+
+
+def lora_layers(network: nn.Module) -> dict[str, nn.Module]:
+    """The peft LoRA layers of ``network``, by module name."""
+    _, layer_type = _peft()
+    return {name: m for name, m in network.named_modules() if isinstance(m, layer_type)}
+
+
+def set_adapter_scale(network: nn.Module, adapter: str, scale: float) -> None:
+    """Scale an adapter's update by ``scale`` (× its alpha / rank) in every layer that has it."""
+    for layer in lora_layers(network).values():
+        layer.set_scale(adapter, scale)
+
+
+def activate_all(network: nn.Module) -> None:
+    """Every adapter of every LoRA layer active at once (their updates add), none of them trainable."""
+    for layer in lora_layers(network).values():
+        names = [n for n in layer.lora_A.keys()]
+        layer.set_adapter(names, inference_mode=True)
+
+
+@torch.no_grad()
+def merge_adapters(network: nn.Module) -> int:
+    """Fold every active adapter into its base layer's weights and put the base layers back (the module names and
+    state-dict keys are the network's own again); returns how many layers were folded."""
+    layers = lora_layers(network)
+    for name in sorted(layers, key=lambda n: -n.count(".")):  # inner layers first (an MHA's out_proj)
+        layer = network.get_submodule(name)
+        layer.merge()
+        parent, _, child = name.rpartition(".")
+        setattr(network.get_submodule(parent) if parent else network, child, layer.get_base_layer())
+    return len(layers)
+
+
+def lora_update(down: Tensor, up: Tensor, scale: float) -> Tensor:
+    """scale · up @ down as a weight update: (out, r) @ (r, in) → (out, in); 1×1 convolutions keep their (…, 1, 1)."""
+    update = up.flatten(1).float() @ down.flatten(1).float()  # (out, in)
+    return (scale * update).reshape(up.shape[:1] + down.shape[1:])
