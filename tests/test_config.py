@@ -90,3 +90,17 @@ def test_literal_and_optional_errors_list_the_choices():
     node = {"target": "ldm.nets.unet.attention.CrossAttention", "params": {"query_dim": 8, "backend": "flash"}}
     with pytest.raises(ConfigError, match=r"expected one of 'auto', 'sdpa', 'xformers', 'math', got str 'flash'"):
         instantiate_from_config(node, "m")
+
+
+def test_config_section_fills_defaults_and_names_typos_and_missing_keys():
+    from ldm.core.config import config_section
+
+    defaults, required = {"batch_size": 64}, ("dir",)
+    assert config_section({"cache": {"dir": "c"}}, "cache", defaults, required) == {"dir": "c", "batch_size": 64}
+    assert config_section({}, "guard", {"nonfinite": "stop"}) == {"nonfinite": "stop"}
+    with pytest.raises(ConfigError, match=r"cache\.batch_sise: unknown key \(did you mean 'batch_size'\?\)"):
+        config_section({"cache": {"dir": "c", "batch_sise": 8}}, "cache", defaults, required)
+    with pytest.raises(ConfigError, match=r"^cache\.dir: required$"):
+        config_section({"cache": {"batch_size": 8}}, "cache", defaults, required)
+    with pytest.raises(ConfigError, match=r"no `cache:` section \(dir\) for the latents"):
+        config_section({}, "cache", defaults, required, "for the latents")

@@ -119,6 +119,26 @@ def save_config(cfg: dict, path: str | os.PathLike) -> None:
     write_text_atomic(path, OmegaConf.to_yaml(OmegaConf.create(cfg)))
 
 
+def config_section(cfg: dict, name: str, defaults: dict, required: tuple[str, ...] = (), what: str = "") -> dict:
+    """The top-level section ``name`` of ``cfg`` with ``defaults`` filled in, checked for typos and missing keys.
+
+    A missing section is an empty one when nothing is required; otherwise its error says what it holds (``what``).
+    """
+    section = cfg.get(name)
+    if section is None and not required:
+        section = {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"config has no `{name}:` section ({', '.join(required)}){' ' + what if what else ''}")
+    allowed = tuple(required) + tuple(defaults)
+    unknown = sorted(set(section) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{name}.{unknown[0]}: unknown key{_suggest(unknown[0], allowed)}; allowed: {', '.join(allowed)}")
+    missing = [k for k in required if section.get(k) in (None, "")]
+    if missing:
+        raise ConfigError(f"{name}.{missing[0]}: required")
+    return {**defaults, **section}
+
+
 def _suggest(word: str, choices: Iterable[str]) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""

@@ -16,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ldm.core.config import ConfigError, check_config, get_obj_from_str, instantiate_from_config
+from ldm.core.config import ConfigError, check_config, config_section, get_obj_from_str, instantiate_from_config
 from ldm.data.latents import CacheError, build_cache, read_meta
 from ldm.inference.loaders import load_autoencoder
 from ldm.nets.conditioning.embedders import ClassEmbedder
@@ -28,20 +28,12 @@ CACHE_REQUIRED = ("dir", "vae", "data")
 
 def cache_section(cfg: dict) -> dict:
     """The config's ``cache:`` section with defaults, checked for typos and missing keys."""
-    section = cfg.get("cache")
-    if not isinstance(section, dict):
-        raise ConfigError("config has no `cache:` section (dir, vae, data) describing the latent cache")
-    unknown = set(section) - set(CACHE_REQUIRED) - set(CACHE_DEFAULTS)
-    if unknown:
-        raise ConfigError(f"cache.{sorted(unknown)[0]}: unknown key; allowed: {', '.join(CACHE_REQUIRED + tuple(CACHE_DEFAULTS))}")
-    missing = [k for k in CACHE_REQUIRED if k not in section]
-    if missing:
-        raise ConfigError(f"cache.{missing[0]}: required")
+    section = config_section(cfg, "cache", CACHE_DEFAULTS, CACHE_REQUIRED, "describing the latent cache")
     if not isinstance(section["data"], dict) or not section["data"]:
         raise ConfigError("cache.data: expected a mapping of split name → dataset node, e.g. {train: …, val: …}")
     for split, node in section["data"].items():
         check_config(node, f"cache.data.{split}")
-    return {**CACHE_DEFAULTS, **section}
+    return section
 
 
 def make_cache(cfg: dict, progress: bool | None = None) -> dict:

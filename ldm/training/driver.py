@@ -24,6 +24,7 @@ from ldm.core.config import (
     ConfigError,
     check_arguments,
     check_config,
+    config_section,
     instantiate_from_config,
     load_config,
     save_config,
@@ -84,15 +85,10 @@ def validate(cfg: dict) -> None:
             raise ConfigError(f"config has no `{section}:` section")
         check_config(cfg[section], section)
     check_arguments(L.Trainer, cfg.get("trainer") or {}, "trainer")
-    unknown = set(cfg.get("checkpoint") or {}) - set(CHECKPOINT_DEFAULTS)
-    if unknown:
-        raise ConfigError(f"checkpoint.{sorted(unknown)[0]}: unknown key; allowed: {', '.join(CHECKPOINT_DEFAULTS)}")
+    config_section(cfg, "checkpoint", CHECKPOINT_DEFAULTS)
     for i, node in enumerate(cfg.get("callbacks") or []):
         check_config(node, f"callbacks.{i}")
-    guard = cfg.get("guard") or {}
-    unknown = set(guard) - set(GUARD_DEFAULTS)
-    if unknown:
-        raise ConfigError(f"guard.{sorted(unknown)[0]}: unknown key; allowed: {', '.join(GUARD_DEFAULTS)}")
+    guard = config_section(cfg, "guard", GUARD_DEFAULTS)
     if guard.get("nonfinite", "stop") not in GUARD_MODES:
         raise ConfigError(f"guard.nonfinite: expected one of {', '.join(GUARD_MODES)}, got {guard['nonfinite']!r}")
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ldm.core.config import ConfigError
+from ldm.core.config import ConfigError, config_section
 from ldm.data.latents import META_FILE, SHARD_PATTERN, CacheError, LatentDataset, read_meta, write_json_atomic
 from ldm.diffusion.flow import FlowSchedule
 from ldm.inference.loaders import describe_run
@@ -49,17 +49,7 @@ INHERITED = ("unet", "cond_stage", "objective", "first_stage", "scale_factor", "
 
 def reflow_section(cfg: dict) -> dict:
     """The config's ``reflow:`` section with defaults, checked for typos and missing keys."""
-    section = cfg.get("reflow")
-    if not isinstance(section, dict):
-        raise ConfigError("config has no `reflow:` section (source, dir) naming the flow run and the pairs' folder")
-    unknown = set(section) - set(REFLOW_REQUIRED) - set(REFLOW_DEFAULTS)
-    if unknown:
-        raise ConfigError(f"reflow.{sorted(unknown)[0]}: unknown key; allowed: "
-                          f"{', '.join(REFLOW_REQUIRED + tuple(REFLOW_DEFAULTS))}")
-    missing = [k for k in REFLOW_REQUIRED if not section.get(k)]
-    if missing:
-        raise ConfigError(f"reflow.{missing[0]}: required")
-    return {**REFLOW_DEFAULTS, **section}
+    return config_section(cfg, "reflow", REFLOW_DEFAULTS, REFLOW_REQUIRED, "naming the flow run and the pairs' folder")
 
 
 def drawing(section: dict, source_hash: str) -> dict:
