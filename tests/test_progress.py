@@ -125,3 +125,13 @@ def test_stages_take_threads_and_refuse_a_bad_count(capsys):
         sys.argv = saved
     assert info.value.code == 2
     assert "error: --threads: expected a positive number of threads or 'auto', got 'zero'" in capsys.readouterr().err
+
+
+def test_bench_threads_reads_the_last_rate_of_the_progress_lines():
+    from ldm.bench.threads import last_rate
+
+    out = ("step 1/300 (0%) · epoch 1/3 · train/loss 0.5\n"
+           "step 61/300 (20%) · epoch 1/3 · train/loss 0.2 · 2.05 it/s · elapsed 0:00:30 · ETA 0:01:57\n"
+           "noise\nstep 300/300 (100%) · epoch 3/3 · train/loss 0.1 · 2.31 it/s · elapsed 0:02:10 · ETA 0:00:00\n")
+    assert last_rate(out) == (300, 2.31)
+    assert last_rate("step 1/300 (0%) · epoch 1/3\n") is None
