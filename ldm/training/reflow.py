@@ -22,6 +22,7 @@ import copy
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -64,7 +65,8 @@ def draw_split(pipe: Pipeline, conditions: LatentDataset, out_dir: Path, split: 
     key = pipe.condition_key
     seed0 = section["seed"] + SPLIT_SEED_OFFSET[split]
     out_dir.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=count, desc=f"reflow pairs ({split})", unit="pair")
+    terminal = sys.stderr.isatty()  # a bar in a terminal; a line per shard in a log file
+    bar = tqdm(total=count, desc=f"reflow pairs ({split})", unit="pair", disable=not terminal)
     for shard in range(math.ceil(count / section["shard_size"])):
         start, stop = shard * section["shard_size"], min((shard + 1) * section["shard_size"], count)
         name = out_dir / SHARD_PATTERN.format(shard)
@@ -83,6 +85,8 @@ def draw_split(pipe: Pipeline, conditions: LatentDataset, out_dir: Path, split: 
             bar.update(hi - lo)
         save_file_atomic({"noise": torch.cat(noises), "latent": torch.cat(latents).float()}, name.with_suffix(".safetensors"))
         write_json_atomic({key: labels}, name.with_suffix(".json"))
+        if not terminal:
+            log.info("reflow pairs (%s): %d/%d drawn, shard %s written", split, stop, count, name.name)
     bar.close()
 
 
