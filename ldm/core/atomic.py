@@ -7,6 +7,7 @@ PNGs, CSVs and configs all go through ``write_atomic``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Callable
@@ -26,9 +27,8 @@ def fsync_dir(directory: Path) -> None:
     except OSError:
         return
     try:
-        os.fsync(fd)
-    except OSError:
-        pass
+        with contextlib.suppress(OSError):  # some filesystems cannot fsync a folder; the rename still happened
+            os.fsync(fd)
     finally:
         os.close(fd)
 

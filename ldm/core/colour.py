@@ -53,9 +53,14 @@ class SaturatedError:
         return " / ".join(f"{c} {v:+.1f}" for c, v in zip(CHANNELS, (self.signed / self.count).tolist()))
 
 
+def bicubic_resize(x: torch.Tensor, size: tuple[int, int] | torch.Size, antialias: bool) -> torch.Tensor:
+    """(B, C, H, W) → (B, C, *size), bicubic in fp32 outside autocast (there is no bf16 kernel)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.interpolate(x.float(), size=tuple(size), mode="bicubic", antialias=antialias, align_corners=False)
+
+
 def bicubic_roundtrip(x: torch.Tensor, factor: int) -> torch.Tensor:
     """(B, C, H, W) in [-1, 1] → bicubic (antialiased) down by ``factor`` and back up, clamped to [-1, 1]."""
     height, width = x.shape[-2:]
-    small = F.interpolate(x.float(), size=(height // factor, width // factor), mode="bicubic", antialias=True,
-                          align_corners=False)
-    return F.interpolate(small, size=(height, width), mode="bicubic", align_corners=False).clamp(-1, 1)
+    small = bicubic_resize(x, (height // factor, width // factor), antialias=True)
+    return bicubic_resize(small, (height, width), antialias=False).clamp(-1, 1)

@@ -53,7 +53,8 @@ class _StdStreamHandler(logging.StreamHandler):
 
     @stream.setter
     def stream(self, value) -> None:
-        pass
+        """Ignored: logging's StreamHandler assigns a stream once, but this handler looks it up on ``sys`` at every
+        write (pytest and notebooks swap sys.stdout / sys.stderr)."""
 
 
 class _PrefixFormatter(logging.Formatter):

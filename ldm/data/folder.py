@@ -179,9 +179,9 @@ class ImageFolderDataset(Dataset):
         self.classes: list[str] = []
         self._files: list[str] | None = None
         self.captions = self._pick_mode(captions)
-        candidates = {"metadata": self._scan_metadata, "subfolders": self._scan_subfolders, "txt": self._scan_txt}
-        candidates["none"] = self._scan_none
-        records = candidates[self.captions]()
+        scanners = {"metadata": self._scan_metadata, "subfolders": self._scan_subfolders, "txt": self._scan_txt,
+                    "none": self._scan_none}
+        records = scanners[self.captions]()
         if self.split is not None:
             val = held_out([r.rel for r in records], self.val_fraction)
             records = [r for r in records if (r.rel in val) == (self.split == "val")]
@@ -374,3 +374,6 @@ class ImageFolderDataset(Dataset):
         """Resize to `resized`, crop `box`, optionally mirror: the same for an image and its hint."""
         image = image.resize(resized, resample=resample).crop(box)
         return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image
+
+
+FOLDER_TARGET = f"{ImageFolderDataset.__module__}.{ImageFolderDataset.__qualname__}"  # its config target

@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> dict:
     extra = {"classifier_scale": guide_scale} if guide_scale else {}
     nodes = folder_nodes(run_config(pipe.source["run"]))
     if nodes is not None:
-        return run_on_folder(args, pipe, run_config(pipe.source["run"]), nodes, **extra)
+        return run_on_folder(args, pipe, nodes, **extra)
     size = int(pipe.image_size)
     held = held_out(args.n, size)
     result = generate(pipe, held.labels, sampler, steps, args.scale, args.seed, args.batch_size, **extra)

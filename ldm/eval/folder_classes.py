@@ -25,7 +25,7 @@ PERCENT = 100.0
 MIN_FID_IMAGES = 2
 
 
-def run_on_folder(args: argparse.Namespace, pipe: Pipeline, cfg: dict, nodes: dict, classifier_scale: float = 0.0) -> dict:
+def run_on_folder(args: argparse.Namespace, pipe: Pipeline, nodes: dict, classifier_scale: float = 0.0) -> dict:
     """One row: the samples' class accuracy, the reader's held-out accuracy and the feature FID, on a folder."""
     try:
         train = instantiate_from_config(nodes["train"], "cache.data.train")

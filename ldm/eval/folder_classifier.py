@@ -97,15 +97,15 @@ def get_folder_classifier(train: Dataset, n_classes: int, cache_dir: str | os.Pa
                           settings: FolderClassifierSettings = FolderClassifierSettings()) -> FolderClassifier:
     """The classifier of a run's training images: from the cache, or trained now (seconds to minutes) and cached."""
     paths = [str(Path(train.root) / r.rel) for r in train.records]
-    x, y = stack(train)
-    path = Path(cache_dir) / f"folder-{data_key(paths, x.shape[-1], n_classes, settings)}.safetensors"
+    path = Path(cache_dir) / f"folder-{data_key(paths, train.size, n_classes, settings)}.safetensors"
     if path.is_file():
-        model = FolderClassifier(n_classes, settings.width, x.shape[-1])
+        model = FolderClassifier(n_classes, settings.width, train.size)
         try:
             model.load_state_dict(load_file(path))
             return model.eval().requires_grad_(False)
         except (CheckpointError, RuntimeError):
             pass  # unreadable or stale: train over it
+    x, y = stack(train)  # (N, 3, S, S), (N,)
     model = train_folder_classifier(x, y, n_classes, settings)
     save_file_atomic(model.state_dict(), path, metadata={"settings": json.dumps(asdict(settings)),
                                                          "images": str(len(x))})

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from ldm.core.images import from_pil, image_grid, save_image_atomic
+from ldm.data.folder import FOLDER_TARGET
 from ldm.diffusion import SAMPLERS
 from ldm.eval.heldout import HeldOut
 from ldm.eval.report import EvalError
@@ -31,7 +32,6 @@ DEFAULT_BATCH = 8
 GRID_COLUMNS = 8
 GRID_IMAGES = 32
 KINDS = {"caption": "text-conditional", "label": "class-conditional"}
-FOLDER_TARGET = "ldm.data.folder.ImageFolderDataset"
 
 
 @dataclass

@@ -33,6 +33,7 @@ from ldm.nets.lora import (
     add_adapter,
     is_clip_tower,
     lora_update,
+    own_layer,
     set_adapter_scale,
 )
 
@@ -71,16 +72,11 @@ def _networks(unet: nn.Module, text_model: nn.Module | None) -> dict[str, nn.Mod
     return {"unet": unet, "text": text_model}
 
 
-def _base(layer: nn.Module) -> nn.Module:
-    """The Linear / Conv2d holding a module's own weight (peft's wrapper keeps it in ``base_layer``)."""
-    return layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
-
-
 def check_shapes(weights: list[LoraWeight], unet: nn.Module, text_model: nn.Module | None, source: str) -> None:
     """Each down (r, in) and up (out, r) must fit its module's (out, in) weight (1×1 kernels flattened)."""
     networks, bad = _networks(unet, text_model), []
     for w in weights:
-        out_features, in_features = _base(networks[w.component].get_submodule(w.module)).weight.flatten(1).shape
+        out_features, in_features = own_layer(networks[w.component].get_submodule(w.module)).weight.flatten(1).shape
         down, up = w.down.flatten(1).shape, w.up.flatten(1).shape
         if down != (w.rank, in_features) or up != (out_features, w.rank):
             bad.append(f"{w.module}: file down {tuple(w.down.shape)} / up {tuple(w.up.shape)} vs weight "
@@ -107,7 +103,7 @@ def fold_lora(weights: list[LoraWeight], unet: nn.Module, text_model: nn.Module 
     """Add scale·(alpha/r)·up·down to each adapted module's weight, in its dtype (fp32 arithmetic)."""
     networks = _networks(unet, text_model)
     for w in weights:
-        weight = _base(networks[w.component].get_submodule(w.module)).weight
+        weight = own_layer(networks[w.component].get_submodule(w.module)).weight
         update = lora_update(w.down.flatten(1), w.up.flatten(1), scale * w.scale).reshape(weight.shape)
         weight.copy_((weight.float() + update.to(weight.device)).to(weight.dtype))
 

@@ -182,6 +182,11 @@ def merge_adapters(network: nn.Module) -> int:
     return len(layers)
 
 
+def own_layer(layer: nn.Module) -> nn.Module:
+    """The Linear / Conv2d holding a module's own weight (peft's wrapper keeps it in ``base_layer``)."""
+    return layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+
+
 def lora_update(down: Tensor, up: Tensor, scale: float) -> Tensor:
     """scale · up @ down as a weight update: (out, r) @ (r, in) → (out, in); 1×1 convolutions keep their (…, 1, 1)."""
     update = up.flatten(1).float() @ down.flatten(1).float()  # (out, in)

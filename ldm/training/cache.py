@@ -45,8 +45,8 @@ def make_cache(cfg: dict, progress: bool | None = None) -> dict:
     datasets = {split: instantiate_from_config(node, f"cache.data.{split}") for split, node in section["data"].items()}
     meta = build_cache(vae, datasets, section["dir"], info, section["batch_size"], section["shard_size"],
                        section["num_workers"], progress, data_config=section["data"])
-    for split, info in meta["splits"].items():
-        log.info("cache %s: %s %d items in %d shard(s)", section["dir"], split, info["items"], info["shards"])
+    for split, counts in meta["splits"].items():
+        log.info("cache %s: %s %d items in %d shard(s)", section["dir"], split, counts["items"], counts["shards"])
     if meta.get("classes"):
         log.info("classes (name → label, stored in %s/meta.json): %s", section["dir"], _class_list(meta["classes"]))
     return meta
@@ -68,11 +68,11 @@ def ensure_cache(cfg: dict, config_path: str | None = None, build_missing: bool 
             raise CacheError(f"{e}. Build it with: {command}") from e
         log.info("%s: building it now (the same as `%s`)", e, command)
         return make_cache(cfg)
-    built_from = meta.get("data")
-    if built_from is not None and built_from != json.loads(json.dumps(section["data"])):
+    built_from, wanted = meta.get("data"), json.loads(json.dumps(section["data"]))  # as meta.json stores it
+    if built_from is not None and built_from != wanted:
         raise CacheError(
             f"the latent cache {section['dir']} was built from other data than this config's cache.data "
-            f"({_difference(built_from, json.loads(json.dumps(section['data'])), 'cache.data')}); delete "
+            f"({_difference(built_from, wanted, 'cache.data')}); delete "
             f"{Path(section['dir'])}, or set cache.dir to another folder"
         )
     _, info = load_autoencoder(section["vae"], section["vae_config"])

@@ -20,13 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ldm.core.config import ConfigError, get_obj_from_str
-from ldm.data.folder import ImageFolderDataset
+from ldm.data.folder import FOLDER_TARGET, ImageFolderDataset
 from ldm.data.folder_layout import CAPTION_MODES, DEFAULT_VAL_FRACTION, FolderSummary, summarize
 from ldm.nets.conditioning.embedders import ClassEmbedder
 from ldm.training.cache import class_embedder_params
 
 log = logging.getLogger(__name__)
-FOLDER_TARGET = "ldm.data.folder.ImageFolderDataset"
 SAMPLE_GRID_TARGETS = ("ldm.training.samples.SampleGrid",)
 ROOT_KEY, CAPTIONS_KEY, PRESET_KEY = "data.root", "data.captions", "data"
 PRESET_NAME = "folder"

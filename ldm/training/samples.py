@@ -34,8 +34,7 @@ def grid_path(trainer: L.Trainer, name: str) -> Path:
 
 def _due(trainer: L.Trainer, every: int) -> bool:
     """Every ``every`` steps and at the run's last step (rank zero only)."""
-    periodic = bool(every) and trainer.global_step % every == 0
-    return (periodic or (bool(every) and is_last_step(trainer))) and trainer.is_global_zero
+    return bool(every) and (trainer.global_step % every == 0 or is_last_step(trainer)) and trainer.is_global_zero
 
 
 class SampleGrid(L.Callback):

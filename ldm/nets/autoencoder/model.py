@@ -14,9 +14,9 @@ from __future__ import annotations
 import inspect
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ldm.core.colour import bicubic_resize
 from ldm.nets.autoencoder.distributions import DiagonalGaussianDistribution
 from ldm.nets.autoencoder.encoder_decoder import Decoder, Encoder
 
@@ -74,7 +74,7 @@ class AutoencoderKL(nn.Module):
         """Images (B, 3, H, W) in [-1, 1] → posterior over latents (B, embed_dim, H/f, W/f)."""
         moments = self.quant_conv(self.encoder(self._layout(x))).contiguous()  # (B, 2·embed_dim, H/f, W/f)
         if self.bicubic_skip:
-            small = _bicubic(x, moments.shape[-2:], antialias=True)  # (B, 3, H/f, W/f) fp32
+            small = bicubic_resize(x, moments.shape[-2:], antialias=True)  # (B, 3, H/f, W/f) fp32
             moments = torch.cat([moments[:, :RGB] + small, moments[:, RGB:]], dim=1)
         return DiagonalGaussianDistribution(moments)
 
@@ -83,7 +83,7 @@ class AutoencoderKL(nn.Module):
         z = z.to(self.post_quant_conv.weight.dtype)  # the posterior is fp32; a half model takes half latents
         x = self.decoder(self.post_quant_conv(self._layout(z))).contiguous()  # (B, 3, h·f, w·f)
         if self.bicubic_skip:
-            x = x.float() + _bicubic(z[:, :RGB], x.shape[-2:], antialias=False)  # fp32 (the skip's precision)
+            x = x.float() + bicubic_resize(z[:, :RGB], x.shape[-2:], antialias=False)  # fp32 (the skip's precision)
         return x
 
     def forward(self, x: torch.Tensor, sample_posterior: bool = True) -> tuple[torch.Tensor, DiagonalGaussianDistribution]:
@@ -95,9 +95,3 @@ class AutoencoderKL(nn.Module):
     def get_last_layer(self) -> torch.Tensor:
         """The decoder's last conv weight: where the adaptive GAN weight compares gradients."""
         return self.decoder.conv_out.weight
-
-
-def _bicubic(x: torch.Tensor, size: tuple[int, int] | torch.Size, antialias: bool) -> torch.Tensor:
-    """Bicubic resize in fp32 outside autocast (no bf16 kernel; the skip path keeps full precision)."""
-    with torch.autocast(x.device.type, enabled=False):
-        return F.interpolate(x.float(), size=tuple(size), mode="bicubic", antialias=antialias, align_corners=False)

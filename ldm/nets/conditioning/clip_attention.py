@@ -14,15 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ldm.nets.lora import own_layer
 from ldm.nets.unet.attention import merge_heads, split_heads
 
 QKV = ("q", "k", "v")  # nn.MultiheadAttention stacks them in this order
 STACKED = ("weight", "bias")  # in_proj_weight, in_proj_bias
-
-
-def _weight_holder(layer: nn.Module) -> nn.Module:
-    """The Linear holding a projection's own weights (peft's wrapper keeps them in ``base_layer``)."""
-    return layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
 
 
 def _own_keys(prefix: str, kind: str) -> tuple[str, str]:
@@ -76,7 +72,7 @@ def _stack_qkv(module: ClipSelfAttention, state: dict, prefix: str, local_metada
             layer = getattr(module, f"{name}_proj")
             for key in _own_keys(f"{prefix}{name}_proj", kind):
                 state.pop(key, None)
-            parts.append(getattr(_weight_holder(layer), kind).detach())
+            parts.append(getattr(own_layer(layer), kind).detach())
         state[f"{prefix}in_proj_{kind}"] = torch.cat(parts)  # (3W, W) / (3W,)
 
 
@@ -88,5 +84,5 @@ def _split_qkv(module: ClipSelfAttention, state: dict, prefix: str, local_metada
         if stacked is None:
             continue
         for name, part in zip(QKV, stacked.chunk(len(QKV))):
-            wrapped = _weight_holder(getattr(module, f"{name}_proj")) is not getattr(module, f"{name}_proj")
+            wrapped = own_layer(getattr(module, f"{name}_proj")) is not getattr(module, f"{name}_proj")
             state[_own_keys(f"{prefix}{name}_proj", kind)[int(wrapped)]] = part.clone()  # own storage
