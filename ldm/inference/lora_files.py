@@ -1,8 +1,8 @@
 """LoRA files onto a model, and a LoRA run's adapters as a file.
 
-``read_lora_file`` reads a kohya- or diffusers-layout file (made here or by other tools, ``ldm.io.lora_layout``) as the
-``LoraWeight``s of this U-Net (and CLIP text tower), refusing keys no module has and shapes that do not fit, in one
-line naming the first keys. ``fold_lora`` adds scale·(alpha/r)·up·down to the weights (nothing left to run at sampling
+``read_lora_file`` reads a file in any common layout (kohya's with LoCon convolutions, peft's, diffusers' older ones:
+``ldm.io.lora_layout``), made here or by other tools, as the ``LoraWeight``s of this U-Net (and CLIP text towers),
+refusing a file for another model family, keys no module has and shapes that do not fit, in one line naming them. ``fold_lora`` adds scale·(alpha/r)·up·down to the weights (nothing left to run at sampling
 time); ``add_live_lora`` makes the file a named peft adapter (scaled, switchable, several at once). ``trained_lora``
 turns a LoRA run's checkpoint into ``LoraWeight``s; ``write_lora_file`` writes them in either layout.
 """
@@ -24,13 +24,23 @@ from ldm.io.checkpoints import (
     save_file_atomic,
     state_dict_of,
 )
-from ldm.io.lora_layout import Layout, LoraFileError, LoraWeight, layout_tensors, name_table, parse_lora
+from ldm.io.lora_layout import (
+    CONTEXT_FAMILIES,
+    ONE_ENCODER,
+    Layout,
+    LoraFileError,
+    LoraWeight,
+    layout_tensors,
+    name_table,
+    parse_lora,
+)
 from ldm.nets.lora import (
     ADAPTER,
     LoRA,
     activate_all,
     adaptable_modules,
     add_adapter,
+    conv_modules,
     is_clip_tower,
     lora_update,
     own_layer,
@@ -60,25 +70,39 @@ def num_res_blocks(unet: nn.Module) -> int:
     return int(counts.pop())
 
 
-def lora_modules(unet: nn.Module, text_model: nn.Module | None) -> dict[str, list[str]]:
-    """The modules a LoRA file may adapt, per component (the text tower's only when it is a CLIP tower)."""
-    modules = {"unet": adaptable_modules(unet, "unet")}
-    if is_clip_tower(text_model):
-        modules["text"] = adaptable_modules(text_model, "text")
+def lora_modules(unet: nn.Module, text_model: nn.Module | None, text_model_2: nn.Module | None = None
+                 ) -> dict[str, list[str]]:
+    """The modules a LoRA file may adapt, per component: the U-Net's transformer layers and LoCon's convolutions, and
+    each text tower's blocks when it is a CLIP tower."""
+    modules = {"unet": adaptable_modules(unet, "unet") + conv_modules(unet)}
+    for component, tower in (("text", text_model), ("text2", text_model_2)):
+        if is_clip_tower(tower):
+            modules[component] = adaptable_modules(tower, "text")
     return modules
 
 
-def _networks(unet: nn.Module, text_model: nn.Module | None) -> dict[str, nn.Module | None]:
-    return {"unet": unet, "text": text_model}
+def model_family(unet: nn.Module, text_model_2: nn.Module | None = None) -> str | None:
+    """SDXL with a second text encoder, else SD 1.x or 2.x by the cross-attention width (of another width: either)."""
+    if text_model_2 is not None:
+        return "SDXL"
+    return CONTEXT_FAMILIES.get((getattr(unet, "config", None) or {}).get("context_dim"), ONE_ENCODER)
 
 
-def check_shapes(weights: list[LoraWeight], unet: nn.Module, text_model: nn.Module | None, source: str) -> None:
-    """Each down (r, in) and up (out, r) must fit its module's (out, in) weight (1×1 kernels flattened)."""
-    networks, bad = _networks(unet, text_model), []
+def _networks(unet: nn.Module, text_model: nn.Module | None, text_model_2: nn.Module | None = None
+              ) -> dict[str, nn.Module | None]:
+    return {"unet": unet, "text": text_model, "text2": text_model_2}
+
+
+def check_shapes(weights: list[LoraWeight], unet: nn.Module, text_model: nn.Module | None, source: str,
+                 text_model_2: nn.Module | None = None) -> None:
+    """Each down (r, in[, k, k]) and up (out, r[, 1, 1]) must fit its module's (out, in[, k, k]) weight."""
+    networks, bad = _networks(unet, text_model, text_model_2), []
     for w in weights:
-        out_features, in_features = own_layer(networks[w.component].get_submodule(w.module)).weight.flatten(1).shape
+        weight = own_layer(networks[w.component].get_submodule(w.module)).weight
+        out_features, in_features = weight.flatten(1).shape
         down, up = w.down.flatten(1).shape, w.up.flatten(1).shape
-        if down != (w.rank, in_features) or up != (out_features, w.rank):
+        kernel_fits = w.down.shape[2:] in (weight.shape[2:], ()) and w.up.shape[2:] in ((1,) * (weight.ndim - 2), ())
+        if down != (w.rank, in_features) or up != (out_features, w.rank) or not kernel_fits:
             bad.append(f"{w.module}: file down {tuple(w.down.shape)} / up {tuple(w.up.shape)} vs weight "
                        f"({out_features}, {in_features})")
     if bad:
@@ -88,31 +112,32 @@ def check_shapes(weights: list[LoraWeight], unet: nn.Module, text_model: nn.Modu
 
 
 def read_lora_file(path: str | os.PathLike, unet: nn.Module, text_model: nn.Module | None = None,
-                   unsafe: bool = False) -> list[LoraWeight]:
-    """A LoRA file's adapters for this U-Net and text tower, checked key by key and shape by shape."""
+                   unsafe: bool = False, text_model_2: nn.Module | None = None) -> list[LoraWeight]:
+    """A LoRA file's adapters for this U-Net and text towers, checked family, key by key and shape by shape."""
     path = Path(path)
     state = state_dict_of(load_file(path, unsafe))
-    table = name_table(lora_modules(unet, text_model), num_res_blocks(unet))
-    weights = parse_lora(state, table, read_metadata(path), str(path))
-    check_shapes(weights, unet, text_model, str(path))
+    table = name_table(lora_modules(unet, text_model, text_model_2), num_res_blocks(unet))
+    weights = parse_lora(state, table, read_metadata(path), str(path), model_family(unet, text_model_2))
+    check_shapes(weights, unet, text_model, str(path), text_model_2)
     return weights
 
 
 @torch.no_grad()
-def fold_lora(weights: list[LoraWeight], unet: nn.Module, text_model: nn.Module | None, scale: float = 1.0) -> None:
+def fold_lora(weights: list[LoraWeight], unet: nn.Module, text_model: nn.Module | None, scale: float = 1.0,
+              text_model_2: nn.Module | None = None) -> None:
     """Add scale·(alpha/r)·up·down to each adapted module's weight, in its dtype (fp32 arithmetic)."""
-    networks = _networks(unet, text_model)
+    networks = _networks(unet, text_model, text_model_2)
     for w in weights:
         weight = own_layer(networks[w.component].get_submodule(w.module)).weight
-        update = lora_update(w.down.flatten(1), w.up.flatten(1), scale * w.scale).reshape(weight.shape)
+        update = lora_update(w.down, w.up, scale * w.scale).reshape(weight.shape)
         weight.copy_((weight.float() + update.to(weight.device)).to(weight.dtype))
 
 
 @torch.no_grad()
 def add_live_lora(weights: list[LoraWeight], unet: nn.Module, text_model: nn.Module | None, adapter: str,
-                  scale: float = 1.0) -> None:
+                  scale: float = 1.0, text_model_2: nn.Module | None = None) -> None:
     """Make ``weights`` a peft adapter named ``adapter`` (its update scaled by ``scale``), active with the others."""
-    for component, network in _networks(unet, text_model).items():
+    for component, network in _networks(unet, text_model, text_model_2).items():
         mine = [w for w in weights if w.component == component]
         if not mine:
             continue
