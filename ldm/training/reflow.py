@@ -122,8 +122,9 @@ def read_meta_any(cache_dir: Path) -> dict:
     return json.loads((cache_dir / META_FILE).read_text())
 
 
-def complete_reflow(cfg: dict) -> None:
-    """The reflow stage's ``complete``: pin the source run and take the model it trains from it (unless set)."""
+def complete_reflow(cfg: dict) -> dict:
+    """The reflow stage's completion: pin the source run and take the model it trains from it (unless set); in
+    ``cfg``, which is returned (the stage's plan calls it on its own copy)."""
     section = reflow_section(cfg)
     source = resolve_run(section["source"])
     cfg["reflow"]["source"] = str(source)  # pinned: `latest` moves, the run does not
@@ -132,6 +133,7 @@ def complete_reflow(cfg: dict) -> None:
     for key in INHERITED:
         if params.get(key) is None and key in source_params:
             params[key] = copy.deepcopy(source_params[key])
+    return cfg
 
 
 def ensure_pairs(cfg: dict, config_path: str | None = None) -> dict:
