@@ -39,7 +39,6 @@ from ldm.systems.latent_diffusion import LatentDiffusion
 
 DEFAULT_RUN = "runs/ldm/latest"
 CONTROL_STAGE_PARAM = "control_stage"
-EMA_TARGETS = {"model_ema": "model", "control_ema": "control_model"}  # a system's EMA → the module it shadows
 VAE_TRAINING_ONLY = ("loss.",)  # LPIPS and discriminator weights in a stage-1 checkpoint: not the autoencoder's
 
 

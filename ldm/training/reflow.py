@@ -166,8 +166,5 @@ def load_source_weights(system: torch.nn.Module, cfg: dict) -> dict:
     state = {k: v for k, v in state.items() if not k.startswith("model_ema.")}
     fit_report(wanted, state, f"the reflow source {ckpt}")  # the model node was copied from it: exactly its keys
     system.load_state_dict(state, strict=False)  # all but the EMA, restarted below
-    if system.model_ema is not None:  # a fresh EMA of the starting weights
-        for name, shadow in system.model_ema.m_name2s_name.items():
-            system.model_ema.get_buffer(shadow).copy_(system.model.get_parameter(name))
-        system.model_ema.reset_num_updates()
+    system.restart_ema()  # a fresh EMA of the starting weights
     return {"checkpoint": str(ckpt), "ema": ema}
