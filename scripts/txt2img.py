@@ -461,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_cli_logging()
     try:
         args = parse_args(argv)
-        apply_threads(args.threads)
+        apply_threads(args.threads, announce=False)  # a one-line error stands alone
         request = validate(args)
         pipe = load_pipeline(args, request)
         print_settings(request, pipe)

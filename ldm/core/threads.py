@@ -56,8 +56,9 @@ def resolve_threads(value: int | str | None, where: str = "--threads") -> int:
     return n
 
 
-def apply_threads(value: int | str | None, where: str = "--threads") -> int:
-    """Set torch's intra-op threads from ``value`` (see ``resolve_threads``), say so once; returns the count."""
+def apply_threads(value: int | str | None, where: str = "--threads", announce: bool = True) -> int:
+    """Set torch's intra-op threads from ``value`` (see ``resolve_threads``), say so once (``announce``: a training
+    stage's log keeps it; a short command's one-line error should stand alone); returns the count."""
     n = resolve_threads(value, where)
     torch.set_num_threads(n)
     if value is None and os.environ.get(OMP_ENV, "").strip():
@@ -66,5 +67,6 @@ def apply_threads(value: int | str | None, where: str = "--threads") -> int:
         how = "auto: cores left free by the load"
     else:
         how = where
-    log.info("threads: %d (%s; change with --threads N)", n, how)
+    if announce:
+        log.info("threads: %d (%s; change with --threads N)", n, how)
     return n

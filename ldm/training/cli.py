@@ -35,7 +35,7 @@ def build_parser(default_config: str, description: str | None = None) -> argpars
                         "or none (same as data.captions=MODE)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan (config, the runs and files it uses, "
                         "what it derives, builds and writes) and exit without training or writing")
-    add_threads_argument(parser)
+    add_threads_argument(parser, from_config=True)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. trainer.max_steps=500")
     return parser
 

@@ -11,6 +11,8 @@ import argparse
 import copy
 import logging
 import os
+import shlex
+import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -44,13 +46,20 @@ from ldm.io.runs import (
     create_run_dir,
 )
 from ldm.nets.compile import compiler_problem
-from ldm.training.callbacks import AtomicCheckpointIO, FinalValidation, GracefulStop, ResumeBookkeeping
+from ldm.training.callbacks import (
+    AtomicCheckpointIO,
+    FinalValidation,
+    GracefulStop,
+    ResumeBookkeeping,
+    expect_own_checkpoints,
+)
 from ldm.training.csv_logger import RunCSVLogger
 from ldm.training.guards import GUARD_DEFAULTS, NonFiniteError, guard_callbacks
 from ldm.training.cli import parse_args  # noqa: F401 (the stages' command line, defined light)
 from ldm.training.plan import CHECKPOINT_DEFAULTS, Resolution, StagePlan, plan_stage
 from ldm.training.progress import progress_callback
 from ldm.training.stages import STAGES, InitWeights, ResumeWeights, Stage
+from ldm.training.summary import summary_callback
 from ldm.training.vae_once import LoadOnce
 
 # Set by the launching process so that DDP workers (which re-run the script) join its run directory.
@@ -131,10 +140,16 @@ def _build_trainer(cfg: dict, run_dir: Path) -> L.Trainer:
                   *guard_callbacks(cfg, ckpt_dir)]
     callbacks += [instantiate_from_config(node, f"callbacks.{i}") for i, node in enumerate(cfg.get("callbacks") or [])]
     trainer_kwargs = dict(cfg.get("trainer") or {})
-    progress = progress_callback(trainer_kwargs)
-    callbacks += [progress] if progress is not None else []
+    progress, summary = progress_callback(trainer_kwargs), summary_callback(trainer_kwargs)
+    callbacks += [c for c in (progress, summary) if c is not None]
     return L.Trainer(default_root_dir=str(run_dir), logger=RunCSVLogger(run_dir), callbacks=callbacks,
                      plugins=[AtomicCheckpointIO()], **trainer_kwargs)
+
+
+def resume_command(stage: str, run_dir: Path) -> str:
+    """The command that continues a run, ready to paste: this script (as started) and the run's absolute path."""
+    script = sys.argv[0] if sys.argv and sys.argv[0].endswith(".py") else f"stages/train_{stage}.py"
+    return f"python {shlex.quote(script)} --resume {shlex.quote(str(Path(run_dir).absolute()))}"
 
 
 def stage_of(stage: str, default_config: str | None = None, before_build: Callable | None = None,
@@ -204,7 +219,9 @@ def run_plan(plan: StagePlan, stage: Stage, threads: str | None = None) -> Path:
             check_resumable(model, ckpt)
         elif stage.init_weights is not None:
             stage.init_weights(model, cfg)
-        run_dir = open_run_dir(plan)
+        run_dir = open_run_dir(plan).absolute()  # printed paths are absolute, before a resume and after
+        if ckpt is not None:
+            expect_own_checkpoints(run_dir / CHECKPOINT_DIR)
         trainer = build_trainer(cfg, run_dir)
         if getattr(model, "compile_networks", False):  # `compile: true`: fail now, not at the first step
             problem = compiler_problem(trainer.strategy.root_device)
@@ -213,12 +230,12 @@ def run_plan(plan: StagePlan, stage: Stage, threads: str | None = None) -> Path:
     except UserError as e:
         log.error("%s", e)
         raise SystemExit(EXIT_BAD_INPUT) from None
-    log.info("%s: %s%s", "resuming" if ckpt else "run", run_dir, f" from {ckpt}" if ckpt else "")
+    log.info("%s: %s%s", "resuming" if ckpt else "run", run_dir, f" from {Path(ckpt).absolute()}" if ckpt else "")
     os.environ[RUN_DIR_ENV] = str(run_dir)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
     except SIGTERMException:
-        log.warning("stopped at step %d; resume with: --resume %s", trainer.global_step, run_dir)
+        log.info("stopped at step %d; resume with: %s", trainer.global_step, resume_command(plan.stage, run_dir))
         raise SystemExit(EXIT_STOPPED) from None
     except NonFiniteError as e:
         log.error("%s", e)

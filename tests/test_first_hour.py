@@ -1,0 +1,74 @@
+"""What a new user meets in the first hour, each fixed: a resumable loader (no "not resumable" false alarm), a
+complete resume command on a stop, a model summary without an empty FLOPs column."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.fabric.utilities.types import _Stateful
+
+from ldm.core.config import instantiate_from_config, load_config
+from ldm.data.module import DataModule
+from ldm.training.driver import resume_command
+from ldm.training.summary import summary_callback, summary_table
+from tests.paths import TINY
+
+
+def test_the_training_loader_is_resumable_for_lightning():
+    """Lightning warns "dataloader is not resumable" unless every loader has state_dict / load_state_dict; the
+    position itself comes back through DataModule.resume_at."""
+    data = DataModule(train=torch.utils.data.TensorDataset(torch.arange(10.0)), batch_size=2, val_fraction=0.2)
+    loader = data.train_dataloader()
+    assert isinstance(loader, _Stateful) and isinstance(data.val_dataloader(), _Stateful)
+    data.resume_at(2)
+    assert [int(x) for (b,) in loader for x in b][:2] != []  # still iterates, from the resumed position
+    assert loader.state_dict() == {}
+
+
+def test_the_resume_command_is_complete_and_absolute(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["stages/train_vae.py", "--cfg", "x.yaml"])
+    assert resume_command("vae", Path("runs/vae/a b")) == f"python stages/train_vae.py --resume '{tmp_path}/runs/vae/a b'"
+    monkeypatch.setattr(sys, "argv", ["pytest"])  # not started as a script: the stage's own
+    assert resume_command("ldm", Path("r")) == f"python stages/train_ldm.py --resume {tmp_path}/r"
+
+
+def test_the_model_summary_has_no_flops_column(caplog):
+    system = instantiate_from_config(load_config(TINY / "vae.yaml")["model"], "model")
+    table = summary_table(system)
+    assert "FLOPs" not in table and "Flops" not in table
+    assert [c.strip() for c in table.splitlines()[0].split(" | ")][1:] == ["Name", "Type", "Params", "Mode"]
+    n = sum(p.numel() for p in system.parameters())
+    assert any(line.endswith("Total params") for line in table.splitlines()) and n > 0
+    kwargs = {"max_steps": 3}
+    callback = summary_callback(kwargs)
+    assert kwargs["enable_model_summary"] is False and callback is not None  # Lightning's off, ours on
+    assert summary_callback({"enable_model_summary": False}) is None
+    with caplog.at_level(logging.INFO, logger="ldm"):
+        callback.on_fit_start(type("T", (), {"is_global_zero": True})(), system)
+    assert "Trainable params" in caplog.text
+
+
+def test_export_of_a_vae_run_says_plainly_what_it_is(tiny_vae_run, tmp_path, capsys):
+    from tests.scripts import load_script
+
+    export = load_script("export")
+    assert export.main([str(tiny_vae_run), "--out", str(tmp_path / "x.safetensors")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: {tiny_vae_run} is not a stage-2 (latent diffusion) run: its model is "
+                                   "ldm.systems.autoencoder.AutoencoderKLSystem")
+    assert "threads:" not in captured.out and captured.err.count("\n") == 1  # the error stands alone
+
+
+def test_make_edges_help_shows_its_defaults_and_no_config(capsys):
+    from tests.scripts import load_script
+
+    with pytest.raises(SystemExit):
+        load_script("make_edges").parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Canny low threshold (default: 100)" in text and "Canny high threshold (default: 200)" in text
+    assert "config" not in text and "--threads N" in text
