@@ -72,3 +72,14 @@ def test_make_edges_help_shows_its_defaults_and_no_config(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "Canny low threshold (default: 100)" in text and "Canny high threshold (default: 200)" in text
     assert "config" not in text and "--threads N" in text
+
+
+def test_few_steps_default_to_ddim_on_the_command_line():
+    from ldm.diffusion.sampling import FEW_STEPS, default_sampler
+    from tests.scripts import load_script
+
+    assert default_sampler(4) == default_sampler(FEW_STEPS) == "ddim" and default_sampler(FEW_STEPS + 1) == "dpmpp_2m"
+    txt2img = load_script("txt2img")
+    assert txt2img.parse_args(["--prompt", "x", "--steps", "4"]).sampler == "ddim"
+    assert txt2img.parse_args(["--prompt", "x"]).sampler == "dpmpp_2m"  # 20 steps by default
+    assert txt2img.parse_args(["--prompt", "x", "--steps", "4", "--sampler", "dpmpp_2m"]).sampler == "dpmpp_2m"
