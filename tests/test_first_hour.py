@@ -83,3 +83,38 @@ def test_few_steps_default_to_ddim_on_the_command_line():
     assert txt2img.parse_args(["--prompt", "x", "--steps", "4"]).sampler == "ddim"
     assert txt2img.parse_args(["--prompt", "x"]).sampler == "dpmpp_2m"  # 20 steps by default
     assert txt2img.parse_args(["--prompt", "x", "--steps", "4", "--sampler", "dpmpp_2m"]).sampler == "dpmpp_2m"
+
+
+def test_a_folder_recipe_is_sized_by_epochs_of_its_data(tiny_vae_run, tmp_path):
+    from PIL import Image
+
+    from tests.test_stage_plan import plan_of
+
+    for k, name in enumerate(("one", "two", "three")):
+        (tmp_path / "digits" / name).mkdir(parents=True)
+        for i in range(40):
+            Image.new("L", (20, 20), 60 * k + i).save(tmp_path / "digits" / name / f"{i}.png")
+    argv = ["--cfg", "configs/ldm/folder-class.yaml", "--data", str(tmp_path / "digits"), f"cache.vae={tiny_vae_run}",
+            f"cache.dir={tmp_path / 'cache'}", "data.params.batch_size=16"]
+    plan = plan_of("ldm", argv)
+    items = int(dict(plan.derived)["training items"])
+    assert 100 <= items < 120  # 120 images, about 5 % held out
+    steps = 50 * (items // 16)  # folder_epochs: 50, the data module drops a last partial batch
+    assert plan.config["trainer"]["max_steps"] == steps and steps < 4000  # below the recipe's 4,000
+    assert plan.config["trainer"]["val_check_interval"] == steps // 10
+    assert f"max_steps: {steps} = 50 epochs × {items // 16} batches of 16 ({items} training items)" in str(plan)
+    assert "best.ckpt (by val/loss, min)" in str(plan)
+    kept = plan_of("ldm", [*argv, "trainer.max_steps=7"])  # an explicit length wins
+    assert kept.config["trainer"]["max_steps"] == 7 and "max_steps" not in dict(kept.derived)
+
+
+def test_the_progress_line_says_when_validation_stops_improving():
+    from ldm.training.progress import Improvement
+
+    watch = Improvement("val/loss", "min")
+    assert watch.update({"val/loss": 0.2}, 500) == "val/loss best so far"
+    assert watch.update({"val/loss": 0.126}, 1000) == "val/loss best so far"
+    assert watch.update({"val/loss": 0.14}, 1500) == "val/loss stopped improving: best 0.126 at step 1000, 1 validation ago"
+    assert watch.update({"val/loss": 0.163}, 2500).endswith("2 validations ago")
+    assert watch.update({"val/psnr": 30.0}, 3000) == ""  # not the watched metric
+    assert Improvement("val/psnr", "max").update({"val/psnr": 30.0}, 1) == "val/psnr best so far"

@@ -140,7 +140,8 @@ def _build_trainer(cfg: dict, run_dir: Path) -> L.Trainer:
                   *guard_callbacks(cfg, ckpt_dir)]
     callbacks += [instantiate_from_config(node, f"callbacks.{i}") for i, node in enumerate(cfg.get("callbacks") or [])]
     trainer_kwargs = dict(cfg.get("trainer") or {})
-    progress, summary = progress_callback(trainer_kwargs), summary_callback(trainer_kwargs)
+    progress = progress_callback(trainer_kwargs, monitor=ckpt_cfg["monitor"], mode=ckpt_cfg["mode"])
+    summary = summary_callback(trainer_kwargs)
     callbacks += [c for c in (progress, summary) if c is not None]
     return L.Trainer(default_root_dir=str(run_dir), logger=RunCSVLogger(run_dir), callbacks=callbacks,
                      plugins=[AtomicCheckpointIO()], **trainer_kwargs)

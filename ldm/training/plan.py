@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping
 
 from ldm.core.config import ConfigError, load_config
 from ldm.io.runs import CHECKPOINT_DIR, CONFIG_FILE, LAST_CHECKPOINT, SAMPLES_DIR, checkpoint_for, resolve_run, runs_root
+from ldm.training.epochs import STEPS_OVERRIDE, size_by_epochs
 from ldm.training.presets import apply_folder, take_folder_overrides
 
 CHECKPOINT_DEFAULTS = {"every_n_train_steps": 1000, "keep": 2, "monitor": None, "mode": "max"}
@@ -35,6 +36,7 @@ class Resolution:
     derived: tuple[tuple[str, str], ...] = ()  # (what, value): values the stage computes from its inputs
     prepare: tuple[str, ...] = ()  # what runs before the model is built
     writes: tuple[str, ...] = ()  # what that preparation writes
+    train_items: int | None = None  # the training split's size, when the stage can tell
 
 
 Resolver = Callable[[dict, str], Resolution]  # (loaded config, its path) → completed config + explanation
@@ -173,11 +175,15 @@ def plan_stage(stage: str, default_config: str, args: argparse.Namespace, resolv
     gather what the run depends on, derives, builds and writes. Reads files; writes nothing."""
     cfg, cfg_path, run_dir, ckpt, notes = load_stage_config(args, default_config)
     resolution = resolve(copy.deepcopy(cfg), cfg_path)
+    derived = resolution.derived
+    if notes and not any(item.startswith(STEPS_OVERRIDE) for item in args.overrides):  # --data: a folder's size
+        sized = size_by_epochs(resolution.config, resolution.train_items)
+        derived += (sized,) if sized else ()
     validate(resolution.config)
     name = args.name or resolution.config.get("name") or Path(cfg_path).stem
     return StagePlan(stage=stage, config_path=cfg_path, config=freeze(resolution.config), run_dir=run_dir,
                      checkpoint=ckpt, run_name=name, runs_dir=args.runs_dir, notes=notes,
-                     depends=resolution.depends, derived=resolution.derived, prepare=resolution.prepare,
+                     depends=resolution.depends, derived=derived, prepare=resolution.prepare,
                      writes=resolution.writes)
 
 

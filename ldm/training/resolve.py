@@ -71,12 +71,13 @@ def resolve_cache(cfg: dict) -> Resolution:
         names = params.get("class_names")
         derived += (("n_classes", f"{params.get('n_classes')}" + (f" (class names from the data: {names[:8]}"
                                                                     f"{' …' if len(names) > 8 else ''})" if names else "")),)
-    return Resolution(cfg, depends, derived, prepare, writes)
+    return Resolution(cfg, depends, derived, prepare, writes, splits.get("train"))
 
 
 def _merge(*parts: Resolution, config: dict) -> Resolution:
+    items = [p.train_items for p in parts if p.train_items is not None]
     return Resolution(config, sum((p.depends for p in parts), ()), sum((p.derived for p in parts), ()),
-                      sum((p.prepare for p in parts), ()), sum((p.writes for p in parts), ()))
+                      sum((p.prepare for p in parts), ()), sum((p.writes for p in parts), ()), items[0] if items else None)
 
 
 def resolve_images(cfg: dict, config_path: str) -> Resolution:
@@ -85,7 +86,7 @@ def resolve_images(cfg: dict, config_path: str) -> Resolution:
     nodes = {split: params[split] for split in ("train", "val") if isinstance(params.get(split), dict)}
     sizes = dataset_sizes(nodes, "data.params")
     derived = (("images", _sizes_text(sizes)),) + ((("training items", str(sizes["train"])),) if "train" in sizes else ())
-    return Resolution(cfg, derived=derived)
+    return Resolution(cfg, derived=derived, train_items=sizes.get("train"))
 
 
 def resolve_stage2(cfg: dict, config_path: str) -> Resolution:
@@ -142,4 +143,4 @@ def resolve_reflow(cfg: dict, config_path: str) -> Resolution:
                    f"({section['sampler']}, {section['steps']} steps, guidance {section['guidance']})",)
         writes = (f"{Path(section['dir']).absolute()}/ (pair shards, meta.json)",)
     derived += (("training items", str(section["count"])),)
-    return Resolution(cfg, depends, derived, prepare, writes)
+    return Resolution(cfg, depends, derived, prepare, writes, section["count"])
