@@ -53,9 +53,9 @@ from ldm.training.callbacks import (
     ResumeBookkeeping,
     expect_own_checkpoints,
 )
+from ldm.training.cli import parse_args  # noqa: F401 (the stages' command line, defined light)
 from ldm.training.csv_logger import RunCSVLogger
 from ldm.training.guards import GUARD_DEFAULTS, NonFiniteError, guard_callbacks
-from ldm.training.cli import parse_args  # noqa: F401 (the stages' command line, defined light)
 from ldm.training.plan import CHECKPOINT_DEFAULTS, Resolution, StagePlan, plan_stage
 from ldm.training.progress import progress_callback
 from ldm.training.stages import STAGES, InitWeights, ResumeWeights, Stage

@@ -118,8 +118,9 @@ def resolve_controlnet(cfg: dict, config_path: str) -> Resolution:
     derived = (("from the base", ", ".join(taken)),) if depends else ()
     parts = [Resolution(cfg, depends, derived)]
     if "cache" in cfg:
+        parts.append(Resolution(cfg, prepare=("check that cache.vae is the base's VAE (weights hash)",)))
         parts.append(resolve_cache(cfg))
-        parts.append(Resolution(cfg, prepare=("check that cache.vae is the base's VAE and the cache carries hints",)))
+        parts.append(Resolution(cfg, prepare=("check that the latent cache carries hints (edge maps)",)))
     return _merge(*parts, config=cfg)
 
 
