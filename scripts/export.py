@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     ema = "only" if args.ema_only else "drop" if args.no_ema else "keep"
     try:
-        apply_threads(args.threads)
+        apply_threads(args.threads, announce=False)  # a one-line error stands alone
         out = export_checkpoint(args.source, args.out, config=args.config, ema=ema, half=args.half,
                                 controlnet_only=args.controlnet_only, text_layout=args.text_layout,
                                 unsafe=args.unsafe, lora_layout=args.lora_layout, merge=args.merge)

@@ -46,12 +46,13 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line."""
-    parser = _Parser(prog="make_edges.py", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="make_edges.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="folder of images (searched recursively)")
     parser.add_argument("--out", help=f"output folder (default <data>/{DEFAULT_OUT_NAME})")
-    parser.add_argument("--low", type=int, default=DEFAULT_CANNY_LOW, help="Canny low threshold")
-    parser.add_argument("--high", type=int, default=DEFAULT_CANNY_HIGH, help="Canny high threshold")
-    parser.add_argument("--size", type=int, default=None, help="resize the shorter side to this before Canny")
+    parser.add_argument("--low", type=int, default=DEFAULT_CANNY_LOW, help="Canny low threshold (default: %(default)s)")
+    parser.add_argument("--high", type=int, default=DEFAULT_CANNY_HIGH, help="Canny high threshold (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=None, help="resize the shorter side to this before Canny "
+                        "(default: the image's own size)")
     add_threads_argument(parser)
     parser.add_argument("--overwrite", action="store_true", help="redo outputs that already exist")
     return parser.parse_args(argv)
@@ -135,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, int]:
     data = Path(args.data)
     out = Path(args.out) if args.out else data / DEFAULT_OUT_NAME
     try:
-        apply_threads(args.threads)
+        apply_threads(args.threads, announce=False)  # a one-line error stands alone
         if not data.is_dir():
             raise ValueError(f"--data {data} is not a folder")
         counts = make_edges(data, out, args.low, args.high, args.size, args.overwrite)

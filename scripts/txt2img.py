@@ -41,6 +41,7 @@ from ldm.core.images import from_pil, image_grid, save_image_atomic
 from ldm.core.logging import setup_cli_logging
 from ldm.core.threads import add_threads_argument, apply_threads
 from ldm.diffusion import SAMPLERS
+from ldm.diffusion.sampling import FEW_STEPS, default_sampler
 from ldm.inference.loaders import is_subclass, resolve_class
 from ldm.inference.lora_files import lora_spec
 from ldm.inference.pipeline import (
@@ -120,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--n", type=int, default=1, help="images per prompt / class (default 1)")
     samp = p.add_argument_group("sampling")
     samp.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampler steps (default {DEFAULT_STEPS})")
-    samp.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=list(SAMPLERS),
-                      help=f"default {DEFAULT_SAMPLER}")
+    samp.add_argument("--sampler", choices=list(SAMPLERS),
+                      help=f"default {DEFAULT_SAMPLER}, or ddim at {FEW_STEPS} steps or fewer (where it reads better)")
     samp.add_argument("--scale", type=float, default=DEFAULT_GUIDANCE,
                       help=f"classifier-free guidance scale; 1 = no guidance (default {DEFAULT_GUIDANCE})")
     samp.add_argument("--guidance-rescale", type=float, default=0.0, help="CFG rescale φ in [0, 1] (Lin et al. 2023)")
@@ -170,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse the command line (CLIError on a bad one)."""
-    return build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
+    args.sampler = args.sampler or default_sampler(args.steps)
+    return args
 
 
 # ---------------------------------------------------------------------------------------------- validate
@@ -461,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_cli_logging()
     try:
         args = parse_args(argv)
-        apply_threads(args.threads)
+        apply_threads(args.threads, announce=False)  # a one-line error stands alone
         request = validate(args)
         pipe = load_pipeline(args, request)
         print_settings(request, pipe)

@@ -4,7 +4,10 @@
     python stages/train_classifier.py --resume runs/classifier/latest
 """
 
-from ldm.training.driver import train
+from ldm.training.cli import parse_stage_args
 
 if __name__ == "__main__":
-    train("classifier")  # default config and stage hooks: ldm.training.stages
+    args = parse_stage_args("classifier", __doc__)  # before torch and Lightning load: --help answers at once
+    from ldm.training.driver import train
+
+    train("classifier", args=args)  # default config and stage hooks: ldm.training.stages

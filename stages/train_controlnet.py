@@ -8,7 +8,10 @@ The hint-carrying latent cache is built first when missing (as stage 2 does); `b
 it names now, and the U-Net, text encoder, schedule and VAE are taken from it.
 """
 
-from ldm.training.driver import train
+from ldm.training.cli import parse_stage_args
 
 if __name__ == "__main__":
-    train("controlnet")  # default config and stage hooks: ldm.training.stages
+    args = parse_stage_args("controlnet", __doc__)  # before torch and Lightning load: --help answers at once
+    from ldm.training.driver import train
+
+    train("controlnet", args=args)  # default config and stage hooks: ldm.training.stages

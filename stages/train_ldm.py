@@ -5,7 +5,10 @@
     python stages/train_ldm.py --resume runs/ldm/latest
 """
 
-from ldm.training.driver import train
+from ldm.training.cli import parse_stage_args
 
 if __name__ == "__main__":
-    train("ldm")  # default config and stage hooks: ldm.training.stages
+    args = parse_stage_args("ldm", __doc__)  # before torch and Lightning load: --help answers at once
+    from ldm.training.driver import train
+
+    train("ldm", args=args)  # default config and stage hooks: ldm.training.stages

@@ -4,7 +4,10 @@
     python stages/train_reflow.py --resume runs/reflow/latest
 """
 
-from ldm.training.driver import train
+from ldm.training.cli import parse_stage_args
 
 if __name__ == "__main__":
-    train("reflow")  # default config and stage hooks: ldm.training.stages
+    args = parse_stage_args("reflow", __doc__)  # before torch and Lightning load: --help answers at once
+    from ldm.training.driver import train
+
+    train("reflow", args=args)  # default config and stage hooks: ldm.training.stages

@@ -5,7 +5,10 @@
     python stages/train_vae.py --resume runs/vae/latest          # continue a stopped run
 """
 
-from ldm.training.driver import train
+from ldm.training.cli import parse_stage_args
 
 if __name__ == "__main__":
-    train("vae")  # default config and stage hooks: ldm.training.stages
+    args = parse_stage_args("vae", __doc__)  # before torch and Lightning load: --help answers at once
+    from ldm.training.driver import train
+
+    train("vae", args=args)  # default config and stage hooks: ldm.training.stages

@@ -87,7 +87,7 @@ def test_vae_nan_skip_drops_the_update_and_counts_it(tmp_path):
 def test_infinite_learning_rate_never_writes_nan_weights(tmp_path, capsys):
     """lr = inf turns the weights to inf in step 0; the save after it is refused, nothing is written."""
     vae = str(TINY / "vae.yaml")
-    code, run = run_stage("vae", vae, tmp_path, "model.params.learning_rate=.inf", "checkpoint.every_n_train_steps=1")
+    code, run = run_stage("vae", vae, tmp_path, "model.params.optimizer.params.lr=.inf", "checkpoint.every_n_train_steps=1")
     assert code == EXIT_NONFINITE
     line = one_error_line(capsys.readouterr().err)
     assert "weights became non-finite by step 1" in line and "checkpoint not written" in line

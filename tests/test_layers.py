@@ -4,6 +4,7 @@ import), no module imports another inside a function, and no two modules import 
 from __future__ import annotations
 
 import ast
+import re
 import shutil
 import subprocess
 import sys
@@ -39,6 +40,29 @@ def test_an_upward_import_breaks_the_contract(tmp_path):
     result = lint_imports(tmp_path)
     assert result.returncode != 0
     assert "BROKEN" in result.stdout and "ldm.core.paths -> ldm.training.driver" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module, planted, contract, chain", [
+    ("diffusion/guidance.py", "from ldm.io import checkpoints", "ldm.diffusion imports only ldm.core",
+     "ldm.diffusion.guidance -> ldm.io.checkpoints"),
+    ("eval/report.py", "from ldm.bench import timing", "ldm.eval and ldm.bench import nothing of each other",
+     "ldm.eval.report -> ldm.bench.timing"),
+    ("systems/optim.py", "from lightning.pytorch.trainer import Trainer",
+     "nothing below ldm.training imports Lightning's Trainer", "ldm.systems.optim -> lightning.pytorch.trainer"),
+])
+def test_each_architecture_rule_breaks_on_a_planted_violation(tmp_path, module, planted, contract, chain):
+    """Each contract of docs/architecture.md's table fails on the import it forbids."""
+    shutil.copytree(PACKAGE, tmp_path / "ldm", ignore=shutil.ignore_patterns("__pycache__", "configs"))
+    shutil.copy(REPO_ROOT / "pyproject.toml", tmp_path)
+    target = tmp_path / "ldm" / module
+    target.write_text(target.read_text() + f"\n{planted}  # noqa: E402,F401 (planted)\n")
+    result = lint_imports(tmp_path)
+    assert result.returncode != 0
+    summary = " ".join(result.stdout.split())  # contract names wrap at 80 columns
+    verdict = re.search(re.escape(contract) + r".*? (KEPT|BROKEN)", summary)
+    assert verdict and verdict.group(1) == "BROKEN", result.stdout[-3000:]
+    assert chain in result.stdout, result.stdout[-3000:]
 
 
 def _function_level_imports(path: Path) -> list[str]:

@@ -2,7 +2,7 @@
 
 The commands run in a scratch folder that links `configs/`, `stages/` and `scripts/` from the repository,
 so `runs/`, `cache/` and `outputs/` land there. Each command gets smoke-size arguments appended (the
-last value of an option or override wins): few steps, few items. Placeholders (`<folder>`, `edges.png`)
+last value of an option or override wins): few steps, few items. Placeholders (`<folder>`, `<image>`)
 are filled with real files. A README command this file does not know fails the test, so a new command
 must come with its smoke arguments here.
 """
@@ -25,7 +25,8 @@ from tests.paths import REPO_ROOT
 pytestmark = pytest.mark.slow  # subprocesses / compiles / end-to-end: `pytest -m "not slow"` skips them
 
 LINKED = ("configs", "stages", "scripts")
-FOLDERS = {"<folder>": "images", "<classes>": "classes", "<captioned>": "captioned"}  # placeholder → made folder
+FOLDERS = {"<folder>": "images", "<classes>": "classes", "<captioned>": "captioned",  # placeholder → made folder
+           "<image>": "img0"}  # an image of <folder> (its edge map: <folder>/edges/<image>.png)
 TRAIN_SMOKE = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
                "trainer.enable_progress_bar=false", "trainer.precision=32-true", "data.params.batch_size=4"]
 CACHE_SMOKE = ["cache.data.train.params.length=16", "cache.data.val.params.length=4"]
@@ -99,7 +100,7 @@ def run_command(words: list[str]) -> None:
 
 
 def make_folder(root: Path) -> None:
-    """A few photos-like images for the `<folder>` placeholder, and `edges.png` for control images."""
+    """A few photos-like images for the `<folder>` placeholder (`<image>`: the first)."""
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for i in range(3):
@@ -143,7 +144,5 @@ def test_readme_commands_run_in_order(tmp_path, monkeypatch):
         for placeholder, folder in FOLDERS.items():
             command = command.replace(placeholder, folder)
         words = shlex.split(command)[1:]
-        if "edges.png" in words and not Path("edges.png").exists():
-            Image.open(sorted(Path("images/edges").glob("*.png"))[0]).save("edges.png")
         run_command(words + smoke_arguments(words))
     assert (tmp_path / "runs" / "vae" / "latest").exists() and os.listdir(tmp_path / "outputs")

@@ -13,6 +13,7 @@ from ldm.io.runs import CHECKPOINT_DIR
 from tests.conftest import TINY
 from tests.faults import read_probe
 from tests.procs import (
+    STAGES,
     all_checkpoints_load,
     assert_same,
     finish,
@@ -67,7 +68,8 @@ def test_vae_sigterm_then_sigkill_mid_step_resumes_exactly(tmp_path):
     proc.send_signal(signal.SIGTERM)
     out = finish(proc, log, code=143)
     run = only_run(tmp_path / "runs", "vae")
-    assert "stopped at step 2; resume with: --resume" in out
+    command = f"stopped at step 2; resume with: python {STAGES / 'train_vae.py'} --resume {run.absolute()}"
+    assert command in out.splitlines()  # an info line (no "warning:"): a complete command, to paste as is
     assert all_checkpoints_load(run / CHECKPOINT_DIR) == {"last.ckpt": 2}
 
     # Resume, then SIGKILL in step 4: the checkpoint of step 3 is the last good one.
@@ -77,6 +79,7 @@ def test_vae_sigterm_then_sigkill_mid_step_resumes_exactly(tmp_path):
     finish(proc, log, code=-signal.SIGKILL)
     assert all_checkpoints_load(run / CHECKPOINT_DIR) == {"last.ckpt": 3, "step0000003.ckpt": 3}
 
-    finish(launch("train_vae", ["--resume", str(run)], log), log)
+    out = finish(launch("train_vae", ["--resume", str(run)], log), log)
+    assert "not resumable" not in out and "exists and is not empty" not in out  # the data position is restored
     finish(ref, tmp_path / "ref.log")
     assert_matches_reference(run, only_run(tmp_path / "ref", "vae"), tmp_path, "train/rec_loss")

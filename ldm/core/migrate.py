@@ -8,7 +8,8 @@ What changed (besides targets that moved, ``ldm.core.aliases``):
   ``lr_decay`` an ``optimizer`` node; the ``sample_*`` grid settings (and a ControlNet's ``sample_count``) a
   ``SampleGrid`` / ``ControlSampleGrid`` callback.
 - The VAE: the LightningModule is ``AutoencoderKLSystem``; its ``sample_every_n_steps`` / ``num_sample_images``
-  became a ``ReconstructionGrid`` callback; a stage-2 model's inline ``first_stage`` node names the network
+  became a ``ReconstructionGrid`` callback; its ``learning_rate``, ``lr_schedule`` and ``warmup_steps`` an
+  ``optimizer`` node (the stages' one vocabulary, with the Adam betas it used), ``disc_learning_rate`` ``disc_lr``; a stage-2 model's inline ``first_stage`` node names the network
   ``ldm.nets.autoencoder.model.AutoencoderKL`` (architecture only).
 """
 
@@ -39,6 +40,8 @@ OPTIMIZER_KEYS = {"learning_rate": "lr", "weight_decay": "weight_decay", "warmup
 SAMPLE_KEYS = {"sample_every_n_steps": "every_n_steps", "sample_conditions": "conditions", "sample_steps": "steps",
                "sample_guidance": "guidance", "sample_sampler": "sampler", "sample_count": "count"}
 VAE_SAMPLE_KEYS = {"sample_every_n_steps": "every_n_steps", "num_sample_images": "count"}
+VAE_OPTIMIZER_KEYS = {"learning_rate": "lr", "lr_schedule": "decay", "warmup_steps": "warmup_steps"}
+VAE_OLD_DEFAULTS = {"lr": 4.5e-6, "betas": [0.5, 0.9]}  # what the VAE's optimiser was when a config omitted it
 
 
 def _take(params: dict, keys: dict[str, str]) -> dict:
@@ -84,7 +87,13 @@ def _upgrade_vae(node: dict, callbacks: list) -> bool:
     samples = _take(params, VAE_SAMPLE_KEYS)
     if samples.get("every_n_steps"):
         callbacks.append({"target": RECONSTRUCTION_GRID, "params": samples})
-    return bool(samples)
+    optimizer = _take(params, VAE_OPTIMIZER_KEYS)
+    if "disc_learning_rate" in params:
+        params["disc_lr"] = params.pop("disc_learning_rate")
+        optimizer = optimizer or {}
+    if optimizer and "optimizer" not in params:
+        params["optimizer"] = {"target": OPTIMIZER, "params": {**VAE_OLD_DEFAULTS, **optimizer}}
+    return bool(samples) or bool(optimizer)
 
 
 def upgrade_model_node(node: dict) -> tuple[dict, list[dict], bool]:

@@ -9,19 +9,15 @@ Precedence: ``--threads``, then the config's ``threads:``, then ``$OMP_NUM_THREA
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 
 import torch
 
+from ldm.core.cli import AUTO, OMP_ENV, THREADS_HELP, add_threads_argument  # noqa: F401 (the light half, re-exported)
 from ldm.core.errors import UserError
 
 log = logging.getLogger(__name__)
-AUTO = "auto"
-OMP_ENV = "OMP_NUM_THREADS"  # honoured when neither --threads nor the config's `threads:` is given
-THREADS_HELP = (f"torch CPU threads: a number, or {AUTO!r}: the cores the load average leaves free, at least 1 "
-                f"(default: the config's `threads:`, else ${OMP_ENV}, else {AUTO})")
 
 
 class ThreadsError(UserError, ValueError):
@@ -60,8 +56,9 @@ def resolve_threads(value: int | str | None, where: str = "--threads") -> int:
     return n
 
 
-def apply_threads(value: int | str | None, where: str = "--threads") -> int:
-    """Set torch's intra-op threads from ``value`` (see ``resolve_threads``), say so once; returns the count."""
+def apply_threads(value: int | str | None, where: str = "--threads", announce: bool = True) -> int:
+    """Set torch's intra-op threads from ``value`` (see ``resolve_threads``), say so once (``announce``: a training
+    stage's log keeps it; a short command's one-line error should stand alone); returns the count."""
     n = resolve_threads(value, where)
     torch.set_num_threads(n)
     if value is None and os.environ.get(OMP_ENV, "").strip():
@@ -70,10 +67,6 @@ def apply_threads(value: int | str | None, where: str = "--threads") -> int:
         how = "auto: cores left free by the load"
     else:
         how = where
-    log.info("threads: %d (%s; change with --threads N)", n, how)
+    if announce:
+        log.info("threads: %d (%s; change with --threads N)", n, how)
     return n
-
-
-def add_threads_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """The ``--threads`` option every stage and script shares."""
-    parser.add_argument("--threads", default=None, metavar="N", help=THREADS_HELP)

@@ -38,6 +38,18 @@ class ResumableRandomSampler(Sampler[int]):
         return self.length
 
 
+class PositionedDataLoader(DataLoader):
+    """A DataLoader that tells Lightning it is resumable: its position lives in the ``ResumableRandomSampler``,
+    which ``DataModule.resume_at`` places from the checkpoint's step, so there is no state of its own to save."""
+
+    def state_dict(self) -> dict:
+        """Nothing: the data position is restored from the checkpoint's step (``DataModule.resume_at``)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Nothing to load (see ``state_dict``)."""
+
+
 class DataModule(L.LightningDataModule):
     """Train/val loaders; without `val`, a seeded `val_fraction` of `train` is held out."""
 
@@ -73,7 +85,7 @@ class DataModule(L.LightningDataModule):
         return held_in, held_out
 
     def _loader(self, dataset: Dataset, batch_size: int, sampler: Sampler | None, drop_last: bool) -> DataLoader:
-        return DataLoader(
+        return PositionedDataLoader(
             dataset,
             batch_size=batch_size,
             sampler=sampler,

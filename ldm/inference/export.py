@@ -19,6 +19,7 @@ import yaml
 from torch import Tensor
 
 from ldm.core.config import instantiate_from_config, load_config, save_config
+from ldm.inference.loaders import describe_run
 from ldm.inference.lora_export import export_lora, lora_settings, merged_state
 from ldm.inference.sd import inference_node
 from ldm.io.checkpoints import (
@@ -158,5 +159,6 @@ def _source(source: str | os.PathLike, config: str | os.PathLike | None) -> tupl
         if path.is_dir():
             path = checkpoint_for(path)
         return path, load_config(config)
+    describe_run(source)  # a stage-2 or ControlNet run, or one line saying what it is instead (e.g. a VAE run)
     ckpt = checkpoint_for(source)
     return ckpt, run_config(ckpt)

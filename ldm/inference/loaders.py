@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +39,6 @@ from ldm.systems.latent_diffusion import LatentDiffusion
 
 DEFAULT_RUN = "runs/ldm/latest"
 CONTROL_STAGE_PARAM = "control_stage"
-EMA_TARGETS = {"model_ema": "model", "control_ema": "control_model"}  # a system's EMA → the module it shadows
 VAE_TRAINING_ONLY = ("loss.",)  # LPIPS and discriminator weights in a stage-1 checkpoint: not the autoencoder's
 
 
@@ -96,14 +95,16 @@ def load_autoencoder(spec: str | os.PathLike, config: str | os.PathLike | None =
     return vae, info
 
 
-def build_system(node: Mapping, path: str = "model", load_first_stage: bool = True) -> nn.Module:
-    """A system from its model node. A ``first_stage`` named by run path is loaded with its weights, or with
-    ``load_first_stage=False`` built from the run's config alone (its weights then come from a checkpoint)."""
+def build_system(node: Mapping, path: str = "model", load_first_stage: bool = True,
+                 load_vae: Callable[..., tuple] = load_autoencoder) -> nn.Module:
+    """A system from its model node. A ``first_stage`` named by run path is loaded with its weights (by
+    ``load_vae``, as ``load_autoencoder``), or with ``load_first_stage=False`` built from the run's config alone (its
+    weights then come from a checkpoint)."""
     first_stage = (node.get("params") or {}).get("first_stage")
     if not isinstance(first_stage, (str, os.PathLike)):
         return instantiate_from_config(node, path)
     if load_first_stage:
-        vae = load_autoencoder(first_stage)[0]
+        vae = load_vae(first_stage, None)[0]
     else:
         vae = instantiate_from_config(vae_node(first_stage), f"{path}.params.first_stage")
     return instantiate_from_config(node, path, first_stage=vae)

@@ -17,9 +17,9 @@ from __future__ import annotations
 from torch import nn
 
 from ldm.core.config import ConfigError
-from ldm.inference.loaders import EMA_TARGETS, RunSummary, build_system
+from ldm.inference.loaders import RunSummary, build_system
 from ldm.inference.sd import load_sd_weights, read_sd_state
-from ldm.io.checkpoints import fit_report, load_file, state_dict_of
+from ldm.io.checkpoints import EMA_SHADOWED, fit_report, load_file, state_dict_of
 
 
 def base_hint(config: str | None) -> str:
@@ -78,7 +78,7 @@ def load_run_system(info: RunSummary, use_ema: bool = True) -> tuple[nn.Module, 
     system = build_system(info.config["model"], load_first_stage=False)
     prepare_weights(system, resumed=True)
     load_checkpoint(system, state_dict_of(load_file(info.checkpoint)), f"checkpoint {info.checkpoint}")
-    emas = {name: target for name, target in EMA_TARGETS.items() if getattr(system, name, None) is not None}
+    emas = {name: target for name, target in EMA_SHADOWED.items() if getattr(system, name, None) is not None}
     if use_ema:
         for name, target in emas.items():
             getattr(system, name).copy_to(getattr(system, target))

@@ -19,6 +19,7 @@ from ldm.inference.sd_control import control_from_unet_state
 from ldm.io.checkpoints import (
     CONTROL_PREFIX,
     EMA_PREFIX,
+    EMA_SHADOWED,
     FILLED_KEYS,
     HF_TEXT_PREFIX,
     OPENCLIP_TEXT_PREFIX,
@@ -111,8 +112,8 @@ def to_model_layout(system: nn.Module, state: Mapping[str, Tensor], use_ema: boo
     if control_from_unet and control is not None and not any(k.startswith(CONTROL_PREFIX) for k in state):
         state.update(control_from_unet_state(control, state))
         filled.append("control_model.* (from the U-Net)")
-    for ema_name, source in getattr(system, "ema_sources", {"model_ema": "model."}).items():
-        kept_ema, prefix = getattr(system, ema_name, None), f"{ema_name}."
+    for ema_name, shadowed in EMA_SHADOWED.items():
+        kept_ema, prefix, source = getattr(system, ema_name, None), f"{ema_name}.", f"{shadowed}."
         if not isinstance(kept_ema, LitEma) or any(prefix + s in state for s in kept_ema.m_name2s_name.values()):
             continue  # no EMA kept, or the file has its shadows
         for name, shadow in kept_ema.m_name2s_name.items():

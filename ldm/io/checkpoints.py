@@ -42,6 +42,8 @@ VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model."
 CONTROL_PREFIX = "control_model."
 EMA_PREFIX = "model_ema."
+# A system's EMA module → the module whose parameters it shadows (LitEma keys: ``<ema>.<name without dots>``).
+EMA_SHADOWED = {"model_ema": "model", "control_ema": "control_model"}
 HF_TEXT_PREFIX = "cond_stage_model.transformer."  # SD1: a transformers CLIPTextModel
 OPENCLIP_TEXT_PREFIX = "cond_stage_model.model."  # SD2 (and this project's FrozenOpenCLIP)
 
@@ -303,7 +305,12 @@ def ema_shadow_key(key: str, wrapper_prefix: str = "model.") -> str:
     ``model_ema.diffusion_modelinput_blocks00weight`` (the name under the tracked wrapper, dots removed)."""
     if not key.startswith(wrapper_prefix):
         raise ValueError(f"{key!r} is not under the EMA-tracked module {wrapper_prefix!r}")
-    return EMA_PREFIX + key[len(wrapper_prefix):].replace(".", "")
+    return EMA_PREFIX + shadow_name(key[len(wrapper_prefix):])
+
+
+def shadow_name(param_name: str) -> str:
+    """The buffer name of a parameter's EMA shadow: its name without dots (buffer names cannot hold them)."""
+    return param_name.replace(".", "")
 
 
 def has_ema(state_dict: Mapping[str, torch.Tensor]) -> bool:

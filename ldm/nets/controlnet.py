@@ -14,15 +14,15 @@ indices and shapes fixed keeps SD ControlNet hint weights loadable at any factor
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ldm.nets.unet.attention import AttentionBackend, zero_module
-from ldm.nets.unet.blocks import make_block_factory
-from ldm.nets.unet.model import UNetModel, embed_time, make_time_embed
+from ldm.nets.unet.attention import zero_module
+from ldm.nets.unet.model import UNetModel, block_factory, embed_time, make_time_embed, unet_params
 
 HINT_BLOCK_CHANNELS = (16, 16, 32, 32, 96, 96, 256)  # widths of the hint convs before the zero conv
 HINT_WIDENING_CONVS = (2, 4, 6)  # positions in HINT_BLOCK_CHANNELS of the convs that may be stride 2
@@ -53,54 +53,24 @@ def _zero_conv(channels: int) -> nn.Sequential:
 class ControlNet(nn.Module):
     """The U-Net's encoder + middle block on (latent + embedded hint), emitting zero-conv residuals.
 
-    Takes UNetModel's arguments (``out_channels`` is accepted so a U-Net's params can be reused, and
-    ignored) plus ``hint_channels`` and the VAE's ``downsampling_factor`` (hint resolution / latent resolution).
+    Takes the U-Net's own parameters (``UNetModel``'s, by name, declared there once: ``unet_params``;
+    ``out_channels`` is accepted so a U-Net's params can be reused, and ignored) plus ``hint_channels`` and the VAE's
+    ``downsampling_factor`` (hint resolution / latent resolution).
     """
 
-    def __init__(
-        self,
-        image_size: int,
-        in_channels: int,
-        model_channels: int,
-        hint_channels: int,
-        num_res_blocks: int | Sequence[int],
-        attention_resolutions: Sequence[int],
-        dropout: float = 0.0,
-        channel_mult: Sequence[int] = (1, 2, 4, 8),
-        conv_resample: bool = True,
-        dims: int = 2,
-        num_classes: int | None = None,
-        use_checkpoint: bool = False,
-        num_heads: int = -1,
-        num_head_channels: int = -1,
-        num_heads_upsample: int = -1,
-        use_scale_shift_norm: bool = False,
-        resblock_updown: bool = False,
-        use_spatial_transformer: bool = False,
-        transformer_depth: int = 1,
-        context_dim: int | None = None,
-        use_linear_in_transformer: bool = False,
-        legacy: bool = True,
-        attention: AttentionBackend = "auto",
-        downsampling_factor: int = SD_DOWNSAMPLING_FACTOR,
-        out_channels: int | None = None,
-    ):
+    def __init__(self, hint_channels: int, downsampling_factor: int = SD_DOWNSAMPLING_FACTOR, **unet: Any):
         super().__init__()
-        factory = make_block_factory(
-            model_channels, num_res_blocks, attention_resolutions, dropout, channel_mult, conv_resample, dims,
-            use_checkpoint, num_heads, num_head_channels, num_heads_upsample, use_scale_shift_norm,
-            resblock_updown, use_spatial_transformer, transformer_depth, context_dim, use_linear_in_transformer,
-            legacy, attention,
-        )
-        self.image_size = image_size
-        self.in_channels = in_channels
-        self.model_channels = model_channels
+        config = unet_params({"out_channels": unet.get("in_channels"), **unet}, "ControlNet")  # (B, in) → residuals
+        factory = block_factory(config)
+        self.image_size = config["image_size"]
+        self.in_channels = config["in_channels"]
+        self.model_channels = config["model_channels"]
         self.hint_channels = hint_channels
         self.downsampling_factor = downsampling_factor
 
-        self.time_embed, self.label_emb = make_time_embed(factory, num_classes)
-        self.input_blocks, self.middle_block, skip_channels = factory.build_encoder(in_channels)
-        self.input_hint_block = make_hint_block(hint_channels, model_channels, downsampling_factor)
+        self.time_embed, self.label_emb = make_time_embed(factory, config["num_classes"])
+        self.input_blocks, self.middle_block, skip_channels = factory.build_encoder(config["in_channels"])
+        self.input_hint_block = make_hint_block(hint_channels, config["model_channels"], downsampling_factor)
         self.zero_convs = nn.ModuleList(_zero_conv(ch) for ch in skip_channels)
         self.middle_block_out = _zero_conv(skip_channels[-1])
 
@@ -108,11 +78,11 @@ class ControlNet(nn.Module):
     def from_unet(
         cls, unet: UNetModel, hint_channels: int = 3, downsampling_factor: int = SD_DOWNSAMPLING_FACTOR
     ) -> "ControlNet":
-        """A ControlNet shaped like ``unet`` whose encoder, middle block and time embedding are copies of its own."""
-        params = {k: v for k, v in unet.config.items() if k != "out_channels"}
+        """A ControlNet shaped like ``unet`` (built from its own config) whose encoder, middle block and time
+        embedding are copies of its own."""
         reference = next(unet.parameters())
         with torch.device(reference.device):
-            controlnet = cls(**params, hint_channels=hint_channels, downsampling_factor=downsampling_factor)
+            controlnet = cls(hint_channels, downsampling_factor, **unet.config)
         controlnet.to(dtype=reference.dtype)
         copy_unet_weights(controlnet, unet)
         return controlnet
@@ -140,6 +110,19 @@ class ControlNet(nn.Module):
         h = self.middle_block(h, emb, context)
         residuals.append(self.middle_block_out(h))
         return residuals
+
+
+def _signature() -> inspect.Signature:
+    """ControlNet's parameters as configs see them: its own, then the U-Net's (derived, never re-declared)."""
+    own = [inspect.Parameter("hint_channels", inspect.Parameter.KEYWORD_ONLY, annotation=int),
+           inspect.Parameter("downsampling_factor", inspect.Parameter.KEYWORD_ONLY, default=SD_DOWNSAMPLING_FACTOR,
+                             annotation=int)]
+    unet = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY, **({"default": None} if name == "out_channels" else {}))
+            for name, p in inspect.signature(UNetModel).parameters.items()]
+    return inspect.Signature(own + unet)
+
+
+ControlNet.__signature__ = _signature()  # what ldm.core.config checks a ControlNet node's params against
 
 
 def copy_unet_weights(controlnet: ControlNet, unet: UNetModel) -> None:

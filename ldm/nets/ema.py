@@ -16,16 +16,12 @@ import torch
 from torch import nn
 
 from ldm.core.private_api import foreach_lerp_
+from ldm.io.checkpoints import shadow_name
 
 DEFAULT_DECAY = 0.9999  # latent-diffusion's
 WARMUP_OFFSET = (1, 10)  # decay = min(decay, (1 + n) / (10 + n)) after n updates
 SHADOW_DTYPE = torch.float32
 FIXED_BUFFERS = ("decay", "num_updates")
-
-
-def shadow_name(param_name: str) -> str:
-    """The buffer name of a parameter's shadow: its name without dots (buffer names cannot hold them)."""
-    return param_name.replace(".", "")
 
 
 def warmup_decay(decay: float, num_updates: int) -> float:

@@ -4,7 +4,8 @@ loss math ``ldm.nets.autoencoder.losses``).
 ``AutoencoderKLSystem`` *is* an AutoencoderKL (same state-dict keys, ``encoder.*``, ``decoder.*``, … as
 latent-diffusion's, plus ``loss.*``), so a stage-1 checkpoint reads like latent-diffusion's kl-f8 files.
 
-Training uses Lightning 2 manual optimisation with two Adam optimisers (autoencoder, discriminator).
+Training uses Lightning 2 manual optimisation with two optimisers (autoencoder, discriminator), both from the
+``optimizer`` node (``ldm.systems.optim.AdamW``, latent-diffusion's betas 0.5, 0.9; the discriminator at ``disc_lr``).
 ``trainer.global_step`` counts generator steps, i.e. batches: the discriminator is stepped through the
 strategy's precision plugin directly (same autocast / GradScaler handling as ``LightningOptimizer.step``)
 but without the progress bookkeeping that would count it as a second step. Before ``disc_start`` the
@@ -21,33 +22,25 @@ from torch import nn
 
 from ldm.core.metrics import psnr
 from ldm.nets.autoencoder.model import AutoencoderKL
-from ldm.systems.optim import (
-    LRDecay,
-    fused_supported,
-    lr_factor,
-    total_steps,
-    warmup_schedule,
-)
+from ldm.systems.optim import AdamW, total_steps
 
 ADAM_BETAS = (0.5, 0.9)  # latent-diffusion's VAE / VQGAN optimiser betas
+DEFAULT_LR = 4.5e-6  # latent-diffusion's base rate for its KL autoencoders
 
 
 class AutoencoderKLSystem(AutoencoderKL, L.LightningModule):
     """An AutoencoderKL that trains with an LPIPSWithDiscriminator (``loss``; None: inference only)."""
 
-    def __init__(self, ddconfig: dict, embed_dim: int, loss: nn.Module | None = None, learning_rate: float = 4.5e-6,
-                 image_key: str = "image", disc_learning_rate: float | None = None,
-                 lr_schedule: LRDecay = "constant", warmup_steps: int = 0, channels_last: bool = False,
+    def __init__(self, ddconfig: dict, embed_dim: int, loss: nn.Module | None = None, optimizer: AdamW | None = None,
+                 image_key: str = "image", disc_lr: float | None = None, channels_last: bool = False,
                  bicubic_skip: bool = False):
         super().__init__(ddconfig, embed_dim, channels_last, bicubic_skip)
-        self.save_hyperparameters(ignore=["loss"])
+        self.save_hyperparameters(ignore=["loss", "optimizer"])
         self.automatic_optimization = False
         self.loss = loss
         self.image_key = image_key
-        self.learning_rate = learning_rate
-        self.disc_learning_rate = learning_rate if disc_learning_rate is None else disc_learning_rate
-        self.lr_schedule, self.warmup_steps = lr_schedule, warmup_steps
-        lr_factor(0, warmup_steps, None, lr_schedule)  # a bad schedule name fails now, not at fit start
+        self.optimizer_settings = optimizer or AdamW(lr=DEFAULT_LR, betas=ADAM_BETAS)
+        self.disc_lr = self.optimizer_settings.lr if disc_lr is None else disc_lr
 
     def get_input(self, batch: dict) -> torch.Tensor:
         """The batch's images (B, 3, H, W) in [-1, 1]."""
@@ -62,17 +55,16 @@ class AutoencoderKLSystem(AutoencoderKL, L.LightningModule):
         return self.loss
 
     def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[torch.optim.lr_scheduler.LRScheduler]]:
-        """Adam(β 0.5, 0.9) for the autoencoder (+ logvar if learned) with its LR schedule; Adam for the discriminator."""
+        """The configured optimiser for the autoencoder (+ logvar if learned) with its LR schedule, and for the
+        discriminator at ``disc_lr``."""
         loss = self._require_loss()
         ae_params = [p for m in (self.encoder, self.decoder, self.quant_conv, self.post_quant_conv) for p in m.parameters()]
         if loss.logvar.requires_grad:
             ae_params.append(loss.logvar)
         disc_params = list(loss.discriminator.parameters())
-        opt_ae = torch.optim.Adam(ae_params, lr=self.learning_rate, betas=ADAM_BETAS, fused=fused_supported(ae_params))
-        opt_disc = torch.optim.Adam(disc_params, lr=self.disc_learning_rate, betas=ADAM_BETAS,
-                                    fused=fused_supported(disc_params))
-        schedule = warmup_schedule(opt_ae, self.warmup_steps, total_steps(self.trainer), self.lr_schedule)
-        return [opt_ae, opt_disc], [schedule]
+        opt_ae = self.optimizer_settings.optimizer(ae_params)
+        opt_disc = self.optimizer_settings.optimizer(disc_params, lr=self.disc_lr)
+        return [opt_ae, opt_disc], [self.optimizer_settings.schedule(opt_ae, total_steps(self.trainer))]
 
     def on_fit_start(self) -> None:
         """Resolve the loss's disc_start against the run's length (a fraction of it, or a warning past its end)."""

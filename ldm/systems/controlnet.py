@@ -26,7 +26,6 @@ from ldm.systems.optim import AdamW
 
 DEFAULT_HINT_CHANNELS = 3  # ControlNet's RGB hint images (Canny edges as 3 equal channels)
 UNLOCKED_WHEN_NOT_SD_LOCKED = ("output_blocks", "out")  # the U-Net's decoder half, trained with sd_locked: false
-EMA_SOURCES = {"model_ema": "model.", "control_ema": "control_model."}  # EMA module → the weights it shadows
 
 
 class ControlLDM(LatentDiffusion):
@@ -39,8 +38,6 @@ class ControlLDM(LatentDiffusion):
     model came from. ``use_ema`` keeps an EMA of the trained weights (``control_ema``, and ``model_ema`` for an
     unlocked decoder); off by default, as in ControlNet.
     """
-
-    ema_sources = EMA_SOURCES  # for loaders that start the EMAs from the weights (ldm.inference.sd.to_model_layout)
 
     def __init__(self, unet: nn.Module | None = None, cond_stage: nn.Module | None = None,
                  objective: DiffusionObjective | None = None, control_stage: nn.Module | None = None, first_stage: nn.Module | None = None,
@@ -92,19 +89,6 @@ class ControlLDM(LatentDiffusion):
             for name in UNLOCKED_WHEN_NOT_SD_LOCKED:
                 getattr(unet, name).requires_grad_(True)
         self.control_model.requires_grad_(True)
-
-    @torch.no_grad()
-    def restart_ema(self) -> None:
-        """Start the EMA shadows from the current weights (after the base's weights were loaded)."""
-        for ema_name, source in EMA_SOURCES.items():
-            ema = getattr(self, ema_name, None)
-            if ema is None:
-                continue
-            tracked = self.get_submodule(source.rstrip("."))
-            buffers = dict(ema.named_buffers())
-            for name, shadow in ema.m_name2s_name.items():
-                buffers[shadow].copy_(tracked.get_parameter(name))
-            ema.reset_num_updates()
 
     def trained_networks(self) -> list[nn.Module]:
         """The ControlNet and the U-Net it feeds (gradients flow back through the U-Net's decoder)."""

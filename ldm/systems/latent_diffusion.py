@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ldm.diffusion import DiffusionObjective
-from ldm.io.checkpoints import EMA_PREFIX, fit_report
+from ldm.io.checkpoints import EMA_PREFIX, EMA_SHADOWED, fit_report
 from ldm.nets.compile import compile_network, is_compiled
 from ldm.nets.conditioning.base import ucg_dropout
 from ldm.nets.ema import DEFAULT_DECAY, LitEma, ema_scope
@@ -180,6 +180,18 @@ class LatentDiffusion(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         """Swap the training weights back."""
         self._ema_context.__exit__(None, None, None)
+
+    @torch.no_grad()
+    def restart_ema(self) -> None:
+        """Start every kept EMA from the current weights of the module it shadows (after a base's weights load)."""
+        for ema_name, shadowed in EMA_SHADOWED.items():
+            ema = getattr(self, ema_name, None)
+            if ema is None:
+                continue
+            tracked, buffers = self.get_submodule(shadowed), dict(ema.named_buffers())
+            for name, shadow in ema.m_name2s_name.items():
+                buffers[shadow].copy_(tracked.get_parameter(name))
+            ema.reset_num_updates()
 
     # ------------------------------------------------------------------------------------ LoRA
 

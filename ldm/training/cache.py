@@ -11,10 +11,12 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import sys
 from pathlib import Path
+from typing import Callable
 
 from ldm.core.config import ConfigError, check_config, config_section, get_obj_from_str, instantiate_from_config
 from ldm.data.latents import CacheError, build_cache, read_meta
@@ -24,6 +26,7 @@ from ldm.nets.conditioning.embedders import ClassEmbedder
 log = logging.getLogger(__name__)
 CACHE_DEFAULTS = {"batch_size": 64, "shard_size": 4096, "num_workers": 0, "vae_config": None}
 CACHE_REQUIRED = ("dir", "vae", "data")
+LoadVae = Callable[..., tuple]  # (spec, inference config or None) → (VAE, its identity), as load_autoencoder
 
 
 def cache_section(cfg: dict) -> dict:
@@ -36,12 +39,13 @@ def cache_section(cfg: dict) -> dict:
     return section
 
 
-def make_cache(cfg: dict, progress: bool | None = None) -> dict:
+def make_cache(cfg: dict, progress: bool | None = None, load_vae: LoadVae = load_autoencoder) -> dict:
     """Encode the datasets of ``cfg['cache']`` with its VAE (resuming finished shards); returns meta. The bar
-    shows in a terminal only (``progress=None``), so a log file gets lines."""
+    shows in a terminal only (``progress=None``), so a log file gets lines. ``load_vae`` loads the VAE (the
+    driver's loads it once for the cache and the system)."""
     section = cache_section(cfg)
     progress = sys.stderr.isatty() if progress is None else progress
-    vae, info = load_autoencoder(section["vae"], section["vae_config"])
+    vae, info = load_vae(section["vae"], section["vae_config"])
     datasets = {split: instantiate_from_config(node, f"cache.data.{split}") for split, node in section["data"].items()}
     meta = build_cache(vae, datasets, section["dir"], info, section["batch_size"], section["shard_size"],
                        section["num_workers"], progress, data_config=section["data"])
@@ -57,7 +61,8 @@ def _class_list(classes: dict[str, int], shown: int = 12) -> str:
     return ", ".join(items[:shown]) + (f", … ({len(items)} in all)" if len(items) > shown else "")
 
 
-def ensure_cache(cfg: dict, config_path: str | None = None, build_missing: bool = True) -> dict:
+def ensure_cache(cfg: dict, config_path: str | None = None, build_missing: bool = True,
+                 load_vae: LoadVae = load_autoencoder) -> dict:
     """Check that the cache exists and was made with the config's VAE; build it first when missing."""
     section = cache_section(cfg)
     command = f"python stages/cache_latents.py --vae {section['vae']}" + (f" --cfg {config_path}" if config_path else "")
@@ -67,7 +72,7 @@ def ensure_cache(cfg: dict, config_path: str | None = None, build_missing: bool 
         if not build_missing:
             raise CacheError(f"{e}. Build it with: {command}") from e
         log.info("%s: building it now (the same as `%s`)", e, command)
-        return make_cache(cfg)
+        return make_cache(cfg, load_vae=load_vae)
     built_from, wanted = meta.get("data"), json.loads(json.dumps(section["data"]))  # as meta.json stores it
     if built_from is not None and built_from != wanted:
         raise CacheError(
@@ -75,7 +80,7 @@ def ensure_cache(cfg: dict, config_path: str | None = None, build_missing: bool 
             f"({_difference(built_from, wanted, 'cache.data')}); delete "
             f"{Path(section['dir'])}, or set cache.dir to another folder"
         )
-    _, info = load_autoencoder(section["vae"], section["vae_config"])
+    _, info = load_vae(section["vae"], section["vae_config"])
     if meta["vae"]["hash"] != info["hash"]:
         raise CacheError(
             f"the latent cache {section['dir']} was made with VAE {meta['vae']['checkpoint']} (weights hash "
@@ -106,13 +111,13 @@ def class_embedder_params(cfg: dict) -> dict | None:
     return cond.setdefault("params", {}) if isinstance(cls, type) and issubclass(cls, ClassEmbedder) else None
 
 
-def sync_classes(cfg: dict, meta: dict) -> None:
+def sync_classes(cfg: dict, meta: dict) -> dict:
     """Check ``n_classes`` against the cache's class folders and store their names in the config (the run keeps
-    them): an error naming both numbers when they differ."""
+    them; ``cfg`` is returned): an error naming both numbers when they differ."""
     params = class_embedder_params(cfg)
     classes = meta.get("classes") or {}
     if params is None or not classes:
-        return
+        return cfg
     n = params.get("n_classes")
     if n != len(classes):
         raise ConfigError(
@@ -121,10 +126,12 @@ def sync_classes(cfg: dict, meta: dict) -> None:
             f"{len(classes)}, or train with --data FOLDER, which fills it in"
         )
     params["class_names"] = [name for name, _ in sorted(classes.items(), key=lambda kv: kv[1])]
+    return cfg
 
 
-def prepare_stage2(cfg: dict, config_path: str | None = None) -> dict:
-    """Stage 2's preparation: the latent cache (built when missing), then the class names it found."""
-    meta = ensure_cache(cfg, config_path)
-    sync_classes(cfg, meta)
+def prepare_stage2(cfg: dict, config_path: str | None = None, load_vae: LoadVae = load_autoencoder) -> dict:
+    """Stage 2's preparation of a resolved config: the latent cache (built when missing), its classes checked
+    against the config's (the config itself is not changed)."""
+    meta = ensure_cache(cfg, config_path, load_vae=load_vae)
+    sync_classes(copy.deepcopy(cfg), meta)
     return meta

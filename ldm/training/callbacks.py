@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None) -> dict:
         """Load with the weights-only unpickler: a checkpoint that would run code is refused (CheckpointError)."""
         return load_file(path)
+
+
+def expect_own_checkpoints(ckpt_dir: str | os.PathLike) -> None:
+    """A resumed run writes into its own checkpoint folder: Lightning's "exists and is not empty" warning, meant for a
+    new run meeting another's files, is ignored for that folder (as Lightning names it: its real path) only."""
+    folder = re.escape(os.path.realpath(ckpt_dir))
+    warnings.filterwarnings("ignore", message=f"Checkpoint directory {folder} exists and is not empty")
 
 
 def rng_states() -> dict:

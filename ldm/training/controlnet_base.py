@@ -34,7 +34,7 @@ from ldm.io.checkpoints import UNET_PREFIX, VAE_PREFIX, fit_report, load_file, s
 from ldm.io.runs import checkpoint_for, resolve_run, run_config
 from ldm.nets.controlnet import copy_unet_weights
 from ldm.systems.controlnet import DEFAULT_HINT_CHANNELS
-from ldm.training.cache import cache_section, ensure_cache
+from ldm.training.cache import LoadVae, cache_section, ensure_cache
 
 # What a ControlLDM takes from its base's model params when its own config does not set it.
 INHERITED = ("unet", "cond_stage", "objective", "first_stage", "scale_factor", "image_size")
@@ -150,17 +150,24 @@ def cache_has_hints(cache_dir: str | os.PathLike) -> bool:
     return True
 
 
-def prepare_controlnet(cfg: dict, config_path: str | None = None) -> None:
-    """Stage 3's ``before_build``: complete the model from its base; build or check the hint-carrying cache."""
+def prepare_controlnet(cfg: dict, config_path: str | None = None) -> dict:
+    """Complete the model from its base (in ``cfg``), then build or check the hint-carrying cache; returns ``cfg``."""
     complete_model_node(cfg["model"])
+    prepare_control_cache(cfg, config_path)
+    return cfg
+
+
+def prepare_control_cache(cfg: dict, config_path: str | None = None, load_vae: LoadVae = load_autoencoder) -> None:
+    """Stage 3's preparation of a completed config: the cache's VAE is the base's; build or check the cache, which
+    must carry hints."""
     if "cache" not in cfg:
         return  # images encoded on the fly (e.g. an SD base on a folder of images with stored edge maps)
     section = cache_section(cfg)
     command = f"python stages/cache_latents.py --cfg {config_path or '<this config>'} --out {section['dir']}"
     first_stage = cfg["model"]["params"].get("first_stage")
     if isinstance(first_stage, str):  # checked before anything is encoded
-        base_vae = load_autoencoder(first_stage)[1]
-        cache_vae = load_autoencoder(section["vae"], section["vae_config"])[1]
+        base_vae = load_vae(first_stage, None)[1]
+        cache_vae = load_vae(section["vae"], section["vae_config"])[1]
         if base_vae["hash"] != cache_vae["hash"]:
             raise CacheError(
                 f"cache.vae {section['vae']} is not the VAE the base model was trained with ({first_stage}): "
@@ -168,7 +175,7 @@ def prepare_controlnet(cfg: dict, config_path: str | None = None) -> None:
     cache_dir = Path(section["dir"])
     hintless = cache_dir.is_dir() and any(cache_dir.iterdir()) and not cache_has_hints(cache_dir)
     if not hintless:  # a cache without hints is refused for that first, whatever data it was built from
-        ensure_cache(cfg, config_path)
+        ensure_cache(cfg, config_path, load_vae=load_vae)
     if not cache_has_hints(cache_dir):
         raise CacheError(
             f"the latent cache {section['dir']} has no hints (edge maps): it was built from datasets that do not "

@@ -1,16 +1,20 @@
-"""The one training driver every stage script calls: config → run directory → Lightning Trainer → fit.
+"""The one training driver every stage script calls: config → plan → run directory → Lightning Trainer → fit.
 
 Stages differ only in their config. ``python stages/<stage>.py [--cfg FILE] [--resume RUN] [--data DIR] [--threads N]
-[key=value …]``; ``--data DIR`` points the recipe at a folder of images (``ldm.training.presets``).
+[--dry-run] [key=value …]`` (``ldm.training.cli``); the stage is resolved once into a ``StagePlan``
+(``ldm.training.plan``), printed by ``--dry-run``, and the run executes it.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
+import shlex
+import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -26,12 +30,11 @@ from ldm.core.config import (
     check_config,
     config_section,
     instantiate_from_config,
-    load_config,
     save_config,
 )
 from ldm.core.errors import UserError
 from ldm.core.logging import setup_cli_logging
-from ldm.core.threads import add_threads_argument, apply_threads
+from ldm.core.threads import apply_threads, resolve_threads
 from ldm.inference.loaders import build_system
 from ldm.inference.sd_base import checkpoint_state_of
 from ldm.io.checkpoints import fit_report, load_file, state_dict_of
@@ -40,42 +43,32 @@ from ldm.io.runs import (
     CONFIG_FILE,
     LAST_CHECKPOINT,
     check_writable,
-    checkpoint_for,
     create_run_dir,
-    resolve_run,
 )
 from ldm.nets.compile import compiler_problem
-from ldm.training.callbacks import AtomicCheckpointIO, FinalValidation, GracefulStop, ResumeBookkeeping
+from ldm.training.callbacks import (
+    AtomicCheckpointIO,
+    FinalValidation,
+    GracefulStop,
+    ResumeBookkeeping,
+    expect_own_checkpoints,
+)
+from ldm.training.cli import parse_args  # noqa: F401 (the stages' command line, defined light)
 from ldm.training.csv_logger import RunCSVLogger
 from ldm.training.guards import GUARD_DEFAULTS, NonFiniteError, guard_callbacks
-from ldm.training.presets import apply_folder, take_folder_overrides
+from ldm.training.plan import CHECKPOINT_DEFAULTS, Resolution, StagePlan, plan_stage
 from ldm.training.progress import progress_callback
-from ldm.training.stages import STAGES, BeforeBuild, Complete, InitWeights, ResumeWeights
+from ldm.training.stages import STAGES, InitWeights, ResumeWeights, Stage
+from ldm.training.summary import summary_callback
+from ldm.training.vae_once import LoadOnce
 
 # Set by the launching process so that DDP workers (which re-run the script) join its run directory.
 RUN_DIR_ENV = "LDM_RUN_DIR"
-CHECKPOINT_DEFAULTS = {"every_n_train_steps": 1000, "keep": 2, "monitor": None, "mode": "max"}
 EXIT_BAD_INPUT = 2
 log = logging.getLogger(__name__)
 EXIT_STOPPED = 143  # 128 + SIGTERM, so schedulers see an interrupted (resumable) job
 EXIT_NONFINITE = 3  # the run diverged: resuming as is would diverge again
 GUARD_MODES = ("stop", "skip", "off")
-
-
-def parse_args(argv: Sequence[str] | None, default_config: str) -> argparse.Namespace:
-    """The command line every stage script shares."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cfg", help=f"YAML config (default: {default_config})")
-    parser.add_argument("--resume", metavar="RUN", help="run directory, <stage>/latest or a .ckpt to continue from")
-    parser.add_argument("--name", help="run name (default: the config's `name`)")
-    parser.add_argument("--runs-dir", help="folder for run directories (default: runs, or $LDM_RUNS_DIR)")
-    parser.add_argument("--data", metavar="DIR", help="train on the images in DIR instead of the config's data "
-                        "(same as data.root=DIR); the caption mode is detected and reported")
-    parser.add_argument("--captions", metavar="MODE", help="with --data: auto (default), metadata, txt, subfolders "
-                        "or none (same as data.captions=MODE)")
-    add_threads_argument(parser)
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. trainer.max_steps=500")
-    return parser.parse_intermixed_args(argv)  # overrides may come before or after options
 
 
 def validate(cfg: dict) -> None:
@@ -93,38 +86,18 @@ def validate(cfg: dict) -> None:
         raise ConfigError(f"guard.nonfinite: expected one of {', '.join(GUARD_MODES)}, got {guard['nonfinite']!r}")
 
 
-def load_run_config(args: argparse.Namespace, default_config: str, complete: Complete | None = None
-                    ) -> tuple[dict, str, Path | None, Path | None]:
-    """The checked config (``complete`` fills what it inherits first), its path, and on resume the run directory and
-    checkpoint to continue from."""
-    run_dir = ckpt = None
-    if args.resume:
-        run_dir = resolve_run(args.resume)
-        ckpt = checkpoint_for(args.resume)
-    cfg_path = str(args.cfg or (run_dir / CONFIG_FILE if run_dir else default_config))
-    overrides, folder = take_folder_overrides(list(args.overrides), args.data, args.captions)
-    if folder is not None and run_dir is not None:
-        raise ConfigError("--data / data.root starts a new run on a folder; a resumed run keeps its data (drop it)")
-    cfg = load_config(cfg_path, overrides)
-    for line in apply_folder(cfg, folder) if folder is not None else ():
-        log.info("%s", line)
-    if complete is not None:
-        complete(cfg)
-    validate(cfg)
-    return cfg, cfg_path, run_dir, ckpt
-
-
-def open_run_dir(stage: str, cfg: dict, cfg_path: str, args: argparse.Namespace, run_dir: Path | None) -> Path:
+def open_run_dir(plan: StagePlan) -> Path:
     """Create the run directory (or reuse the resumed / launching process's one) and write its config."""
     inherited = os.environ.get(RUN_DIR_ENV)
     if inherited:
         return Path(inherited)  # a DDP worker: rank 0 made the directory and wrote the config
+    run_dir = plan.run_dir
     if run_dir is None:
-        run_dir = create_run_dir(stage, args.name or cfg.get("name") or Path(cfg_path).stem, args.runs_dir)
+        run_dir = create_run_dir(plan.stage, plan.run_name, plan.runs_dir)
     else:
         check_writable(run_dir / CHECKPOINT_DIR)  # a resumed run must still be able to save
         remove_stale_temporaries(run_dir / CHECKPOINT_DIR)
-    save_config(cfg, run_dir / CONFIG_FILE)
+    save_config(plan.config_dict(), run_dir / CONFIG_FILE)
     return run_dir
 
 
@@ -167,50 +140,89 @@ def _build_trainer(cfg: dict, run_dir: Path) -> L.Trainer:
                   *guard_callbacks(cfg, ckpt_dir)]
     callbacks += [instantiate_from_config(node, f"callbacks.{i}") for i, node in enumerate(cfg.get("callbacks") or [])]
     trainer_kwargs = dict(cfg.get("trainer") or {})
-    progress = progress_callback(trainer_kwargs)
-    callbacks += [progress] if progress is not None else []
+    progress = progress_callback(trainer_kwargs, monitor=ckpt_cfg["monitor"], mode=ckpt_cfg["mode"])
+    summary = summary_callback(trainer_kwargs)
+    callbacks += [c for c in (progress, summary) if c is not None]
     return L.Trainer(default_root_dir=str(run_dir), logger=RunCSVLogger(run_dir), callbacks=callbacks,
                      plugins=[AtomicCheckpointIO()], **trainer_kwargs)
 
 
-def train(stage: str, default_config: str | None = None, argv: Sequence[str] | None = None,
-          before_build: BeforeBuild | None = None, init_weights: InitWeights | None = None,
-          complete: Complete | None = None, resume_weights: ResumeWeights | None = None) -> Path:
-    """Run one stage's training from the command line; returns the run directory.
+def resume_command(stage: str, run_dir: Path) -> str:
+    """The command that continues a run, ready to paste: this script (as started) and the run's absolute path."""
+    script = sys.argv[0] if sys.argv and sys.argv[0].endswith(".py") else f"stages/train_{stage}.py"
+    return f"python {shlex.quote(script)} --resume {shlex.quote(str(Path(run_dir).absolute()))}"
 
-    ``stage`` names the runs folder and, for the stages of ``ldm.training.stages``, the defaults of the rest:
-    ``default_config``; ``before_build(cfg, config_path)``, run after the config is checked and before anything
-    is built (stage 2 builds or checks its latent cache); ``init_weights(model, cfg)``, run on a new run (not a
-    resumed one) once the model is built (stage 3 loads its base model's weights); ``complete(cfg)``, run before the
-    config is checked, fills in what it inherits (reflow: the model of its source run); ``resume_weights(model, cfg)``,
-    run on a resumed run before its checkpoint is checked, gives it what the checkpoints do not hold (a LoRA run's
-    base and adapters).
+
+def stage_of(stage: str, default_config: str | None = None, before_build: Callable | None = None,
+             init_weights: InitWeights | None = None, complete: Callable[[dict], object] | None = None,
+             resume_weights: ResumeWeights | None = None) -> Stage:
+    """The stage ``stage`` (``ldm.training.stages``), or a new one, with the hooks given here in place of its own:
+    ``complete(cfg)`` fills in what the config inherits before the stage resolves it; ``before_build(cfg,
+    config_path)`` replaces its preparation (it gets a copy of the planned config)."""
+    known = STAGES.get(stage) or Stage(stage, default_config or "")
+    resolve = known.resolve
+    if complete is not None:
+        def resolve(cfg: dict, config_path: str, _own=known.resolve) -> Resolution:
+            out = complete(cfg)
+            return _own(out if isinstance(out, dict) else cfg, config_path)
+    prepare = known.prepare
+    if before_build is not None:
+        def prepare(cfg: dict, config_path: str, load_vae: Callable) -> object:
+            return before_build(cfg, config_path)
+    return Stage(stage, default_config or known.default_config, resolve, prepare, init_weights or known.init_weights,
+                 resume_weights or known.resume_weights)
+
+
+def train(stage: str, default_config: str | None = None, argv: Sequence[str] | None = None,
+          before_build: Callable | None = None, init_weights: InitWeights | None = None,
+          complete: Callable[[dict], object] | None = None, resume_weights: ResumeWeights | None = None,
+          args: argparse.Namespace | None = None) -> Path | None:
+    """Run one stage's training from the command line; returns the run directory (None after ``--dry-run``).
+
+    ``stage`` names the runs folder and, for the stages of ``ldm.training.stages``, the defaults of the rest (see
+    ``stage_of`` for hooks given here). ``args`` are arguments already parsed (a stage script parses them before
+    the heavy imports); else ``argv`` is parsed.
     """
     setup_cli_logging()
-    known = STAGES.get(stage)
-    if known is not None:
-        default_config = default_config or known.default_config
-        before_build = before_build or known.before_build
-        init_weights = init_weights or known.init_weights
-        complete = complete or known.complete
-        resume_weights = resume_weights or known.resume_weights
-    args = parse_args(argv, default_config)
+    spec = stage_of(stage, default_config, before_build, init_weights, complete, resume_weights)
+    args = args if args is not None else parse_args(argv, spec.default_config)
     try:
-        cfg, cfg_path, run_dir, ckpt = load_run_config(args, default_config, complete)
-        apply_threads(args.threads if args.threads is not None else cfg.get("threads"),
-                      "--threads" if args.threads is not None else "threads")
-        if before_build is not None:
-            before_build(cfg, cfg_path)
+        if args.threads is not None:
+            resolve_threads(args.threads)  # a bad --threads is refused before anything is read
+        plan = plan_stage(spec.name, spec.default_config, args, spec.resolve, validate)
+    except UserError as e:
+        log.error("%s", e)
+        raise SystemExit(EXIT_BAD_INPUT) from None
+    if args.dry_run:
+        print(plan)
+        return None
+    return run_plan(plan, spec, args.threads)
+
+
+def run_plan(plan: StagePlan, stage: Stage, threads: str | None = None) -> Path:
+    """Execute a stage's plan: prepare (cache, pairs), build the data and the model (each VAE loaded once), open the
+    run directory, fit; returns the run directory."""
+    cfg, ckpt = plan.config_dict(), plan.checkpoint
+    load_vae = LoadOnce()
+    for note in plan.notes:  # what --data chose
+        log.info("%s", note)
+    try:
+        apply_threads(threads if threads is not None else cfg.get("threads"),
+                      "--threads" if threads is not None else "threads")
+        if stage.prepare is not None:
+            stage.prepare(copy.deepcopy(cfg), plan.config_path, load_vae)
         L.seed_everything(cfg.get("seed", 0), workers=True, verbose=False)
         datamodule = instantiate_from_config(cfg["data"], "data")
-        model = build_system(cfg["model"])  # a stage-1 run named by path is loaded, not read by the system
+        model = build_system(cfg["model"], load_vae=load_vae)  # a stage-1 run named by path is loaded, not read
         if ckpt is not None:
-            if resume_weights is not None:
-                resume_weights(model, cfg)
+            if stage.resume_weights is not None:
+                stage.resume_weights(model, cfg)
             check_resumable(model, ckpt)
-        elif init_weights is not None:
-            init_weights(model, cfg)
-        run_dir = open_run_dir(stage, cfg, cfg_path, args, run_dir)
+        elif stage.init_weights is not None:
+            stage.init_weights(model, cfg)
+        run_dir = open_run_dir(plan).absolute()  # printed paths are absolute, before a resume and after
+        if ckpt is not None:
+            expect_own_checkpoints(run_dir / CHECKPOINT_DIR)
         trainer = build_trainer(cfg, run_dir)
         if getattr(model, "compile_networks", False):  # `compile: true`: fail now, not at the first step
             problem = compiler_problem(trainer.strategy.root_device)
@@ -219,12 +231,12 @@ def train(stage: str, default_config: str | None = None, argv: Sequence[str] | N
     except UserError as e:
         log.error("%s", e)
         raise SystemExit(EXIT_BAD_INPUT) from None
-    log.info("%s: %s%s", "resuming" if ckpt else "run", run_dir, f" from {ckpt}" if ckpt else "")
+    log.info("%s: %s%s", "resuming" if ckpt else "run", run_dir, f" from {Path(ckpt).absolute()}" if ckpt else "")
     os.environ[RUN_DIR_ENV] = str(run_dir)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
     except SIGTERMException:
-        log.warning("stopped at step %d; resume with: --resume %s", trainer.global_step, run_dir)
+        log.info("stopped at step %d; resume with: %s", trainer.global_step, resume_command(plan.stage, run_dir))
         raise SystemExit(EXIT_STOPPED) from None
     except NonFiniteError as e:
         log.error("%s", e)

@@ -25,6 +25,7 @@ from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 log = logging.getLogger(__name__)
 DEFAULT_EVERY_SECONDS = 30.0
 VALUE_DIGITS = 4  # significant digits of logged metric values
+DEFAULT_MONITOR = "val/loss"  # what "validation stopped improving" watches unless checkpoint.monitor names another
 
 
 def total_steps(trainer: L.Trainer) -> int | None:
@@ -66,21 +67,56 @@ def _duration(seconds: float) -> str:
     return str(timedelta(seconds=round(max(seconds, 0.0))))
 
 
+class Improvement:
+    """Whether a validation metric still improves: its best value and step, and how many validations since."""
+
+    def __init__(self, monitor: str = DEFAULT_MONITOR, mode: str = "min") -> None:
+        self.monitor, self.sign = monitor, 1.0 if mode == "min" else -1.0
+        self.best: tuple[float, int] | None = None  # (value, step)
+        self.since = 0  # validations since the best
+
+    def update(self, metrics: dict, step: int) -> str:
+        """Record this validation; the words that say where it stands (empty when the metric is not logged)."""
+        if self.monitor not in metrics:
+            return ""
+        value = float(metrics[self.monitor])
+        if self.best is None or self.sign * value < self.sign * self.best[0]:
+            self.best, self.since = (value, step), 0
+            return f"{self.monitor} best so far"
+        self.since += 1
+        return (f"{self.monitor} stopped improving: best {_format(self.best[0])} at step {self.best[1]}, "
+                f"{self.since} validation{'s' if self.since > 1 else ''} ago")
+
+
 class StepBar(TQDMProgressBar):
-    """Lightning's tqdm bar, its description the epoch out of the run's total (right for step-based runs)."""
+    """Lightning's tqdm bar, its description the epoch out of the run's total (right for step-based runs); a line
+    when validation stops improving."""
+
+    def __init__(self, improvement: Improvement | None = None) -> None:
+        super().__init__()
+        self.improvement = improvement or Improvement()
 
     def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
         """As Lightning's, then name the epoch out of the total."""
         super().on_train_epoch_start(trainer, *args)
         self.train_progress_bar.set_description(epoch_text(trainer).capitalize())
 
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """As Lightning's, then say so when the monitored metric no longer improves."""
+        super().on_validation_end(trainer, pl_module)
+        if not trainer.sanity_checking:
+            words = self.improvement.update(trainer.callback_metrics, trainer.global_step)
+            if "stopped" in words:
+                log.info("validation at step %d: %s", trainer.global_step, words)
+
 
 class LineProgress(ProgressBar):
     """One log line at the first step, every ``every_seconds``, at the last step, and after each validation."""
 
-    def __init__(self, every_seconds: float = DEFAULT_EVERY_SECONDS) -> None:
+    def __init__(self, every_seconds: float = DEFAULT_EVERY_SECONDS, improvement: Improvement | None = None) -> None:
         super().__init__()
         self.every_seconds = every_seconds
+        self.improvement = improvement or Improvement()
         self._enabled = True
         self._start: tuple[float, int] | None = None  # (time, step) of the first logged step: the rate's origin
         self._last_line = 0.0
@@ -130,12 +166,16 @@ class LineProgress(ProgressBar):
             return
         metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val")}
         text = ", ".join(f"{k} {_format(v)}" for k, v in sorted(metrics.items())) or "done"
-        log.info("validation at step %d: %s", trainer.global_step, text)
+        words = self.improvement.update(metrics, trainer.global_step)
+        log.info("validation at step %d: %s%s", trainer.global_step, text, f" ({words})" if words else "")
 
 
-def progress_callback(trainer_cfg: dict, stream: Any = None) -> ProgressBar | None:
-    """The bar for a terminal, lines otherwise; None when the config turns progress off."""
+def progress_callback(trainer_cfg: dict, stream: Any = None, monitor: str | None = None,
+                      mode: str = "min") -> ProgressBar | None:
+    """The bar for a terminal, lines otherwise, each watching ``monitor`` (default val/loss) for improvement; None
+    when the config turns progress off."""
     if trainer_cfg.get("enable_progress_bar") is False:
         return None
     stream = sys.stdout if stream is None else stream
-    return StepBar() if getattr(stream, "isatty", lambda: False)() else LineProgress()
+    improvement = Improvement(monitor or DEFAULT_MONITOR, mode if monitor else "min")
+    return StepBar(improvement) if getattr(stream, "isatty", lambda: False)() else LineProgress(improvement=improvement)

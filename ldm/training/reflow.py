@@ -122,8 +122,9 @@ def read_meta_any(cache_dir: Path) -> dict:
     return json.loads((cache_dir / META_FILE).read_text())
 
 
-def complete_reflow(cfg: dict) -> None:
-    """The reflow stage's ``complete``: pin the source run and take the model it trains from it (unless set)."""
+def complete_reflow(cfg: dict) -> dict:
+    """The reflow stage's completion: pin the source run and take the model it trains from it (unless set); in
+    ``cfg``, which is returned (the stage's plan calls it on its own copy)."""
     section = reflow_section(cfg)
     source = resolve_run(section["source"])
     cfg["reflow"]["source"] = str(source)  # pinned: `latest` moves, the run does not
@@ -132,6 +133,7 @@ def complete_reflow(cfg: dict) -> None:
     for key in INHERITED:
         if params.get(key) is None and key in source_params:
             params[key] = copy.deepcopy(source_params[key])
+    return cfg
 
 
 def ensure_pairs(cfg: dict, config_path: str | None = None) -> dict:
@@ -164,8 +166,5 @@ def load_source_weights(system: torch.nn.Module, cfg: dict) -> dict:
     state = {k: v for k, v in state.items() if not k.startswith("model_ema.")}
     fit_report(wanted, state, f"the reflow source {ckpt}")  # the model node was copied from it: exactly its keys
     system.load_state_dict(state, strict=False)  # all but the EMA, restarted below
-    if system.model_ema is not None:  # a fresh EMA of the starting weights
-        for name, shadow in system.model_ema.m_name2s_name.items():
-            system.model_ema.get_buffer(shadow).copy_(system.model.get_parameter(name))
-        system.model_ema.reset_num_updates()
+    system.restart_ema()  # a fresh EMA of the starting weights
     return {"checkpoint": str(ckpt), "ema": ema}

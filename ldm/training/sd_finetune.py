@@ -79,11 +79,12 @@ def _check_cache(cfg: dict, ckpt: Path, config: Path) -> None:
         cache[key] = str(want)
 
 
-def complete_from_base(cfg: dict) -> None:
-    """Stage 2's ``complete``: with ``model.params.base_ckpt`` set, fill the model in from the base (in place)."""
+def complete_from_base(cfg: dict) -> dict:
+    """Stage 2's completion: with ``model.params.base_ckpt`` set, fill the model in from the base (in ``cfg``, which
+    is returned; the stage's plan calls it on its own copy)."""
     params = (cfg.get("model") or {}).get("params") or {}
     if not params.get("base_ckpt"):
-        return
+        return cfg
     ckpt, config = _base_paths(params)
     params["base_ckpt"], params["base_config"] = str(ckpt), str(config)  # pinned: a resumed run may start elsewhere
     base = read_model_config(config)["params"]
@@ -95,6 +96,7 @@ def complete_from_base(cfg: dict) -> None:
         lora_text = ((params.get("lora") or {}).get("params") or {}).get("text_targets")
         text["params"][FROZEN_TEXT_PARAM] = not (params.get("cond_stage_trainable", False) or bool(lora_text))
     _check_cache(cfg, ckpt, config)
+    return cfg
 
 
 def start_from_base(system: nn.Module, cfg: dict | None = None) -> dict:

@@ -1,7 +1,7 @@
-"""The training stages: each is its default config plus what completes the config before it is checked (the model
-reflow and a fine-tune of an SD file inherit), what runs before the model is built (the latent cache, a ControlNet's
-base model, reflow's pairs) and what initialises a new run's weights (a base's). ``ldm.training.driver.train`` looks
-them up."""
+"""The training stages: each is its default config plus how its config is resolved into a plan (what the model
+inherits from a base or source run, the class names of its data: ``ldm.training.resolve``), what runs before the
+model is built (the latent cache, a ControlNet's hint checks, reflow's pairs) and what initialises a new run's
+weights (a base's). ``ldm.training.driver.train`` looks them up."""
 
 from __future__ import annotations
 
@@ -10,15 +10,30 @@ from typing import Callable
 
 from torch import nn
 
-from ldm.training.cache import ensure_cache, prepare_stage2
-from ldm.training.controlnet_base import load_base_weights, prepare_controlnet
-from ldm.training.reflow import complete_reflow, ensure_pairs, load_source_weights
-from ldm.training.sd_finetune import complete_from_base, resume_from_base, start_from_base
+from ldm.training.cache import LoadVae, ensure_cache, prepare_stage2
+from ldm.training.cli import DEFAULT_CONFIGS
+from ldm.training.controlnet_base import load_base_weights, prepare_control_cache
+from ldm.training.plan import Resolution, Resolver
+from ldm.training.reflow import ensure_pairs, load_source_weights
+from ldm.training.resolve import resolve_controlnet, resolve_images, resolve_reflow, resolve_stage2
+from ldm.training.sd_finetune import resume_from_base, start_from_base
 
-Complete = Callable[[dict], object]  # (config): fills in what the config inherits, before it is checked
-BeforeBuild = Callable[[dict, str], object]  # (config, config path): prepares what the model and data need
+Prepare = Callable[[dict, str, LoadVae], object]  # (resolved config, its path, VAE loader): caches, pairs, checks
 InitWeights = Callable[[nn.Module, dict], object]  # (model, config): a new run's initial weights
 ResumeWeights = Callable[[nn.Module, dict], object]  # (model, config): what a resumed run's checkpoints do not hold
+
+
+def unchanged(cfg: dict, config_path: str) -> Resolution:
+    """A config that needs no completion."""
+    return Resolution(cfg)
+
+
+def _ensure_cache(cfg: dict, config_path: str, load_vae: LoadVae) -> dict:
+    return ensure_cache(cfg, config_path, load_vae=load_vae)
+
+
+def _ensure_pairs(cfg: dict, config_path: str, load_vae: LoadVae) -> dict:
+    return ensure_pairs(cfg, config_path)
 
 
 @dataclass(frozen=True)
@@ -27,19 +42,19 @@ class Stage:
 
     name: str
     default_config: str
-    before_build: BeforeBuild | None = None
+    resolve: Resolver = unchanged
+    prepare: Prepare | None = None
     init_weights: InitWeights | None = None
-    complete: Complete | None = None
     resume_weights: ResumeWeights | None = None
 
 
 STAGES: dict[str, Stage] = {
-    "vae": Stage("vae", "configs/vae/shapes-kl-f4.yaml"),
-    "ldm": Stage("ldm", "configs/ldm/shapes-text.yaml", before_build=prepare_stage2, init_weights=start_from_base,
-                 complete=complete_from_base, resume_weights=resume_from_base),
-    "controlnet": Stage("controlnet", "configs/controlnet/shapes-canny.yaml", before_build=prepare_controlnet,
-                        init_weights=load_base_weights),
-    "classifier": Stage("classifier", "configs/classifier/shapes-latent.yaml", before_build=ensure_cache),
-    "reflow": Stage("reflow", "configs/ldm/shapes-text-reflow.yaml", complete=complete_reflow,
-                    before_build=ensure_pairs, init_weights=load_source_weights),
+    "vae": Stage("vae", DEFAULT_CONFIGS["vae"], resolve=resolve_images),
+    "ldm": Stage("ldm", DEFAULT_CONFIGS["ldm"], resolve=resolve_stage2, prepare=prepare_stage2,
+                 init_weights=start_from_base, resume_weights=resume_from_base),
+    "controlnet": Stage("controlnet", DEFAULT_CONFIGS["controlnet"], resolve=resolve_controlnet,
+                        prepare=prepare_control_cache, init_weights=load_base_weights),
+    "classifier": Stage("classifier", DEFAULT_CONFIGS["classifier"], resolve=resolve_stage2, prepare=_ensure_cache),
+    "reflow": Stage("reflow", DEFAULT_CONFIGS["reflow"], resolve=resolve_reflow, prepare=_ensure_pairs,
+                    init_weights=load_source_weights),
 }

@@ -8,7 +8,8 @@ as ControlNet's ``ControlledUnetModel`` does.
 
 from __future__ import annotations
 
-from typing import Sequence
+import inspect
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -61,13 +62,8 @@ class UNetModel(nn.Module):
     ):
         self_config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
-        self.config: dict = self_config  # constructor arguments, e.g. for ControlNet.from_unet
-        factory = make_block_factory(
-            model_channels, num_res_blocks, attention_resolutions, dropout, channel_mult, conv_resample, dims,
-            use_checkpoint, num_heads, num_head_channels, num_heads_upsample, use_scale_shift_norm,
-            resblock_updown, use_spatial_transformer, transformer_depth, context_dim, use_linear_in_transformer,
-            legacy, attention,
-        )
+        self.config: dict = self_config  # constructor arguments: what a ControlNet of this U-Net is built from
+        factory = block_factory(self_config)
         self.image_size = image_size
         self.in_channels = in_channels
         self.model_channels = model_channels
@@ -156,3 +152,22 @@ def embed_time(
             raise ValueError(f"y has {y.shape[0]} labels for a batch of {x.shape[0]}")
         emb = emb + label_emb(y)
     return emb
+
+
+FACTORY_PARAMS = tuple(inspect.signature(make_block_factory).parameters)  # the architecture's block settings
+
+
+def block_factory(config: Mapping[str, Any]) -> BlockFactory:
+    """The block factory of a U-Net's constructor arguments (``unet_params``), for the U-Net and its ControlNet."""
+    return make_block_factory(**{name: config[name] for name in FACTORY_PARAMS})
+
+
+def unet_params(params: Mapping[str, Any], where: str = "UNetModel") -> dict:
+    """``UNetModel``'s constructor arguments bound by name, defaults filled: the one declaration of the U-Net's
+    architecture, which a ControlNet reuses. Unknown or missing names: a ValueError naming them."""
+    try:
+        bound = inspect.signature(UNetModel).bind(**params)
+    except TypeError as e:
+        raise ValueError(f"{where}: {e} (it takes UNetModel's parameters)") from e
+    bound.apply_defaults()
+    return dict(bound.arguments)
