@@ -37,21 +37,33 @@ def tiny_vae_run(workdir):
 
 
 @pytest.fixture(scope="session")
-def tiny_ldm_run(workdir, tiny_vae_run):
-    """A stage-2 text run of the tiny config on a cache of the tiny VAE, trained once per test session."""
+def tiny_ldm_run(workdir, toy_vae_run):
+    """A stage-2 text run of the tiny config on a cache of the toy VAE, trained once per test session."""
     from ldm.training.cache import ensure_cache
 
     cfg = str(TINY / "ldm-text.yaml")
-    overrides = [f"cache.vae={tiny_vae_run}", f"cache.dir={workdir / 'cache' / 'tiny-text'}"]
+    overrides = [f"cache.vae={toy_vae_run}", f"cache.dir={workdir / 'cache' / 'toy-text'}"]
     return train("ldm", cfg, ["--cfg", cfg, "--runs-dir", str(workdir / "runs"), *overrides], before_build=ensure_cache)
 
 
 @pytest.fixture(scope="session")
-def tiny_flow_run(workdir, tiny_vae_run):
-    """A stage-2 rectified-flow run of the tiny config on the tiny text cache, trained once per test session."""
+def tiny_flow_run(workdir, toy_vae_run):
+    """A stage-2 rectified-flow run of the tiny config on the toy text cache, trained once per test session."""
     cfg = str(TINY / "ldm-flow.yaml")
-    overrides = [f"cache.vae={tiny_vae_run}", f"cache.dir={workdir / 'cache' / 'tiny-text'}"]
+    overrides = [f"cache.vae={toy_vae_run}", f"cache.dir={workdir / 'cache' / 'toy-text'}"]
     return train("ldm", cfg, ["--cfg", cfg, "--runs-dir", str(workdir / "runs"), "--name", "flow", *overrides])
+
+
+@pytest.fixture(scope="session")
+def tiny_class_run(workdir, toy_vae_run):
+    """A class-conditional stage-2 run (3 steps) on a cache of the toy VAE, trained once per test session: its latent
+    scale is the one a cache of that VAE measures, as a classifier's trained on such a cache is."""
+    from ldm.training.cache import ensure_cache
+
+    cfg = str(TINY / "ldm-class.yaml")
+    return train("ldm", cfg, ["--cfg", cfg, "--runs-dir", str(workdir / "class-runs"), "trainer.max_steps=3",
+                              "callbacks=[]", f"cache.vae={toy_vae_run}",
+                              f"cache.dir={workdir / 'cache' / 'toy-class'}"], before_build=ensure_cache)
 
 
 # Runs written from in-memory toy components (tests/components.py): the tiny configs' architectures with seeded

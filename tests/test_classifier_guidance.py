@@ -12,7 +12,6 @@ from ldm.diffusion.classifier_guidance import ClassifierGuidance, class_log_prob
 from ldm.eval.gaussian import MIXTURE_STDS, ideal_model_fn, mixture_classifier_fn, mixture_logits, mixture_x0
 from ldm.inference.pipeline import NotAnLDMRunError, Pipeline, PipelineError
 from ldm.nets.conditioning.embedders import UnconditionalEmbedder
-from ldm.training.cache import ensure_cache
 from ldm.training.driver import train
 from tests.conftest import TINY
 from tests.scripts import load_script
@@ -67,20 +66,10 @@ def test_guidance_samples_the_chosen_component_and_scale_zero_changes_nothing(sc
 
 
 @pytest.fixture(scope="module")
-def tiny_class_run(workdir, tiny_vae_run):
-    """A class-conditional stage-2 run (3 steps) on the tiny VAE: trained, so its latent scale is the one a cache of
-    that VAE measures, as the classifier's is."""
-    cfg = str(TINY / "ldm-class.yaml")
-    return train("ldm", cfg, ["--cfg", cfg, "--runs-dir", str(workdir / "class-runs"), "trainer.max_steps=3",
-                              "callbacks=[]", f"cache.vae={tiny_vae_run}",
-                              f"cache.dir={workdir / 'cache' / 'tiny-class'}"], before_build=ensure_cache)
-
-
-@pytest.fixture(scope="module")
-def tiny_classifier_run(workdir, tiny_vae_run):
+def tiny_classifier_run(workdir, toy_vae_run):
     """A noise-aware classifier trained on the tiny text cache (6 steps)."""
     cfg = str(TINY / "classifier.yaml")
-    overrides = [f"cache.vae={tiny_vae_run}", f"cache.dir={workdir / 'cache' / 'tiny-text'}"]
+    overrides = [f"cache.vae={toy_vae_run}", f"cache.dir={workdir / 'cache' / 'toy-text'}"]
     return train("classifier", cfg, ["--cfg", cfg, "--runs-dir", str(workdir / "runs"), *overrides])
 
 
