@@ -176,7 +176,7 @@ def vae_of_run(vae_run: Path) -> AutoencoderKL:
 
 def write_ldm_run(root: Path, vae_run: Path, kind: str = "text", seed: int = 0,
                   cache_dir: Path | None = None) -> Path:
-    """A stage-2 run of ``configs/tiny/ldm-<kind>.yaml`` on ``vae_run``: ``tiny_ldm(kind, seed)`` with that run's VAE."""
+    """A stage-2 run of ``configs/tiny/ldm-<kind>.yaml`` on ``vae_run``: ``tiny_ldm(kind, seed)``, that run's VAE."""
     components = {**tiny_components(kind, seed), "first_stage": vae_of_run(vae_run)}
     system = tiny_ldm(kind, seed, components=components)
     return write_run(root, "ldm", ldm_run_config(kind, vae_run, cache_dir), system.state_dict())

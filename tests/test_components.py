@@ -117,7 +117,8 @@ def test_written_runs_hold_the_in_memory_systems(toy_ldm_run, toy_vae_run, toy_c
     memory = tiny_ldm("text").state_dict()
     assert state.keys() == memory.keys() and all(torch.equal(state[k], memory[k]) for k in memory)
     loaded = Pipeline.from_run(toy_ldm_run, device="cpu")
-    assert torch.equal(loaded.generate_tensors(PROMPTS, **FAST), tiny_pipeline("text").generate_tensors(PROMPTS, **FAST))
+    drawn = tiny_pipeline("text").generate_tensors(PROMPTS, **FAST)
+    assert torch.equal(loaded.generate_tensors(PROMPTS, **FAST), drawn)
     control = Pipeline.from_run(toy_controlnet_run, device="cpu")
     assert control.control_model is not None
     assert all(torch.equal(p, q) for p, q in zip(control.model.parameters(), loaded.model.parameters()))  # its base
