@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ldm.training.driver import train
+from tests.components import write_control_run, write_ldm_run, write_vae_run
 from tests.paths import REPO_ROOT, TINY  # noqa: F401  (TINY: imported by tests from here)
 
 
@@ -36,18 +37,65 @@ def tiny_vae_run(workdir):
 
 
 @pytest.fixture(scope="session")
-def tiny_ldm_run(workdir, tiny_vae_run):
-    """A stage-2 text run of the tiny config on a cache of the tiny VAE, trained once per test session."""
+def tiny_ldm_run(workdir, toy_vae_run):
+    """A stage-2 text run of the tiny config on a cache of the toy VAE, trained once per test session."""
     from ldm.training.cache import ensure_cache
 
     cfg = str(TINY / "ldm-text.yaml")
-    overrides = [f"cache.vae={tiny_vae_run}", f"cache.dir={workdir / 'cache' / 'tiny-text'}"]
+    overrides = [f"cache.vae={toy_vae_run}", f"cache.dir={workdir / 'cache' / 'toy-text'}"]
     return train("ldm", cfg, ["--cfg", cfg, "--runs-dir", str(workdir / "runs"), *overrides], before_build=ensure_cache)
 
 
 @pytest.fixture(scope="session")
-def tiny_flow_run(workdir, tiny_vae_run):
-    """A stage-2 rectified-flow run of the tiny config on the tiny text cache, trained once per test session."""
+def tiny_flow_run(workdir, toy_vae_run):
+    """A stage-2 rectified-flow run of the tiny config on the toy text cache, trained once per test session."""
     cfg = str(TINY / "ldm-flow.yaml")
-    overrides = [f"cache.vae={tiny_vae_run}", f"cache.dir={workdir / 'cache' / 'tiny-text'}"]
+    overrides = [f"cache.vae={toy_vae_run}", f"cache.dir={workdir / 'cache' / 'toy-text'}"]
     return train("ldm", cfg, ["--cfg", cfg, "--runs-dir", str(workdir / "runs"), "--name", "flow", *overrides])
+
+
+@pytest.fixture(scope="session")
+def tiny_class_run(workdir, toy_vae_run):
+    """A class-conditional stage-2 run (3 steps) on a cache of the toy VAE, trained once per test session: its latent
+    scale is the one a cache of that VAE measures, as a classifier's trained on such a cache is."""
+    from ldm.training.cache import ensure_cache
+
+    cfg = str(TINY / "ldm-class.yaml")
+    return train("ldm", cfg, ["--cfg", cfg, "--runs-dir", str(workdir / "class-runs"), "trainer.max_steps=3",
+                              "callbacks=[]", f"cache.vae={toy_vae_run}",
+                              f"cache.dir={workdir / 'cache' / 'toy-class'}"], before_build=ensure_cache)
+
+
+# Runs written from in-memory toy components (tests/components.py): the tiny configs' architectures with seeded
+# random weights, config.yaml + checkpoints/last.ckpt as the driver leaves them, no training. For tests that need
+# a run on disk but not a trained one (loaders, Pipeline.from_run, export, txt2img, evaluate, refusals).
+
+
+@pytest.fixture(scope="session")
+def toy_vae_run(workdir):
+    """A stage-1 run of configs/tiny/vae.yaml holding tests.components.tiny_vae() (untrained)."""
+    return write_vae_run(workdir / "toy-runs")
+
+
+@pytest.fixture(scope="session")
+def toy_ldm_run(workdir, toy_vae_run):
+    """A stage-2 text run of configs/tiny/ldm-text.yaml on toy_vae_run holding tests.components.tiny_ldm("text")."""
+    return write_ldm_run(workdir / "toy-runs", toy_vae_run, "text", cache_dir=workdir / "cache" / "toy-text")
+
+
+@pytest.fixture(scope="session")
+def toy_class_run(workdir, toy_vae_run):
+    """A stage-2 class run of configs/tiny/ldm-class.yaml on toy_vae_run (168 classes), untrained."""
+    return write_ldm_run(workdir / "toy-class-runs", toy_vae_run, "class", cache_dir=workdir / "cache" / "toy-class")
+
+
+@pytest.fixture(scope="session")
+def toy_flow_run(workdir, toy_vae_run):
+    """A stage-2 rectified-flow run of configs/tiny/ldm-flow.yaml on toy_vae_run, untrained."""
+    return write_ldm_run(workdir / "toy-flow-runs", toy_vae_run, "flow", cache_dir=workdir / "cache" / "toy-text")
+
+
+@pytest.fixture(scope="session")
+def toy_controlnet_run(workdir, toy_ldm_run, toy_vae_run):
+    """A ControlNet run of configs/tiny/controlnet.yaml on toy_ldm_run, its zero convolutions nonzero (as trained)."""
+    return write_control_run(workdir / "toy-runs", toy_ldm_run, toy_vae_run)

@@ -15,7 +15,6 @@ from ldm.nets.conditioning.embedders import UnconditionalEmbedder
 from ldm.training.driver import train
 from tests.conftest import TINY
 from tests.scripts import load_script
-from tests.test_pipeline import tiny_class_run  # noqa: F401  (a session fixture shared with the pipeline tests)
 
 SHAPE = (1, 4, 4)
 N = 1000
@@ -67,10 +66,10 @@ def test_guidance_samples_the_chosen_component_and_scale_zero_changes_nothing(sc
 
 
 @pytest.fixture(scope="module")
-def tiny_classifier_run(workdir, tiny_vae_run):
+def tiny_classifier_run(workdir, toy_vae_run):
     """A noise-aware classifier trained on the tiny text cache (6 steps)."""
     cfg = str(TINY / "classifier.yaml")
-    overrides = [f"cache.vae={tiny_vae_run}", f"cache.dir={workdir / 'cache' / 'tiny-text'}"]
+    overrides = [f"cache.vae={toy_vae_run}", f"cache.dir={workdir / 'cache' / 'toy-text'}"]
     return train("classifier", cfg, ["--cfg", cfg, "--runs-dir", str(workdir / "runs"), *overrides])
 
 

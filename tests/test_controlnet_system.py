@@ -1,5 +1,6 @@
-"""Stage 3 at toy size: a ControlLDM on the tiny stage-2 run (or a toy SD file) starts as its base, trains only
-the ControlNet, reads hints from the cache, runs end to end through the driver, resumes and exports."""
+"""Stage 3 at toy size: a ControlLDM on a toy stage-2 run (written from in-memory components, tests/components.py)
+or a toy SD file starts as its base, trains only the ControlNet, reads hints from the cache, runs end to end through
+the driver (slow tier), resumes and exports."""
 
 import warnings
 
@@ -23,8 +24,10 @@ from ldm.io.checkpoints import (
 from ldm.io.runs import checkpoint_for, run_config
 from ldm.nets.controlnet import COPIED_FROM_UNET
 from ldm.systems.controlnet import ControlLDM
+from ldm.training.cache import ensure_cache
 from ldm.training.controlnet_base import complete_model_node, load_base_weights, prepare_controlnet
 from ldm.training.driver import train
+from tests.components import write_vae_run
 from tests.conftest import TINY
 from tests.sd_toy import ema_unet_state, public_state, tiny_config, tiny_system
 
@@ -32,24 +35,24 @@ CFG = TINY / "controlnet.yaml"
 BASE_PARTS = ("model.", "cond_stage_model.", "first_stage_model.")
 
 
-def overrides(tiny_ldm_run, tiny_vae_run, workdir) -> list[str]:
-    return [f"model.params.base={tiny_ldm_run}", f"cache.vae={tiny_vae_run}",
+def overrides(toy_ldm_run, toy_vae_run, workdir) -> list[str]:
+    return [f"model.params.base={toy_ldm_run}", f"cache.vae={toy_vae_run}",
             f"cache.dir={workdir / 'cache' / 'tiny-canny'}"]
 
 
 @pytest.fixture(scope="module")
-def cfg(tiny_ldm_run, tiny_vae_run, workdir):
+def cfg(toy_ldm_run, toy_vae_run, workdir):
     """The tiny ControlNet config completed from the tiny stage-2 run, its hint cache built."""
-    cfg = load_config(CFG, overrides(tiny_ldm_run, tiny_vae_run, workdir))
+    cfg = load_config(CFG, overrides(toy_ldm_run, toy_vae_run, workdir))
     prepare_controlnet(cfg, str(CFG))
     return cfg
 
 
 @pytest.fixture(scope="module")
-def base(tiny_ldm_run):
+def base(toy_ldm_run):
     """The stage-2 model as sampling uses it: its checkpoint, EMA weights in the U-Net."""
-    system = build_system(run_config(tiny_ldm_run)["model"])
-    load_strict(system, state_dict_of(load_file(checkpoint_for(tiny_ldm_run))), "base")
+    system = build_system(run_config(toy_ldm_run)["model"])
+    load_strict(system, state_dict_of(load_file(checkpoint_for(toy_ldm_run))), "base")
     system.model_ema.copy_to(system.model)
     return system.eval()
 
@@ -72,10 +75,10 @@ def inputs(n=2, seed=0, size=8, factor=2):
             torch.rand(n, 3, size * factor, size * factor, generator=g))
 
 
-def test_completed_config_pins_the_base_and_spells_out_the_model(cfg, tiny_ldm_run):
+def test_completed_config_pins_the_base_and_spells_out_the_model(cfg, toy_ldm_run):
     params = cfg["model"]["params"]
-    assert params["base"] == str(tiny_ldm_run.resolve())
-    base_params = run_config(tiny_ldm_run)["model"]["params"]
+    assert params["base"] == str(toy_ldm_run.resolve())
+    base_params = run_config(toy_ldm_run)["model"]["params"]
     assert params["unet"] == base_params["unet"] and params["cond_stage"] == base_params["cond_stage"]
     assert params["first_stage"] == base_params["first_stage"]
     control = params["control_stage"]["params"]
@@ -144,14 +147,17 @@ def test_hints_come_from_the_cache(cfg):
     assert item["hint"].shape == (3, 16, 16) and torch.equal(item["hint"], source["hint"])
 
 
-def test_a_cache_without_hints_is_refused_with_the_command(tiny_ldm_run, tiny_vae_run, workdir):
-    stage2_cache = run_config(tiny_ldm_run)["cache"]["dir"]  # built by the stage-2 fixture, no hints
-    cfg = load_config(CFG, [*overrides(tiny_ldm_run, tiny_vae_run, workdir), f"cache.dir={stage2_cache}"])
+def test_a_cache_without_hints_is_refused_with_the_command(toy_ldm_run, toy_vae_run, workdir):
+    stage2 = run_config(toy_ldm_run)
+    ensure_cache(stage2)  # the stage-2 run's cache: latents and captions, no hints
+    stage2_cache = stage2["cache"]["dir"]
+    cfg = load_config(CFG, [*overrides(toy_ldm_run, toy_vae_run, workdir), f"cache.dir={stage2_cache}"])
     with pytest.raises(CacheError, match="has no hints.*stages/cache_latents.py --cfg"):
         prepare_controlnet(cfg, str(CFG))
 
 
-def test_tiny_config_trains_end_to_end_resumes_and_exports(tiny_ldm_run, tiny_vae_run, workdir, cfg, base,
+@pytest.mark.slow
+def test_tiny_config_trains_end_to_end_resumes_and_exports(toy_ldm_run, toy_vae_run, workdir, cfg, base,
                                                            monkeypatch, tmp_path):
     import ldm.data.edges
 
@@ -159,7 +165,7 @@ def test_tiny_config_trains_end_to_end_resumes_and_exports(tiny_ldm_run, tiny_va
         raise AssertionError("training recomputed an edge map")
 
     monkeypatch.setattr(ldm.data.edges, "canny", no_canny)  # the cache exists (fixture): hints are read
-    argv = ["--cfg", str(CFG), "--runs-dir", str(workdir / "runs"), *overrides(tiny_ldm_run, tiny_vae_run, workdir)]
+    argv = ["--cfg", str(CFG), "--runs-dir", str(workdir / "runs"), *overrides(toy_ldm_run, toy_vae_run, workdir)]
     run = train("controlnet", str(CFG), argv, before_build=prepare_controlnet)
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 3
@@ -229,10 +235,9 @@ def test_the_sd15_config_builds_controlnet_v1_for_sd15():
     assert {id(p) for p in system.trainable_parameters()} == {id(p) for p in system.control_model.parameters()}
 
 
-def test_a_cache_vae_other_than_the_base_s_is_refused_before_encoding(tiny_ldm_run, workdir, tmp_path):
-    other = train("vae", str(TINY / "vae.yaml"), ["--cfg", str(TINY / "vae.yaml"), "--runs-dir", str(tmp_path / "runs"),
-                                                  "trainer.max_steps=1", "seed=1"])
-    cfg = load_config(CFG, [f"model.params.base={tiny_ldm_run}", f"cache.vae={other}", f"cache.dir={tmp_path / 'c'}"])
+def test_a_cache_vae_other_than_the_base_s_is_refused_before_encoding(toy_ldm_run, workdir, tmp_path):
+    other = write_vae_run(tmp_path / "runs", seed=1)  # another VAE: other weights, the same architecture
+    cfg = load_config(CFG, [f"model.params.base={toy_ldm_run}", f"cache.vae={other}", f"cache.dir={tmp_path / 'c'}"])
     with pytest.raises(CacheError, match="is not the VAE the base model was trained with"):
         prepare_controlnet(cfg, str(CFG))
     assert not (tmp_path / "c").exists()

@@ -24,9 +24,9 @@ LOSS_TOLERANCE = 0.25  # relative difference of the mean training loss (ε-predi
 
 
 @pytest.fixture(scope="module")
-def cache_args(tiny_vae_run, workdir):
+def cache_args(toy_vae_run, workdir):
     """Overrides pointing stage 2 at a latent cache of the session's tiny VAE (built once)."""
-    args = [f"cache.vae={tiny_vae_run}", f"cache.dir={workdir / 'cache' / 'tiny-text'}"]
+    args = [f"cache.vae={toy_vae_run}", f"cache.dir={workdir / 'cache' / 'toy-text'}"]
     ensure_cache(load_config(TINY / "ldm-text.yaml", args))
     return args + ["callbacks=[]", f"trainer.max_steps={STEPS}"]
 

@@ -1,4 +1,5 @@
-"""scripts/evaluate.py's sampling measures (adherence, classes, fid, edges, all) end to end on the tiny runs.
+"""scripts/evaluate.py's sampling measures (adherence, classes, fid, edges, all) end to end on toy runs written from
+in-memory components (tests/components.py; untrained: the measures run, their values are not judged).
 
 The reader itself (≥ 99 % on real images, near 0 on shuffled prompts) is tested in test_shapes_reader.py.
 """
@@ -16,12 +17,8 @@ from ldm.eval.edges_eval import takes_control
 from ldm.eval.heldout import balanced_classes, held_out
 from ldm.eval.sampled import parse_samplers
 from ldm.eval.shapes_reader import adherence
-from ldm.training.driver import train
-from tests.paths import REPO_ROOT
 from tests.scripts import load_script
 
-TINY = REPO_ROOT / "configs" / "tiny"
-CONTROLNET_CFG = TINY / "controlnet.yaml"
 # Quick classifiers are kept between test sessions (seconds to train, but seconds add up on 2 cores).
 CLASSIFIER_CACHE = Path(os.environ.get("TMPDIR", "/tmp")) / "ldm-test-cache" / "classifier"
 ADHERENCE_COLUMNS = ["command", "run", "sampler", "steps", "nfe", "scale", "n", "adherence_pct", "shape_pct",
@@ -29,29 +26,6 @@ ADHERENCE_COLUMNS = ["command", "run", "sampler", "steps", "nfe", "scale", "n", 
 
 
 evaluate = load_script("evaluate")
-
-
-@pytest.fixture(scope="module")
-def tiny_class_run(workdir, tiny_vae_run):
-    """A class-conditional stage-2 run of the tiny config on the tiny VAE."""
-    from ldm.training.cache import ensure_cache
-
-    cfg = str(TINY / "ldm-class.yaml")
-    overrides = [f"cache.vae={tiny_vae_run}", f"cache.dir={workdir / 'cache' / 'tiny-class'}"]
-    return train("ldm", cfg, ["--cfg", cfg, "--runs-dir", str(workdir / "runs"), *overrides], before_build=ensure_cache)
-
-
-@pytest.fixture(scope="module")
-def tiny_controlnet_run(workdir, tiny_vae_run, tiny_ldm_run):
-    """A ControlNet run of the tiny config over the tiny text run (skips until stage 3 has landed)."""
-    if not CONTROLNET_CFG.is_file():
-        pytest.skip(f"no {CONTROLNET_CFG.name} yet: stage 3 (ControlNet training) has not landed")
-    from ldm.training.controlnet_base import prepare_controlnet
-
-    overrides = [f"model.params.base={tiny_ldm_run}", f"cache.vae={tiny_vae_run}",
-                 f"cache.dir={workdir / 'cache' / 'tiny-canny-eval'}"]
-    argv = ["--cfg", str(CONTROLNET_CFG), "--runs-dir", str(workdir / "runs"), *overrides]
-    return train("controlnet", str(CONTROLNET_CFG), argv, before_build=prepare_controlnet)
 
 
 def _error(capsys, argv: list[str]) -> str:
@@ -89,9 +63,9 @@ def test_sampler_lists_and_errors():
             parse_samplers(bad)
 
 
-def test_adherence_end_to_end(tiny_ldm_run, tmp_path, capsys):
+def test_adherence_end_to_end(toy_ldm_run, tmp_path, capsys):
     out = tmp_path / "eval"
-    rows = evaluate.main(["adherence", "--run", str(tiny_ldm_run), "--n", "4", "--samplers", "ddim:2,dpmpp_2m:3,ddpm:4",
+    rows = evaluate.main(["adherence", "--run", str(toy_ldm_run), "--n", "4", "--samplers", "ddim:2,dpmpp_2m:3,ddpm:4",
                           "--scale", "3", "--out", str(out), "--grid", str(tmp_path / "grid.png")])
     printed = capsys.readouterr().out
     assert [(r["sampler"], r["steps"], r["nfe"]) for r in rows] == [
@@ -107,35 +81,35 @@ def test_adherence_end_to_end(tiny_ldm_run, tmp_path, capsys):
     assert Image.open(tmp_path / "grid.png").size[0] > 4 * 16  # four 16-px samples side by side
 
 
-def test_classes_and_fid_end_to_end(tiny_class_run, tiny_ldm_run, tmp_path, capsys):
+def test_classes_and_fid_end_to_end(toy_class_run, toy_ldm_run, tmp_path, capsys):
     common = ["--n", "6", "--sampler", "ddim:2", "--quick", "--classifier-cache", str(CLASSIFIER_CACHE)]
-    row = evaluate.main(["classes", "--run", str(tiny_class_run), *common, "--out", str(tmp_path)])
+    row = evaluate.main(["classes", "--run", str(toy_class_run), *common, "--out", str(tmp_path)])
     assert row["nfe"] == 2 and row["n"] == 6 and 0 <= row["class_accuracy_pct"] <= 100
     assert 0 <= row["reader_adherence_pct"] <= 100 and 0 <= row["fid"] < float("inf")
     assert _table(capsys.readouterr().out)[0][-3:] == ["class_accuracy_pct", "reader_adherence_pct", "fid"]
-    row = evaluate.main(["fid", "--run", str(tiny_ldm_run), *common, "--csv", str(tmp_path / "fid.csv")])
+    row = evaluate.main(["fid", "--run", str(toy_ldm_run), *common, "--csv", str(tmp_path / "fid.csv")])
     assert row["n"] == 6 and 0 <= row["fid_real_vs_real"] < row["fid"] < float("inf")  # an untrained model is far off
     with open(tmp_path / "fid.csv") as f:
         assert [r["command"] for r in csv.DictReader(f)] == ["fid"]
 
 
-def test_wrong_runs_and_arguments_are_one_line_errors(tiny_vae_run, tiny_ldm_run, tmp_path, capsys):
+def test_wrong_runs_and_arguments_are_one_line_errors(toy_vae_run, toy_ldm_run, tmp_path, capsys):
     assert "run not found" in _error(capsys, ["adherence", "--run", str(tmp_path / "missing")])
-    assert "is not a stage-2" in _error(capsys, ["fid", "--run", str(tiny_vae_run)])
-    assert "text-conditional run" in _error(capsys, ["classes", "--run", str(tiny_ldm_run), "--n", "2"])
-    assert "unknown sampler 'dpm'" in _error(capsys, ["adherence", "--run", str(tiny_ldm_run), "--samplers", "dpm:5"])
-    assert "--n must be a positive" in _error(capsys, ["adherence", "--run", str(tiny_ldm_run), "--n", "0"])
-    assert "--n must be at least 2" in _error(capsys, ["fid", "--run", str(tiny_ldm_run), "--n", "1"])
+    assert "is not a stage-2" in _error(capsys, ["fid", "--run", str(toy_vae_run)])
+    assert "text-conditional run" in _error(capsys, ["classes", "--run", str(toy_ldm_run), "--n", "2"])
+    assert "unknown sampler 'dpm'" in _error(capsys, ["adherence", "--run", str(toy_ldm_run), "--samplers", "dpm:5"])
+    assert "--n must be a positive" in _error(capsys, ["adherence", "--run", str(toy_ldm_run), "--n", "0"])
+    assert "--n must be at least 2" in _error(capsys, ["fid", "--run", str(toy_ldm_run), "--n", "1"])
     assert "name at least one run" in _error(capsys, ["all", "--out", str(tmp_path)])
-    assert "is not a VAE run" in _error(capsys, ["all", "--vae", str(tiny_ldm_run), "--out", str(tmp_path)])
+    assert "is not a VAE run" in _error(capsys, ["all", "--vae", str(toy_ldm_run), "--out", str(tmp_path)])
     message = "has no ControlNet" if takes_control() else "cannot take control images"
-    assert message in _error(capsys, ["edges", "--run", str(tiny_ldm_run), "--n", "2"])
+    assert message in _error(capsys, ["edges", "--run", str(toy_ldm_run), "--n", "2"])
 
 
 @pytest.mark.skipif(not takes_control(), reason="ldm.inference.pipeline has no control= argument yet (ControlNet sampling "
                                                  "is being added); `evaluate.py edges` is written against it")
-def test_edges_end_to_end(tiny_controlnet_run, tmp_path, capsys):
-    row = evaluate.main(["edges", "--run", str(tiny_controlnet_run), "--n", "4", "--sampler", "ddim:2", "--out", str(tmp_path),
+def test_edges_end_to_end(toy_controlnet_run, tmp_path, capsys):
+    row = evaluate.main(["edges", "--run", str(toy_controlnet_run), "--n", "4", "--sampler", "ddim:2", "--out", str(tmp_path),
                          "--grid", str(tmp_path / "edges.png")])
     assert row["nfe"] == 2 and row["n"] == 4 and 0 <= row["edge_f1"] <= 1 and 0 <= row["edge_recall"] <= 1
     assert _table((tmp_path / "eval.md").read_text())[0][-4:] == ["edge_precision", "edge_recall", "edge_f1",
@@ -143,9 +117,9 @@ def test_edges_end_to_end(tiny_controlnet_run, tmp_path, capsys):
     assert Image.open(tmp_path / "edges.png").size[1] > 2 * 16  # hints above outputs
 
 
-def test_all_gathers_one_table(tiny_vae_run, tiny_ldm_run, tiny_class_run, tmp_path, capsys):
+def test_all_gathers_one_table(toy_vae_run, toy_ldm_run, toy_class_run, tmp_path, capsys):
     out = tmp_path / "results"
-    argv = ["all", "--vae", str(tiny_vae_run), "--ldm", str(tiny_ldm_run), "--class-run", str(tiny_class_run),
+    argv = ["all", "--vae", str(toy_vae_run), "--ldm", str(toy_ldm_run), "--class-run", str(toy_class_run),
             "--n", "4", "--samplers", "ddim:2", "--sampler", "ddim:3", "--quick", "--classifier-cache", str(CLASSIFIER_CACHE), "--grids",
             "--out", str(out)]
     evaluate.main(argv)

@@ -30,24 +30,24 @@ EXTRA_KEYS = {"scale_factor", "image_size", "betas", "alphas_cumprod"}
 
 
 @pytest.fixture(scope="module")
-def run_state(tiny_ldm_run):
-    return state_dict_of(load_file(checkpoint_for(tiny_ldm_run)))
+def run_state(toy_ldm_run):
+    return state_dict_of(load_file(checkpoint_for(toy_ldm_run)))
 
 
 @pytest.fixture(scope="module")
-def reference_images(tiny_ldm_run):
+def reference_images(toy_ldm_run):
     """What the run draws when loaded the project's own way (EMA weights)."""
-    return np.stack([np.asarray(im) for im in Pipeline.from_run(tiny_ldm_run, device="cpu")(PROMPTS, **DRAW)])
+    return np.stack([np.asarray(im) for im in Pipeline.from_run(toy_ldm_run, device="cpu")(PROMPTS, **DRAW)])
 
 
 def draw(system) -> np.ndarray:
     return np.stack([np.asarray(im) for im in Pipeline.from_system(system)(PROMPTS, **DRAW)])
 
 
-def test_export_keeps_the_public_layout_and_reloads_to_the_same_images(tiny_ldm_run, tmp_path, reference_images,
+def test_export_keeps_the_public_layout_and_reloads_to_the_same_images(toy_ldm_run, tmp_path, reference_images,
                                                                        run_state):
     out = tmp_path / "tiny-ldm.safetensors"
-    assert export_main([str(tiny_ldm_run), "--out", str(out)]) == 0
+    assert export_main([str(toy_ldm_run), "--out", str(out)]) == 0
     tensors = read_tensors(str(out))
     assert {k.split(".")[0] for k in tensors if k not in EXTRA_KEYS} == PUBLIC_PREFIXES
     assert EXTRA_KEYS <= set(tensors)
@@ -64,9 +64,9 @@ def test_export_keeps_the_public_layout_and_reloads_to_the_same_images(tiny_ldm_
         np.testing.assert_array_equal(draw(model), reference_images)
 
 
-def test_ema_only_writes_the_ema_weights_as_the_unets(tiny_ldm_run, tmp_path, reference_images, run_state):
+def test_ema_only_writes_the_ema_weights_as_the_unets(toy_ldm_run, tmp_path, reference_images, run_state):
     out = tmp_path / "tiny-emaonly.safetensors"
-    assert export_main([str(tiny_ldm_run), "--out", str(out), "--ema-only"]) == 0
+    assert export_main([str(toy_ldm_run), "--out", str(out), "--ema-only"]) == 0
     tensors = read_tensors(str(out))
     assert not any(k.startswith("model_ema.") for k in tensors)
     unet = [k for k in run_state if k.startswith("model.diffusion_model.")]
@@ -76,9 +76,9 @@ def test_ema_only_writes_the_ema_weights_as_the_unets(tiny_ldm_run, tmp_path, re
     np.testing.assert_array_equal(draw(model), reference_images)
 
 
-def test_no_ema_and_half(tiny_ldm_run, tmp_path, run_state):
+def test_no_ema_and_half(toy_ldm_run, tmp_path, run_state):
     out = tmp_path / "tiny-raw-fp16.safetensors"
-    assert export_main([str(tiny_ldm_run), "--out", str(out), "--no-ema", "--half"]) == 0
+    assert export_main([str(toy_ldm_run), "--out", str(out), "--no-ema", "--half"]) == 0
     tensors = read_tensors(str(out))
     assert not any(k.startswith("model_ema.") for k in tensors)
     assert tensors["model.diffusion_model.out.2.weight"].dtype == torch.float16
@@ -137,16 +137,16 @@ def test_a_controlnet_exports_as_its_own_small_file(tmp_path):
             torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)  # fp32 noise of kernel choice, as above
 
 
-def test_bad_requests_exit_2_with_a_message(tiny_ldm_run, tmp_path, capsys):
-    assert export_main([str(tiny_ldm_run), "--out", str(tmp_path / "x.ckpt")]) == 2
+def test_bad_requests_exit_2_with_a_message(toy_ldm_run, tmp_path, capsys):
+    assert export_main([str(toy_ldm_run), "--out", str(tmp_path / "x.ckpt")]) == 2
     assert "safetensors" in capsys.readouterr().err
-    assert export_main([str(tiny_ldm_run), "--out", str(tmp_path / "c.safetensors"), "--controlnet-only"]) == 2
+    assert export_main([str(toy_ldm_run), "--out", str(tmp_path / "c.safetensors"), "--controlnet-only"]) == 2
     assert "no ControlNet" in capsys.readouterr().err
     assert export_main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "y.safetensors")]) == 2
     for lora_flag in (["--lora-layout", "kohya"], ["--merge"]):
-        assert export_main([str(tiny_ldm_run), "--out", str(tmp_path / "l.safetensors"), *lora_flag]) == 2
+        assert export_main([str(toy_ldm_run), "--out", str(tmp_path / "l.safetensors"), *lora_flag]) == 2
         assert "are for LoRA runs" in capsys.readouterr().err
     raw = tmp_path / "raw.safetensors"
-    export_checkpoint(tiny_ldm_run, raw, ema="drop")
+    export_checkpoint(toy_ldm_run, raw, ema="drop")
     with pytest.raises(CheckpointError, match="no EMA"):  # a raw-only file has no EMA left to promote
         export_checkpoint(raw, tmp_path / "again.safetensors", config=raw.with_suffix(".yaml"), ema="only")

@@ -95,9 +95,9 @@ def test_infinite_learning_rate_never_writes_nan_weights(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def ldm_args(tiny_vae_run, workdir):
+def ldm_args(toy_vae_run, workdir):
     """Overrides pointing stage 2 at a latent cache of the session's tiny VAE (built once)."""
-    args = [f"cache.vae={tiny_vae_run}", f"cache.dir={workdir / 'cache' / 'tiny-text'}"]
+    args = [f"cache.vae={toy_vae_run}", f"cache.dir={workdir / 'cache' / 'toy-text'}"]
     ensure_cache(load_config(TINY / "ldm-text.yaml", args))
     return args + ["callbacks=[]", "trainer.max_steps=4"]
 

@@ -12,6 +12,7 @@ from ldm.diffusion.flow import shift_t
 from ldm.diffusion.parameterization import PARAMETERIZATIONS
 from ldm.diffusion.sampling import sample_euler
 from ldm.inference.pipeline import Pipeline
+from tests.components import tiny_pipeline
 from tests.gaussian_data import MEAN, STD, channel_stats, ideal_model_fn, ideal_x0, sample_data
 
 SCHEDULE = FlowSchedule()
@@ -133,11 +134,15 @@ def test_flow_target_and_min_snr_weight_on_the_flow_path():
     assert math.isclose(param.min_snr_weight(torch.tensor(0.0), 5.0).item(), 0.0)
 
 
-@pytest.mark.slow
-def test_a_flow_run_trains_and_the_pipeline_samples_it_on_its_own_path(tiny_flow_run):
-    pipe = Pipeline.from_run(tiny_flow_run, device="cpu")
+def test_a_flow_run_loads_as_flow_and_the_pipeline_samples_it_on_its_own_path(toy_flow_run):
+    """(Training a flow model through the driver: test_reflow.py's reflow stage, slow tier.)"""
+    loaded = Pipeline.from_run(toy_flow_run, device="cpu")
+    assert isinstance(loaded.schedule, FlowSchedule) and loaded.parameterization == "flow"
+    pipe = tiny_pipeline("flow")  # what the run holds, in memory
     assert isinstance(pipe.schedule, FlowSchedule) and pipe.parameterization == "flow"
     prompts = ["a red circle on a blue background"] * 2
+    draw = dict(steps=2, sampler="euler", guidance=3.0, seed=0)
+    assert torch.equal(loaded.generate_tensors(prompts, **draw), pipe.generate_tensors(prompts, **draw))
     for sampler in ("euler", "heun", "dpmpp_2m", "ddim"):
         images = pipe.generate_tensors(prompts, steps=2, sampler=sampler, guidance=3.0, seed=0)
         assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()

@@ -15,9 +15,11 @@ from ldm.inference.pipeline import Pipeline
 from ldm.inference.sd import load_sd
 from ldm.io.checkpoints import EMA_PREFIX, CheckpointError, tensors_hash
 from ldm.nets.lora import LoRA, LoRAError, is_lora_key
+from ldm.systems.latent_diffusion import LatentDiffusion
 from ldm.training.cache import ensure_cache
 from ldm.training.driver import train
 from ldm.training.sd_finetune import complete_from_base, start_from_base
+from tests.components import tiny_components
 from tests.conftest import TINY
 from tests.test_sd_finetune import base, overrides  # noqa: F401  (the toy SD file, its config and images)
 
@@ -119,15 +121,11 @@ def test_bad_lora_settings_are_one_line_errors(settings, message):
         LoRA(**settings)
 
 
-def test_a_lora_that_cannot_apply_is_refused(base, tiny_ldm_run):  # noqa: F811
+def test_a_lora_that_cannot_apply_is_refused(base):  # noqa: F811
     with pytest.raises(ConfigError, match="cond_stage_trainable: with lora only the adapters train"):
         build_system(lora_cfg(base, "model.params.cond_stage_trainable=true")["model"])
-    from ldm.io.runs import run_config
-
-    node = run_config(tiny_ldm_run)["model"]  # a shapes run: its text encoder is not a CLIP tower
-    node["params"] = {**node["params"], "cond_stage_trainable": False,
-                      "lora": {"target": "ldm.nets.lora.LoRA", "params": {"text_targets": ["attn.q_proj"]}}}
-    system = build_system(node)
+    components = tiny_components("text")  # a shapes model: its text encoder is not a CLIP tower
+    system = LatentDiffusion(**components, cond_stage_trainable=False, lora=LoRA(text_targets=["attn.q_proj"]))
     with pytest.raises(LoRAError, match="not a CLIP text tower"):
         system.add_lora()
     assert isinstance(instantiate_from_config({"target": "ldm.nets.lora.LoRA", "params": {"rank": 2}}), LoRA)

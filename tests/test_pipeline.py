@@ -1,4 +1,5 @@
-"""Pipeline.from_run on toy stage-2 runs: sizes, seeds, DDIM determinism, CFG at scale 1, EMA, bad requests."""
+"""The Pipeline on toy models: in memory (tests/components.py) for sampling — sizes, seeds, DDIM determinism, CFG at
+scale 1, bad requests, labels — and loaded from runs written to disk for from_run — EMA, dtype, refusals."""
 
 import shutil
 from pathlib import Path
@@ -18,43 +19,36 @@ from ldm.inference.pipeline import (
 )
 from ldm.io.checkpoints import CheckpointError
 from ldm.io.runs import RunError
-from ldm.training.cache import ensure_cache
-from ldm.training.driver import train
-from tests.conftest import TINY
+from tests.components import tiny_pipeline
 
 PROMPTS = ["a red circle on a blue background", "a green square on a white background"]
 FAST = dict(steps=3, sampler="euler")
 
 
-def train_class_run(workdir: Path, vae_run: Path) -> Path:
-    """A class-conditional stage-2 run (3 steps), trained once per session and shared by the test files."""
-    latest = workdir / "class-runs" / "ldm" / "latest"
-    if (latest / "checkpoints" / "last.ckpt").is_file():
-        return latest.resolve()
-    cfg = str(TINY / "ldm-class.yaml")
-    return train("ldm", cfg, ["--cfg", cfg, "--runs-dir", str(workdir / "class-runs"), "trainer.max_steps=3",
-                              "callbacks=[]", f"cache.vae={vae_run}",
-                              f"cache.dir={workdir / 'cache' / 'tiny-class'}"], before_build=ensure_cache)
-
-
-@pytest.fixture(scope="session")
-def tiny_class_run(workdir, tiny_vae_run):
-    """A class-conditional stage-2 run of the tiny config."""
-    return train_class_run(workdir, tiny_vae_run)
+@pytest.fixture(scope="module")
+def pipe():
+    """The toy text model in memory, its EMA weights in the U-Net (what from_run of its written run loads)."""
+    return tiny_pipeline("text")
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_ldm_run):
-    return Pipeline.from_run(tiny_ldm_run, device="cpu")
+def loaded(toy_ldm_run):
+    return Pipeline.from_run(toy_ldm_run, device="cpu")
 
 
 def arrays(images):
     return np.stack([np.asarray(im) for im in images])
 
 
-def test_from_run_generates_the_requested_images(pipe, tiny_ldm_run):
-    assert pipe.source["ema"] and pipe.source["run"] == str(tiny_ldm_run.resolve())
-    assert pipe.condition_key == "caption" and pipe.dtype == torch.float32 and not pipe.model.training
+def test_from_run_loads_what_the_run_holds(loaded, pipe, toy_ldm_run):
+    assert loaded.source["ema"] and loaded.source["run"] == str(toy_ldm_run.resolve())
+    assert loaded.condition_key == "caption" and loaded.dtype == torch.float32 and not loaded.model.training
+    assert loaded.scale_factor == pipe.scale_factor and loaded.image_size == pipe.image_size == 16
+    # the run was written from the in-memory system: loading it strictly gives back the very same images
+    assert torch.equal(loaded.generate_tensors(PROMPTS, seed=5, **FAST), pipe.generate_tensors(PROMPTS, seed=5, **FAST))
+
+
+def test_generate_gives_the_requested_images(pipe):
     result = pipe.generate(PROMPTS + PROMPTS[:1], seed=5, batch_size=2, **FAST)
     assert len(result.images) == 3 and result.seeds == [5, 6, 7]
     assert all(im.size == (16, 16) and im.mode == "RGB" for im in result.images)
@@ -116,11 +110,12 @@ def test_guidance_one_runs_only_the_conditional_branch(pipe):
     torch.testing.assert_close(plain, pipe.decode(latents), atol=1e-5, rtol=0)
 
 
-def test_ema_and_raw_weights_differ(pipe, tiny_ldm_run):
-    raw = Pipeline.from_run(tiny_ldm_run, device="cpu", use_ema=False)
+def test_ema_and_raw_weights_differ(loaded, toy_ldm_run):
+    pipe = loaded
+    raw = Pipeline.from_run(toy_ldm_run, device="cpu", use_ema=False)
     assert raw.source["ema"] is False
     name, param = next(iter(pipe.model.named_parameters()))
-    state = torch.load(tiny_ldm_run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    state = torch.load(toy_ldm_run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert torch.equal(param, state["model_ema." + name.replace(".", "")])
     assert torch.equal(dict(raw.model.named_parameters())[name], state["model." + name])
     assert not torch.equal(param, dict(raw.model.named_parameters())[name])
@@ -128,23 +123,23 @@ def test_ema_and_raw_weights_differ(pipe, tiny_ldm_run):
     assert (a - b).abs().amax() > 1e-3
 
 
-def test_bf16_is_close_to_fp32(pipe, tiny_ldm_run):
-    half = Pipeline.from_run(tiny_ldm_run, device="cpu", dtype="bf16")
+def test_bf16_is_close_to_fp32(pipe, toy_ldm_run):
+    half = Pipeline.from_run(toy_ldm_run, device="cpu", dtype="bf16")
     assert half.dtype == torch.bfloat16 and next(half.cond_stage_model.parameters()).dtype == torch.float32
     a, b = pipe.generate_tensors(PROMPTS, seed=0, **FAST), half.generate_tensors(PROMPTS, seed=0, **FAST)
     assert b.dtype == torch.float32 and (a - b).abs().mean() < 0.02
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_bf16_matches_cpu(pipe, tiny_ldm_run):
-    gpu = Pipeline.from_run(tiny_ldm_run, device="cuda", dtype="bf16")
+def test_cuda_bf16_matches_cpu(pipe, toy_ldm_run):
+    gpu = Pipeline.from_run(toy_ldm_run, device="cuda", dtype="bf16")
     assert gpu.device.type == "cuda"
     a, b = pipe.generate_tensors(PROMPTS, seed=0, **FAST), gpu.generate_tensors(PROMPTS, seed=0, **FAST)
     assert b.device.type == "cpu" and (a - b).abs().mean() < 0.02
 
 
-def test_class_run_takes_labels(tiny_class_run, pipe):
-    labels = Pipeline.from_run(tiny_class_run, device="cpu")
+def test_class_model_takes_labels(pipe):
+    labels = tiny_pipeline("class")
     assert labels.condition_key == "label" and labels.n_classes == 168
     images = labels([3, 5, 167], negative=0, **FAST)
     assert len(images) == 3 and images[0].size == (16, 16)
@@ -169,13 +164,13 @@ def test_bad_requests_are_user_errors(pipe, options, match):
         pipe(PROMPTS, **{**FAST, **options})
 
 
-def test_runs_that_are_not_stage2_are_refused(tiny_vae_run, tiny_ldm_run, tmp_path):
+def test_runs_that_are_not_stage2_are_refused(toy_vae_run, toy_ldm_run, tmp_path):
     with pytest.raises(NotAnLDMRunError, match="is not a stage-2"):
-        Pipeline.from_run(tiny_vae_run)
+        Pipeline.from_run(toy_vae_run)
     with pytest.raises(RunError, match="run not found"):
         Pipeline.from_run(tmp_path / "missing")
-    summary = describe_run(tiny_ldm_run / "checkpoints" / "last.ckpt")  # a .ckpt inside a run names it too
-    assert summary.run_dir == tiny_ldm_run.resolve() and summary.downsampling_factor == 2
+    summary = describe_run(toy_ldm_run / "checkpoints" / "last.ckpt")  # a .ckpt inside a run names it too
+    assert summary.run_dir == toy_ldm_run.resolve() and summary.downsampling_factor == 2
 
 
 def copy_run(run: Path, dest: Path) -> Path:
@@ -183,15 +178,15 @@ def copy_run(run: Path, dest: Path) -> Path:
     return dest
 
 
-def test_gone_vae_run_and_unfit_checkpoint_are_clear(tiny_ldm_run, tmp_path):
-    gone = copy_run(tiny_ldm_run, tmp_path / "gone")
+def test_gone_vae_run_and_unfit_checkpoint_are_clear(toy_ldm_run, tmp_path):
+    gone = copy_run(toy_ldm_run, tmp_path / "gone")
     cfg = yaml.safe_load((gone / "config.yaml").read_text())
     cfg["model"]["params"]["first_stage"] = str(tmp_path / "deleted-vae-run")
     (gone / "config.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(RunError, match="the VAE run .*deleted-vae-run.* is gone"):
         Pipeline.from_run(gone)
 
-    unfit = copy_run(tiny_ldm_run, tmp_path / "unfit")
+    unfit = copy_run(toy_ldm_run, tmp_path / "unfit")
     ckpt = torch.load(unfit / "checkpoints" / "last.ckpt", weights_only=True)
     del ckpt["state_dict"]["first_stage_model.decoder.conv_out.weight"]
     torch.save(ckpt, unfit / "checkpoints" / "last.ckpt")

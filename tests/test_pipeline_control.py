@@ -1,68 +1,33 @@
 """Pipeline with a ControlNet: a toy ControlNet run (tiny LDM + ControlNet.from_unet) and toy SD files.
 
-The runs are written directly (random toy weights, no training): a VAE run holding only its config, a
+The runs are written from in-memory toy components (tests/components.py; random weights, no training): a
 stage-2 run and a ControlNet run whose U-Net, VAE and text encoder are the same tensors.
 """
-
-import copy
 
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
-from ldm.core.config import load_config
 from ldm.inference.control_image import ControlImageError, prepare_hints
-from ldm.inference.loaders import build_system
 from ldm.inference.pipeline import Pipeline, PipelineError, describe_run
 from ldm.io.checkpoints import CONTROL_PREFIX
-from ldm.nets.controlnet import ControlNet
-from tests.conftest import TINY
+from tests.components import wake_zero_convs as wake_control
+from tests.components import write_control_run
 from tests.sd_toy import public_state, randomize, tiny_config, tiny_system
 
 PROMPTS = ["a red circle on a blue background", "a green square on a white background"]
 FAST = dict(steps=2, sampler="euler", guidance=3.0)
 PIXELS = 16  # the tiny configs' image size (f = 2 → 8×8 latents)
-FACTOR = 2
-
-
-def write_run(run_dir, config: dict, system: torch.nn.Module) -> None:
-    """A run directory as the driver leaves it: config.yaml and checkpoints/last.ckpt."""
-    (run_dir / "checkpoints").mkdir(parents=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
-    torch.save({"state_dict": system.state_dict()}, run_dir / "checkpoints" / "last.ckpt")
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """(stage-2 run, ControlNet run): the same toy weights, the ControlNet copied from the U-Net (zero convs zero)."""
-    root = tmp_path_factory.mktemp("control-runs")
-    vae_dir = root / "vae"
-    vae_dir.mkdir()
-    vae_cfg = load_config(TINY / "vae.yaml")
-    (vae_dir / "config.yaml").write_text(yaml.safe_dump(vae_cfg))
-    cfg = load_config(TINY / "ldm-text.yaml", [f"cache.vae={vae_dir}", "model.params.use_ema=false",
-                                               "model.params.scale_factor=0.9", f"model.params.image_size={PIXELS}"])
-    torch.manual_seed(0)
-    system = build_system(cfg["model"], load_first_stage=False)  # the VAE run holds only its config
-    randomize(system.model, seed=0)  # wakes the U-Net's zero-initialised output conv
-    write_run(root / "ldm", cfg, system)
-
-    control_cfg = copy.deepcopy(cfg)
-    params = control_cfg["model"]["params"]
-    unet = {k: v for k, v in params["unet"]["params"].items() if k != "out_channels"}
-    params["control_stage"] = {"target": "ldm.nets.controlnet.ControlNet",
-                               "params": {**unet, "hint_channels": 3, "downsampling_factor": FACTOR}}
-    control_cfg["model"]["target"] = "ldm.systems.controlnet.ControlLDM"
-    control = build_system(control_cfg["model"], load_first_stage=False)
-    missing, unexpected = control.load_state_dict(system.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith(CONTROL_PREFIX) for k in missing)
-    from_unet = ControlNet.from_unet(system.model.diffusion_model, hint_channels=3, downsampling_factor=FACTOR)
-    control.control_model.load_state_dict(from_unet.state_dict())
-    write_run(root / "controlnet", control_cfg, control)
-    return root / "ldm", root / "controlnet"
+def runs(toy_ldm_run, toy_vae_run, tmp_path_factory):
+    """(stage-2 run, ControlNet run): the toy text run, and a ControlNet run on it whose ControlNet is copied from its
+    (EMA) U-Net with the zero convolutions still zero."""
+    control = write_control_run(tmp_path_factory.mktemp("control-runs"), toy_ldm_run, toy_vae_run, trained=False)
+    return toy_ldm_run, control
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +52,7 @@ def edges(tmp_path_factory):
 
 def wake_zero_convs(pipe: Pipeline, seed: int = 1) -> None:
     """Make the zero convolutions (and the hint block's last one) nonzero, as a trained ControlNet's are."""
-    for i, part in enumerate(("zero_convs", "middle_block_out", "input_hint_block")):
-        randomize(getattr(pipe.control_model, part), seed + i, scale=0.2)
+    wake_control(pipe.control_model, seed)
 
 
 def test_controlnet_run_is_detected(runs, base, controlled):

@@ -31,40 +31,40 @@ def tensors(pairs):
     return {p.relative_to(pairs).as_posix(): load_file(p) for p in sorted(pairs.glob("*/shard-*.safetensors"))}
 
 
-def test_pairs_are_deterministic_resumable_and_refused_when_drawn_otherwise(tiny_flow_run, tmp_path):
+def test_pairs_are_deterministic_resumable_and_refused_when_drawn_otherwise(toy_flow_run, tmp_path):
     first, second = tmp_path / "a", tmp_path / "b"
-    meta = ensure_pairs(config(tiny_flow_run, first))
+    meta = ensure_pairs(config(toy_flow_run, first))
     assert meta["count"] == 16 + 8 and meta["sampler"] == "euler" and meta["guidance"] == 2.0
-    ensure_pairs(config(tiny_flow_run, second))
+    ensure_pairs(config(toy_flow_run, second))
     a, b = tensors(first), tensors(second)
     assert a.keys() == {"train/shard-00000.safetensors", "train/shard-00001.safetensors", "val/shard-00000.safetensors"}
     assert all(torch.equal(a[k][t], b[k][t]) for k in a for t in ("noise", "latent"))
     # the pairs are the source's own samples: Euler from each noise lands on each latent
-    pipe = Pipeline.from_run(tiny_flow_run, device="cpu")
+    pipe = Pipeline.from_run(toy_flow_run, device="cpu")
     item = LatentDataset(str(first), "train")[3]
     again = pipe.latents_for([item["caption"]], item["noise"][None], steps=2, guidance=2.0, sampler="euler")
     torch.testing.assert_close(again[0], item["latent"], atol=1e-5, rtol=1e-5)
     # an interrupted draw resumes: a missing shard is drawn again, the same
     (second / "train" / "shard-00001.json").unlink()
     (second / "meta.json").unlink()
-    ensure_pairs(config(tiny_flow_run, second))
+    ensure_pairs(config(toy_flow_run, second))
     assert torch.equal(tensors(second)["train/shard-00001.safetensors"]["latent"],
                        a["train/shard-00001.safetensors"]["latent"])
     with pytest.raises(CacheError, match="drawn otherwise"):
-        ensure_pairs(config(tiny_flow_run, first, "reflow.guidance=3.0"))
+        ensure_pairs(config(toy_flow_run, first, "reflow.guidance=3.0"))
 
 
-def test_the_reflow_stage_starts_from_the_source_and_trains_on_the_pairs(tiny_flow_run, tmp_path):
-    cfg = config(tiny_flow_run, tmp_path / "pairs")
+def test_the_reflow_stage_starts_from_the_source_and_trains_on_the_pairs(toy_flow_run, tmp_path):
+    cfg = config(toy_flow_run, tmp_path / "pairs")
     system = build_system(cfg["model"])
     load_source_weights(system, cfg)
-    source, _ = load_run_system(describe_run(tiny_flow_run))  # its EMA weights in the U-Net
+    source, _ = load_run_system(describe_run(toy_flow_run))  # its EMA weights in the U-Net
     ours, theirs = system.model.state_dict(), source.model.state_dict()
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
     run = train("reflow", str(CFG), ["--cfg", str(CFG), "--runs-dir", str(tmp_path / "runs"),
-                                     f"reflow.source={tiny_flow_run}", f"reflow.dir={tmp_path / 'pairs'}"])
+                                     f"reflow.source={toy_flow_run}", f"reflow.dir={tmp_path / 'pairs'}"])
     saved = load_config(run / "config.yaml")
-    assert saved["reflow"]["source"] == str(tiny_flow_run.resolve()) and "unet" in saved["model"]["params"]
+    assert saved["reflow"]["source"] == str(toy_flow_run.resolve()) and "unet" in saved["model"]["params"]
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
     pipe = Pipeline.from_run(run, device="cpu")
     s = straightness(pipe, ["a red circle on a blue background"] * 2, steps=4, guidance=1.0, seed=0, batch_size=2)

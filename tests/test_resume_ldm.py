@@ -21,9 +21,9 @@ SAVE_DELAY_S = 1.0  # the window, between writing a checkpoint's temporary file 
 
 
 @pytest.fixture(scope="module")
-def cache_args(tiny_vae_run, workdir):
+def cache_args(toy_vae_run, workdir):
     """Overrides pointing stage 2 at a latent cache of the session's tiny VAE (built once)."""
-    args = [f"cache.vae={tiny_vae_run}", f"cache.dir={workdir / 'cache' / 'tiny-text'}"]
+    args = [f"cache.vae={toy_vae_run}", f"cache.dir={workdir / 'cache' / 'toy-text'}"]
     ensure_cache(load_config(TINY / "ldm-text.yaml", args))
     return args + ["callbacks=[]"]
 

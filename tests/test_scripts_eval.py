@@ -142,13 +142,9 @@ def test_evaluate_errors_are_one_line(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def vae_run(tmp_path_factory):
-    from ldm.training.driver import train
-
-    runs = tmp_path_factory.mktemp("runs")
-    cfg = str(REPO / "configs" / "tiny" / "vae.yaml")
-    short = ["trainer.max_steps=2", "trainer.val_check_interval=2", "checkpoint.every_n_train_steps=2"]
-    return train("vae", cfg, ["--cfg", cfg, "--runs-dir", str(runs), *short])
+def vae_run(toy_vae_run):
+    """A stage-1 run on disk, written from the in-memory toy VAE (the measures run on any VAE; none is trained)."""
+    return toy_vae_run
 
 
 def test_evaluate_vae_end_to_end(vae_run, tmp_path, capsys):

@@ -51,9 +51,9 @@ def test_load_file_refuses(evil):
     assert not marker.exists()
 
 
-def test_resume_refuses_before_building_anything(evil, tiny_vae_run, tmp_path, capsys):
+def test_resume_refuses_before_building_anything(evil, toy_vae_run, tmp_path, capsys):
     path, marker = evil
-    run = poisoned_copy(tiny_vae_run, tmp_path / "vae-run", path)
+    run = poisoned_copy(toy_vae_run, tmp_path / "vae-run", path)
     with pytest.raises(SystemExit) as exit_info:
         train("vae", str(TINY / "vae.yaml"), ["--resume", str(run)])
     assert exit_info.value.code == EXIT_BAD_INPUT
@@ -62,9 +62,9 @@ def test_resume_refuses_before_building_anything(evil, tiny_vae_run, tmp_path, c
     assert not marker.exists()
 
 
-def test_pipeline_and_txt2img_refuse(evil, tiny_ldm_run, tmp_path, capsys):
+def test_pipeline_and_txt2img_refuse(evil, toy_ldm_run, tmp_path, capsys):
     path, marker = evil
-    run = poisoned_copy(tiny_ldm_run, tmp_path / "ldm-run", path)
+    run = poisoned_copy(toy_ldm_run, tmp_path / "ldm-run", path)
     with pytest.raises(UserError, match="--unsafe-load"):
         Pipeline.from_run(run)
     assert txt2img.main(["--run", str(run), "--prompt", "x", "--out", str(tmp_path / "o1")]) == 2
@@ -75,9 +75,9 @@ def test_pipeline_and_txt2img_refuse(evil, tiny_ldm_run, tmp_path, capsys):
     assert not marker.exists() and not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 
 
-def test_a_stage2_config_naming_a_poisoned_vae_run_refuses(evil, tiny_vae_run, tmp_path):
+def test_a_stage2_config_naming_a_poisoned_vae_run_refuses(evil, toy_vae_run, tmp_path):
     path, marker = evil
-    vae = poisoned_copy(tiny_vae_run, tmp_path / "vae-run", path)
+    vae = poisoned_copy(toy_vae_run, tmp_path / "vae-run", path)
     cfg = load_config(TINY / "ldm-text.yaml", [f"cache.vae={vae}", f"cache.dir={tmp_path / 'cache'}"])
     with pytest.raises(CheckpointError, match="--unsafe-load"):
         make_cache(cfg, progress=False)
@@ -103,7 +103,7 @@ def test_config_targets_that_would_run_code_are_refused(target, monkeypatch):
         check_config({"target": target, "params": {}}, "model")
 
 
-def test_dataset_file_names_never_escape_the_cache(tiny_vae_run, tmp_path):
+def test_dataset_file_names_never_escape_the_cache(toy_vae_run, tmp_path):
     """Odd file names (dots, spaces, unicode, a link out of the folder) go into shards by index, never into paths."""
     data, outside = tmp_path / "data", tmp_path / "outside"
     (data / "sub").mkdir(parents=True)
@@ -113,7 +113,7 @@ def test_dataset_file_names_never_escape_the_cache(tiny_vae_run, tmp_path):
     Image.new("RGB", (16, 16), (1, 2, 3)).save(outside / "target.png")
     (data / "link.png").symlink_to(outside / "target.png")
     folder = {"target": "ldm.data.folder.ImageFolderDataset", "params": {"root": str(data), "size": 16}}
-    cfg = load_config(TINY / "ldm-text.yaml", [f"cache.vae={tiny_vae_run}", f"cache.dir={tmp_path / 'cache'}"])
+    cfg = load_config(TINY / "ldm-text.yaml", [f"cache.vae={toy_vae_run}", f"cache.dir={tmp_path / 'cache'}"])
     cfg["cache"]["data"] = {"train": folder, "val": folder}
     make_cache(cfg, progress=False)
     written = {p.relative_to(tmp_path).parts[0] for p in tmp_path.rglob("*") if p.is_file()}

@@ -1,4 +1,5 @@
-"""Stage 2 end to end at toy size: VAE run → latent cache → train_ldm → resume; stale caches refused."""
+"""Stage 2 at toy size: VAE run → latent cache (quick, on a toy VAE run written from memory) → train_ldm → resume
+(slow tier: the training end to end); stale caches refused."""
 
 import json
 
@@ -9,9 +10,11 @@ from ldm.core.config import load_config
 from ldm.data.latents import CacheError, LatentDataset, read_meta
 from ldm.training.cache import ensure_cache, make_cache
 from ldm.training.driver import train
+from tests.components import write_vae_run
 from tests.conftest import TINY
 
 
+@pytest.mark.slow
 def test_text_run_trains_resumes_and_samples(tiny_ldm_run, workdir):
     ckpt = torch.load(tiny_ldm_run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 6
@@ -28,17 +31,15 @@ def test_text_run_trains_resumes_and_samples(tiny_ldm_run, workdir):
     assert torch.load(tiny_ldm_run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8
 
 
-def test_class_run_trains(tiny_vae_run, workdir):
-    cfg = str(TINY / "ldm-class.yaml")
-    run = train("ldm", cfg, ["--cfg", cfg, "--runs-dir", str(workdir / "runs"), "trainer.max_steps=2",
-                             f"cache.vae={tiny_vae_run}", f"cache.dir={workdir / 'cache' / 'tiny-class'}"],
-                before_build=ensure_cache)
-    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    assert state["cond_stage_model.embedding.weight"].shape == (169, 32)  # 168 classes + the null class
+@pytest.mark.slow
+def test_class_run_trains(tiny_class_run):
+    ckpt = torch.load(tiny_class_run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3
+    assert ckpt["state_dict"]["cond_stage_model.embedding.weight"].shape == (169, 32)  # 168 classes + the null class
 
 
-def test_cache_contents_scale_factor_and_resume(tiny_vae_run, tmp_path):
-    cfg = load_config(TINY / "ldm-text.yaml", [f"cache.vae={tiny_vae_run}", f"cache.dir={tmp_path / 'c'}"])
+def test_cache_contents_scale_factor_and_resume(toy_vae_run, tmp_path):
+    cfg = load_config(TINY / "ldm-text.yaml", [f"cache.vae={toy_vae_run}", f"cache.dir={tmp_path / 'c'}"])
     meta = make_cache(cfg, progress=False)
     assert meta["complete"] and meta["count"] == 48 + 8 and meta["latent_shape"] == [4, 8, 8]
     data = LatentDataset(str(tmp_path / "c"), "train")
@@ -63,11 +64,10 @@ def test_cache_contents_scale_factor_and_resume(tiny_vae_run, tmp_path):
     assert again["scale_factor"] == pytest.approx(meta["scale_factor"], rel=1e-3)
 
 
-def test_cache_of_another_vae_is_refused(tiny_vae_run, workdir, tmp_path):
-    cfg = load_config(TINY / "ldm-text.yaml", [f"cache.vae={tiny_vae_run}", f"cache.dir={tmp_path / 'c'}"])
+def test_cache_of_another_vae_is_refused(toy_vae_run, workdir, tmp_path):
+    cfg = load_config(TINY / "ldm-text.yaml", [f"cache.vae={toy_vae_run}", f"cache.dir={tmp_path / 'c'}"])
     make_cache(cfg, progress=False)
-    other = train("vae", str(TINY / "vae.yaml"), ["--cfg", str(TINY / "vae.yaml"), "--runs-dir", str(tmp_path / "runs"),
-                                                  "trainer.max_steps=1", "seed=1"])
+    other = write_vae_run(tmp_path / "runs", seed=1)  # another VAE: other weights, the same architecture
     stale = load_config(TINY / "ldm-text.yaml", [f"cache.vae={other}", f"cache.dir={tmp_path / 'c'}"])
     with pytest.raises(CacheError, match="was made with VAE .*but this config uses"):
         ensure_cache(stale)

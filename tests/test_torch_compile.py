@@ -36,21 +36,21 @@ def test_a_missing_cpu_compiler_is_named_before_anything_compiles(monkeypatch):
     assert not is_compiled(layer)
 
 
-def test_txt2img_compile_without_a_compiler_is_a_one_line_error(monkeypatch, tiny_ldm_run, tmp_path, capsys):
+def test_txt2img_compile_without_a_compiler_is_a_one_line_error(monkeypatch, toy_ldm_run, tmp_path, capsys):
     txt2img = load_script("txt2img")
     monkeypatch.setattr("ldm.nets.compile.compiler_problem", lambda device: "no C++ compiler here")
-    code = txt2img.main(["--run", str(tiny_ldm_run), "--prompt", PROMPTS[0], "--steps", "2", "--compile",
+    code = txt2img.main(["--run", str(toy_ldm_run), "--prompt", PROMPTS[0], "--steps", "2", "--compile",
                          "--out", str(tmp_path)])
     assert code == 2
     assert "--compile: no C++ compiler here" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.png"))
 
 
-def test_compile_true_without_a_compiler_stops_before_training(monkeypatch, workdir, tiny_vae_run, capsys):
+def test_compile_true_without_a_compiler_stops_before_training(monkeypatch, workdir, toy_vae_run, capsys):
     monkeypatch.setattr("ldm.training.driver.compiler_problem", lambda device: f"no C++ compiler for {device}")
     cfg = str(TINY / "ldm-text.yaml")
     argv = ["--cfg", cfg, "--runs-dir", str(workdir / "no-compiler-runs"), "model.params.compile=true",
-            f"cache.vae={tiny_vae_run}", f"cache.dir={workdir / 'cache' / 'tiny-text'}"]
+            f"cache.vae={toy_vae_run}", f"cache.dir={workdir / 'cache' / 'toy-text'}"]
     with pytest.raises(SystemExit) as stop:
         train("ldm", cfg, argv, before_build=ensure_cache)
     assert stop.value.code == 2
@@ -76,9 +76,9 @@ def test_inference_compile_folds_the_weights_in_and_training_compile_does_not(in
 
 
 @needs_compiler
-def test_a_compiled_pipeline_draws_what_the_eager_one_draws(tiny_ldm_run):
-    eager = Pipeline.from_run(tiny_ldm_run, device="cpu")
-    compiled = Pipeline.from_run(tiny_ldm_run, device="cpu")
+def test_a_compiled_pipeline_draws_what_the_eager_one_draws(toy_ldm_run):
+    eager = Pipeline.from_run(toy_ldm_run, device="cpu")
+    compiled = Pipeline.from_run(toy_ldm_run, device="cpu")
     keys = list(compiled.model.state_dict())
     assert compiled.compile() is compiled and is_compiled(compiled.model.diffusion_model)
     assert list(compiled.model.state_dict()) == keys  # compiled in place: checkpoints and loaders unchanged
@@ -89,12 +89,12 @@ def test_a_compiled_pipeline_draws_what_the_eager_one_draws(tiny_ldm_run):
 
 
 @needs_compiler
-def test_training_with_compile_true_writes_plain_checkpoints(workdir, tiny_vae_run):
+def test_training_with_compile_true_writes_plain_checkpoints(workdir, toy_vae_run):
     cfg = str(TINY / "ldm-text.yaml")
     counters["stats"].clear()
     argv = ["--cfg", cfg, "--runs-dir", str(workdir / "compiled-runs"), "model.params.compile=true",
             "trainer.max_steps=2", "callbacks=[]",
-            f"cache.vae={tiny_vae_run}", f"cache.dir={workdir / 'cache' / 'tiny-text'}"]
+            f"cache.vae={toy_vae_run}", f"cache.dir={workdir / 'cache' / 'toy-text'}"]
     run = train("ldm", cfg, argv, before_build=ensure_cache)
     assert counters["stats"]["unique_graphs"] >= 1  # the U-Net ran compiled
     state = state_dict_of(load_file(run / "checkpoints" / "last.ckpt"))

@@ -1,4 +1,5 @@
-"""scripts/txt2img.py end to end on toy runs: files, grid, PNG metadata, printed settings, one-line errors."""
+"""scripts/txt2img.py end to end on toy runs (written from in-memory components, tests/components.py): files, grid,
+PNG metadata, printed settings, one-line errors."""
 
 import json
 import os
@@ -10,7 +11,6 @@ from PIL import Image
 
 from tests.paths import REPO_ROOT
 from tests.scripts import load_script
-from tests.test_pipeline import tiny_class_run  # noqa: F401  (a session fixture shared with the pipeline tests)
 
 SCRIPT = REPO_ROOT / "scripts" / "txt2img.py"
 FAST = ["--steps", "2", "--sampler", "euler"]
@@ -24,9 +24,9 @@ def pngs(folder):
     return sorted(p.name for p in folder.glob("*.png"))
 
 
-def test_text_prompts_write_images_grid_and_metadata(tiny_ldm_run, tmp_path, capsys):
+def test_text_prompts_write_images_grid_and_metadata(toy_ldm_run, tmp_path, capsys):
     out = tmp_path / "out"
-    argv = ["--run", str(tiny_ldm_run), "--prompt", "a red circle", "--prompt", "../../escape/me", "--n", "2",
+    argv = ["--run", str(toy_ldm_run), "--prompt", "a red circle", "--prompt", "../../escape/me", "--n", "2",
             "--seed", "7", "--negative-prompt", "green", "--scale", "3", "--out", str(out), *FAST]
     assert txt2img.main(argv) == 0
     names = pngs(out)
@@ -42,7 +42,7 @@ def test_text_prompts_write_images_grid_and_metadata(tiny_ldm_run, tmp_path, cap
     assert meta["prompt"] == "../../escape/me" and meta["seed"] == 10 and meta["negative_prompt"] == "green"
     assert meta["steps"] == 2 and meta["sampler"] == "euler" and meta["scale"] == 3.0
     assert meta["width"] == meta["height"] == 16 and meta["ema"] is True
-    assert meta["run"] == str(tiny_ldm_run.resolve()) and meta["checkpoint"].endswith("last.ckpt")
+    assert meta["run"] == str(toy_ldm_run.resolve()) and meta["checkpoint"].endswith("last.ckpt")
     grid = Image.open(out / "grid-00000.png")
     assert grid.size[0] > 2 * 16 and json.loads(grid.text["ldm"])["seeds"] == [7, 8, 9, 10]
     printed = capsys.readouterr().out
@@ -50,21 +50,21 @@ def test_text_prompts_write_images_grid_and_metadata(tiny_ldm_run, tmp_path, cap
     assert "00002-s9-escape-me.png  seed=9" in printed
 
     # a second call adds to the folder instead of overwriting; --no-grid writes no grid
-    assert txt2img.main(["--run", str(tiny_ldm_run), "--prompt", "x", "--n", "2", "--seed", "1", "--no-grid",
+    assert txt2img.main(["--run", str(toy_ldm_run), "--prompt", "x", "--n", "2", "--seed", "1", "--no-grid",
                          "--H", "8", "--W", "24", "--out", str(out), *FAST]) == 0
     assert pngs(out)[4:] == ["00004-s1-x.png", "00005-s2-x.png", "grid-00000.png"]
     assert Image.open(out / "00005-s2-x.png").size == (24, 8)
 
 
-def test_prompts_from_file_and_class_labels(tiny_ldm_run, tiny_class_run, tmp_path):
+def test_prompts_from_file_and_class_labels(toy_ldm_run, toy_class_run, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a blue square\n\n   \na red circle\n")
-    assert txt2img.main(["--run", str(tiny_ldm_run), "--from-file", str(prompts), "--seed", "0",
+    assert txt2img.main(["--run", str(toy_ldm_run), "--from-file", str(prompts), "--seed", "0",
                          "--out", str(tmp_path / "file"), *FAST]) == 0
     assert pngs(tmp_path / "file") == ["00000-s0-a-blue-square.png", "00001-s1-a-red-circle.png", "grid-00000.png"]
 
     out = tmp_path / "class"
-    assert txt2img.main(["--run", str(tiny_class_run), "--class", "3", "--class", "5", "--n", "2", "--seed", "4",
+    assert txt2img.main(["--run", str(toy_class_run), "--class", "3", "--class", "5", "--n", "2", "--seed", "4",
                          "--sampler", "ddim", "--eta", "0", "--steps", "2", "--out", str(out)]) == 0
     assert pngs(out)[:4] == ["00000-s4-class3.png", "00001-s5-class3.png", "00002-s6-class5.png",
                              "00003-s7-class5.png"]
@@ -97,20 +97,20 @@ BAD_ARGUMENTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
-def test_bad_arguments_give_one_line_and_exit_code_2(case, tiny_ldm_run, tiny_vae_run, tiny_class_run, tmp_path,
+def test_bad_arguments_give_one_line_and_exit_code_2(case, toy_ldm_run, toy_vae_run, toy_class_run, tmp_path,
                                                       capsys):
     extra, message = BAD_ARGUMENTS[case]
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "blank.txt").write_text("\n  \n\t\n")
-    extra = [a.format(tmp=tmp_path, vae=tiny_vae_run, cls=tiny_class_run) for a in extra]
-    assert txt2img.main(["--run", str(tiny_ldm_run), "--out", str(tmp_path / "out"), *FAST, *extra]) == 2
+    extra = [a.format(tmp=tmp_path, vae=toy_vae_run, cls=toy_class_run) for a in extra]
+    assert txt2img.main(["--run", str(toy_ldm_run), "--out", str(tmp_path / "out"), *FAST, *extra]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
 
 
-def test_too_long_prompt_warns_once(tiny_ldm_run, tmp_path, capsys):
-    argv = ["--run", str(tiny_ldm_run), "--prompt", LONG_PROMPT, "--n", "3", "--batch-size", "1",
+def test_too_long_prompt_warns_once(toy_ldm_run, tmp_path, capsys):
+    argv = ["--run", str(toy_ldm_run), "--prompt", LONG_PROMPT, "--n", "3", "--batch-size", "1",
             "--out", str(tmp_path), *FAST]
     assert txt2img.main(argv) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
@@ -118,9 +118,9 @@ def test_too_long_prompt_warns_once(tiny_ldm_run, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_command_line_in_a_subprocess(tiny_ldm_run, tmp_path):
+def test_command_line_in_a_subprocess(toy_ldm_run, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    command = [sys.executable, str(SCRIPT), "--run", str(tiny_ldm_run), "--prompt", "a red circle", "--seed", "3",
+    command = [sys.executable, str(SCRIPT), "--run", str(toy_ldm_run), "--prompt", "a red circle", "--seed", "3",
                "--steps", "1", "--out", str(tmp_path / "out")]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -132,13 +132,12 @@ def test_command_line_in_a_subprocess(tiny_ldm_run, tmp_path):
     assert bad.returncode == 2 and bad.stderr == "error: --steps must be at least 1, got 0\n"
 
 
-def test_default_run_is_runs_ldm_latest(tiny_ldm_run, tmp_path):
-    """`python scripts/txt2img.py --prompt "…"` samples the run that runs/ldm/latest points at."""
+def test_default_run_is_runs_ldm_latest(toy_ldm_run, tmp_path, monkeypatch, capsys):
+    """`python scripts/txt2img.py --prompt "…"` samples the run that runs/ldm/latest points at (from the working
+    folder), into outputs/ there; the command line as a subprocess: test_command_line_in_a_subprocess."""
     (tmp_path / "runs" / "ldm").mkdir(parents=True)
-    (tmp_path / "runs" / "ldm" / "latest").symlink_to(tiny_ldm_run.resolve(), target_is_directory=True)
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    command = [sys.executable, str(SCRIPT), "--prompt", "a red circle", "--seed", "5", "--steps", "1"]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr
+    (tmp_path / "runs" / "ldm" / "latest").symlink_to(toy_ldm_run.resolve(), target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    assert txt2img.main(["--prompt", "a red circle", "--seed", "5", "--steps", "1"]) == 0
     assert pngs(tmp_path / "outputs") == ["00000-s5-a-red-circle.png"]
-    assert f"run: {tiny_ldm_run.resolve()}" in done.stdout
+    assert f"run: {toy_ldm_run.resolve()}" in capsys.readouterr().out
