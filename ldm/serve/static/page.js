@@ -38,6 +38,7 @@ async function loadModel() {
   $("n").max = info.limits.max_images;
   for (const side of ["width", "height"]) {
     $(side).value = info.image_size;
+    $(side).min = info.size_multiple;
     $(side).step = info.size_multiple;
     $(side).max = info.limits.max_side;
   }
