@@ -93,6 +93,7 @@ def test_generate_in_the_browser_and_redraw_with_txt2img(served, browser, tmp_pa
     assert all(browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", im) == 16
                for im in images)  # loaded and decoded by the browser
     if os.environ.get("LDM_SCREENSHOT"):
+        browser.execute_script("window.scrollTo(0, 0)")
         browser.save_screenshot(os.environ["LDM_SCREENSHOT"])
 
     first = browser.find_elements(By.CSS_SELECTOR, "#gallery figure")[0]
@@ -101,7 +102,7 @@ def test_generate_in_the_browser_and_redraw_with_txt2img(served, browser, tmp_pa
     params = json.loads(shown.text["ldm"])
     assert params["prompt"] == PROMPT and params["seed"] == 21 and params["steps"] == 3
     assert first.find_element(By.TAG_NAME, "a").get_attribute("download").endswith(".png")
-    command = shlex.split(first.find_element(By.TAG_NAME, "code").text)
+    command = shlex.split(first.find_element(By.TAG_NAME, "code").get_attribute("textContent"))
     assert command[:2] == ["python", "scripts/txt2img.py"] and "--seed" in command
     assert load_script("txt2img").main([*command[2:], "--out", str(tmp_path)]) == 0
     redrawn = Image.open(next(tmp_path.glob("0*.png")))

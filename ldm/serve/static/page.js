@@ -64,10 +64,19 @@ function addImage(image) {
   img.dataset.seed = image.seed;
   link.appendChild(img);
   const caption = document.createElement("figcaption");
-  caption.textContent = image.parameters;
+  const save = document.createElement("a");
+  save.href = image.url;
+  save.download = image.name;
+  save.textContent = `seed ${image.seed} · PNG`;
+  const details = document.createElement("details");
+  const summary = document.createElement("summary");
+  summary.textContent = "parameters";
+  const parameters = document.createElement("pre");
+  parameters.textContent = image.parameters;
   const command = document.createElement("code");
   command.textContent = image.command;
-  caption.appendChild(command);
+  details.append(summary, parameters, command);
+  caption.append(save, details);
   figure.append(link, caption);
   $("gallery").prepend(figure);
 }
