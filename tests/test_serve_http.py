@@ -154,3 +154,17 @@ def test_a_full_queue_answers_busy_and_recovers(server):
         if answer.status_code == 202:
             assert wait(server, answer.json()["job"])["state"] == "done"
     assert post(server, {"prompt": "a triangle", **FAST}).status_code == 202
+
+
+def test_the_command_line_checks_itself_and_refuses_bad_flags(tiny_ldm_run, tmp_path, capsys):
+    from ldm.serve.cli import main
+
+    assert main(["--run", str(tiny_ldm_run), "--check", "--port", "0", "--out", str(tmp_path)]) == 0
+    assert "check: 00000-s0-a-red-circle" in capsys.readouterr().out and any(tmp_path.glob("00000-*.png"))
+    for argv, message in ((["--queue", "0"], "--queue must be positive"),
+                          (["--run", "a", "--ckpt", "b"], "give --run or --ckpt, not both"),
+                          (["--config", "c.yaml"], "--config and --controlnet go with --ckpt"),
+                          (["--run", str(tmp_path)], "error:")):
+        assert main([*argv, "--check", "--port", "0"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
