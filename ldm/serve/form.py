@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
+from safetensors import SafetensorError, safe_open
 
 from ldm.core.errors import UserError
+from ldm.io.lora_layout import DIFFUSERS_SUFFIXES, KOHYA_SUFFIXES
 from ldm.serve.adapter import DEFAULT_STRENGTH, ModelInfo, PageRequest
 from ldm.serve.uploads import DEFAULT_MAX_PIXELS, MEBIBYTE, DEFAULT_MAX_UPLOAD_MB, check_mask, content_name, read_image
 
@@ -43,11 +45,27 @@ class Limits:
         return len(UPLOAD_FIELDS) * self.max_upload_bytes + MEBIBYTE
 
 
+def looks_like_lora(path: Path) -> bool:
+    """A .safetensors file whose header names LoRA down-projections (a model file beside the LoRAs is left out);
+    a pickle cannot be read cheaply, so it is offered and checked when chosen."""
+    if path.suffix != ".safetensors":
+        return True
+    downs = (KOHYA_SUFFIXES["down"], DIFFUSERS_SUFFIXES["down"])
+    try:
+        with safe_open(str(path), "pt") as f:
+            return any(key.endswith(downs) for key in f.keys())
+    except (OSError, SafetensorError):
+        return False
+
+
 def lora_files(folder: str | Path | None) -> dict[str, Path]:
-    """The LoRA files the page offers: name → path, for the files directly in ``folder``."""
+    """The LoRA files the page offers: name → path, for the LoRA files directly in ``folder``."""
     if folder is None:
         return {}
-    return {p.name: p for p in sorted(Path(folder).iterdir()) if p.is_file() and p.suffix in LORA_SUFFIXES}
+    if not Path(folder).is_dir():
+        raise FormError(f"--lora-dir {folder} is not a folder: give the folder that holds your LoRA files")
+    return {p.name: p for p in sorted(Path(folder).iterdir())
+            if p.is_file() and p.suffix in LORA_SUFFIXES and looks_like_lora(p)}
 
 
 def _number(fields: Mapping[str, str], name: str, kind: type, default=None):
