@@ -9,7 +9,6 @@ the Pipeline's one-line messages, before the request is queued; ``generate`` dra
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from PIL import Image
 from ldm.core.images import to_pil
 from ldm.diffusion import SAMPLERS
 from ldm.inference.control_image import DEFAULT_CONTROL_SCALE
-from ldm.inference.loaders import DEFAULT_RUN, PipelineError, describe_run, resolve_class
+from ldm.inference.loaders import PipelineError, describe_run, resolve_class
 from ldm.inference.pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, Pipeline
 
 log = logging.getLogger(__name__)
@@ -202,9 +201,3 @@ class ModelAdapter:
             params["lora"] = source["lora"]
         return params
 
-
-def default_source(run: str | os.PathLike | None = None, **options) -> ModelSource:
-    """A ModelSource for a run (``runs/ldm/latest`` when neither a run nor a checkpoint is named)."""
-    if run is None and options.get("ckpt") is None:
-        run = DEFAULT_RUN
-    return ModelSource(run=None if run is None else str(run), **options)

@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from ldm.core.errors import UserError
 from ldm.io.lora_layout import DIFFUSERS_SUFFIXES, KOHYA_SUFFIXES
 from ldm.serve.adapter import DEFAULT_STRENGTH, ModelInfo, PageRequest
-from ldm.serve.uploads import DEFAULT_MAX_PIXELS, MEBIBYTE, DEFAULT_MAX_UPLOAD_MB, check_mask, content_name, read_image
+from ldm.serve.uploads import DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_MB, MEBIBYTE, check_mask, content_name, read_image
 
 SEED_RANGE = 2**31  # a random seed is drawn below this, as txt2img.py draws one
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
