@@ -171,7 +171,7 @@ class ModelAdapter:
             if on_step is not None:
                 on_step(done, total)
 
-        options = {}
+        options = {}  # init / mask / strength join here once the pipeline draws from images (ModelInfo.init_image)
         if request.control is not None:
             options.update(control=request.control, control_scale=request.control_scale)
         tensors = self.pipe.generate_tensors(

@@ -18,6 +18,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from ldm.core.errors import UserError
@@ -73,6 +74,12 @@ def create_app(adapter: ModelAdapter, limits: Limits = Limits(), queue_limit: in
         return [outputs.add(drawn) for drawn in adapter.generate(request, on_step)]
 
     queue = JobQueue(work, queue_limit, history)
+
+    def accept(fields: dict[str, str], files: dict[str, bytes]) -> Job:
+        """Parse and check a form, then queue it (UserError / Busy when it cannot be)."""
+        page_request, kept = parse_form(fields, files, adapter.info, limits, loras)
+        adapter.check(page_request)
+        return queue.submit((page_request, kept))
     app = FastAPI(title="ldm", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.queue = queue
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -93,9 +100,7 @@ def create_app(adapter: ModelAdapter, limits: Limits = Limits(), queue_limit: in
                            f"({limits.max_body_bytes()}): upload smaller images", 413)
         try:
             fields, files = await _read_form(request)
-            page_request, kept = parse_form(fields, files, adapter.info, limits, loras)
-            adapter.check(page_request)
-            job = queue.submit((page_request, kept))
+            job = await run_in_threadpool(accept, fields, files)  # decoding images: off the event loop
         except Busy as e:
             return _refuse(str(e), 503, busy=True)
         except UserError as e:
