@@ -17,12 +17,12 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 
 from ldm.core.errors import UserError
-from ldm.io.lora_layout import DIFFUSERS_SUFFIXES, KOHYA_SUFFIXES
 from ldm.serve.adapter import DEFAULT_STRENGTH, ModelInfo, PageRequest
 from ldm.serve.uploads import DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_MB, MEBIBYTE, check_mask, content_name, read_image
 
 SEED_RANGE = 2**31  # a random seed is drawn below this, as txt2img.py draws one
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+LORA_KEY_MARK = "lora"
 UPLOAD_FIELDS = {"control": "control image", "init": "init image", "mask": "mask"}
 
 
@@ -46,14 +46,14 @@ class Limits:
 
 
 def looks_like_lora(path: Path) -> bool:
-    """A .safetensors file whose header names LoRA down-projections (a model file beside the LoRAs is left out);
-    a pickle cannot be read cheaply, so it is offered and checked when chosen."""
+    """A .safetensors file with a LoRA tensor in its header (every layout's keys say ``lora``: kohya's ``lora_unet_``,
+    peft's ``lora_A``, diffusers' ``lora.down``), so that a model file beside the LoRAs is left out; a pickle cannot
+    be read cheaply, so it is offered and checked when chosen."""
     if path.suffix != ".safetensors":
         return True
-    downs = (KOHYA_SUFFIXES["down"], DIFFUSERS_SUFFIXES["down"])
     try:
         with safe_open(str(path), "pt") as f:
-            return any(key.endswith(downs) for key in f.keys())
+            return any(LORA_KEY_MARK in key.lower() for key in f.keys())
     except (OSError, SafetensorError):
         return False
 
