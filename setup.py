@@ -10,5 +10,5 @@ CONFIG_PACKAGES = ["ldm.configs"] + [f"ldm.configs.{d.name}" for d in sorted(Pat
 setup(
     packages=find_packages(include=["ldm*"]) + CONFIG_PACKAGES,
     package_dir={"ldm.configs": "configs"},
-    package_data={package: ["*.yaml"] for package in CONFIG_PACKAGES},
+    package_data={**{package: ["*.yaml"] for package in CONFIG_PACKAGES}, "ldm.serve": ["static/*"]},
 )

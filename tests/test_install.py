@@ -28,6 +28,7 @@ def test_a_non_editable_install_finds_its_configs(tmp_path):
                     "--target", str(site), str(source)], check=True, capture_output=True)
     assert (site / "ldm" / "configs" / "vae" / "shapes-kl-f4.yaml").is_file()
     assert not (site / "ldm" / "configs" / "__init__.py").exists()  # data, shipped as it is
+    assert (site / "ldm" / "serve" / "static" / "index.html").is_file()  # the web page ships too
 
     shutil.copytree(REPO_ROOT / "stages", work / "stages")
     env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}

@@ -43,6 +43,7 @@ SMOKE: dict[str, list[str]] = {
     "stages/train_ldm.py --cfg configs/ldm/folder-text.yaml": TRAIN_SMOKE + ["callbacks=[]"],  # no lengths
     "stages/train_controlnet.py --cfg configs/controlnet/folder-canny.yaml": TRAIN_SMOKE + ["callbacks=[]"],
     "scripts/txt2img.py": ["--steps", "2", "--n", "1"],
+    "scripts/serve.py": ["--check", "--port", "0"],  # serve, draw one 2-step request over HTTP, stop
     "scripts/evaluate.py vae": ["--n", "4"],
     "scripts/evaluate.py classes": ["--n", "2", "--sampler", "ddim:2", "--threads", "1"],
     "scripts/evaluate.py adherence": ["--n", "2", "--samplers", "ddim:2", "--no-speed", "--threads", "1"],
