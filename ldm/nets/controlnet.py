@@ -69,7 +69,7 @@ class ControlNet(nn.Module):
         channel_mult: Sequence[int] = (1, 2, 4, 8),
         conv_resample: bool = True,
         dims: int = 2,
-        num_classes: int | None = None,
+        num_classes: int | str | None = None,
         use_checkpoint: bool = False,
         num_heads: int = -1,
         num_head_channels: int = -1,
@@ -77,20 +77,22 @@ class ControlNet(nn.Module):
         use_scale_shift_norm: bool = False,
         resblock_updown: bool = False,
         use_spatial_transformer: bool = False,
-        transformer_depth: int = 1,
+        transformer_depth: int | Sequence[int] = 1,
         context_dim: int | None = None,
         use_linear_in_transformer: bool = False,
         legacy: bool = True,
         attention: AttentionBackend = "auto",
         downsampling_factor: int = SD_DOWNSAMPLING_FACTOR,
         out_channels: int | None = None,
+        transformer_depth_middle: int | None = None,
+        adm_in_channels: int | None = None,
     ):
         super().__init__()
         factory = make_block_factory(
             model_channels, num_res_blocks, attention_resolutions, dropout, channel_mult, conv_resample, dims,
             use_checkpoint, num_heads, num_head_channels, num_heads_upsample, use_scale_shift_norm,
             resblock_updown, use_spatial_transformer, transformer_depth, context_dim, use_linear_in_transformer,
-            legacy, attention,
+            legacy, attention, transformer_depth_middle,
         )
         self.image_size = image_size
         self.in_channels = in_channels
@@ -98,7 +100,7 @@ class ControlNet(nn.Module):
         self.hint_channels = hint_channels
         self.downsampling_factor = downsampling_factor
 
-        self.time_embed, self.label_emb = make_time_embed(factory, num_classes)
+        self.time_embed, self.label_emb = make_time_embed(factory, num_classes, adm_in_channels)
         self.input_blocks, self.middle_block, skip_channels = factory.build_encoder(in_channels)
         self.input_hint_block = make_hint_block(hint_channels, model_channels, downsampling_factor)
         self.zero_convs = nn.ModuleList(_zero_conv(ch) for ch in skip_channels)
