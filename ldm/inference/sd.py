@@ -57,7 +57,6 @@ from ldm.io.checkpoints import (
     read_metadata,
     state_dict_of,
 )
-from ldm.io.sdxl_layout import SDXL_CONTEXT_KEY
 from ldm.nets.autoencoder.model import downsampling_factor
 from ldm.systems.latent_diffusion import LatentDiffusion
 
@@ -66,8 +65,8 @@ CONTEXT_KEY = UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.we
 SD1_CONTEXT_DIM = 768
 SD2_CONTEXT_DIM = 1024
 SD1_CONFIG = "v1-inference.yaml"  # a ControlNet (file or --controlnet) turns it into a ControlLDM when loading
-SDXL_CONTEXT_DIM = 2048
 SDXL_CONFIG = "xl-base-inference.yaml"
+SDXL_BASE_KEY = "conditioner.embedders.1.model.text_projection"  # SDXL base's second (bigG) text tower
 
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -239,7 +238,7 @@ def guess_sd_config(ckpt: str | os.PathLike, unsafe: bool = False) -> Path | Non
     context = _context_dim(path, unsafe)
     if context == SD1_CONTEXT_DIM:
         return SD_CONFIG_DIR / SD1_CONFIG
-    if context is None and _context_dim(path, unsafe, SDXL_CONTEXT_KEY) == SDXL_CONTEXT_DIM:
+    if context is None and _has_key(path, unsafe, SDXL_BASE_KEY):  # generative-models' layout, two text towers
         return SD_CONFIG_DIR / SDXL_CONFIG
     configs = ", ".join(f"configs/sd/{p.name}" for p in sorted(SD_CONFIG_DIR.glob("*.yaml")))
     if context == SD2_CONTEXT_DIM:
@@ -248,15 +247,26 @@ def guess_sd_config(ckpt: str | os.PathLike, unsafe: bool = False) -> Path | Non
     raise ConfigError(f"cannot tell which model {path} holds: give --config, e.g. one of {configs}")
 
 
-def _context_dim(path: Path, unsafe: bool, key: str = CONTEXT_KEY) -> int | None:
-    """The U-Net's cross-attention context width in a checkpoint file, read at ``key`` (None when it is absent)."""
+def _has_key(path: Path, unsafe: bool, key: str) -> bool:
+    """Whether a checkpoint file holds ``key``."""
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return key in set(f.keys())  # safe_open is not a container
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+    return key in state_dict_of(load_file(path, unsafe, mmap=True))
+
+
+def _context_dim(path: Path, unsafe: bool) -> int | None:
+    """The U-Net's cross-attention context width in a checkpoint file (None when the key is absent)."""
     if path.suffix == ".safetensors":
         try:
             with safe_open(str(path), framework="pt") as f:
                 keys = set(f.keys())  # safe_open is not a container
-                return f.get_slice(key).get_shape()[-1] if key in keys else None
+                return f.get_slice(CONTEXT_KEY).get_shape()[-1] if CONTEXT_KEY in keys else None
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
     state = state_dict_of(load_file(path, unsafe, mmap=True))
-    tensor = state.get(key)
+    tensor = state.get(CONTEXT_KEY)
     return int(tensor.shape[-1]) if tensor is not None else None

@@ -56,7 +56,8 @@ def sdxl_to_model(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[
             out.update(add_prefix(hf_to_openclip(hf), f"{TEXT_PREFIX}{head}{OPENCLIP_TOWER}"))
             hf_named.append(n)
         out.update(add_prefix(strip_prefix(conditioner, head + OPENCLIP_TOWER), f"{TEXT_PREFIX}{head}{OPENCLIP_TOWER}"))
-        rest = [k for k in conditioner if k.startswith(head) and not k.startswith((head + HF_TOWER, head + OPENCLIP_TOWER))]
+        towers = (head + HF_TOWER, head + OPENCLIP_TOWER)
+        rest = [k for k in conditioner if k.startswith(head) and not k.startswith(towers)]
         out.update({TEXT_PREFIX + k: conditioner[k] for k in rest})
     return out, hf_named
 

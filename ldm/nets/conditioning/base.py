@@ -2,7 +2,8 @@
 
 An embedder turns a batch field (``key``: ``"caption"`` or ``"label"``) into a cross-attention context
 ``(B, T, context_dim)``; ``conditioning(cond)`` names what goes to the network (``{"context": …}``; SDXL's
-conditioner adds the ADM vector ``"y"``, from ``SizeConditioning``). ``null_condition(n)`` gives the raw unconditional input (empty captions or the
+conditioner adds the ADM vector ``"y"``, from ``SizeConditioning``). ``null_condition(n)`` gives the raw
+unconditional input (empty captions or the
 null class); ``ucg_dropout`` swaps a random share of a batch's conditions for it during training, as
 latent-diffusion's ``ucg_rate`` / generative-models' ``GeneralConditioner`` do.
 """

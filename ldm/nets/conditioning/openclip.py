@@ -154,13 +154,13 @@ class FrozenOpenCLIP(Embedder):
             return self.encode_with_transformer(tokens)
 
     def encode_with_transformer(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token ids ``(B, L)`` → context ``(B, L, width)`` from ``self.layer`` (+ ``ln_final`` unless final_norm off)."""
+        """Token ids ``(B, L)`` → context ``(B, L, width)`` from ``self.layer`` (+ ``ln_final`` if final_norm)."""
         if self.final_norm:
             return self.model.hidden_states(tokens, skip_last_blocks=self.layer_idx)
         return self.model.block_outputs(tokens, len(self.model.transformer.resblocks) - self.layer_idx)[-1]
 
     def encode_pooled(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Captions → (context ``(B, L, width)`` as ``forward``, CLIP's projected text embedding ``(B, embed_dim)``)."""
+        """Captions → (context ``(B, L, width)`` as ``forward``, CLIP's projected text embedding ``(B, E)``)."""
         tokens = self.tokenizer(captions).to(self.model.positional_embedding.device)  # (B, L)
         with torch.no_grad() if self.frozen else nullcontext():
             outputs = self.model.block_outputs(tokens, len(self.model.transformer.resblocks))

@@ -51,7 +51,8 @@ class SizeConditioning:
 
     def batch(self, n: int, device: torch.device | str | None = None) -> dict[str, Tensor]:
         """The sizes as ``n`` rows per field: ``{field: (n, 2)}`` (the form a bucketed training batch carries)."""
-        return {name: torch.tensor([getattr(self, name)] * n, dtype=torch.float32, device=device) for name in SIZE_FIELDS}
+        return {name: torch.tensor([getattr(self, name)] * n, dtype=torch.float32, device=device)
+                for name in SIZE_FIELDS}
 
 
 def size_embedding(sizes: Mapping[str, Tensor], dim: int = SIZE_EMBED_DIM) -> Tensor:
@@ -70,7 +71,8 @@ def size_embedding(sizes: Mapping[str, Tensor], dim: int = SIZE_EMBED_DIM) -> Te
 
 
 class SDXLConditioner(Embedder):
-    """Captions + sizes → ``{"context": (B, L, Σ widths), "y": (B, pooled + 6·size_embed_dim)}`` (module docstring).
+    """Captions + sizes → ``{"context": (B, L, Σ widths), "y": (B, pooled + 6·size_embed_dim)}`` (``conditioning``;
+    module docstring); ``forward`` gives the context alone (the ``Embedder`` contract).
 
     ``embedders``: the text towers, in the file's order (``embedders.N``); the last gives the pooled embedding.
     """
@@ -84,7 +86,8 @@ class SDXLConditioner(Embedder):
             raise ValueError("SDXLConditioner needs at least one text embedder")
         lengths = {e.max_length for e in embedders}
         if len(lengths) != 1:
-            raise ValueError(f"the text embedders' max_length differ ({sorted(lengths)}): their tokens are concatenated")
+            raise ValueError(f"the text embedders' max_length differ ({sorted(lengths)}): their tokens are "
+                             "concatenated")
         self.embedders = nn.ModuleList(embedders)
         self.key = key
         self.context_dim = sum(e.context_dim for e in embedders)
@@ -97,9 +100,10 @@ class SDXLConditioner(Embedder):
         """``n`` empty captions."""
         return [""] * n
 
-    def forward(self, captions: Sequence[str], sizes: Mapping[str, Tensor] | SizeConditioning) -> dict[str, Tensor]:
-        """Captions and their sizes → ``{"context", "y"}`` (see ``conditioning``)."""
-        return self.conditioning(captions, sizes)
+    def forward(self, captions: Sequence[str]) -> Tensor:
+        """Captions → the cross-attention context alone ``(B, L, context_dim)``; the U-Net's inputs (with ``y``)
+        come from ``conditioning``."""
+        return torch.cat([e(list(captions)) for e in self.embedders], dim=-1)  # (B, L, Σ W)
 
     def conditioning(self, captions: Sequence[str], sizes: Mapping[str, Tensor] | SizeConditioning | None = None
                      ) -> dict[str, Tensor]:

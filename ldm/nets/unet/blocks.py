@@ -239,7 +239,7 @@ class BlockFactory:
         )
 
     def attention_layer(self, ch: int, depth: int, upsample: bool = False) -> nn.Module:
-        """A SpatialTransformer of ``depth`` blocks (or an AttentionBlock) at width ch; heads per openaimodel's rules."""
+        """A SpatialTransformer of ``depth`` blocks (or an AttentionBlock) at width ch; heads as openaimodel's."""
         if self.num_head_channels == -1:
             heads, dim_head = self.num_heads, ch // self.num_heads
         else:

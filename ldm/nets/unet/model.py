@@ -3,8 +3,8 @@
 State-dict keys are Stable Diffusion's (``time_embed.{0,2}``, ``input_blocks.N.M``, ``middle_block.{0,1,2}``,
 ``output_blocks.N.M``, ``out.{0,2}``, optional ``label_emb``), so ``model.diffusion_model.*`` of an SD v1.x /
 v2.x checkpoint, or of SDXL's (generative-models' ``UNetModel``: a transformer depth per level, the ADM vector
-through ``label_emb.0.{0,2}``), loads with the prefix stripped. ``forward`` also takes ControlNet residuals (``control``),
-as ControlNet's ``ControlledUnetModel`` does.
+through ``label_emb.0.{0,2}``), loads with the prefix stripped. ``forward`` also takes ControlNet residuals
+(``control``), as ControlNet's ``ControlledUnetModel`` does.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ class UNetModel(nn.Module):
         control: Sequence[Tensor] | None = None,
         only_mid_control: bool = False,
     ) -> Tensor:
-        """x (B, in, H, W), timesteps (B,) int or float, context (B, T, D), y (B,) labels or (B, adm) → (B, out, H, W).
+        """x (B, in, H, W), timesteps (B,), context (B, T, D), y (B,) labels or (B, adm) → (B, out, H, W).
 
         ``control``: ControlNet residuals, one per input block then the middle block's (``ControlNet``'s
         output). The last is added to the middle block's output; the others to the matching skip
@@ -146,7 +146,7 @@ def make_time_embed(factory: BlockFactory, num_classes: int | str | None,
     time_embed = nn.Sequential(nn.Linear(factory.model_channels, dim), nn.SiLU(), nn.Linear(dim, dim))
     if num_classes == SEQUENTIAL:
         if not adm_in_channels:
-            raise ValueError('num_classes="sequential" needs adm_in_channels (the width of the ADM vector y; SDXL: 2816)')
+            raise ValueError('num_classes="sequential" needs adm_in_channels (the ADM vector\'s width; SDXL: 2816)')
         adm = nn.Sequential(nn.Linear(adm_in_channels, dim), nn.SiLU(), nn.Linear(dim, dim))
         return time_embed, nn.Sequential(adm)
     if isinstance(num_classes, str):
@@ -169,7 +169,8 @@ def embed_time(
     """Timestep (+ class or ADM vector) embedding (B, 4·model_channels) in the weights' dtype; checks y."""
     if (y is not None) != (label_emb is not None):
         raise ValueError(
-            "pass class labels `y` (or SDXL's ADM vector) if and only if the model is class-conditional (num_classes set); "
+            "pass class labels `y` (or SDXL's ADM vector) if and only if the model is class-conditional "
+            "(num_classes set); "
             f"got y={'set' if y is not None else 'None'}, num_classes={'set' if label_emb is not None else 'None'}"
         )
     weight = time_embed[0].weight
