@@ -181,10 +181,11 @@ def test_a_kohya_file_made_here_loads_through_txt2img_lora(sd, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("case, message", [
-    ("unknown", "1 key(s) that no module of this model has: lora_unet_down_blocks_7_attentions_0_proj_in.lora_down"),
+    ("unknown", "1 key(s) that no module of this SD 1.x / 2.x model has: "
+                "lora_unet_down_blocks_7_attentions_0_proj_in.lora_down"),
     ("shape", "LoRA shapes do not fit this model — input_blocks.1.1.transformer_blocks.0.attn2.to_k"),
     ("half", "module(s) without both a down and an up weight: lora_unet_mid_block_attentions_0_proj_in"),
-    ("sdxl", "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha"),
+    ("sdxl", "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.alpha (the file looks like kohya for SDXL"),
 ])
 def test_a_file_with_a_wrong_key_or_shape_is_refused_naming_it(sd, tmp_path, capsys, case, message):
     lora, _ = kohya_by_hand(load_file(sd[0]), torch.Generator().manual_seed(0))
@@ -195,7 +196,7 @@ def test_a_file_with_a_wrong_key_or_shape_is_refused_naming_it(sd, tmp_path, cap
     elif case == "half":
         lora["lora_unet_mid_block_attentions_0_proj_in.lora_down.weight"] = torch.zeros(2, 64, 1, 1)
     else:
-        lora["lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha"] = torch.tensor(1.0)
+        lora["lora_te2_text_model_encoder_layers_0_self_attn_q_proj.alpha"] = torch.tensor(1.0)
     path = tmp_path / f"{case}.safetensors"
     save_file(lora, str(path))
     txt2img = load_script("txt2img")

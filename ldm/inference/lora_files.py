@@ -1,8 +1,9 @@
 """LoRA files onto a model, and a LoRA run's adapters as a file.
 
 ``read_lora_file`` reads a kohya- or diffusers-layout file (made here or by other tools, ``ldm.io.lora_layout``) as the
-``LoraWeight``s of this U-Net (and CLIP text tower), refusing keys no module has and shapes that do not fit, in one
-line naming the first keys. ``fold_lora`` adds scale·(alpha/r)·up·down to the weights (nothing left to run at sampling
+``LoraWeight``s of this U-Net (and CLIP text tower, or SDXL's two: ``text_towers``), refusing keys no module has and
+shapes that do not fit, in one line naming the first keys and the layout / model family the file looks like.
+``fold_lora`` adds scale·(alpha/r)·up·down to the weights (nothing left to run at sampling
 time); ``add_live_lora`` makes the file a named peft adapter (scaled, switchable, several at once). ``trained_lora``
 turns a LoRA run's checkpoint into ``LoraWeight``s; ``write_lora_file`` writes them in either layout.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +25,15 @@ from ldm.io.checkpoints import (
     save_file_atomic,
     state_dict_of,
 )
-from ldm.io.lora_layout import Layout, LoraFileError, LoraWeight, layout_tensors, name_table, parse_lora
+from ldm.io.lora_layout import (
+    TEXT_COMPONENTS,
+    Layout,
+    LoraFileError,
+    LoraWeight,
+    layout_tensors,
+    name_table,
+    parse_lora,
+)
 from ldm.nets.lora import (
     ADAPTER,
     LoRA,
@@ -39,6 +48,7 @@ from ldm.nets.lora import (
 
 PREFIXES = {"unet": UNET_PREFIX, "text": OPENCLIP_TEXT_PREFIX}  # where a system's components sit in its state dict
 REPORT_MODULES = 3
+TextTowers = Union[nn.Module, Sequence[nn.Module], None]  # one CLIP tower, SDXL's two (in file order), or none
 
 
 def lora_spec(spec: str) -> tuple[Path, float]:
@@ -60,19 +70,31 @@ def num_res_blocks(unet: nn.Module) -> int:
     return int(counts.pop())
 
 
-def lora_modules(unet: nn.Module, text_model: nn.Module | None) -> dict[str, list[str]]:
-    """The modules a LoRA file may adapt, per component (the text tower's only when it is a CLIP tower)."""
+def text_towers(cond_stage: nn.Module) -> TextTowers:
+    """The CLIP towers of a conditioning stage a LoRA file may adapt: ``model`` (SD), every embedder's (SDXL)."""
+    if hasattr(cond_stage, "embedders"):
+        return [getattr(e, "model", None) for e in cond_stage.embedders]
+    return getattr(cond_stage, "model", None)
+
+
+def lora_modules(unet: nn.Module, text_model: TextTowers) -> dict[str, list[str]]:
+    """The modules a LoRA file may adapt, per component (a text tower's only when it is a CLIP tower)."""
     modules = {"unet": adaptable_modules(unet, "unet")}
-    if is_clip_tower(text_model):
-        modules["text"] = adaptable_modules(text_model, "text")
+    for component, network in _networks(unet, text_model).items():
+        if component != "unet" and is_clip_tower(network):
+            modules[component] = adaptable_modules(network, "text")
     return modules
 
 
-def _networks(unet: nn.Module, text_model: nn.Module | None) -> dict[str, nn.Module | None]:
-    return {"unet": unet, "text": text_model}
+def _networks(unet: nn.Module, text_model: TextTowers) -> dict[str, nn.Module | None]:
+    towers = list(text_model) if isinstance(text_model, (list, tuple)) else [text_model]
+    if len(towers) > len(TEXT_COMPONENTS):
+        raise LoraFileError(f"LoRA files name at most {len(TEXT_COMPONENTS)} text encoders; this model has "
+                            f"{len(towers)}")
+    return {"unet": unet, **dict(zip(TEXT_COMPONENTS, towers))}
 
 
-def check_shapes(weights: list[LoraWeight], unet: nn.Module, text_model: nn.Module | None, source: str) -> None:
+def check_shapes(weights: list[LoraWeight], unet: nn.Module, text_model: TextTowers, source: str) -> None:
     """Each down (r, in) and up (out, r) must fit its module's (out, in) weight (1×1 kernels flattened)."""
     networks, bad = _networks(unet, text_model), []
     for w in weights:
@@ -87,7 +109,7 @@ def check_shapes(weights: list[LoraWeight], unet: nn.Module, text_model: nn.Modu
                             "(a LoRA for another base, e.g. SD 2.x on SD 1.x?)")
 
 
-def read_lora_file(path: str | os.PathLike, unet: nn.Module, text_model: nn.Module | None = None,
+def read_lora_file(path: str | os.PathLike, unet: nn.Module, text_model: TextTowers = None,
                    unsafe: bool = False) -> list[LoraWeight]:
     """A LoRA file's adapters for this U-Net and text tower, checked key by key and shape by shape."""
     path = Path(path)
@@ -99,7 +121,7 @@ def read_lora_file(path: str | os.PathLike, unet: nn.Module, text_model: nn.Modu
 
 
 @torch.no_grad()
-def fold_lora(weights: list[LoraWeight], unet: nn.Module, text_model: nn.Module | None, scale: float = 1.0) -> None:
+def fold_lora(weights: list[LoraWeight], unet: nn.Module, text_model: TextTowers, scale: float = 1.0) -> None:
     """Add scale·(alpha/r)·up·down to each adapted module's weight, in its dtype (fp32 arithmetic)."""
     networks = _networks(unet, text_model)
     for w in weights:
@@ -109,7 +131,7 @@ def fold_lora(weights: list[LoraWeight], unet: nn.Module, text_model: nn.Module 
 
 
 @torch.no_grad()
-def add_live_lora(weights: list[LoraWeight], unet: nn.Module, text_model: nn.Module | None, adapter: str,
+def add_live_lora(weights: list[LoraWeight], unet: nn.Module, text_model: TextTowers, adapter: str,
                   scale: float = 1.0) -> None:
     """Make ``weights`` a peft adapter named ``adapter`` (its update scaled by ``scale``), active with the others."""
     for component, network in _networks(unet, text_model).items():

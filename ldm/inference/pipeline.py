@@ -41,7 +41,7 @@ from ldm.inference.loaders import (  # noqa: F401  (re-exported: the pipeline's 
     load_classifier,
     resolve_device,
 )
-from ldm.inference.lora_files import add_live_lora, fold_lora, read_lora_file
+from ldm.inference.lora_files import add_live_lora, fold_lora, read_lora_file, text_towers
 from ldm.inference.sd import guess_sd_config, load_sd
 from ldm.inference.sd_base import load_run_system
 from ldm.inference.sd_control import sampling_model
@@ -270,7 +270,7 @@ class Pipeline:
                   ) -> Pipeline:
         """Apply a LoRA file (kohya's or diffusers' layout, ``ldm.inference.lora_files``) to the U-Net and a CLIP text
         tower: folded into the weights, or with ``live`` as a peft adapter (several add up). Recorded in ``source``."""
-        text = getattr(self.cond_stage_model, "model", None)
+        text = text_towers(self.cond_stage_model)  # SD's CLIP tower, or SDXL's two
         weights = read_lora_file(path, self.model.diffusion_model, text, unsafe)
         applied = self.source.setdefault("lora", [])
         if live:

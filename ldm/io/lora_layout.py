@@ -1,4 +1,4 @@
-"""The key layouts of shared LoRA files for Stable Diffusion 1.x / 2.x, and this project's module names in them.
+"""The key layouts of shared LoRA files for Stable Diffusion 1.x / 2.x and SDXL, and this project's module names.
 
 Both common layouts name modules the way diffusers does (a U-Net of ``down_blocks`` / ``mid_block`` / ``up_blocks``,
 Hugging Face's ``CLIPTextModel``), whatever the base file's own layout:
@@ -8,6 +8,12 @@ Hugging Face's ``CLIPTextModel``), whatever the base file's own layout:
   (the update is up·down·alpha/r);
 - diffusers' (peft's names): ``unet.<path>.lora_A.weight`` / ``.lora_B.weight`` and ``text_encoder.<path>…``, scale
   1 unless the file's ``lora_adapter_metadata`` says otherwise (files written here fold alpha/r into ``lora_B``).
+
+Read as well: kohya's ``lora_te1_`` / ``lora_te2_`` (SDXL's two text encoders; ``lora_te1_`` alone, as diffusers'
+``convert_state_dict_to_kohya`` writes for SD 1.x, is a one-encoder model's encoder) and kohya's SDXL U-Net names in
+generative-models' form (``lora_unet_input_blocks_4_1_…``); diffusers' ``text_encoder_2.``; diffusers' training-script
+layout (``….lora.down.weight`` / ``….lora.up.weight`` on the U-Net, ``….lora_linear_layer.down.weight`` / ``up`` on
+the text encoders) and its older attention-processor layout (``…attn1.processor.to_q_lora.down.weight``).
 
 Here the U-Net keeps latent-diffusion's names (``input_blocks.1.1.transformer_blocks.0.attn1.to_q``) and the text
 encoder open_clip's (``transformer.resblocks.0.attn.q_proj``). ``diffusers_unet_path`` / ``hf_text_path`` map ours to
@@ -28,10 +34,23 @@ from ldm.core.errors import UserError
 
 Layout = Literal["kohya", "diffusers"]
 LAYOUTS = ("kohya", "diffusers")
-KOHYA_PREFIXES = {"unet": "lora_unet_", "text": "lora_te_"}
-DIFFUSERS_PREFIXES = {"unet": "unet.", "text": "text_encoder."}
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text": "lora_te_", "text2": "lora_te2_"}
+KOHYA_TEXT1 = "lora_te1_"  # kohya's first text encoder of SDXL; for a one-encoder model, its encoder
+DIFFUSERS_PREFIXES = {"unet": "unet.", "text": "text_encoder.", "text2": "text_encoder_2."}
+TEXT_COMPONENTS = ("text", "text2")  # the text encoders, in the base file's order
 KOHYA_SUFFIXES = {"down": ".lora_down.weight", "up": ".lora_up.weight", "alpha": ".alpha"}
 DIFFUSERS_SUFFIXES = {"down": ".lora_A.weight", "up": ".lora_B.weight", "alpha": ".alpha"}
+# diffusers' training scripts before peft (LoRALinearLayer): the U-Net's and the text encoders' names
+SCRIPT_SUFFIXES = {"down": ".lora.down.weight", "up": ".lora.up.weight"}
+SCRIPT_TEXT_SUFFIXES = {"down": ".lora_linear_layer.down.weight", "up": ".lora_linear_layer.up.weight"}
+SUFFIX_LAYOUTS = (("kohya", KOHYA_SUFFIXES), ("diffusers / peft", DIFFUSERS_SUFFIXES),
+                  ("diffusers training script", SCRIPT_SUFFIXES), ("diffusers training script", SCRIPT_TEXT_SUFFIXES))
+# diffusers' attention processors (LoRAAttnProcessor): "<attention>.processor.to_q_lora.down.weight"
+_PROCESSOR = re.compile(r"^(.+)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+PROCESSOR_MODULES = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
+# Other LoRA-like files, named in refusals (LyCORIS' LoHa / LoKr / full-rank diff, DoRA's magnitudes)
+OTHER_MARKERS = {"LyCORIS LoHa": ".hada_w1_a", "LyCORIS LoKr": ".lokr_w1", "LyCORIS full diff": ".diff",
+                 "DoRA": ".dora_scale"}
 DIFFUSERS_METADATA = "lora_adapter_metadata"  # diffusers' safetensors metadata entry (a JSON of LoraConfig fields)
 REPORT_KEYS = 3  # keys an error names
 
@@ -103,26 +122,59 @@ def public_name(component: str, module: str, layout: Layout, num_res_blocks: int
 
 
 def name_table(modules: Mapping[str, list[str]], num_res_blocks: int) -> dict[str, tuple[str, str]]:
-    """Every public name (both layouts, and diffusers' bare U-Net names) → (component, our module name)."""
+    """Every public name (every layout, and diffusers' bare U-Net names) → (component, our module name)."""
     table = {}
+    one_text_encoder = "text2" not in modules
     for component, names in modules.items():
         for module in names:
             for layout in LAYOUTS:
                 table[public_name(component, module, layout, num_res_blocks)] = (component, module)
-            if component == "unet":  # diffusers' bare U-Net state dict
+            if component == "unet":  # diffusers' bare U-Net state dict; kohya's SDXL names (generative-models')
                 table[diffusers_unet_path(module, num_res_blocks)] = (component, module)
-            else:  # diffusers' files made with transformers 5, whose CLIPTextModel has no text_model level
-                table[DIFFUSERS_PREFIXES[component] + hf_text_path(module).removeprefix(HF_TEXT_ROOT)] = (component, module)
+                table[KOHYA_PREFIXES["unet"] + module.replace(".", "_")] = (component, module)
+                continue
+            # files made with transformers 5 (whose CLIPTextModel has no text_model level), by diffusers or its
+            # convert_state_dict_to_kohya
+            bare = hf_text_path(module).removeprefix(HF_TEXT_ROOT)
+            table[DIFFUSERS_PREFIXES[component] + bare] = (component, module)
+            kohya = [KOHYA_PREFIXES[component]] if component == "text2" or one_text_encoder else []
+            if component == "text":  # kohya's first encoder (of SDXL, or the only one); lora_te_ is SD 1.x / 2.x's
+                kohya.append(KOHYA_TEXT1)
+                if not one_text_encoder:
+                    del table[public_name(component, module, "kohya", num_res_blocks)]
+            for prefix in kohya:
+                for path in (hf_text_path(module), bare):
+                    table[prefix + path.replace(".", "_")] = (component, module)
     return table
 
 
 def _split_key(key: str) -> tuple[str, str] | None:
-    """(module name, "down" | "up" | "alpha") of a LoRA file's key, in either layout; None for another key."""
-    for suffixes in (KOHYA_SUFFIXES, DIFFUSERS_SUFFIXES):
+    """(module name, "down" | "up" | "alpha") of a LoRA file's key, in any layout read here; None for another key."""
+    if match := _PROCESSOR.match(key):
+        return f"{match[1]}.{PROCESSOR_MODULES[match[2]]}", match[3]
+    for _, suffixes in SUFFIX_LAYOUTS:
         for part, suffix in suffixes.items():
             if key.endswith(suffix):
                 return key[: -len(suffix)], part
     return None
+
+
+def looks_like(keys: list[str]) -> str:
+    """The layout (and model family) a LoRA file's keys look like, for refusals."""
+    family = ""
+    if any(k.startswith((KOHYA_PREFIXES["text2"], DIFFUSERS_PREFIXES["text2"])) for k in keys):
+        family = " for SDXL (a second text encoder)"
+    elif any(re.search(r"down_blocks[._]0[._]attentions", k) for k in keys):
+        family = " for SD 1.x / 2.x (attention at the U-Net's first level)"
+    for name, marker in OTHER_MARKERS.items():
+        if any(marker in k for k in keys):
+            return name + family
+    if any(_PROCESSOR.match(k) for k in keys):
+        return "diffusers attention processors" + family
+    for name, suffixes in SUFFIX_LAYOUTS:
+        if any(k.endswith(tuple(suffixes.values())) for k in keys):
+            return name + family
+    return "no LoRA layout" + family
 
 
 def _listing(keys: list[str]) -> str:
@@ -143,9 +195,9 @@ def parse_lora(state: Mapping[str, Tensor], table: Mapping[str, tuple[str, str]]
             continue
         parts.setdefault(split[0], {})[split[1]] = tensor
     if unknown:
-        raise LoraFileError(f"{source}: {len(unknown)} key(s) that no module of this model has: {_listing(sorted(unknown))}"
-                            " (a LoRA for another architecture, e.g. SDXL, or a LyCORIS / LoCon type this loader "
-                            "does not read)")
+        family = "SDXL" if any(c == "text2" for c, _ in table.values()) else "SD 1.x / 2.x"
+        raise LoraFileError(f"{source}: {len(unknown)} key(s) that no module of this {family} model has: "
+                            f"{_listing(sorted(unknown))} (the file looks like {looks_like(sorted(state))})")
     incomplete = sorted(name for name, p in parts.items() if not {"down", "up"} <= set(p))
     if incomplete:
         raise LoraFileError(f"{source}: module(s) without both a down and an up weight: {_listing(incomplete)}")

@@ -1,0 +1,199 @@
+"""LoRA files from every common trainer on a toy SDXL file (and kohya's lora_te1_ on SD 1.x): made in the test with
+peft on diffusers' own SDXL modules, saved by diffusers' save_lora_weights, converted by its convert_state_dict_to_kohya
+and renamed into kohya's generative-models names, diffusers' training-script and attention-processor layouts; each
+gives through Pipeline.with_lora / txt2img --lora the images diffusers' load_lora_weights gives for the same file.
+Files for another model family are refused naming both families."""
+
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ldm.inference.lora_files import num_res_blocks, read_lora_file, text_towers
+from ldm.inference.pipeline import Pipeline
+from ldm.io.lora_layout import LoraFileError, diffusers_unet_path
+from ldm.nets.lora import adaptable_modules
+from tests.sdxl_toy import diffusers_xl_pipeline, tiny_xl_config, write_xl_file
+
+diffusers = pytest.importorskip("diffusers")
+peft = pytest.importorskip("peft")
+
+PROMPTS = ["a red circle on a blue background", "a green square"]
+RANK, ALPHA = 4, 8  # alpha ≠ rank: only a file's metadata (or kohya's .alpha) can say so
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+DRAW = dict(steps=3, guidance=5.0, sampler="euler", seed=3)
+
+
+def _noise(seed: int, n: int) -> torch.Tensor:
+    return torch.stack([torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(seed + j)) for j in range(n)])
+
+
+def peft_layers(pipe, alpha: int) -> dict:
+    """Random peft LoRA adapters on diffusers' U-Net and both text encoders; their state dicts by save argument."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(0)
+    inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=alpha, init_lora_weights=False, target_modules=UNET_TARGETS),
+                            pipe.unet)
+    for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+        inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=alpha, init_lora_weights=False,
+                                           target_modules=TEXT_TARGETS), encoder)
+    with torch.no_grad():
+        for module in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):
+            for name, param in module.named_parameters():
+                if "lora_" in name:
+                    param.mul_(0.3)  # an adapter that changes the images without swamping them
+    return {"unet_lora_layers": get_peft_model_state_dict(pipe.unet),
+            "text_encoder_lora_layers": get_peft_model_state_dict(pipe.text_encoder),
+            "text_encoder_2_lora_layers": get_peft_model_state_dict(pipe.text_encoder_2)}
+
+
+def renamed(state: dict, rename) -> dict:
+    """``state`` with each key renamed (keys renamed to None dropped)."""
+    out = {}
+    for key, value in state.items():
+        new = rename(key)
+        if new is not None:
+            out[new] = value
+    return out
+
+
+def training_script_key(key: str) -> str:
+    """peft's names → diffusers' training scripts before peft (LoRALinearLayer)."""
+    down, up = (".lora.down.weight", ".lora.up.weight") if key.startswith("unet.") else (
+        ".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight")
+    return key.replace(".lora_A.weight", down).replace(".lora_B.weight", up)
+
+
+def processor_key(key: str) -> str | None:
+    """peft's U-Net attention names → diffusers' attention processors' (bare U-Net keys); None for the rest."""
+    match = re.match(r"unet\.(.+\.attn[12])\.(to_q|to_k|to_v|to_out)(?:\.0)?\.lora_([AB])\.weight$", key)
+    return match and f"{match[1]}.processor.{match[2]}_lora.{'down' if match[3] == 'A' else 'up'}.weight"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """(toy SDXL file, config, folder, {layout: LoRA file}) — every file holding the same adapters."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+
+    folder = tmp_path_factory.mktemp("sdxl-lora")
+    ckpt, config = write_xl_file(folder, seed=2)
+    layers = peft_layers(diffusers_xl_pipeline(load_file(str(ckpt)), tiny_xl_config(), folder), ALPHA)
+    metadata = {f"{part}_lora_adapter_metadata": {"r": RANK, "lora_alpha": ALPHA, "target_modules": targets}
+                for part, targets in (("unet", UNET_TARGETS), ("text_encoder", TEXT_TARGETS),
+                                      ("text_encoder_2", TEXT_TARGETS))}
+    StableDiffusionXLPipeline.save_lora_weights(str(folder), weight_name="peft.safetensors", **layers, **metadata)
+    made = {"peft": folder / "peft.safetensors"}
+    state = load_file(str(made["peft"]))
+    assert any(k.startswith("text_encoder_2.") for k in state)
+    kohya = {k: v * (ALPHA / RANK) if k.endswith("lora_up.weight") else v  # its .alpha = rank: fold alpha/r in
+             for k, v in convert_state_dict_to_kohya(state).items()}
+    unet = Pipeline.from_checkpoint(ckpt, config).model.diffusion_model
+    to_sgm = {diffusers_unet_path(m, num_res_blocks(unet)).replace(".", "_"): m.replace(".", "_")
+              for m in adaptable_modules(unet, "unet")}
+    scaled = {k: v * (ALPHA / RANK) if ".lora_B." in k else v for k, v in state.items()}  # no metadata: scale 1
+    for name, tensors in {
+        "kohya": kohya,
+        "kohya_sgm": renamed(kohya, lambda k: re.sub(r"^lora_unet_([^.]+)", lambda m: "lora_unet_" + to_sgm[m[1]], k)),
+        "peft_no_metadata": scaled,
+        "training_script": renamed(scaled, training_script_key),
+        "attention_processor": renamed(scaled, processor_key),
+        "peft_attention": {k: v for k, v in scaled.items() if processor_key(k)},
+    }.items():
+        made[name] = folder / f"{name}.safetensors"
+        save_file(tensors, str(made[name]))
+    assert all(k.startswith("lora_te1_") for k in load_file(str(made["kohya"])) if "lora_te" in k and "_te2_" not in k)
+    return ckpt, config, folder, made
+
+
+def ours(ckpt, config, lora=None, **options):
+    pipe = Pipeline.from_checkpoint(ckpt, config)
+    if lora is not None:
+        pipe.with_lora(lora, **options)
+    return pipe.generate_tensors(PROMPTS, height=16, width=16, **DRAW) * 0.5 + 0.5  # (2, 3, 16, 16) in [0, 1]
+
+
+def theirs(ckpt, folder, lora):
+    pipe = diffusers_xl_pipeline(load_file(str(ckpt)), tiny_xl_config(), folder)
+    pipe.load_lora_weights(str(lora))
+    return pipe(prompt=PROMPTS, height=16, width=16, num_inference_steps=DRAW["steps"], guidance_scale=DRAW["guidance"],
+                latents=_noise(DRAW["seed"], 2), output_type="pt").images
+
+
+@pytest.mark.parametrize("layout", ["peft", "kohya", "kohya_sgm", "peft_no_metadata", "training_script"])
+def test_sdxl_lora_layouts_give_diffusers_images(files, layout):
+    ckpt, config, folder, made = files
+    got = ours(ckpt, config, made[layout])
+    assert (got - ours(ckpt, config)).abs().max() > 0.03  # the adapters change the images
+    torch.testing.assert_close(got, theirs(ckpt, folder, made[layout]), rtol=0, atol=1e-4)
+
+
+def test_attention_processor_layout_and_live_adapters(files):
+    ckpt, config, _, made = files
+    processor = ours(ckpt, config, made["attention_processor"])  # diffusers 0.42 no longer reads this layout
+    torch.testing.assert_close(processor, ours(ckpt, config, made["peft_attention"]), rtol=0, atol=1e-6)
+    live = ours(ckpt, config, made["kohya"], live=True)
+    torch.testing.assert_close(live, ours(ckpt, config, made["peft"]), rtol=0, atol=1e-5)
+
+
+def test_families_are_refused_by_name(files, tmp_path):
+    from tests.sd_toy import tiny_system
+
+    ckpt, config, _, made = files
+    sd1 = tiny_system("v1-inference")
+    with pytest.raises(LoraFileError, match="no module of this SD 1.x / 2.x model has.*looks like kohya for SDXL"):
+        read_lora_file(made["kohya"], sd1.model.diffusion_model, text_towers(sd1.cond_stage_model))
+    xl = Pipeline.from_checkpoint(ckpt, config)
+    unet, towers = xl.model.diffusion_model, text_towers(xl.cond_stage_model)
+    sd_file = tmp_path / "sd1.safetensors"
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(32, 4)}, str(sd_file))
+    with pytest.raises(LoraFileError, match="SDXL model has.*looks like kohya for SD 1.x / 2.x"):
+        read_lora_file(sd_file, unet, towers)
+    loha = tmp_path / "loha.safetensors"
+    save_file({"lora_unet_input_blocks_4_1_proj_in.hada_w1_a": torch.zeros(4, 4)}, str(loha))
+    with pytest.raises(LoraFileError, match="looks like LyCORIS LoHa"):
+        read_lora_file(loha, unet, towers)
+
+
+def test_kohya_te1_on_a_one_encoder_model_is_its_encoder(tmp_path):
+    """diffusers' convert_state_dict_to_kohya names SD 1.x's text encoder lora_te1_: the same as lora_te_."""
+    from tests.sd_toy import tiny_system
+
+    system = tiny_system("v1-inference")
+    unet, text = system.model.diffusion_model, text_towers(system.cond_stage_model)
+    g = torch.Generator().manual_seed(1)
+    names = ["text_model_encoder_layers_1_self_attn_v_proj", "text_model_encoder_layers_0_mlp_fc1"]
+    shapes = {names[0]: (32, 32), names[1]: (128, 32)}
+    te = {}
+    for name in names:
+        out_f, in_f = shapes[name]
+        te.update({f"{name}.lora_down.weight": torch.randn(2, in_f, generator=g),
+                   f"{name}.lora_up.weight": torch.randn(out_f, 2, generator=g), f"{name}.alpha": torch.tensor(1.0)})
+    for prefix in ("lora_te_", "lora_te1_"):
+        save_file({prefix + k: v for k, v in te.items()}, str(tmp_path / f"{prefix}.safetensors"))
+    one, two = (read_lora_file(tmp_path / f"{p}.safetensors", unet, text) for p in ("lora_te_", "lora_te1_"))
+    assert [(w.component, w.module) for w in one] == [(w.component, w.module) for w in two]
+    assert {w.module for w in one} == {"transformer.resblocks.1.attn.v_proj", "transformer.resblocks.0.mlp.c_fc"}
+    assert all(torch.equal(a.up, b.up) and a.alpha == b.alpha == 1.0 for a, b in zip(one, two))
+
+
+def test_txt2img_lora_on_sdxl_draws_diffusers_image(files, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from tests.scripts import load_script
+
+    ckpt, config, folder, made = files
+    txt2img = load_script("txt2img")
+    argv = ["--ckpt", ckpt, "--config", config, "--lora", made["kohya_sgm"], "--prompt", PROMPTS[0], "--steps", "3",
+            "--sampler", "euler", "--scale", "5", "--seed", "3", "--out", tmp_path]
+    assert txt2img.main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    (png,) = tmp_path.glob("*.png")
+    drawn = np.asarray(Image.open(png)).astype(int)  # (16, 16, 3)
+    expected = (theirs(ckpt, folder, made["kohya_sgm"])[0].permute(1, 2, 0).numpy() * 255).round().astype(int)
+    assert np.abs(drawn - expected).max() <= 1
