@@ -197,3 +197,39 @@ def test_txt2img_lora_on_sdxl_draws_diffusers_image(files, tmp_path, capsys):
     drawn = np.asarray(Image.open(png)).astype(int)  # (16, 16, 3)
     expected = (theirs(ckpt, folder, made["kohya_sgm"])[0].permute(1, 2, 0).numpy() * 255).round().astype(int)
     assert np.abs(drawn - expected).max() <= 1
+
+
+CONV_TARGETS = ["conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv"]
+
+
+@pytest.mark.parametrize("layout", ["kohya", "peft"])
+def test_locon_conv_layers_give_diffusers_images(files, layout):
+    """kohya's LoCon: the res-blocks' 3×3 convolutions (down (r, in, 3, 3), up (out, r, 1, 1)), their time
+    projections and the samplers' convolutions, beside the attention."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    ckpt, config, folder, _ = files
+    pipe = diffusers_xl_pipeline(load_file(str(ckpt)), tiny_xl_config(), folder)
+    torch.manual_seed(1)
+    inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights=False,
+                                       target_modules=UNET_TARGETS + CONV_TARGETS), pipe.unet)
+    with torch.no_grad():
+        for name, param in pipe.unet.named_parameters():
+            if "lora_" in name:
+                param.mul_(0.2)
+    layers = get_peft_model_state_dict(pipe.unet)
+    assert any(v.ndim == 4 and v.shape[-1] == 3 for v in layers.values())  # 3×3 conv adapters
+    StableDiffusionXLPipeline.save_lora_weights(str(folder), weight_name="locon-peft.safetensors",
+                                                unet_lora_layers=layers)
+    path = folder / f"locon-{layout}.safetensors"
+    if layout == "kohya":
+        kohya = convert_state_dict_to_kohya(load_file(str(folder / "locon-peft.safetensors")))
+        assert any("resnets_0_conv1.lora_down" in k for k in kohya)
+        save_file(kohya, str(path))
+    got = ours(ckpt, config, path)
+    assert (got - ours(ckpt, config)).abs().max() > 0.03
+    torch.testing.assert_close(got, theirs(ckpt, folder, path), rtol=0, atol=1e-4)
+    torch.testing.assert_close(ours(ckpt, config, path, live=True), got, rtol=0, atol=1e-5)  # peft conv adapters

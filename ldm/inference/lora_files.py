@@ -26,6 +26,7 @@ from ldm.io.checkpoints import (
     state_dict_of,
 )
 from ldm.io.lora_layout import (
+    RESNET_NAMES,
     TEXT_COMPONENTS,
     Layout,
     LoraFileError,
@@ -45,9 +46,11 @@ from ldm.nets.lora import (
     own_layer,
     set_adapter_scale,
 )
+from ldm.nets.unet.blocks import Downsample, ResBlock, Upsample
 
 PREFIXES = {"unet": UNET_PREFIX, "text": OPENCLIP_TEXT_PREFIX}  # where a system's components sit in its state dict
 REPORT_MODULES = 3
+LAYERS = (nn.Linear, nn.Conv2d)  # what a LoRA adapts
 TextTowers = Union[nn.Module, Sequence[nn.Module], None]  # one CLIP tower, SDXL's two (in file order), or none
 
 
@@ -77,9 +80,23 @@ def text_towers(cond_stage: nn.Module) -> TextTowers:
     return getattr(cond_stage, "model", None)
 
 
+def conv_lora_modules(unet: nn.Module) -> list[str]:
+    """The layers LoCon (kohya's conv LoRA) adds to a U-Net's: its res-blocks' convolutions and time projections,
+    and its down- and upsamplers' convolutions."""
+    names = []
+    for name, module in unet.named_modules():
+        if isinstance(module, ResBlock):
+            names += [f"{name}.{inner}" for inner in RESNET_NAMES if isinstance(module.get_submodule(inner), LAYERS)]
+        elif isinstance(module, Downsample) and isinstance(module.op, nn.Conv2d):
+            names.append(f"{name}.op")
+        elif isinstance(module, Upsample) and module.use_conv:
+            names.append(f"{name}.conv")
+    return names
+
+
 def lora_modules(unet: nn.Module, text_model: TextTowers) -> dict[str, list[str]]:
     """The modules a LoRA file may adapt, per component (a text tower's only when it is a CLIP tower)."""
-    modules = {"unet": adaptable_modules(unet, "unet")}
+    modules = {"unet": adaptable_modules(unet, "unet") + conv_lora_modules(unet)}
     for component, network in _networks(unet, text_model).items():
         if component != "unet" and is_clip_tower(network):
             modules[component] = adaptable_modules(network, "text")

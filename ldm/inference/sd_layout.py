@@ -128,7 +128,8 @@ def to_model_layout(system: nn.Module, state: Mapping[str, Tensor], use_ema: boo
         for fixed in FIXED_BUFFERS:  # a fresh EMA's decay and count
             state.setdefault(prefix + fixed, own[prefix + fixed].detach().clone())
         filled.append(f"{ema_name}.* (from the weights)")
-    info = {"ema": ema, "text_encoder": "sdxl" if sdxl else "hf-clip" if hf_named else "native", "version": guess_sd_version(state),
+    text_encoder = "sdxl" if sdxl else "hf-clip" if hf_named else "native"
+    info = {"ema": ema, "text_encoder": text_encoder, "version": guess_sd_version(state),
             "ignored": ignored, "filled": filled}
     return state, info
 

@@ -57,6 +57,13 @@ REPORT_KEYS = 3  # keys an error names
 _INPUT = re.compile(r"^input_blocks\.(\d+)\.1\.(.+)$")
 _OUTPUT = re.compile(r"^output_blocks\.(\d+)\.1\.(.+)$")
 _MIDDLE = re.compile(r"^middle_block\.1\.(.+)$")
+# LoCon (kohya's conv LoRA) also adapts the res-blocks, down- and upsamplers: openaimodel's names → diffusers'
+_RES_INPUT = re.compile(r"^input_blocks\.(\d+)\.0\.(.+)$")
+_RES_OUTPUT = re.compile(r"^output_blocks\.(\d+)\.0\.(.+)$")
+_RES_MIDDLE = re.compile(r"^middle_block\.([02])\.(.+)$")
+_UPSAMPLER = re.compile(r"^output_blocks\.(\d+)\.\d\.conv$")
+RESNET_NAMES = {"in_layers.2": "conv1", "out_layers.3": "conv2", "emb_layers.1": "time_emb_proj",
+                "skip_connection": "conv_shortcut"}
 _TEXT = re.compile(r"^transformer\.resblocks\.(\d+)\.(attn\.(?:q|k|v|out)_proj|mlp\.c_fc|mlp\.c_proj)$")
 HF_TEXT_ROOT = "text_model."  # transformers < 5 nests CLIPTextModel's modules under it, 5 does not
 HF_TEXT_NAMES = {"attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj",
@@ -101,7 +108,33 @@ def diffusers_unet_path(path: str, num_res_blocks: int) -> str:
     if match := _OUTPUT.match(path):
         level, j = divmod(int(match[1]), per_level)
         return f"up_blocks.{level}.attentions.{j}.{match[2]}"
-    raise LoraFileError(f"{path} is not inside a U-Net transformer: no LoRA layout names it")
+    return _diffusers_conv_path(path, num_res_blocks)
+
+
+def _diffusers_conv_path(path: str, num_res_blocks: int) -> str:
+    """A res-block, downsampler or upsampler layer's diffusers name (``input_blocks.1.0.in_layers.2`` →
+    ``down_blocks.0.resnets.0.conv1``; ``input_blocks.3.0.op`` → ``down_blocks.0.downsamplers.0.conv``)."""
+    per_level = num_res_blocks + 1
+    if match := _UPSAMPLER.match(path):
+        return f"up_blocks.{int(match[1]) // per_level}.upsamplers.0.conv"
+    if (match := _RES_INPUT.match(path)) and match[1] != "0":
+        level, j = divmod(int(match[1]) - 1, per_level)
+        if match[2] == "op":
+            return f"down_blocks.{level}.downsamplers.0.conv"
+        return f"down_blocks.{level}.resnets.{j}.{_resnet_name(path, match[2])}"
+    if match := _RES_MIDDLE.match(path):
+        return f"mid_block.resnets.{int(match[1]) // 2}.{_resnet_name(path, match[2])}"
+    if match := _RES_OUTPUT.match(path):
+        level, j = divmod(int(match[1]), per_level)
+        return f"up_blocks.{level}.resnets.{j}.{_resnet_name(path, match[2])}"
+    raise LoraFileError(f"{path} is neither inside a U-Net transformer nor a res-block / sampler: no LoRA layout "
+                        "names it")
+
+
+def _resnet_name(path: str, inner: str) -> str:
+    if inner not in RESNET_NAMES:
+        raise LoraFileError(f"{path}: no LoRA layout names this part of a res-block")
+    return RESNET_NAMES[inner]
 
 
 def hf_text_path(path: str) -> str:
