@@ -233,3 +233,26 @@ def test_locon_conv_layers_give_diffusers_images(files, layout):
     assert (got - ours(ckpt, config)).abs().max() > 0.03
     torch.testing.assert_close(got, theirs(ckpt, folder, path), rtol=0, atol=1e-4)
     torch.testing.assert_close(ours(ckpt, config, path, live=True), got, rtol=0, atol=1e-5)  # peft conv adapters
+
+
+def test_conv_layer_names_match_diffusers_own_converter():
+    from diffusers.loaders import single_file_utils
+
+    from ldm.bench.mapping import diffusers_unet_config
+    from ldm.inference.lora_files import conv_lora_modules
+    from ldm.io.checkpoints import UNET_PREFIX
+    from tests.sd_toy import tiny_config, tiny_system
+    from tests.sdxl_toy import tiny_xl_system
+
+    for system, config in ((tiny_system("v1-inference"), tiny_config("v1-inference")),
+                           (tiny_xl_system(), tiny_xl_config())):
+        unet = system.model.diffusion_model
+        state = {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
+        params = config["model"]["params"]["unet"]["params"]
+        converted = single_file_utils.convert_ldm_unet_checkpoint(state, diffusers_unet_config(params))
+        where = {v.data_ptr(): k for k, v in converted.items()}
+        modules = conv_lora_modules(unet)
+        assert any(m.endswith(".op") for m in modules) and any(m.endswith("skip_connection") for m in modules)
+        for module in modules:
+            theirs = where[unet.get_submodule(module).weight.data_ptr()]
+            assert theirs == diffusers_unet_path(module, num_res_blocks(unet)) + ".weight", module
