@@ -8,7 +8,7 @@
     python scripts/txt2img.py --run runs/controlnet/latest --control edges.png --prompt "…" --control-scale 1.0
     python scripts/txt2img.py --ckpt v1-5-pruned-emaonly.safetensors --config configs/sd/v1-inference.yaml \\
            --controlnet control_v11p_sd15_canny.pth --control edges.png --prompt "…" --steps 25
-    python scripts/txt2img.py --ckpt sd_xl_base_1.0.safetensors --config configs/sd/xl-base-inference.yaml \
+    python scripts/txt2img.py --ckpt sd_xl_base_1.0.safetensors --config configs/sd/xl-base-inference.yaml \\
            --W 1024 --H 1024 --prompt "…" --original-size 1024 1024 --crop-top-left 0 0   # SDXL
 
 --lora FILE[:SCALE] (repeatable; scale 1 by default) applies a LoRA file in kohya's or diffusers' layout, made here
