@@ -131,6 +131,21 @@ def test_pipeline_equals_diffusers_sdxl_pipeline(xl, negative, sizes):
     torch.testing.assert_close(images * 0.5 + 0.5, ref, rtol=0, atol=1e-4)
 
 
+def test_heun_equals_diffusers_heun_scheduler_with_sdxl_settings(xl):
+    _, _, ours, theirs = xl
+    from diffusers import HeunDiscreteScheduler
+
+    euler = theirs.scheduler
+    theirs.scheduler = HeunDiscreteScheduler.from_config(euler.config)  # leading spacing, steps_offset 1
+    try:
+        ref = theirs(prompt=PROMPTS, height=16, width=16, num_inference_steps=4, guidance_scale=5.0,
+                     latents=_noise(3, 2), output_type="pt").images
+    finally:
+        theirs.scheduler = euler
+    images = ours.generate_tensors(PROMPTS, steps=4, guidance=5.0, sampler="heun", seed=3)
+    torch.testing.assert_close(images * 0.5 + 0.5, ref, rtol=0, atol=1e-4)
+
+
 def test_every_sampler_draws_and_sizes_change_the_image(xl):
     _, _, ours, _ = xl
     from ldm.diffusion import SAMPLERS
