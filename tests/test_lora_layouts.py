@@ -256,3 +256,22 @@ def test_conv_layer_names_match_diffusers_own_converter():
         for module in modules:
             theirs = where[unet.get_submodule(module).weight.data_ptr()]
             assert theirs == diffusers_unet_path(module, num_res_blocks(unet)) + ".weight", module
+
+
+@pytest.mark.parametrize("layout", ["kohya", "diffusers"])
+def test_an_sdxl_lora_written_here_loads_in_diffusers(files, layout):
+    """A file read here and written back (kohya's lora_te1_ / lora_te2_, or diffusers' text_encoder_2.) gives the
+    diffusers images of the file it came from."""
+    from ldm.inference.lora_files import write_lora_file
+
+    ckpt, config, folder, made = files
+    xl = Pipeline.from_checkpoint(ckpt, config)
+    unet = xl.model.diffusion_model
+    weights = read_lora_file(made["peft"], unet, text_towers(xl.cond_stage_model))
+    assert {w.component for w in weights} == {"unet", "text", "text2"}
+    out = write_lora_file(weights, folder / f"written-{layout}.safetensors", layout, num_res_blocks(unet),
+                          text_encoders=2)
+    keys = list(load_file(str(out)))
+    if layout == "kohya":
+        assert {k.split("_text_model")[0] for k in keys if k.startswith("lora_te")} == {"lora_te1", "lora_te2"}
+    torch.testing.assert_close(theirs(ckpt, folder, out), theirs(ckpt, folder, made["peft"]), rtol=0, atol=1e-5)

@@ -181,13 +181,13 @@ def trained_lora(state: Mapping[str, Tensor], settings: LoRA, adapter: str = ADA
 
 
 def write_lora_file(weights: list[LoraWeight], out: str | os.PathLike, layout: Layout, res_blocks: int,
-                    metadata: Mapping[str, str] | None = None, half: bool = False) -> Path:
+                    metadata: Mapping[str, str] | None = None, half: bool = False, text_encoders: int = 1) -> Path:
     """Write ``weights`` as a `.safetensors` LoRA file in ``layout`` (kohya or diffusers), atomically; fp16 with
-    ``half`` (alphas stay fp32)."""
+    ``half`` (alphas stay fp32); ``text_encoders=2`` for SDXL (kohya's ``lora_te1_`` / ``lora_te2_``)."""
     out = Path(out)
     if out.suffix != ".safetensors":
         raise LoraFileError(f"--out {out}: a LoRA file is a .safetensors file")
-    tensors, layout_metadata = layout_tensors(weights, layout, res_blocks)
+    tensors, layout_metadata = layout_tensors(weights, layout, res_blocks, text_encoders)
     if half:
         tensors = {k: v if k.endswith(".alpha") else v.half() for k, v in tensors.items()}
     return save_file_atomic(tensors, out, {**layout_metadata, **(metadata or {})})

@@ -146,11 +146,13 @@ def hf_text_path(path: str) -> str:
     return f"{HF_TEXT_ROOT}encoder.layers.{match[1]}.{HF_TEXT_NAMES[match[2]]}"
 
 
-def public_name(component: str, module: str, layout: Layout, num_res_blocks: int) -> str:
-    """The name a layout gives one of our modules (without the down / up / alpha suffix)."""
+def public_name(component: str, module: str, layout: Layout, num_res_blocks: int, text_encoders: int = 1) -> str:
+    """The name a layout gives one of our modules (without the down / up / alpha suffix); kohya names the first of two
+    text encoders (SDXL's) ``lora_te1_``."""
     path = diffusers_unet_path(module, num_res_blocks) if component == "unet" else hf_text_path(module)
     if layout == "kohya":
-        return KOHYA_PREFIXES[component] + path.replace(".", "_")
+        prefix = KOHYA_TEXT1 if component == "text" and text_encoders > 1 else KOHYA_PREFIXES[component]
+        return prefix + path.replace(".", "_")
     return DIFFUSERS_PREFIXES[component] + path
 
 
@@ -260,14 +262,15 @@ def _metadata_alphas(metadata: Mapping[str, str]) -> dict[str, dict[str, float]]
     return out
 
 
-def layout_tensors(weights: list[LoraWeight], layout: Layout, num_res_blocks: int) -> tuple[dict, dict[str, str]]:
+def layout_tensors(weights: list[LoraWeight], layout: Layout, num_res_blocks: int,
+                   text_encoders: int = 1) -> tuple[dict, dict[str, str]]:
     """(tensors, safetensors metadata) of a LoRA file in ``layout``: kohya's with ``.alpha``, or diffusers' with
     alpha/r folded into ``lora_B`` (scale 1 for every reader) and its ``lora_adapter_metadata``."""
     if layout not in LAYOUTS:
         raise LoraFileError(f"unknown LoRA layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     tensors, ranks, targets = {}, {}, {}
     for w in weights:
-        name = public_name(w.component, w.module, layout, num_res_blocks)
+        name = public_name(w.component, w.module, layout, num_res_blocks, text_encoders)
         if layout == "kohya":
             tensors.update({name + KOHYA_SUFFIXES["down"]: w.down, name + KOHYA_SUFFIXES["up"]: w.up,
                             name + KOHYA_SUFFIXES["alpha"]: torch.tensor(float(w.alpha))})
