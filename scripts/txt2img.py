@@ -8,6 +8,8 @@
     python scripts/txt2img.py --run runs/controlnet/latest --control edges.png --prompt "…" --control-scale 1.0
     python scripts/txt2img.py --ckpt v1-5-pruned-emaonly.safetensors --config configs/sd/v1-inference.yaml \\
            --controlnet control_v11p_sd15_canny.pth --control edges.png --prompt "…" --steps 25
+    python scripts/txt2img.py --ckpt sd_xl_base_1.0.safetensors --config configs/sd/xl-base-inference.yaml \\
+           --W 1024 --H 1024 --prompt "…" --original-size 1024 1024 --crop-top-left 0 0   # SDXL
 
 --lora FILE[:SCALE] (repeatable; scale 1 by default) applies a LoRA file in kohya's or diffusers' layout, made here
 (scripts/export.py of a LoRA run) or by other tools, to the U-Net and text encoder of --ckpt or --run: folded into
@@ -60,6 +62,7 @@ from ldm.inference.pipeline import (
 from ldm.inference.png_params import INDEX_DIGITS, next_index, png_info, slug
 from ldm.inference.sd import describe_sd
 from ldm.nets.compile import CompilerUnavailableError
+from ldm.nets.conditioning.sdxl import SIZE_FIELDS
 from ldm.systems.controlnet import ControlLDM
 
 EXIT_OK = 0
@@ -130,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     samp.add_argument("--seed", type=int, help="seed of the first image; image i gets seed + i (default: random)")
     samp.add_argument("--H", type=int, help="height in pixels (default: the run's image size)")
     samp.add_argument("--W", type=int, help="width in pixels (default: the run's image size)")
+    for flag, names in (("--original-size", ("H", "W")), ("--crop-top-left", ("TOP", "LEFT")),
+                        ("--target-size", ("H", "W"))):
+        samp.add_argument(flag, type=int, nargs=2, metavar=names,
+                          help="SDXL's micro-conditioning in pixels (default: the image size; crop 0 0)")
     samp.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                       help=f"images drawn at once (default {DEFAULT_BATCH_SIZE})")
     model = p.add_argument_group("model")
@@ -320,6 +327,7 @@ def validate(args: argparse.Namespace) -> Request:
                    guidance_rescale=args.guidance_rescale, batch_size=args.batch_size, negative=args.negative_prompt)
     if args.eta is not None:
         options["eta"] = args.eta
+    options.update({k: v for k in SIZE_FIELDS if (v := getattr(args, k)) is not None})  # SDXL's sizes
     if args.control is not None:
         options.update(control=args.control, guess_mode=args.guess_mode,
                        control_scale=DEFAULT_CONTROL_SCALE if args.control_scale is None else args.control_scale)
@@ -391,6 +399,7 @@ def image_parameters(request: Request, pipe: Pipeline, condition, seed: int) -> 
         params["class_name"] = request.source.class_names[condition]
     if "eta" in o:
         params["eta"] = o["eta"]
+    params.update({k: o[k] for k in SIZE_FIELDS if k in o})
     if pipe.source.get("config") or pipe.source.get("controlnet"):
         params.update(config=pipe.source.get("config"), controlnet=pipe.source.get("controlnet"))
     if "control" in o:

@@ -17,8 +17,7 @@ from ldm.inference.lora_files import num_res_blocks, read_lora_file, trained_lor
 from ldm.inference.pipeline import Pipeline
 from ldm.inference.sd import load_sd
 from ldm.io.checkpoints import UNET_PREFIX, ema_shadow_key, load_file
-from ldm.io.lora_layout import LoraFileError
-from ldm.io.lora_names import diffusers_unet_path, hf_text_path
+from ldm.io.lora_layout import LoraFileError, diffusers_unet_path, hf_text_path
 from ldm.nets.lora import UNET_TARGETS, LoRA, adaptable_modules
 from tests.scripts import load_script
 from tests.sd_toy import tiny_config, tiny_system, write_sd_file
@@ -182,10 +181,11 @@ def test_a_kohya_file_made_here_loads_through_txt2img_lora(sd, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("case, message", [
-    ("unknown", "1 key(s) that no module of this model has: lora_unet_down_blocks_7_attentions_0_proj_in.lora_down"),
+    ("unknown", "1 key(s) that no module of this SD 1.x / 2.x model has: "
+                "lora_unet_down_blocks_7_attentions_0_proj_in.lora_down"),
     ("shape", "LoRA shapes do not fit this model — input_blocks.1.1.transformer_blocks.0.attn2.to_k"),
     ("half", "module(s) without both a down and an up weight: lora_unet_mid_block_attentions_0_proj_in"),
-    ("sdxl", "a LoRA for SDXL (kohya layout) cannot load onto this SD 1.x / 2.x model: use it with a SDXL base"),
+    ("sdxl", "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.alpha (the file looks like kohya for SDXL"),
 ])
 def test_a_file_with_a_wrong_key_or_shape_is_refused_naming_it(sd, tmp_path, capsys, case, message):
     lora, _ = kohya_by_hand(load_file(sd[0]), torch.Generator().manual_seed(0))

@@ -1,183 +1,277 @@
-"""LoRA files in every common layout, made in the test with peft and diffusers' own converters on diffusers' twin of a
-toy SD 1.x file: each gives, through ``--lora`` / ``Pipeline.with_lora``, the output diffusers gives for the same file
-(kohya's with LoCon convolutions and ``lora_te1_``, peft's with and without adapter metadata, diffusers' training-script
-and attention-processor layouts); files for another family or of another LoRA type are refused naming what they are."""
+"""LoRA files from every common trainer on a toy SDXL file (and kohya's lora_te1_ on SD 1.x): made in the test with
+peft on diffusers' own SDXL modules, saved by diffusers' save_lora_weights, converted by its convert_state_dict_to_kohya
+and renamed into kohya's generative-models names, diffusers' training-script and attention-processor layouts; each
+gives through Pipeline.with_lora / txt2img --lora the images diffusers' load_lora_weights gives for the same file.
+Files for another model family are refused naming both families."""
 
-import json
+import re
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from ldm.inference.lora_files import num_res_blocks, read_lora_file
+from ldm.inference.lora_files import num_res_blocks, read_lora_file, text_towers
 from ldm.inference.pipeline import Pipeline
-from ldm.inference.sd import load_sd
-from ldm.io.checkpoints import UNET_PREFIX
-from ldm.io.lora_layout import LoraFileError
-from ldm.io.lora_names import diffusers_unet_path
-from ldm.nets.lora import conv_modules
-from tests.sd_toy import tiny_config, tiny_system, write_sd_file
+from ldm.io.lora_layout import LoraFileError, diffusers_unet_path
+from ldm.nets.lora import adaptable_modules
+from tests.sdxl_toy import diffusers_xl_pipeline, tiny_xl_config, write_xl_file
 
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
-from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya  # noqa: E402
 
-from ldm.bench.mapping import diffusers_unet_config  # noqa: E402
-from ldm.bench.twins import diffusers_text_encoder_like, diffusers_unet_like  # noqa: E402
-
-PROMPTS = ["a red circle", "a zorb on a white background"]
-RANK, ALPHA = 4, 8.0  # alpha ≠ rank: a reader that drops alpha is off by 2×
-TOLERANCE = 1e-5  # fp32: max |Δ| of outputs of order 1
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2",  # transformer layers
-                "conv1", "conv2", "time_emb_proj", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv"]  # LoCon
-TEXT_TARGETS = ["q_proj", "v_proj", "out_proj", "fc1"]
-ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")
+PROMPTS = ["a red circle on a blue background", "a green square"]
+RANK, ALPHA = 4, 8  # alpha ≠ rank: only a file's metadata (or kohya's .alpha) can say so
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+DRAW = dict(steps=3, guidance=5.0, sampler="euler", seed=3)
 
 
-@pytest.fixture(scope="module")
-def sd(tmp_path_factory):
-    """(toy SD 1.x file, its inference config, a work folder)."""
-    folder = tmp_path_factory.mktemp("lora-layouts")
-    ckpt, config = write_sd_file(folder, seed=7)
-    return ckpt, config, folder
+def _noise(seed: int, n: int) -> torch.Tensor:
+    return torch.stack([torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(seed + j)) for j in range(n)])
 
 
-def twins(sd):
-    """diffusers' U-Net and text encoder holding the toy file's weights, and our system loaded from it."""
-    base = load_sd(sd[1], sd[0])
-    params = tiny_config("v1-inference")["model"]["params"]["unet"]["params"]
-    unet = diffusers_unet_like(base.model.diffusion_model, params).eval()
-    return unet, diffusers_text_encoder_like(base.cond_stage_model).eval(), base
+def peft_layers(pipe, alpha: int) -> dict:
+    """Random peft LoRA adapters on diffusers' U-Net and both text encoders; their state dicts by save argument."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
 
-
-@pytest.fixture(scope="module")
-def peft_lora(sd):
-    """A LoRA made by peft on diffusers' twins (random A and B, rank 4, alpha 8): its peft-layout state dict."""
-    unet, text, _ = twins(sd)
     torch.manual_seed(0)
-    config = dict(r=RANK, lora_alpha=ALPHA, init_lora_weights=False)
-    peft.inject_adapter_in_model(peft.LoraConfig(target_modules=UNET_TARGETS, **config), unet)
-    peft.inject_adapter_in_model(peft.LoraConfig(target_modules=TEXT_TARGETS, **config), text)
-    state = {f"unet.{k}": v for k, v in peft.get_peft_model_state_dict(unet).items()}
-    state |= {f"text_encoder.{k}": v for k, v in peft.get_peft_model_state_dict(text).items()}
-    assert any("resnets.0.conv1.lora_A" in k for k in state) and any("upsamplers.0.conv" in k for k in state)
-    return {k: 0.3 * v for k, v in state.items()}
-
-
-def peft_metadata(state: dict) -> dict:
-    """diffusers' ``lora_adapter_metadata`` of a peft state dict: rank and alpha per component."""
-    config = {}
-    for prefix in ("unet.", "text_encoder."):
-        targets = sorted({k[len(prefix):].split(".lora_")[0] for k in state if k.startswith(prefix)})
-        config |= {f"{prefix}r": RANK, f"{prefix}lora_alpha": ALPHA, f"{prefix}target_modules": targets}
-    return {"format": "pt", "lora_adapter_metadata": json.dumps(config)}
-
-
-def layout(state: dict, name: str) -> tuple[dict, dict]:
-    """(tensors, metadata) of the LoRA in one layout, made with diffusers' converters where diffusers has one."""
-    if name == "peft":
-        return state, peft_metadata(state)
-    if name == "peft-no-metadata":
-        return state, {}
-    if name == "kohya":  # lora_unet_… (LoCon convs too) and lora_te1_…, alpha = rank as written: set ours
-        kohya = convert_state_dict_to_kohya(state)
-        return {k: torch.tensor(ALPHA) if k.endswith(".alpha") else v for k, v in kohya.items()}, {}
-    attention = {k: v for k, v in state.items() if k.split(".lora_")[0].endswith(ATTENTION)}
-    if name == "training-script":  # ….lora.down / lora_linear_layer.down (convert_state_dict_to_diffusers)
-        return convert_state_dict_to_diffusers(attention), {}
-    # attention processors: unet.….attn1.processor.to_q_lora.down.weight, text ….self_attn.to_q_lora.down.weight
-    old = {}
-    for key, tensor in attention.items():
-        module, part = key.split(".lora_")
-        parent, leaf = module.rsplit(".", 1) if not module.endswith("to_out.0") else (module[:-9], "to_out")
-        leaf = {"q_proj": "to_q", "k_proj": "to_k", "v_proj": "to_v", "out_proj": "to_out"}.get(leaf, leaf)
-        infix = ".processor." if key.startswith("unet.") else "."
-        old[f"{parent}{infix}{leaf}_lora.{'down' if part.startswith('A') else 'up'}.weight"] = tensor
-    return old, {}
-
-
-def diffusers_outputs(sd, path):
-    """(text context, U-Net output) of diffusers' pipeline with the file loaded by its load_lora_weights."""
-    unet, text, base = twins(sd)
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=diffusers.AutoencoderKL(), text_encoder=text, tokenizer=None, unet=unet,
-        scheduler=diffusers.DDIMScheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.load_lora_weights(str(path))
-    x, t = inputs()
+    inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=alpha, init_lora_weights=False, target_modules=UNET_TARGETS),
+                            pipe.unet)
+    for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+        inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=alpha, init_lora_weights=False,
+                                           target_modules=TEXT_TARGETS), encoder)
     with torch.no_grad():
-        context = pipe.text_encoder(base.cond_stage_model.tokenizer(PROMPTS)).last_hidden_state
-        return context, pipe.unet(x, t, encoder_hidden_states=context).sample
+        for module in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):
+            for name, param in module.named_parameters():
+                if "lora_" in name:
+                    param.mul_(0.3)  # an adapter that changes the images without swamping them
+    return {"unet_lora_layers": get_peft_model_state_dict(pipe.unet),
+            "text_encoder_lora_layers": get_peft_model_state_dict(pipe.text_encoder),
+            "text_encoder_2_lora_layers": get_peft_model_state_dict(pipe.text_encoder_2)}
 
 
-def inputs():
+def renamed(state: dict, rename) -> dict:
+    """``state`` with each key renamed (keys renamed to None dropped)."""
+    out = {}
+    for key, value in state.items():
+        new = rename(key)
+        if new is not None:
+            out[new] = value
+    return out
+
+
+def training_script_key(key: str) -> str:
+    """peft's names → diffusers' training scripts before peft (LoRALinearLayer)."""
+    down, up = (".lora.down.weight", ".lora.up.weight") if key.startswith("unet.") else (
+        ".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight")
+    return key.replace(".lora_A.weight", down).replace(".lora_B.weight", up)
+
+
+def processor_key(key: str) -> str | None:
+    """peft's U-Net attention names → diffusers' attention processors' (bare U-Net keys); None for the rest."""
+    match = re.match(r"unet\.(.+\.attn[12])\.(to_q|to_k|to_v|to_out)(?:\.0)?\.lora_([AB])\.weight$", key)
+    return match and f"{match[1]}.processor.{match[2]}_lora.{'down' if match[3] == 'A' else 'up'}.weight"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """(toy SDXL file, config, folder, {layout: LoRA file}) — every file holding the same adapters."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+
+    folder = tmp_path_factory.mktemp("sdxl-lora")
+    ckpt, config = write_xl_file(folder, seed=2)
+    layers = peft_layers(diffusers_xl_pipeline(load_file(str(ckpt)), tiny_xl_config(), folder), ALPHA)
+    metadata = {f"{part}_lora_adapter_metadata": {"r": RANK, "lora_alpha": ALPHA, "target_modules": targets}
+                for part, targets in (("unet", UNET_TARGETS), ("text_encoder", TEXT_TARGETS),
+                                      ("text_encoder_2", TEXT_TARGETS))}
+    StableDiffusionXLPipeline.save_lora_weights(str(folder), weight_name="peft.safetensors", **layers, **metadata)
+    made = {"peft": folder / "peft.safetensors"}
+    state = load_file(str(made["peft"]))
+    assert any(k.startswith("text_encoder_2.") for k in state)
+    kohya = {k: v * (ALPHA / RANK) if k.endswith("lora_up.weight") else v  # its .alpha = rank: fold alpha/r in
+             for k, v in convert_state_dict_to_kohya(state).items()}
+    unet = Pipeline.from_checkpoint(ckpt, config).model.diffusion_model
+    to_sgm = {diffusers_unet_path(m, num_res_blocks(unet)).replace(".", "_"): m.replace(".", "_")
+              for m in adaptable_modules(unet, "unet")}
+    scaled = {k: v * (ALPHA / RANK) if ".lora_B." in k else v for k, v in state.items()}  # no metadata: scale 1
+    for name, tensors in {
+        "kohya": kohya,
+        "kohya_sgm": renamed(kohya, lambda k: re.sub(r"^lora_unet_([^.]+)", lambda m: "lora_unet_" + to_sgm[m[1]], k)),
+        "peft_no_metadata": scaled,
+        "training_script": renamed(scaled, training_script_key),
+        "attention_processor": renamed(scaled, processor_key),
+        "peft_attention": {k: v for k, v in scaled.items() if processor_key(k)},
+    }.items():
+        made[name] = folder / f"{name}.safetensors"
+        save_file(tensors, str(made[name]))
+    assert all(k.startswith("lora_te1_") for k in load_file(str(made["kohya"])) if "lora_te" in k and "_te2_" not in k)
+    return ckpt, config, folder, made
+
+
+def ours(ckpt, config, lora=None, **options):
+    pipe = Pipeline.from_checkpoint(ckpt, config)
+    if lora is not None:
+        pipe.with_lora(lora, **options)
+    return pipe.generate_tensors(PROMPTS, height=16, width=16, **DRAW) * 0.5 + 0.5  # (2, 3, 16, 16) in [0, 1]
+
+
+def theirs(ckpt, folder, lora):
+    pipe = diffusers_xl_pipeline(load_file(str(ckpt)), tiny_xl_config(), folder)
+    pipe.load_lora_weights(str(lora))
+    return pipe(prompt=PROMPTS, height=16, width=16, num_inference_steps=DRAW["steps"], guidance_scale=DRAW["guidance"],
+                latents=_noise(DRAW["seed"], 2), output_type="pt").images
+
+
+@pytest.mark.parametrize("layout", ["peft", "kohya", "kohya_sgm", "peft_no_metadata", "training_script"])
+def test_sdxl_lora_layouts_give_diffusers_images(files, layout):
+    ckpt, config, folder, made = files
+    got = ours(ckpt, config, made[layout])
+    assert (got - ours(ckpt, config)).abs().max() > 0.03  # the adapters change the images
+    torch.testing.assert_close(got, theirs(ckpt, folder, made[layout]), rtol=0, atol=1e-4)
+
+
+def test_attention_processor_layout_and_live_adapters(files):
+    ckpt, config, _, made = files
+    processor = ours(ckpt, config, made["attention_processor"])  # diffusers 0.42 no longer reads this layout
+    torch.testing.assert_close(processor, ours(ckpt, config, made["peft_attention"]), rtol=0, atol=1e-6)
+    live = ours(ckpt, config, made["kohya"], live=True)
+    torch.testing.assert_close(live, ours(ckpt, config, made["peft"]), rtol=0, atol=1e-5)
+
+
+def test_families_are_refused_by_name(files, tmp_path):
+    from tests.sd_toy import tiny_system
+
+    ckpt, config, _, made = files
+    sd1 = tiny_system("v1-inference")
+    with pytest.raises(LoraFileError, match="no module of this SD 1.x / 2.x model has.*looks like kohya for SDXL"):
+        read_lora_file(made["kohya"], sd1.model.diffusion_model, text_towers(sd1.cond_stage_model))
+    xl = Pipeline.from_checkpoint(ckpt, config)
+    unet, towers = xl.model.diffusion_model, text_towers(xl.cond_stage_model)
+    sd_file = tmp_path / "sd1.safetensors"
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(32, 4)}, str(sd_file))
+    with pytest.raises(LoraFileError, match="SDXL model has.*looks like kohya for SD 1.x / 2.x"):
+        read_lora_file(sd_file, unet, towers)
+    loha = tmp_path / "loha.safetensors"
+    save_file({"lora_unet_input_blocks_4_1_proj_in.hada_w1_a": torch.zeros(4, 4)}, str(loha))
+    with pytest.raises(LoraFileError, match="looks like LyCORIS LoHa"):
+        read_lora_file(loha, unet, towers)
+
+
+def test_kohya_te1_on_a_one_encoder_model_is_its_encoder(tmp_path):
+    """diffusers' convert_state_dict_to_kohya names SD 1.x's text encoder lora_te1_: the same as lora_te_."""
+    from tests.sd_toy import tiny_system
+
+    system = tiny_system("v1-inference")
+    unet, text = system.model.diffusion_model, text_towers(system.cond_stage_model)
     g = torch.Generator().manual_seed(1)
-    return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([20, 700])
+    names = ["text_model_encoder_layers_1_self_attn_v_proj", "text_model_encoder_layers_0_mlp_fc1"]
+    shapes = {names[0]: (32, 32), names[1]: (128, 32)}
+    te = {}
+    for name in names:
+        out_f, in_f = shapes[name]
+        te.update({f"{name}.lora_down.weight": torch.randn(2, in_f, generator=g),
+                   f"{name}.lora_up.weight": torch.randn(out_f, 2, generator=g), f"{name}.alpha": torch.tensor(1.0)})
+    for prefix in ("lora_te_", "lora_te1_"):
+        save_file({prefix + k: v for k, v in te.items()}, str(tmp_path / f"{prefix}.safetensors"))
+    one, two = (read_lora_file(tmp_path / f"{p}.safetensors", unet, text) for p in ("lora_te_", "lora_te1_"))
+    assert [(w.component, w.module) for w in one] == [(w.component, w.module) for w in two]
+    assert {w.module for w in one} == {"transformer.resblocks.1.attn.v_proj", "transformer.resblocks.0.mlp.c_fc"}
+    assert all(torch.equal(a.up, b.up) and a.alpha == b.alpha == 1.0 for a, b in zip(one, two))
 
 
-def our_outputs(pipe):
-    x, t = inputs()
+def test_txt2img_lora_on_sdxl_draws_diffusers_image(files, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from tests.scripts import load_script
+
+    ckpt, config, folder, made = files
+    txt2img = load_script("txt2img")
+    argv = ["--ckpt", ckpt, "--config", config, "--lora", made["kohya_sgm"], "--prompt", PROMPTS[0], "--steps", "3",
+            "--sampler", "euler", "--scale", "5", "--seed", "3", "--out", tmp_path]
+    assert txt2img.main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    (png,) = tmp_path.glob("*.png")
+    drawn = np.asarray(Image.open(png)).astype(int)  # (16, 16, 3)
+    expected = (theirs(ckpt, folder, made["kohya_sgm"])[0].permute(1, 2, 0).numpy() * 255).round().astype(int)
+    assert np.abs(drawn - expected).max() <= 1
+
+
+CONV_TARGETS = ["conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv"]
+
+
+@pytest.mark.parametrize("layout", ["kohya", "peft"])
+def test_locon_conv_layers_give_diffusers_images(files, layout):
+    """kohya's LoCon: the res-blocks' 3×3 convolutions (down (r, in, 3, 3), up (out, r, 1, 1)), their time
+    projections and the samplers' convolutions, beside the attention."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    ckpt, config, folder, _ = files
+    pipe = diffusers_xl_pipeline(load_file(str(ckpt)), tiny_xl_config(), folder)
+    torch.manual_seed(1)
+    inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights=False,
+                                       target_modules=UNET_TARGETS + CONV_TARGETS), pipe.unet)
     with torch.no_grad():
-        context = pipe.cond_stage_model(PROMPTS)
-        return context, pipe.model(x, t, context=context)
+        for name, param in pipe.unet.named_parameters():
+            if "lora_" in name:
+                param.mul_(0.2)
+    layers = get_peft_model_state_dict(pipe.unet)
+    assert any(v.ndim == 4 and v.shape[-1] == 3 for v in layers.values())  # 3×3 conv adapters
+    StableDiffusionXLPipeline.save_lora_weights(str(folder), weight_name="locon-peft.safetensors",
+                                                unet_lora_layers=layers)
+    path = folder / f"locon-{layout}.safetensors"
+    if layout == "kohya":
+        kohya = convert_state_dict_to_kohya(load_file(str(folder / "locon-peft.safetensors")))
+        assert any("resnets_0_conv1.lora_down" in k for k in kohya)
+        save_file(kohya, str(path))
+    got = ours(ckpt, config, path)
+    assert (got - ours(ckpt, config)).abs().max() > 0.03
+    torch.testing.assert_close(got, theirs(ckpt, folder, path), rtol=0, atol=1e-4)
+    torch.testing.assert_close(ours(ckpt, config, path, live=True), got, rtol=0, atol=1e-5)  # peft conv adapters
 
 
-@pytest.mark.parametrize("name", ["kohya", "peft", "peft-no-metadata", "training-script", "attention-processor"])
-def test_every_layout_gives_the_output_diffusers_gives(sd, peft_lora, name):
-    tensors, metadata = layout(peft_lora, name)
-    path = sd[2] / f"{name}.safetensors"
-    save_file(tensors, str(path), metadata=metadata)
-    theirs = diffusers_outputs(sd, path)
-    base = our_outputs(Pipeline.from_checkpoint(sd[0], sd[1], device="cpu"))
-    assert (theirs[1] - base[1]).abs().max() > 0.05 and (theirs[0] - base[0]).abs().max() > 0.05  # the LoRA acts
-    for live in (False, True):
-        ours = our_outputs(Pipeline.from_checkpoint(sd[0], sd[1], device="cpu").with_lora(path, live=live))
-        for a, b in zip(ours, theirs):
-            assert (a - b).abs().max() <= TOLERANCE, (name, live)
+def test_conv_layer_names_match_diffusers_own_converter():
+    from diffusers.loaders import single_file_utils
+
+    from ldm.bench.mapping import diffusers_unet_config
+    from ldm.inference.lora_files import conv_lora_modules
+    from ldm.io.checkpoints import UNET_PREFIX
+    from tests.sd_toy import tiny_config, tiny_system
+    from tests.sdxl_toy import tiny_xl_system
+
+    for system, config in ((tiny_system("v1-inference"), tiny_config("v1-inference")),
+                           (tiny_xl_system(), tiny_xl_config())):
+        unet = system.model.diffusion_model
+        state = {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
+        params = config["model"]["params"]["unet"]["params"]
+        converted = single_file_utils.convert_ldm_unet_checkpoint(state, diffusers_unet_config(params))
+        where = {v.data_ptr(): k for k, v in converted.items()}
+        modules = conv_lora_modules(unet)
+        assert any(m.endswith(".op") for m in modules) and any(m.endswith("skip_connection") for m in modules)
+        for module in modules:
+            theirs = where[unet.get_submodule(module).weight.data_ptr()]
+            assert theirs == diffusers_unet_path(module, num_res_blocks(unet)) + ".weight", module
 
 
-def test_alpha_is_read_from_the_metadata_and_is_the_rank_without_it(sd, peft_lora):
-    outputs = {}
-    for name in ("peft", "peft-no-metadata"):
-        tensors, metadata = layout(peft_lora, name)
-        save_file(tensors, str(sd[2] / f"alpha-{name}.safetensors"), metadata=metadata)
-        system = tiny_system(seed=7)
-        weights = read_lora_file(sd[2] / f"alpha-{name}.safetensors", system.model.diffusion_model,
-                                 system.cond_stage_model.model)
-        outputs[name] = {w.scale for w in weights}
-    assert outputs == {"peft": {ALPHA / RANK}, "peft-no-metadata": {1.0}}
+@pytest.mark.parametrize("layout", ["kohya", "diffusers"])
+def test_an_sdxl_lora_written_here_loads_in_diffusers(files, layout):
+    """A file read here and written back (kohya's lora_te1_ / lora_te2_, or diffusers' text_encoder_2.) gives the
+    diffusers images of the file it came from."""
+    from ldm.inference.lora_files import write_lora_file
 
-
-def test_locon_module_names_match_diffusers_own_converter():
-    single_file = pytest.importorskip("diffusers.loaders.single_file_utils")
-    unet = tiny_system("v1-inference").model.diffusion_model
-    params = tiny_config("v1-inference")["model"]["params"]["unet"]["params"]
-    state = {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
-    converted = single_file.convert_ldm_unet_checkpoint(state, diffusers_unet_config(params))
-    where = {v.data_ptr(): k for k, v in converted.items()}
-    modules = conv_modules(unet)
-    kinds = {m.rsplit(".", 1)[-1] for m in modules}
-    assert {"2", "1", "3", "skip_connection", "op", "conv"} <= kinds, kinds  # in/out layers, emb, skip, samplers
-    for module in modules:
-        theirs = where[unet.get_submodule(module).weight.data_ptr()]
-        assert theirs == diffusers_unet_path(module, num_res_blocks(unet)) + ".weight", module
-
-
-@pytest.mark.parametrize("keys, message", [
-    ({"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": (2, 32)},
-     "a LoRA for SDXL (kohya layout) cannot load onto this SD 1.x / 2.x model"),
-    ({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight": (2, 2048)},
-     "a LoRA for SDXL (kohya layout) cannot load onto this SD 1.x / 2.x model"),
-    ({"lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a": (32, 2)},
-     "(the file looks like a LyCORIS LoHa file, which this loader does not read"),
-    ({"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": (2, 32, 1, 1),
-      "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (2, 32, 1, 1)}, "one module named twice"),
-    ({"lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight": (2, 32, 5, 5),
-      "lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight": (32, 2, 1, 1)}, "LoRA shapes do not fit"),
-])
-def test_a_file_for_another_family_or_of_another_type_is_refused_naming_it(tmp_path, keys, message):
-    path = tmp_path / "other.safetensors"
-    save_file({k: torch.zeros(shape) for k, shape in keys.items()}, str(path))
-    system = tiny_system()
-    with pytest.raises(LoraFileError) as refused:
-        read_lora_file(path, system.model.diffusion_model, system.cond_stage_model.model)
-    assert message in str(refused.value) and "\n" not in str(refused.value)
+    ckpt, config, folder, made = files
+    xl = Pipeline.from_checkpoint(ckpt, config)
+    unet = xl.model.diffusion_model
+    weights = read_lora_file(made["peft"], unet, text_towers(xl.cond_stage_model))
+    assert {w.component for w in weights} == {"unet", "text", "text2"}
+    out = write_lora_file(weights, folder / f"written-{layout}.safetensors", layout, num_res_blocks(unet),
+                          text_encoders=2)
+    keys = list(load_file(str(out)))
+    if layout == "kohya":
+        assert {k.split("_text_model")[0] for k in keys if k.startswith("lora_te")} == {"lora_te1", "lora_te2"}
+    torch.testing.assert_close(theirs(ckpt, folder, out), theirs(ckpt, folder, made["peft"]), rtol=0, atol=1e-5)

@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from tests.paths import REPO_ROOT
+from tests.sdxl_toy import write_xl_file
 
 pytestmark = pytest.mark.slow  # subprocesses / compiles / end-to-end: `pytest -m "not slow"` skips them
 
@@ -44,6 +45,9 @@ SMOKE: dict[str, list[str]] = {
     "stages/train_controlnet.py --cfg configs/controlnet/folder-canny.yaml": TRAIN_SMOKE + ["callbacks=[]"],
     "scripts/txt2img.py": ["--steps", "2", "--n", "1"],
     "scripts/serve.py": ["--check", "--port", "0"],  # serve, draw one 2-step request over HTTP, stop
+    # SDXL: a toy file in the public layout under the public file's name, and its toy config (written when needed)
+    "scripts/txt2img.py --ckpt sd_xl_base_1.0.safetensors": ["--steps", "2", "--n", "1", "--W", "16", "--H", "16",
+                                                             "--config", "toy-sdxl.yaml"],
     "scripts/evaluate.py vae": ["--n", "4"],
     "scripts/evaluate.py classes": ["--n", "2", "--sampler", "ddim:2", "--threads", "1"],
     "scripts/evaluate.py adherence": ["--n", "2", "--samplers", "ddim:2", "--no-speed", "--threads", "1"],
@@ -145,5 +149,7 @@ def test_readme_commands_run_in_order(tmp_path, monkeypatch):
         for placeholder, folder in FOLDERS.items():
             command = command.replace(placeholder, folder)
         words = shlex.split(command)[1:]
+        if "sd_xl_base_1.0.safetensors" in words and not Path("sd_xl_base_1.0.safetensors").exists():
+            write_xl_file(Path("."))[0].rename("sd_xl_base_1.0.safetensors")  # and toy-sdxl.yaml
         run_command(words + smoke_arguments(words))
     assert (tmp_path / "runs" / "vae" / "latest").exists() and os.listdir(tmp_path / "outputs")

@@ -21,6 +21,8 @@ UNET_UNSUPPORTED: dict[str, Any] = {
     "resblock_updown": False, "use_scale_shift_norm": False, "conv_resample": True, "num_classes": None,
     "use_spatial_transformer": True,
 }
+ADM = "sequential"  # num_classes of an SDXL U-Net: the ADM vector, diffusers' "text_time" addition embedding
+SIZE_EMBED_DIM = 256  # SDXL's sinusoidal width per size number (diffusers' addition_time_embed_dim)
 
 
 def heads_per_level(params: Mapping[str, Any]) -> list[int]:
@@ -35,8 +37,9 @@ def heads_per_level(params: Mapping[str, Any]) -> list[int]:
 def diffusers_unet_config(params: Mapping[str, Any]) -> dict[str, Any]:
     """Keyword arguments of diffusers' ``UNet2DConditionModel`` for the architecture of ``UNetModel(**params)``."""
     p = {**UNET_DEFAULTS, **params}
+    adm = p["num_classes"] == ADM
     for key, supported in UNET_UNSUPPORTED.items():
-        if p[key] != supported:
+        if p[key] != supported and not (key == "num_classes" and adm):
             raise ValueError(f"{key}={p[key]!r} has no diffusers UNet2DConditionModel equivalent (need {supported!r})")
     levels = len(p["channel_mult"])
     has_attention = [2**level in p["attention_resolutions"] for level in range(levels)]
@@ -54,7 +57,9 @@ def diffusers_unet_config(params: Mapping[str, Any]) -> dict[str, Any]:
         "use_linear_projection": p["use_linear_in_transformer"],
         "transformer_layers_per_block": p["transformer_depth"],
         "class_embed_type": None,
-        "addition_embed_type": None,
+        "addition_embed_type": "text_time" if adm else None,
+        **({"addition_time_embed_dim": SIZE_EMBED_DIM, "projection_class_embeddings_input_dim": p["adm_in_channels"]}
+           if adm else {}),
     }
 
 

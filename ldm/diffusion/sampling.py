@@ -280,7 +280,8 @@ def sample(
         return denoiser(x, sigma)
 
     x = SAMPLERS[name](
-        counted, noise * sigmas[0], sigmas, generator=generator, callback=callback, progress=progress, **opts
+        counted, noise * schedule.start_scale(sigmas[0]), sigmas, generator=generator, callback=callback,
+        progress=progress, **opts
     )
     return SampleResult(x, nfe, sigmas)
 

@@ -45,6 +45,7 @@ from ldm.diffusion.spacing import (
     DEFAULT_SPACING,
     KARRAS_RHO,
     SD_STEPS_OFFSET,
+    SPACINGS,
     Spacing,
     get_timesteps,
     karras_sigmas,
@@ -139,6 +140,10 @@ class Schedule(nn.Module, ABC):
         """The ladder ``sampler`` walks unless told otherwise (``ldm.diffusion.spacing.DEFAULT_SPACING``)."""
         return DEFAULT_SPACING[sampler]
 
+    def start_scale(self, sigma: Tensor) -> Tensor:
+        """What unit noise is multiplied by to start a ladder at ``sigma``: σ itself (k-diffusion)."""
+        return sigma
+
     def snr(self, sigma: Tensor) -> Tensor:
         """Signal-to-noise ratio α²/σ_t² = 1/σ² of every path family."""
         return sigma.double().pow(-2).to(sigma.dtype)
@@ -151,6 +156,11 @@ class VPSchedule(Schedule):
     latent-diffusion's names: ``betas``, ``alphas_cumprod``, ``sqrt_alphas_cumprod``,
     ``sqrt_one_minus_alphas_cumprod``; plus ``sigmas`` (k-diffusion's VE noise levels, increasing in t)
     and ``log_sigmas``. Training draws t uniformly from {0, …, T−1}, i.e. σ from the table.
+
+    ``spacing`` makes one timestep spacing every sampler's default (but those named ``…karras``), as a diffusers
+    scheduler config does (SDXL's: ``leading``). ``vp_start`` starts sampling from unit noise as a VP sample
+    x_T, i.e. VE x = noise · sqrt(1 + σ_max²) (generative-models' and diffusers' Euler with leading spacing), not
+    noise · σ_max.
     """
 
     def __init__(
@@ -161,8 +171,13 @@ class VPSchedule(Schedule):
         linear_end: float = SD_LINEAR_END,
         cosine_s: float = COSINE_S,
         zero_terminal_snr: bool = False,
+        spacing: Spacing | None = None,
+        vp_start: bool = False,
     ) -> None:
         super().__init__()
+        if spacing is not None and spacing not in SPACINGS:
+            raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+        self.spacing, self.vp_start = spacing, vp_start
         betas = make_betas(kind, num_timesteps, linear_start, linear_end, cosine_s)
         self._set_betas(rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas)
 
@@ -171,6 +186,7 @@ class VPSchedule(Schedule):
         """A schedule from explicit betas (e.g. a checkpoint's ``betas`` buffer)."""
         schedule = cls.__new__(cls)
         nn.Module.__init__(schedule)
+        schedule.spacing, schedule.vp_start = None, False
         schedule._set_betas(betas.double())
         return schedule
 
@@ -203,6 +219,16 @@ class VPSchedule(Schedule):
     def sigma_max(self) -> Tensor:
         """σ at t = T − 1 (finite even under zero terminal SNR, see module docstring)."""
         return self.sigmas[-1]
+
+    def default_spacing(self, sampler: str) -> str:
+        """The configured ``spacing`` (not for a sampler named ``…karras``), else the sampler's own default."""
+        if self.spacing is not None and not sampler.endswith("karras"):
+            return self.spacing
+        return super().default_spacing(sampler)
+
+    def start_scale(self, sigma: Tensor) -> Tensor:
+        """σ, or with ``vp_start`` sqrt(1 + σ²): unit noise as the VP sample x_T seen in VE coordinates."""
+        return (1 + sigma**2).sqrt() if self.vp_start else sigma
 
     def alpha_sigma(self, sigma: Tensor) -> tuple[Tensor, Tensor]:
         """VP coefficients of VE σ: α = (1 + σ²)^-½ (i.e. ᾱ = 1/(1 + σ²)) and σ_t = σ·α."""

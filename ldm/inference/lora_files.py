@@ -1,8 +1,9 @@
 """LoRA files onto a model, and a LoRA run's adapters as a file.
 
-``read_lora_file`` reads a file in any common layout (kohya's with LoCon convolutions, peft's, diffusers' older ones:
-``ldm.io.lora_layout``), made here or by other tools, as the ``LoraWeight``s of this U-Net (and CLIP text towers),
-refusing a file for another model family, keys no module has and shapes that do not fit, in one line naming them. ``fold_lora`` adds scale·(alpha/r)·up·down to the weights (nothing left to run at sampling
+``read_lora_file`` reads a kohya- or diffusers-layout file (made here or by other tools, ``ldm.io.lora_layout``) as the
+``LoraWeight``s of this U-Net (and CLIP text tower, or SDXL's two: ``text_towers``), refusing keys no module has and
+shapes that do not fit, in one line naming the first keys and the layout / model family the file looks like.
+``fold_lora`` adds scale·(alpha/r)·up·down to the weights (nothing left to run at sampling
 time); ``add_live_lora`` makes the file a named peft adapter (scaled, switchable, several at once). ``trained_lora``
 turns a LoRA run's checkpoint into ``LoraWeight``s; ``write_lora_file`` writes them in either layout.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -25,8 +26,8 @@ from ldm.io.checkpoints import (
     state_dict_of,
 )
 from ldm.io.lora_layout import (
-    CONTEXT_FAMILIES,
-    ONE_ENCODER,
+    RESNET_NAMES,
+    TEXT_COMPONENTS,
     Layout,
     LoraFileError,
     LoraWeight,
@@ -40,15 +41,17 @@ from ldm.nets.lora import (
     activate_all,
     adaptable_modules,
     add_adapter,
-    conv_modules,
     is_clip_tower,
     lora_update,
     own_layer,
     set_adapter_scale,
 )
+from ldm.nets.unet.blocks import Downsample, ResBlock, Upsample
 
 PREFIXES = {"unet": UNET_PREFIX, "text": OPENCLIP_TEXT_PREFIX}  # where a system's components sit in its state dict
 REPORT_MODULES = 3
+LAYERS = (nn.Linear, nn.Conv2d)  # what a LoRA adapts
+TextTowers = Union[nn.Module, Sequence[nn.Module], None]  # one CLIP tower, SDXL's two (in file order), or none
 
 
 def lora_spec(spec: str) -> tuple[Path, float]:
@@ -70,39 +73,51 @@ def num_res_blocks(unet: nn.Module) -> int:
     return int(counts.pop())
 
 
-def lora_modules(unet: nn.Module, text_model: nn.Module | None, text_model_2: nn.Module | None = None
-                 ) -> dict[str, list[str]]:
-    """The modules a LoRA file may adapt, per component: the U-Net's transformer layers and LoCon's convolutions, and
-    each text tower's blocks when it is a CLIP tower."""
-    modules = {"unet": adaptable_modules(unet, "unet") + conv_modules(unet)}
-    for component, tower in (("text", text_model), ("text2", text_model_2)):
-        if is_clip_tower(tower):
-            modules[component] = adaptable_modules(tower, "text")
+def text_towers(cond_stage: nn.Module) -> TextTowers:
+    """The CLIP towers of a conditioning stage a LoRA file may adapt: ``model`` (SD), every embedder's (SDXL)."""
+    if hasattr(cond_stage, "embedders"):
+        return [getattr(e, "model", None) for e in cond_stage.embedders]
+    return getattr(cond_stage, "model", None)
+
+
+def conv_lora_modules(unet: nn.Module) -> list[str]:
+    """The layers LoCon (kohya's conv LoRA) adds to a U-Net's: its res-blocks' convolutions and time projections,
+    and its down- and upsamplers' convolutions."""
+    names = []
+    for name, module in unet.named_modules():
+        if isinstance(module, ResBlock):
+            names += [f"{name}.{inner}" for inner in RESNET_NAMES if isinstance(module.get_submodule(inner), LAYERS)]
+        elif isinstance(module, Downsample) and isinstance(module.op, nn.Conv2d):
+            names.append(f"{name}.op")
+        elif isinstance(module, Upsample) and module.use_conv:
+            names.append(f"{name}.conv")
+    return names
+
+
+def lora_modules(unet: nn.Module, text_model: TextTowers) -> dict[str, list[str]]:
+    """The modules a LoRA file may adapt, per component (a text tower's only when it is a CLIP tower)."""
+    modules = {"unet": adaptable_modules(unet, "unet") + conv_lora_modules(unet)}
+    for component, network in _networks(unet, text_model).items():
+        if component != "unet" and is_clip_tower(network):
+            modules[component] = adaptable_modules(network, "text")
     return modules
 
 
-def model_family(unet: nn.Module, text_model_2: nn.Module | None = None) -> str | None:
-    """SDXL with a second text encoder, else SD 1.x or 2.x by the cross-attention width (of another width: either)."""
-    if text_model_2 is not None:
-        return "SDXL"
-    return CONTEXT_FAMILIES.get((getattr(unet, "config", None) or {}).get("context_dim"), ONE_ENCODER)
+def _networks(unet: nn.Module, text_model: TextTowers) -> dict[str, nn.Module | None]:
+    towers = list(text_model) if isinstance(text_model, (list, tuple)) else [text_model]
+    if len(towers) > len(TEXT_COMPONENTS):
+        raise LoraFileError(f"LoRA files name at most {len(TEXT_COMPONENTS)} text encoders; this model has "
+                            f"{len(towers)}")
+    return {"unet": unet, **dict(zip(TEXT_COMPONENTS, towers))}
 
 
-def _networks(unet: nn.Module, text_model: nn.Module | None, text_model_2: nn.Module | None = None
-              ) -> dict[str, nn.Module | None]:
-    return {"unet": unet, "text": text_model, "text2": text_model_2}
-
-
-def check_shapes(weights: list[LoraWeight], unet: nn.Module, text_model: nn.Module | None, source: str,
-                 text_model_2: nn.Module | None = None) -> None:
-    """Each down (r, in[, k, k]) and up (out, r[, 1, 1]) must fit its module's (out, in[, k, k]) weight."""
-    networks, bad = _networks(unet, text_model, text_model_2), []
+def check_shapes(weights: list[LoraWeight], unet: nn.Module, text_model: TextTowers, source: str) -> None:
+    """Each down (r, in) and up (out, r) must fit its module's (out, in) weight (1×1 kernels flattened)."""
+    networks, bad = _networks(unet, text_model), []
     for w in weights:
-        weight = own_layer(networks[w.component].get_submodule(w.module)).weight
-        out_features, in_features = weight.flatten(1).shape
+        out_features, in_features = own_layer(networks[w.component].get_submodule(w.module)).weight.flatten(1).shape
         down, up = w.down.flatten(1).shape, w.up.flatten(1).shape
-        kernel_fits = w.down.shape[2:] in (weight.shape[2:], ()) and w.up.shape[2:] in ((1,) * (weight.ndim - 2), ())
-        if down != (w.rank, in_features) or up != (out_features, w.rank) or not kernel_fits:
+        if down != (w.rank, in_features) or up != (out_features, w.rank):
             bad.append(f"{w.module}: file down {tuple(w.down.shape)} / up {tuple(w.up.shape)} vs weight "
                        f"({out_features}, {in_features})")
     if bad:
@@ -111,33 +126,32 @@ def check_shapes(weights: list[LoraWeight], unet: nn.Module, text_model: nn.Modu
                             "(a LoRA for another base, e.g. SD 2.x on SD 1.x?)")
 
 
-def read_lora_file(path: str | os.PathLike, unet: nn.Module, text_model: nn.Module | None = None,
-                   unsafe: bool = False, text_model_2: nn.Module | None = None) -> list[LoraWeight]:
-    """A LoRA file's adapters for this U-Net and text towers, checked family, key by key and shape by shape."""
+def read_lora_file(path: str | os.PathLike, unet: nn.Module, text_model: TextTowers = None,
+                   unsafe: bool = False) -> list[LoraWeight]:
+    """A LoRA file's adapters for this U-Net and text tower, checked key by key and shape by shape."""
     path = Path(path)
     state = state_dict_of(load_file(path, unsafe))
-    table = name_table(lora_modules(unet, text_model, text_model_2), num_res_blocks(unet))
-    weights = parse_lora(state, table, read_metadata(path), str(path), model_family(unet, text_model_2))
-    check_shapes(weights, unet, text_model, str(path), text_model_2)
+    table = name_table(lora_modules(unet, text_model), num_res_blocks(unet))
+    weights = parse_lora(state, table, read_metadata(path), str(path))
+    check_shapes(weights, unet, text_model, str(path))
     return weights
 
 
 @torch.no_grad()
-def fold_lora(weights: list[LoraWeight], unet: nn.Module, text_model: nn.Module | None, scale: float = 1.0,
-              text_model_2: nn.Module | None = None) -> None:
+def fold_lora(weights: list[LoraWeight], unet: nn.Module, text_model: TextTowers, scale: float = 1.0) -> None:
     """Add scale·(alpha/r)·up·down to each adapted module's weight, in its dtype (fp32 arithmetic)."""
-    networks = _networks(unet, text_model, text_model_2)
+    networks = _networks(unet, text_model)
     for w in weights:
         weight = own_layer(networks[w.component].get_submodule(w.module)).weight
-        update = lora_update(w.down, w.up, scale * w.scale).reshape(weight.shape)
+        update = lora_update(w.down.flatten(1), w.up.flatten(1), scale * w.scale).reshape(weight.shape)
         weight.copy_((weight.float() + update.to(weight.device)).to(weight.dtype))
 
 
 @torch.no_grad()
-def add_live_lora(weights: list[LoraWeight], unet: nn.Module, text_model: nn.Module | None, adapter: str,
-                  scale: float = 1.0, text_model_2: nn.Module | None = None) -> None:
+def add_live_lora(weights: list[LoraWeight], unet: nn.Module, text_model: TextTowers, adapter: str,
+                  scale: float = 1.0) -> None:
     """Make ``weights`` a peft adapter named ``adapter`` (its update scaled by ``scale``), active with the others."""
-    for component, network in _networks(unet, text_model, text_model_2).items():
+    for component, network in _networks(unet, text_model).items():
         mine = [w for w in weights if w.component == component]
         if not mine:
             continue
@@ -167,13 +181,13 @@ def trained_lora(state: Mapping[str, Tensor], settings: LoRA, adapter: str = ADA
 
 
 def write_lora_file(weights: list[LoraWeight], out: str | os.PathLike, layout: Layout, res_blocks: int,
-                    metadata: Mapping[str, str] | None = None, half: bool = False) -> Path:
+                    metadata: Mapping[str, str] | None = None, half: bool = False, text_encoders: int = 1) -> Path:
     """Write ``weights`` as a `.safetensors` LoRA file in ``layout`` (kohya or diffusers), atomically; fp16 with
-    ``half`` (alphas stay fp32)."""
+    ``half`` (alphas stay fp32); ``text_encoders=2`` for SDXL (kohya's ``lora_te1_`` / ``lora_te2_``)."""
     out = Path(out)
     if out.suffix != ".safetensors":
         raise LoraFileError(f"--out {out}: a LoRA file is a .safetensors file")
-    tensors, layout_metadata = layout_tensors(weights, layout, res_blocks)
+    tensors, layout_metadata = layout_tensors(weights, layout, res_blocks, text_encoders)
     if half:
         tensors = {k: v if k.endswith(".alpha") else v.half() for k, v in tensors.items()}
     return save_file_atomic(tensors, out, {**layout_metadata, **(metadata or {})})

@@ -41,11 +41,13 @@ from ldm.inference.loaders import (  # noqa: F401  (re-exported: the pipeline's 
     load_classifier,
     resolve_device,
 )
-from ldm.inference.lora_files import add_live_lora, fold_lora, read_lora_file
+from ldm.inference.lora_files import add_live_lora, fold_lora, read_lora_file, text_towers
 from ldm.inference.sd import guess_sd_config, load_sd
 from ldm.inference.sd_base import load_run_system
 from ldm.inference.sd_control import sampling_model
+from ldm.inference.sdxl_sizes import request_sizes
 from ldm.nets.compile import compile_network, is_compiled
+from ldm.nets.conditioning.sdxl import SizeConditioning
 
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 5.0
@@ -220,6 +222,12 @@ class Pipeline:
         cond = torch.as_tensor(conditions, device=self.device) if self.condition_key == "label" else list(conditions)
         return self.cond_stage_model(cond)
 
+    @torch.no_grad()
+    def conditioning(self, conditions: Sequence, sizes: SizeConditioning | None = None) -> dict[str, torch.Tensor]:
+        """The network's conditioning by name for prompts or labels: ``{"context"}``, and SDXL's ``"y"``."""
+        cond = torch.as_tensor(conditions, device=self.device) if self.condition_key == "label" else list(conditions)
+        return self.cond_stage_model.conditioning(cond, sizes)
+
     def _negatives(self, negative: Sequence | str | int | None, n: int) -> list | None:
         if negative is None:
             return None
@@ -262,7 +270,7 @@ class Pipeline:
                   ) -> Pipeline:
         """Apply a LoRA file (kohya's or diffusers' layout, ``ldm.inference.lora_files``) to the U-Net and a CLIP text
         tower: folded into the weights, or with ``live`` as a peft adapter (several add up). Recorded in ``source``."""
-        text = getattr(self.cond_stage_model, "model", None)
+        text = text_towers(self.cond_stage_model)  # SD's CLIP tower, or SDXL's two
         weights = read_lora_file(path, self.model.diffusion_model, text, unsafe)
         applied = self.source.setdefault("lora", [])
         if live:
@@ -305,12 +313,13 @@ class Pipeline:
         negative = self._negatives(negative, len(conditions))
         options = dict(options)
         classifier_scale = self._classifier_scale(options)
-        self._check_sampling(steps, guidance, sampler, batch_size, options)
         height, width = height or self.image_size, width or self.image_size
+        sizes = request_sizes(self.cond_stage_model, options, height, width)  # SDXL's micro-conditioning
+        self._check_sampling(steps, guidance, sampler, batch_size, options)
         shape = self.latent_shape(height, width)
         control = self._control(control, len(conditions), height, width, control_scale, guess_mode)
         return _Plan(conditions, negative, shape, height, width, steps, guidance, sampler, guidance_rescale,
-                     batch_size, options, control, classifier_scale)
+                     batch_size, options, control, classifier_scale, sizes)
 
     def generate_tensors(
         self,
@@ -368,10 +377,11 @@ class Pipeline:
                       noise: torch.Tensor | None = None) -> torch.Tensor:
         """Latents (B, C, h, w) for one chunk; image j's noise from seed + j unless ``noise`` (B, C, h, w) is given."""
         device, b = self.device, len(conditions)
-        cond = {"context": self.encode(conditions)}  # (B, T, D)
+        cond = self.conditioning(conditions, plan.sizes)  # {"context": (B, T, D)} (SDXL: and "y": (B, adm))
         uncond = {}  # scale 1 never runs the unconditional branch
         if plan.guidance != 1:
-            uncond["context"] = self.encode(negative if negative is not None else self.cond_stage_model.null_condition(b))
+            uncond = (self.conditioning(negative, plan.sizes) if negative is not None
+                      else self.cond_stage_model.unconditional_conditioning(b, plan.sizes))
         model = self.model
         if control is not None:
             model = sampling_model(self, control.scale, control.guess_mode)  # duck-typed: model, control_model, …
@@ -476,6 +486,7 @@ class _Plan:
     options: dict  # the sampler's own keyword arguments (eta, …)
     control: ControlSettings | None
     classifier_scale: float = 0.0
+    sizes: SizeConditioning | None = None  # SDXL's original size, crop top-left and target size
 
     def settings(self) -> dict:
         """The settings a Generation records (control scale and guess mode for a ControlNet, the classifier scale)."""
@@ -483,6 +494,8 @@ class _Plan:
                                                    "guess_mode": self.control.guess_mode}
         if self.classifier_scale:
             control["classifier_scale"] = self.classifier_scale
+        if self.sizes is not None:
+            control.update({k: list(v) for k, v in vars(self.sizes).items()})
         return dict(steps=self.steps, guidance=self.guidance, sampler=self.sampler,
                     guidance_rescale=self.guidance_rescale, height=self.height, width=self.width, **control,
                     **self.options)

@@ -65,6 +65,8 @@ CONTEXT_KEY = UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.we
 SD1_CONTEXT_DIM = 768
 SD2_CONTEXT_DIM = 1024
 SD1_CONFIG = "v1-inference.yaml"  # a ControlNet (file or --controlnet) turns it into a ControlLDM when loading
+SDXL_CONFIG = "xl-base-inference.yaml"
+SDXL_BASE_KEY = "conditioner.embedders.1.model.text_projection"  # SDXL base's second (bigG) text tower
 
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -236,11 +238,24 @@ def guess_sd_config(ckpt: str | os.PathLike, unsafe: bool = False) -> Path | Non
     context = _context_dim(path, unsafe)
     if context == SD1_CONTEXT_DIM:
         return SD_CONFIG_DIR / SD1_CONFIG
+    if context is None and _has_key(path, unsafe, SDXL_BASE_KEY):  # generative-models' layout, two text towers
+        return SD_CONFIG_DIR / SDXL_CONFIG
     configs = ", ".join(f"configs/sd/{p.name}" for p in sorted(SD_CONFIG_DIR.glob("*.yaml")))
     if context == SD2_CONTEXT_DIM:
         raise ConfigError(f"{path} looks like Stable Diffusion 2.x, whose ε (512 px) and v (768 px) models share "
                           "their layout: give --config configs/sd/v2-inference.yaml or configs/sd/v2-inference-v.yaml")
     raise ConfigError(f"cannot tell which model {path} holds: give --config, e.g. one of {configs}")
+
+
+def _has_key(path: Path, unsafe: bool, key: str) -> bool:
+    """Whether a checkpoint file holds ``key``."""
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return key in set(f.keys())  # safe_open is not a container
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+    return key in state_dict_of(load_file(path, unsafe, mmap=True))
 
 
 def _context_dim(path: Path, unsafe: bool) -> int | None:

@@ -33,13 +33,14 @@ from ldm.io.checkpoints import (
     strip_prefix,
 )
 from ldm.io.hf_clip import ClipKeyError, hf_to_openclip, is_hf_clip_text
+from ldm.io.sdxl_layout import SDXL_CONTEXT_KEY, is_sdxl_state, sdxl_to_model
 from ldm.nets.conditioning.openclip import LOGIT_SCALE_INIT
 from ldm.nets.ema import FIXED_BUFFERS, LitEma
 
 SCHEDULE_ATOL = 1e-3  # |Δᾱ| above which a file's schedule buffers and the config's disagree (fp16-safe)
 CONFIG_HINT = ("Is the config right for this file? SD 1.x files go with configs/sd/v1-inference.yaml, SD 2.x "
-               "with configs/sd/v2-inference.yaml (512 px, ε) or v2-inference-v.yaml (768 px, v), ControlNet "
-               "v1.0 / v1.1 (SD 1.5) with configs/sd/controlnet-v1.yaml.")
+               "with configs/sd/v2-inference.yaml (512 px, ε) or v2-inference-v.yaml (768 px, v), SDXL base with "
+               "configs/sd/xl-base-inference.yaml, ControlNet v1.0 / v1.1 (SD 1.5) with configs/sd/controlnet-v1.yaml.")
 Component = Literal["unet", "vae", "controlnet"]
 
 
@@ -95,6 +96,12 @@ def to_model_layout(system: nn.Module, state: Mapping[str, Tensor], use_ema: boo
     state, ema = select_ema(state, unet_keys, use_ema)
     if n_ema and not ema:
         ignored.append(f"model_ema.* ({n_ema} tensors: use_ema=False)")
+    sdxl = is_sdxl_state(state)
+    if sdxl:  # generative-models' conditioner.embedders.* → cond_stage_model.embedders.* (open_clip names)
+        try:
+            state, _ = sdxl_to_model(state)
+        except ClipKeyError as e:
+            raise CheckpointError(f"the SDXL text encoders (conditioner.embedders.*) cannot be mapped: {e}") from e
     hf = strip_prefix(state, HF_TEXT_PREFIX)  # SD1's CLIPTextModel (not a module that is named `transformer`)
     hf_named = bool(hf) and is_hf_clip_text(hf)
     if hf_named:
@@ -122,7 +129,8 @@ def to_model_layout(system: nn.Module, state: Mapping[str, Tensor], use_ema: boo
         for fixed in FIXED_BUFFERS:  # a fresh EMA's decay and count
             state.setdefault(prefix + fixed, own[prefix + fixed].detach().clone())
         filled.append(f"{ema_name}.* (from the weights)")
-    info = {"ema": ema, "text_encoder": "hf-clip" if hf_named else "native", "version": guess_sd_version(state),
+    text_encoder = "sdxl" if sdxl else "hf-clip" if hf_named else "native"
+    info = {"ema": ema, "text_encoder": text_encoder, "version": guess_sd_version(state),
             "ignored": ignored, "filled": filled}
     return state, info
 
@@ -160,18 +168,24 @@ def _check_schedule(system: nn.Module, state: Mapping[str, Tensor]) -> None:
                       stacklevel=3)
 
 
+CONTEXT_VERSIONS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}  # the U-Net's cross-attention context width
+
+
 def guess_sd_version(state: Mapping[str, Tensor]) -> str | None:
-    """"sd1" (768-wide context, conv projections) or "sd2" (1024, linear) from a full file's U-Net; None if unclear."""
+    """"sd1" (768-wide context), "sd2" (1024) or "sdxl" (2048, no attention at the first level) from a full file's
+    U-Net; None if unclear."""
     key = f"{UNET_PREFIX}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-    if key not in state:
-        return None
-    return {768: "sd1", 1024: "sd2"}.get(state[key].shape[-1])
+    if key in state:
+        return CONTEXT_VERSIONS.get(state[key].shape[-1])
+    if SDXL_CONTEXT_KEY in state:
+        return CONTEXT_VERSIONS.get(state[SDXL_CONTEXT_KEY].shape[-1])
+    return None
 
 
 def mismatch_hint(version: str | None, node: dict) -> str:
     """Which SD the file looks like versus what the config builds, for the strict report."""
     context = (node["params"].get("unet", {}).get("params") or {}).get("context_dim")
-    built = {768: "sd1", 1024: "sd2"}.get(context)
+    built = CONTEXT_VERSIONS.get(context)
     if version and built and version != built:
         return f"The file looks like {version.upper()} but the config builds {built.upper()}. {CONFIG_HINT}"
     return CONFIG_HINT

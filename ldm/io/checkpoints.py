@@ -75,6 +75,9 @@ FILLED_KEYS = {
     "cond_stage_model.model.text_projection": "CLIP's pooled-embedding projection, absent from SD1's "
                                               "CLIPTextModel and unused for the cross-attention context",
     "cond_stage_model.model.logit_scale": "CLIP's temperature, absent from SD1's CLIPTextModel and unused",
+    "cond_stage_model.embedders.0.model.text_projection": "CLIP's pooled-embedding projection, absent from SDXL's "
+                                                          "CLIPTextModel (embedder 0) and unused",
+    "cond_stage_model.embedders.0.model.logit_scale": "CLIP's temperature, absent from SDXL's CLIPTextModel and unused",
     "model_ema.decay": "a training system's own EMA settings (the file's are ignored above)",
     "model_ema.num_updates": "a training system's own EMA step count, restarting with the fine-tune",
 }

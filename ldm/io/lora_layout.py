@@ -1,25 +1,29 @@
-"""The key layouts of shared LoRA files for Stable Diffusion 1.x / 2.x and SDXL, read and written.
+"""The key layouts of shared LoRA files for Stable Diffusion 1.x / 2.x and SDXL, and this project's module names.
 
-A file names each adapted module (``ldm.io.lora_names``: diffusers' or sgm's U-Net names, Hugging Face's CLIP names)
-and holds its down (r, in[, k, k]) and up (out, r[, 1, 1]) weights and maybe its alpha (the update is
-up·down·alpha/r; no alpha: alpha = r). The layouts, by the suffix of their keys:
+Both common layouts name modules the way diffusers does (a U-Net of ``down_blocks`` / ``mid_block`` / ``up_blocks``,
+Hugging Face's ``CLIPTextModel``), whatever the base file's own layout:
 
-- kohya's sd-scripts (AUTOMATIC1111, ComfyUI, most shared files): ``lora_unet_…`` / ``lora_te_…`` (``lora_te1_…``,
-  ``lora_te2_…`` for SDXL's two encoders) with ``.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``; LoCon's
-  convolutions (res-blocks, up- and down-samplers) are named the same way;
-- peft's, as diffusers writes them now: ``unet.…`` / ``text_encoder.…`` / ``text_encoder_2.…`` with ``.lora_A.weight``
-  / ``.lora_B.weight``, alpha from the file's ``lora_adapter_metadata`` (absent: alpha = r);
-- diffusers' training scripts before peft: ``….lora.down.weight`` / ``.lora.up.weight`` on the U-Net,
-  ``….lora_linear_layer.down.weight`` / ``.up.weight`` on the text encoders;
-- diffusers' attention processors (the oldest): ``….processor.to_q_lora.down.weight`` … ``to_out_lora``.
+- kohya's sd-scripts (what AUTOMATIC1111, ComfyUI and most shared files use): ``lora_unet_<path with _>`` and
+  ``lora_te_<path with _>``, each with ``.lora_down.weight`` (r, in), ``.lora_up.weight`` (out, r) and ``.alpha``
+  (the update is up·down·alpha/r);
+- diffusers' (peft's names): ``unet.<path>.lora_A.weight`` / ``.lora_B.weight`` and ``text_encoder.<path>…``, scale
+  1 unless the file's ``lora_adapter_metadata`` says otherwise (files written here fold alpha/r into ``lora_B``).
 
-``LoraWeight`` is one adapted module, layout-free; ``parse_lora`` reads any of these, ``layout_tensors`` writes
-kohya's or peft's.
+Read as well: kohya's ``lora_te1_`` / ``lora_te2_`` (SDXL's two text encoders; ``lora_te1_`` alone, as diffusers'
+``convert_state_dict_to_kohya`` writes for SD 1.x, is a one-encoder model's encoder) and kohya's SDXL U-Net names in
+generative-models' form (``lora_unet_input_blocks_4_1_…``); diffusers' ``text_encoder_2.``; diffusers' training-script
+layout (``….lora.down.weight`` / ``….lora.up.weight`` on the U-Net, ``….lora_linear_layer.down.weight`` / ``up`` on
+the text encoders) and its older attention-processor layout (``…attn1.processor.to_q_lora.down.weight``).
+
+Here the U-Net keeps latent-diffusion's names (``input_blocks.1.1.transformer_blocks.0.attn1.to_q``) and the text
+encoder open_clip's (``transformer.resblocks.0.attn.q_proj``). ``diffusers_unet_path`` / ``hf_text_path`` map ours to
+theirs; inside a transformer the names are the same. ``LoraWeight`` is one adapted module, layout-free.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Literal, Mapping
 
@@ -27,27 +31,49 @@ import torch
 from torch import Tensor
 
 from ldm.core.errors import UserError
-from ldm.io.lora_names import DIFFUSERS_PREFIXES, HF_TEXT_ROOT, diffusers_name, kohya_name, spellings
 
 Layout = Literal["kohya", "diffusers"]
 LAYOUTS = ("kohya", "diffusers")
-PARTS = {  # key suffix → part, one row per layout
-    ".lora_down.weight": "down", ".lora_up.weight": "up",  # kohya
-    ".lora_A.weight": "down", ".lora_B.weight": "up",  # peft
-    ".lora.down.weight": "down", ".lora.up.weight": "up",  # diffusers' training scripts (U-Net)
-    ".lora_linear_layer.down.weight": "down", ".lora_linear_layer.up.weight": "up",  # … (text encoders)
-    "_lora.down.weight": "down", "_lora.up.weight": "up",  # diffusers' attention processors
-    ".alpha": "alpha",
-}
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text": "lora_te_", "text2": "lora_te2_"}
+KOHYA_TEXT1 = "lora_te1_"  # kohya's first text encoder of SDXL; for a one-encoder model, its encoder
+DIFFUSERS_PREFIXES = {"unet": "unet.", "text": "text_encoder.", "text2": "text_encoder_2."}
+TEXT_COMPONENTS = ("text", "text2")  # the text encoders, in the base file's order
 KOHYA_SUFFIXES = {"down": ".lora_down.weight", "up": ".lora_up.weight", "alpha": ".alpha"}
-DIFFUSERS_SUFFIXES = {"down": ".lora_A.weight", "up": ".lora_B.weight"}
+DIFFUSERS_SUFFIXES = {"down": ".lora_A.weight", "up": ".lora_B.weight", "alpha": ".alpha"}
+# diffusers' training scripts before peft (LoRALinearLayer): the U-Net's and the text encoders' names
+SCRIPT_SUFFIXES = {"down": ".lora.down.weight", "up": ".lora.up.weight"}
+SCRIPT_TEXT_SUFFIXES = {"down": ".lora_linear_layer.down.weight", "up": ".lora_linear_layer.up.weight"}
+SUFFIX_LAYOUTS = (("kohya", KOHYA_SUFFIXES), ("diffusers / peft", DIFFUSERS_SUFFIXES),
+                  ("diffusers training script", SCRIPT_SUFFIXES), ("diffusers training script", SCRIPT_TEXT_SUFFIXES))
+# diffusers' attention processors (LoRAAttnProcessor): "<attention>.processor.to_q_lora.down.weight"
+_PROCESSOR = re.compile(r"^(.+)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+PROCESSOR_MODULES = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
+# … and on the text encoders (no ".processor"): "<layer>.self_attn.to_q_lora.down.weight" → "<layer>.self_attn.q_proj"
+_TEXT_PROCESSOR = re.compile(r"^(.+\.self_attn)\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+TEXT_PROCESSOR_MODULES = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+CONTEXT_FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}  # cross-attention width (attn2.to_k's in) → family
+CONTEXT_WIDTHS = {family: width for width, family in CONTEXT_FAMILIES.items()}
+# Other LoRA-like files, named in refusals (LyCORIS' LoHa / LoKr / full-rank diff, DoRA's magnitudes)
+OTHER_MARKERS = {"LyCORIS LoHa": ".hada_w1_a", "LyCORIS LoKr": ".lokr_w1", "LyCORIS full diff": ".diff",
+                 "DoRA": ".dora_scale"}
 DIFFUSERS_METADATA = "lora_adapter_metadata"  # diffusers' safetensors metadata entry (a JSON of LoraConfig fields)
 REPORT_KEYS = 3  # keys an error names
-OTHER_TYPES = {"hada_w1_a": "a LyCORIS LoHa", "lokr_w1": "a LyCORIS LoKr", "dora_scale": "a DoRA",
-               "lora_magnitude_vector": "a DoRA", ".diff": "a full-weight difference"}  # key part → what it is
-CONTEXT_FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}  # cross-attention context width → model family
-ONE_ENCODER = "SD 1.x / 2.x"  # a one-text-encoder model of another width (a toy, a model trained here)
-SECOND_ENCODER = ("lora_te2_", "text_encoder_2.")
+
+_INPUT = re.compile(r"^input_blocks\.(\d+)\.1\.(.+)$")
+_OUTPUT = re.compile(r"^output_blocks\.(\d+)\.1\.(.+)$")
+_MIDDLE = re.compile(r"^middle_block\.1\.(.+)$")
+# LoCon (kohya's conv LoRA) also adapts the res-blocks, down- and upsamplers: openaimodel's names → diffusers'
+_RES_INPUT = re.compile(r"^input_blocks\.(\d+)\.0\.(.+)$")
+_RES_OUTPUT = re.compile(r"^output_blocks\.(\d+)\.0\.(.+)$")
+_RES_MIDDLE = re.compile(r"^middle_block\.([02])\.(.+)$")
+_UPSAMPLER = re.compile(r"^output_blocks\.(\d+)\.\d\.conv$")
+RESNET_NAMES = {"in_layers.2": "conv1", "out_layers.3": "conv2", "emb_layers.1": "time_emb_proj",
+                "skip_connection": "conv_shortcut"}
+_TEXT = re.compile(r"^transformer\.resblocks\.(\d+)\.(attn\.(?:q|k|v|out)_proj|mlp\.c_fc|mlp\.c_proj)$")
+HF_TEXT_ROOT = "text_model."  # transformers < 5 nests CLIPTextModel's modules under it, 5 does not
+HF_TEXT_NAMES = {"attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj",
+                 "attn.out_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+
 
 class LoraFileError(UserError, ValueError):
     """A LoRA file whose keys or shapes do not fit the model it is loaded onto."""
@@ -55,8 +81,8 @@ class LoraFileError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class LoraWeight:
-    """One adapted module: ``component`` ("unet", "text" or "text2"), its name there (ours), down (r, in[, k, k]),
-    up (out, r[, 1, 1]) and alpha (the update is up·down·alpha/r)."""
+    """One adapted module: ``component`` ("unet" or "text"), its name there (ours), down (r, in[, 1, 1]), up
+    (out, r[, 1, 1]) and alpha (the update is up·down·alpha/r)."""
 
     component: str
     module: str
@@ -75,51 +101,132 @@ class LoraWeight:
         return self.alpha / self.rank
 
 
-def _split_key(key: str) -> tuple[str, str] | None:
-    """(module name, "down" | "up" | "alpha") of a LoRA file's key, in any layout; None for another key."""
-    for suffix, part in PARTS.items():
-        if key.endswith(suffix):
-            return key[: -len(suffix)], part
-    return None
+def diffusers_unet_path(path: str, num_res_blocks: int) -> str:
+    """latent-diffusion's name of a module inside a U-Net transformer → diffusers' (``input_blocks.4.1.x`` →
+    ``down_blocks.1.attentions.1.x`` for 2 res-blocks per level)."""
+    per_level = num_res_blocks + 1  # res-blocks and a down/up-sampler per level
+    if match := _INPUT.match(path):
+        level, j = divmod(int(match[1]) - 1, per_level)
+        return f"down_blocks.{level}.attentions.{j}.{match[2]}"
+    if match := _MIDDLE.match(path):
+        return f"mid_block.attentions.0.{match[1]}"
+    if match := _OUTPUT.match(path):
+        level, j = divmod(int(match[1]), per_level)
+        return f"up_blocks.{level}.attentions.{j}.{match[2]}"
+    return _diffusers_conv_path(path, num_res_blocks)
+
+
+def _diffusers_conv_path(path: str, num_res_blocks: int) -> str:
+    """A res-block, downsampler or upsampler layer's diffusers name (``input_blocks.1.0.in_layers.2`` →
+    ``down_blocks.0.resnets.0.conv1``; ``input_blocks.3.0.op`` → ``down_blocks.0.downsamplers.0.conv``)."""
+    per_level = num_res_blocks + 1
+    if match := _UPSAMPLER.match(path):
+        return f"up_blocks.{int(match[1]) // per_level}.upsamplers.0.conv"
+    if (match := _RES_INPUT.match(path)) and match[1] != "0":
+        level, j = divmod(int(match[1]) - 1, per_level)
+        if match[2] == "op":
+            return f"down_blocks.{level}.downsamplers.0.conv"
+        return f"down_blocks.{level}.resnets.{j}.{_resnet_name(path, match[2])}"
+    if match := _RES_MIDDLE.match(path):
+        return f"mid_block.resnets.{int(match[1]) // 2}.{_resnet_name(path, match[2])}"
+    if match := _RES_OUTPUT.match(path):
+        level, j = divmod(int(match[1]), per_level)
+        return f"up_blocks.{level}.resnets.{j}.{_resnet_name(path, match[2])}"
+    raise LoraFileError(f"{path} is neither inside a U-Net transformer nor a res-block / sampler: no LoRA layout "
+                        "names it")
+
+
+def _resnet_name(path: str, inner: str) -> str:
+    if inner not in RESNET_NAMES:
+        raise LoraFileError(f"{path}: no LoRA layout names this part of a res-block")
+    return RESNET_NAMES[inner]
+
+
+def hf_text_path(path: str) -> str:
+    """open_clip's name of a text-tower module → Hugging Face CLIPTextModel's (``transformer.resblocks.0.attn.q_proj``
+    → ``text_model.encoder.layers.0.self_attn.q_proj``)."""
+    match = _TEXT.match(path)
+    if not match:
+        raise LoraFileError(f"{path} is not a CLIP block's attention or MLP: no LoRA layout names it")
+    return f"{HF_TEXT_ROOT}encoder.layers.{match[1]}.{HF_TEXT_NAMES[match[2]]}"
+
+
+def public_name(component: str, module: str, layout: Layout, num_res_blocks: int, text_encoders: int = 1) -> str:
+    """The name a layout gives one of our modules (without the down / up / alpha suffix); kohya names the first of two
+    text encoders (SDXL's) ``lora_te1_``."""
+    path = diffusers_unet_path(module, num_res_blocks) if component == "unet" else hf_text_path(module)
+    if layout == "kohya":
+        prefix = KOHYA_TEXT1 if component == "text" and text_encoders > 1 else KOHYA_PREFIXES[component]
+        return prefix + path.replace(".", "_")
+    return DIFFUSERS_PREFIXES[component] + path
 
 
 def name_table(modules: Mapping[str, list[str]], num_res_blocks: int) -> dict[str, tuple[str, str]]:
-    """Every name a file may give a module (``ldm.io.lora_names.spellings``) → (component, our module name)."""
-    return {name: (component, module) for component, names in modules.items() for module in names
-            for name in spellings(component, module, num_res_blocks)}
+    """Every public name (every layout, and diffusers' bare U-Net names) → (component, our module name)."""
+    table = {}
+    one_text_encoder = "text2" not in modules
+    for component, names in modules.items():
+        for module in names:
+            for layout in LAYOUTS:
+                table[public_name(component, module, layout, num_res_blocks)] = (component, module)
+            if component == "unet":  # diffusers' bare U-Net state dict; kohya's SDXL names (generative-models')
+                table[diffusers_unet_path(module, num_res_blocks)] = (component, module)
+                table[KOHYA_PREFIXES["unet"] + module.replace(".", "_")] = (component, module)
+                continue
+            # files made with transformers 5 (whose CLIPTextModel has no text_model level), by diffusers or its
+            # convert_state_dict_to_kohya
+            bare = hf_text_path(module).removeprefix(HF_TEXT_ROOT)
+            table[DIFFUSERS_PREFIXES[component] + bare] = (component, module)
+            kohya = [KOHYA_PREFIXES[component]] if component == "text2" or one_text_encoder else []
+            if component == "text":  # kohya's first encoder (of SDXL, or the only one); lora_te_ is SD 1.x / 2.x's
+                kohya.append(KOHYA_TEXT1)
+                if not one_text_encoder:
+                    del table[public_name(component, module, "kohya", num_res_blocks)]
+            for prefix in kohya:
+                for path in (hf_text_path(module), bare):
+                    table[prefix + path.replace(".", "_")] = (component, module)
+    return table
 
 
-def what_it_is(keys: list[str]) -> str:
-    """A few words on which layout and model family a file's keys look like (for refusals)."""
-    kinds = [what for part, what in OTHER_TYPES.items() if any(part in k for k in keys)]
-    if kinds:
-        return f"{kinds[0]} file, which this loader does not read"
-    layouts = [name for name, test in (
-        ("kohya", lambda k: k.startswith("lora_")), ("peft / diffusers", lambda k: ".lora_A." in k),
-        ("diffusers training-script", lambda k: ".lora.down." in k or "lora_linear_layer" in k),
-        ("diffusers attention-processor", lambda k: "_lora.down." in k)) if any(test(k) for k in keys)]
-    return f"{' + '.join(layouts) or 'an unknown'} layout"
-
-
-def file_family(state: Mapping[str, Tensor]) -> str | None:
-    """The model family a LoRA file was made for: SDXL when it adapts a second text encoder, else by the width of its
-    cross-attention keys (``attn2.to_k``); None when the file does not say."""
-    if any(k.startswith(SECOND_ENCODER) for k in state):
-        return "SDXL"
-    for key, tensor in state.items():
-        split = _split_key(key)
-        if split and split[1] == "down" and split[0].replace("_", ".").endswith("attn2.to.k") and tensor.ndim == 2:
-            return CONTEXT_FAMILIES.get(int(tensor.shape[1]))
+def _split_key(key: str) -> tuple[str, str] | None:
+    """(module name, "down" | "up" | "alpha") of a LoRA file's key, in any layout read here; None for another key."""
+    if match := _PROCESSOR.match(key):
+        return f"{match[1]}.{PROCESSOR_MODULES[match[2]]}", match[3]
+    if match := _TEXT_PROCESSOR.match(key):
+        return f"{match[1]}.{TEXT_PROCESSOR_MODULES[match[2]]}", match[3]
+    for _, suffixes in SUFFIX_LAYOUTS:
+        for part, suffix in suffixes.items():
+            if key.endswith(suffix):
+                return key[: -len(suffix)], part
     return None
 
 
-def check_family(state: Mapping[str, Tensor], model_family: str | None, source: str) -> None:
-    """Refuse a file made for another model family (an SDXL LoRA on SD 1.5), naming both."""
-    family = file_family(state)
-    fits = family == model_family or (model_family == ONE_ENCODER and family in ("SD 1.x", "SD 2.x"))
-    if family and model_family and not fits:
-        raise LoraFileError(f"{source}: a LoRA for {family} ({what_it_is(list(state))}) cannot load onto this "
-                            f"{model_family} model: use it with a {family} base")
+def looks_like(keys: list[str]) -> str:
+    """The layout (and model family) a LoRA file's keys look like, for refusals."""
+    family = ""
+    if any(k.startswith((KOHYA_PREFIXES["text2"], DIFFUSERS_PREFIXES["text2"])) for k in keys):
+        family = " for SDXL (a second text encoder)"
+    elif any(re.search(r"down_blocks[._]0[._]attentions", k) for k in keys):
+        family = " for SD 1.x / 2.x (attention at the U-Net's first level)"
+    for name, marker in OTHER_MARKERS.items():
+        if any(marker in k for k in keys):
+            return name + family
+    if any(_PROCESSOR.match(k) or _TEXT_PROCESSOR.match(k) for k in keys):
+        return "diffusers attention processors" + family
+    for name, suffixes in SUFFIX_LAYOUTS:
+        if any(k.endswith(tuple(suffixes.values())) for k in keys):
+            return name + family
+    return "no LoRA layout" + family
+
+
+def width_family(state: Mapping[str, Tensor]) -> str | None:
+    """The model family a file's cross-attention width says (its ``attn2.to_k`` down weight's input: 768 SD 1.x, 1024
+    SD 2.x, 2048 SDXL), or None when it adapts no such layer."""
+    for key, tensor in state.items():
+        split = _split_key(key)
+        if split and split[1] == "down" and re.search(r"attn2[._]to_k$", split[0]) and tensor.ndim == 2:
+            return CONTEXT_FAMILIES.get(int(tensor.shape[1]))
+    return None
 
 
 def _listing(keys: list[str]) -> str:
@@ -128,10 +235,9 @@ def _listing(keys: list[str]) -> str:
 
 
 def parse_lora(state: Mapping[str, Tensor], table: Mapping[str, tuple[str, str]], metadata: Mapping[str, str],
-               source: str, model_family: str | None = None) -> list[LoraWeight]:
+               source: str) -> list[LoraWeight]:
     """A LoRA file's tensors as ``LoraWeight``s of the modules ``table`` knows; keys it does not know, a module with
     a down but no up, and alphas of diffusers' metadata are handled here (``LoraFileError`` names the first keys)."""
-    check_family(state, model_family, source)
     parts: dict[str, dict[str, Tensor]] = {}
     unknown = []
     for key, tensor in state.items():
@@ -140,9 +246,14 @@ def parse_lora(state: Mapping[str, Tensor], table: Mapping[str, tuple[str, str]]
             unknown.append(key)
             continue
         parts.setdefault(split[0], {})[split[1]] = tensor
+    family = "SDXL" if any(c == "text2" for c, _ in table.values()) else "SD 1.x / 2.x"
+    theirs = width_family(state)
+    if theirs is not None and theirs not in family:
+        raise LoraFileError(f"{source}: a LoRA for {theirs} (cross-attention {CONTEXT_WIDTHS[theirs]} wide) cannot load "
+                            f"onto this {family} model: use it with a {theirs} base")
     if unknown:
-        raise LoraFileError(f"{source}: {len(unknown)} key(s) that no module of this model has: {_listing(sorted(unknown))}"
-                            f" (the file looks like {what_it_is(list(state))}; a LoRA for another base?)")
+        raise LoraFileError(f"{source}: {len(unknown)} key(s) that no module of this {family} model has: "
+                            f"{_listing(sorted(unknown))} (the file looks like {looks_like(sorted(state))})")
     owners: dict[tuple[str, str], list[str]] = {}
     for name in parts:
         owners.setdefault(table[name], []).append(name)
@@ -165,36 +276,34 @@ def parse_lora(state: Mapping[str, Tensor], table: Mapping[str, tuple[str, str]]
 
 
 def _metadata_alphas(metadata: Mapping[str, str]) -> dict[str, dict[str, float]]:
-    """Per component, alpha / r from diffusers' ``lora_adapter_metadata`` (absent: 1, i.e. alpha = r)."""
+    """Per component, alpha / r from diffusers' ``lora_adapter_metadata`` (absent: 1)."""
     raw = metadata.get(DIFFUSERS_METADATA)
     if not raw:
         return {}
     config = json.loads(raw)
     out = {}
-    for component, (prefix,) in DIFFUSERS_PREFIXES.items():
+    for component, prefix in DIFFUSERS_PREFIXES.items():
         r, alpha = config.get(f"{prefix}r"), config.get(f"{prefix}lora_alpha")
         if r and alpha:
             out[component] = {"alpha_over_r": float(alpha) / float(r)}
     return out
 
 
-def layout_tensors(weights: list[LoraWeight], layout: Layout, num_res_blocks: int, sdxl: bool = False
-                   ) -> tuple[dict, dict[str, str]]:
-    """(tensors, safetensors metadata) of a LoRA file in ``layout``: kohya's with ``.alpha`` (sgm's U-Net names and
-    ``lora_te1_`` / ``lora_te2_`` for an SDXL model, as sd-scripts writes them), or peft's with alpha/r folded into
-    ``lora_B`` (scale 1 for every reader) and its ``lora_adapter_metadata``."""
+def layout_tensors(weights: list[LoraWeight], layout: Layout, num_res_blocks: int,
+                   text_encoders: int = 1) -> tuple[dict, dict[str, str]]:
+    """(tensors, safetensors metadata) of a LoRA file in ``layout``: kohya's with ``.alpha``, or diffusers' with
+    alpha/r folded into ``lora_B`` (scale 1 for every reader) and its ``lora_adapter_metadata``."""
     if layout not in LAYOUTS:
         raise LoraFileError(f"unknown LoRA layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     tensors, ranks, targets = {}, {}, {}
     for w in weights:
+        name = public_name(w.component, w.module, layout, num_res_blocks, text_encoders)
         if layout == "kohya":
-            name = kohya_name(w.component, w.module, num_res_blocks, sdxl)
             tensors.update({name + KOHYA_SUFFIXES["down"]: w.down, name + KOHYA_SUFFIXES["up"]: w.up,
                             name + KOHYA_SUFFIXES["alpha"]: torch.tensor(float(w.alpha))})
         else:
-            name = diffusers_name(w.component, w.module, num_res_blocks)
             tensors.update({name + DIFFUSERS_SUFFIXES["down"]: w.down, name + DIFFUSERS_SUFFIXES["up"]: w.up * w.scale})
-            (prefix,) = DIFFUSERS_PREFIXES[w.component]
+            prefix = DIFFUSERS_PREFIXES[w.component]
             ranks.setdefault(prefix, set()).add(w.rank)  # peft matches a target as a name suffix: transformers 5's
             targets.setdefault(prefix, []).append(name[len(prefix):].removeprefix(HF_TEXT_ROOT))  # text model lacks it
     metadata = {"format": "pt"}

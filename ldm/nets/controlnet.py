@@ -68,7 +68,7 @@ class ControlNet(nn.Module):
         self.hint_channels = hint_channels
         self.downsampling_factor = downsampling_factor
 
-        self.time_embed, self.label_emb = make_time_embed(factory, config["num_classes"])
+        self.time_embed, self.label_emb = make_time_embed(factory, config["num_classes"], config["adm_in_channels"])
         self.input_blocks, self.middle_block, skip_channels = factory.build_encoder(config["in_channels"])
         self.input_hint_block = make_hint_block(hint_channels, config["model_channels"], downsampling_factor)
         self.zero_convs = nn.ModuleList(_zero_conv(ch) for ch in skip_channels)

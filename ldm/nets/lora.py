@@ -26,7 +26,6 @@ import torch
 from torch import Tensor, nn
 
 from ldm.nets.unet.attention import SpatialTransformer
-from ldm.nets.unet.blocks import Downsample, ResBlock, Upsample
 
 ADAPTER = "default"  # the adapter a LoRA run trains
 UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
@@ -36,7 +35,6 @@ UNET_TARGETS = UNET_ATTENTION + UNET_FEED_FORWARD + UNET_PROJECTIONS
 TEXT_ATTENTION = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj")
 TEXT_MLP = ("mlp.c_fc", "mlp.c_proj")
 TEXT_TARGETS = TEXT_ATTENTION + TEXT_MLP
-RESBLOCK_LAYERS = ("in_layers.2", "emb_layers.1", "out_layers.3")  # conv1, time_emb_proj, conv2 in diffusers' names
 TEXT_SCOPE = "transformer.resblocks."  # a CLIP tower's residual blocks (U-Net targets: its SpatialTransformers)
 Component = Literal["unet", "text"]
 LORA_MARKERS = (".lora_A.", ".lora_B.")
@@ -118,22 +116,6 @@ def adaptable_modules(network: nn.Module, component: Component) -> list[str]:
             and ".lora_" not in name and ".base_layer" not in name]
 
 
-def conv_modules(unet: nn.Module) -> list[str]:
-    """The U-Net layers outside its transformers that LoCon files adapt (as kohya's sd-scripts with ``conv_dim``):
-    each res-block's two 3×3 convolutions, time-embedding projection and convolutional skip, and the convolutions of
-    the down- and up-samplers."""
-    names = []
-    for name, module in unet.named_modules():
-        if isinstance(module, ResBlock):
-            names += [f"{name}.{layer}" for layer in RESBLOCK_LAYERS]
-            names += [f"{name}.skip_connection"] if isinstance(module.skip_connection, nn.Conv2d) else []
-        elif isinstance(module, Downsample) and isinstance(module.op, nn.Conv2d):
-            names.append(f"{name}.op")
-        elif isinstance(module, Upsample) and module.use_conv:
-            names.append(f"{name}.conv")
-    return names
-
-
 def target_modules(network: nn.Module, suffixes: Iterable[str], component: Component) -> list[str]:
     """The adaptable modules of ``network`` whose names end with one of ``suffixes``."""
     suffixes = tuple(suffixes)
@@ -206,7 +188,6 @@ def own_layer(layer: nn.Module) -> nn.Module:
 
 
 def lora_update(down: Tensor, up: Tensor, scale: float) -> Tensor:
-    """scale · up @ down as a weight update: (out, r) @ (r, in) → (out, in); convolutions keep their kernel (a LoCon
-    down's k×k with a 1×1 up gives (out, in, k, k))."""
+    """scale · up @ down as a weight update: (out, r) @ (r, in) → (out, in); 1×1 convolutions keep their (…, 1, 1)."""
     update = up.flatten(1).float() @ down.flatten(1).float()  # (out, in)
     return (scale * update).reshape(up.shape[:1] + down.shape[1:])

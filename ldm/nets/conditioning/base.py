@@ -1,7 +1,9 @@
 """The interface every conditioning embedder shares, and classifier-free-guidance (CFG) dropout.
 
 An embedder turns a batch field (``key``: ``"caption"`` or ``"label"``) into a cross-attention context
-``(B, T, context_dim)``. ``null_condition(n)`` gives the raw unconditional input (empty captions or the
+``(B, T, context_dim)``; ``conditioning(cond)`` names what goes to the network (``{"context": …}``; SDXL's
+conditioner adds the ADM vector ``"y"``, from ``SizeConditioning``). ``null_condition(n)`` gives the raw
+unconditional input (empty captions or the
 null class); ``ucg_dropout`` swaps a random share of a batch's conditions for it during training, as
 latent-diffusion's ``ucg_rate`` / generative-models' ``GeneralConditioner`` do.
 """
@@ -9,7 +11,7 @@ latent-diffusion's ``ucg_rate`` / generative-models' ``GeneralConditioner`` do.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
 import torch
 from torch import nn
@@ -31,6 +33,18 @@ class Embedder(nn.Module, ABC):
     def unconditional(self, n: int) -> torch.Tensor:
         """The unconditional context for ``n`` samples, ``(n, T, D)``."""
         return self(self.null_condition(n))
+
+    takes_sizes = False  # whether ``conditioning`` reads image sizes (SDXL's micro-conditioning)
+
+    def conditioning(self, cond: Condition, sizes: Any = None) -> dict[str, torch.Tensor]:
+        """The network's inputs by name: ``{"context": (B, T, D)}``; ``sizes`` only for embedders that take them."""
+        if sizes is not None:
+            raise ValueError(f"{type(self).__name__} takes no size conditioning (original size, crop, target size)")
+        return {"context": self(cond)}
+
+    def unconditional_conditioning(self, n: int, sizes: Any = None) -> dict[str, torch.Tensor]:
+        """``conditioning`` of the unconditional input for ``n`` samples."""
+        return self.conditioning(self.null_condition(n), sizes)
 
     @property
     def device(self) -> torch.device:

@@ -56,16 +56,26 @@ class OpenCLIPTextModel(nn.Module):
 
     def hidden_states(self, tokens: torch.Tensor, skip_last_blocks: int = 0) -> torch.Tensor:
         """Token ids ``(B, L)`` → ``ln_final`` of the output of all blocks but the last ``skip_last_blocks``."""
+        return self.ln_final(self.block_outputs(tokens, len(self.transformer.resblocks) - skip_last_blocks)[-1])
+
+    def block_outputs(self, tokens: torch.Tensor, n_blocks: int) -> list[torch.Tensor]:
+        """Token ids ``(B, L)`` → the outputs ``(B, L, W)`` of the first ``n_blocks`` blocks (no ``ln_final``)."""
         x = self.token_embedding(tokens) + self.positional_embedding  # (B, L, W)
         batch_first = getattr(self.transformer, "batch_first", True)
         if not batch_first:
             x = x.transpose(0, 1)  # (L, B, W)
-        blocks = self.transformer.resblocks
-        for block in blocks[: len(blocks) - skip_last_blocks]:
+        outputs = []
+        for block in self.transformer.resblocks[:n_blocks]:
             x = block(x, attn_mask=self.attn_mask)
-        if not batch_first:
-            x = x.transpose(0, 1)  # (B, L, W)
-        return self.ln_final(x)  # (B, L, W)
+            outputs.append(x if batch_first else x.transpose(0, 1))  # (B, L, W)
+        return outputs
+
+    def pooled(self, last: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """CLIP's text embedding: ``ln_final`` of the last block's output ``(B, L, W)`` at each caption's end token
+        (its highest id), projected by ``text_projection`` → ``(B, embed_dim)``."""
+        eot = tokens.argmax(dim=-1)  # (B,)
+        x = self.ln_final(last)[torch.arange(last.shape[0], device=last.device), eot]  # (B, W)
+        return x @ self.text_projection  # (B, embed_dim)
 
 
 class FrozenOpenCLIP(Embedder):
@@ -73,7 +83,9 @@ class FrozenOpenCLIP(Embedder):
 
     ``pretrained``: an open_clip tag (downloaded, or found in the Hugging Face cache), a local weights file
     (or a folder holding one), or ``None`` for random weights. ``text_cfg`` overrides fields of the arch's
-    text config (e.g. ``{width: 32, layers: 2, heads: 2}`` for a toy tower in tests).
+    text config (e.g. ``{width: 32, layers: 2, heads: 2}`` for a toy tower in tests). ``final_norm: false`` leaves
+    ``ln_final`` off the context (SDXL's encoders: the penultimate block's raw output); ``encode_pooled`` also gives
+    CLIP's projected text embedding.
     """
 
     def __init__(
@@ -87,6 +99,7 @@ class FrozenOpenCLIP(Embedder):
         key: str = "caption",
         quick_gelu: bool | None = None,
         pad_token_id: int = 0,
+        final_norm: bool = True,
     ):
         super().__init__()
         if layer not in LAYERS:
@@ -115,6 +128,7 @@ class FrozenOpenCLIP(Embedder):
         self.max_length = max_length
         self.layer = layer
         self.layer_idx = LAYERS[layer]
+        self.final_norm = final_norm
         self.frozen = False
         if freeze:
             self.freeze()
@@ -140,8 +154,18 @@ class FrozenOpenCLIP(Embedder):
             return self.encode_with_transformer(tokens)
 
     def encode_with_transformer(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token ids ``(B, L)`` → context ``(B, L, width)`` from ``self.layer`` (+ ``ln_final``)."""
-        return self.model.hidden_states(tokens, skip_last_blocks=self.layer_idx)
+        """Token ids ``(B, L)`` → context ``(B, L, width)`` from ``self.layer`` (+ ``ln_final`` if final_norm)."""
+        if self.final_norm:
+            return self.model.hidden_states(tokens, skip_last_blocks=self.layer_idx)
+        return self.model.block_outputs(tokens, len(self.model.transformer.resblocks) - self.layer_idx)[-1]
+
+    def encode_pooled(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Captions → (context ``(B, L, width)`` as ``forward``, CLIP's projected text embedding ``(B, E)``)."""
+        tokens = self.tokenizer(captions).to(self.model.positional_embedding.device)  # (B, L)
+        with torch.no_grad() if self.frozen else nullcontext():
+            outputs = self.model.block_outputs(tokens, len(self.model.transformer.resblocks))
+            context = outputs[-1 - self.layer_idx]  # (B, L, W)
+            return self.model.ln_final(context) if self.final_norm else context, self.model.pooled(outputs[-1], tokens)
 
 
 def _text_config(arch: str, base: dict, overrides: dict | None, max_length: int) -> CLIPTextCfg:

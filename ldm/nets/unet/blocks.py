@@ -219,7 +219,8 @@ class BlockFactory:
     use_scale_shift_norm: bool
     resblock_updown: bool
     use_spatial_transformer: bool
-    transformer_depth: int
+    transformer_depth: tuple[int, ...]  # transformer blocks per SpatialTransformer, per level
+    transformer_depth_middle: int
     context_dim: int | None
     use_linear_in_transformer: bool
     legacy: bool
@@ -237,15 +238,15 @@ class BlockFactory:
             use_scale_shift_norm=self.use_scale_shift_norm, up=up, down=down,
         )
 
-    def attention_layer(self, ch: int, upsample: bool = False) -> nn.Module:
-        """A SpatialTransformer (or AttentionBlock) at width ch; head count per openaimodel's rules."""
+    def attention_layer(self, ch: int, depth: int, upsample: bool = False) -> nn.Module:
+        """A SpatialTransformer of ``depth`` blocks (or an AttentionBlock) at width ch; heads as openaimodel's."""
         if self.num_head_channels == -1:
             heads, dim_head = self.num_heads, ch // self.num_heads
         else:
             heads, dim_head = ch // self.num_head_channels, self.num_head_channels
         if self.use_spatial_transformer:
             return SpatialTransformer(
-                ch, heads, dim_head, depth=self.transformer_depth, context_dim=self.context_dim,
+                ch, heads, dim_head, depth=depth, context_dim=self.context_dim,
                 use_linear=self.use_linear_in_transformer, use_checkpoint=self.use_checkpoint, backend=self.attention,
             )
         if self.legacy and self.num_head_channels == -1:  # legacy: the decoder's blocks use num_heads_upsample
@@ -263,7 +264,7 @@ class BlockFactory:
                 layers: list[nn.Module] = [self.resblock(ch, mult * self.model_channels)]
                 ch = mult * self.model_channels
                 if ds in self.attention_resolutions:
-                    layers.append(self.attention_layer(ch))
+                    layers.append(self.attention_layer(ch, self.transformer_depth[level]))
                 input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(self.channel_mult) - 1:
@@ -271,7 +272,8 @@ class BlockFactory:
                 input_blocks.append(TimestepEmbedSequential(down))
                 skip_channels.append(ch)
                 ds *= 2
-        middle_block = TimestepEmbedSequential(self.resblock(ch), self.attention_layer(ch), self.resblock(ch))
+        middle = self.attention_layer(ch, self.transformer_depth_middle)
+        middle_block = TimestepEmbedSequential(self.resblock(ch), middle, self.resblock(ch))
         return input_blocks, middle_block, skip_channels
 
     def build_decoder(self, skip_channels: Sequence[int]) -> nn.ModuleList:
@@ -285,7 +287,7 @@ class BlockFactory:
                 layers: list[nn.Module] = [self.resblock(ch + skips.pop(), self.model_channels * mult)]
                 ch = self.model_channels * mult
                 if ds in self.attention_resolutions:
-                    layers.append(self.attention_layer(ch, upsample=True))
+                    layers.append(self.attention_layer(ch, self.transformer_depth[level], upsample=True))
                 if level and i == self.num_res_blocks[level]:
                     up = self.resblock(ch, ch, up=True) if self.resblock_updown else Upsample(ch, self.conv_resample)
                     layers.append(up)
@@ -309,24 +311,19 @@ def make_block_factory(
     use_scale_shift_norm: bool,
     resblock_updown: bool,
     use_spatial_transformer: bool,
-    transformer_depth: int,
+    transformer_depth: int | Sequence[int],
     context_dim: int | None,
     use_linear_in_transformer: bool,
     legacy: bool,
     attention: str,
+    transformer_depth_middle: int | None = None,
 ) -> BlockFactory:
     """Validate UNetModel / ControlNet arguments (clear errors instead of openaimodel's asserts) → BlockFactory."""
     if dims not in SUPPORTED_DIMS:
         raise ValueError(f"dims={dims} is not supported; only 2-D U-Nets (dims=2) are implemented")
     channel_mult = tuple(int(m) for m in channel_mult)
-    if isinstance(num_res_blocks, int):
-        num_res_blocks = (num_res_blocks,) * len(channel_mult)
-    num_res_blocks = tuple(int(n) for n in num_res_blocks)
-    if len(num_res_blocks) != len(channel_mult):
-        raise ValueError(
-            f"num_res_blocks {list(num_res_blocks)} must be an int or have one entry per level of channel_mult "
-            f"{list(channel_mult)}"
-        )
+    num_res_blocks = per_level("num_res_blocks", num_res_blocks, channel_mult)
+    depths = per_level("transformer_depth", transformer_depth, channel_mult)
     if use_spatial_transformer and context_dim is None:
         raise ValueError("use_spatial_transformer=True needs context_dim (the width of the cross-attention context)")
     if context_dim is not None and not use_spatial_transformer:
@@ -352,10 +349,22 @@ def make_block_factory(
         use_checkpoint=use_checkpoint, num_heads=num_heads, num_head_channels=num_head_channels,
         num_heads_upsample=num_heads if num_heads_upsample == -1 else num_heads_upsample,
         use_scale_shift_norm=use_scale_shift_norm, resblock_updown=resblock_updown,
-        use_spatial_transformer=use_spatial_transformer, transformer_depth=transformer_depth,
+        use_spatial_transformer=use_spatial_transformer, transformer_depth=depths,
+        transformer_depth_middle=depths[-1] if transformer_depth_middle is None else int(transformer_depth_middle),
         context_dim=context_dim, use_linear_in_transformer=use_linear_in_transformer, legacy=legacy,
         attention=resolve_backend(attention),
     )
+
+
+def per_level(name: str, value: int | Sequence[int], channel_mult: Sequence[int]) -> tuple[int, ...]:
+    """An int (the same at every level) or one entry per level of channel_mult, as a tuple."""
+    if isinstance(value, int):
+        return (value,) * len(channel_mult)
+    values = tuple(int(v) for v in value)
+    if len(values) != len(channel_mult):
+        raise ValueError(f"{name} {list(values)} must be an int or have one entry per level of channel_mult "
+                         f"{list(channel_mult)}")
+    return values
 
 
 def as_batch_timesteps(timesteps: Tensor | float | int, batch: int, device: torch.device) -> Tensor:
