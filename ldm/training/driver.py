@@ -50,6 +50,7 @@ from ldm.training.csv_logger import RunCSVLogger
 from ldm.training.guards import GUARD_DEFAULTS, NonFiniteError, guard_callbacks
 from ldm.training.presets import apply_folder, take_folder_overrides
 from ldm.training.progress import progress_callback
+from ldm.training.run_inputs import check_stage_of, pin_and_check, record_lineage
 from ldm.training.stages import STAGES, BeforeBuild, Complete, InitWeights, ResumeWeights
 
 # Set by the launching process so that DDP workers (which re-run the script) join its run directory.
@@ -196,7 +197,10 @@ def train(stage: str, default_config: str | None = None, argv: Sequence[str] | N
         resume_weights = resume_weights or known.resume_weights
     args = parse_args(argv, default_config)
     try:
+        if args.resume:
+            check_stage_of(stage, args.resume)  # before the config of a run of another stage is read as this one's
         cfg, cfg_path, run_dir, ckpt = load_run_config(args, default_config, complete)
+        pin_and_check(stage, cfg, run_dir, ckpt)  # inputs pinned; a resume of another objective or input refused
         apply_threads(args.threads if args.threads is not None else cfg.get("threads"),
                       "--threads" if args.threads is not None else "threads")
         if before_build is not None:
@@ -211,6 +215,7 @@ def train(stage: str, default_config: str | None = None, argv: Sequence[str] | N
         elif init_weights is not None:
             init_weights(model, cfg)
         run_dir = open_run_dir(stage, cfg, cfg_path, args, run_dir)
+        record_lineage(run_dir, stage, cfg)  # once: a resume never rewrites it
         trainer = build_trainer(cfg, run_dir)
         if getattr(model, "compile_networks", False):  # `compile: true`: fail now, not at the first step
             problem = compiler_problem(trainer.strategy.root_device)
