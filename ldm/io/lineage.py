@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from ldm.core.atomic import write_text_atomic
+from ldm.core.errors import UserError
 from ldm.io.checkpoints import VAE_PREFIX, file_hash, load_file, load_prefixed, state_dict_of, strip_prefix, tensors_hash
 from ldm.io.runs import RunError, checkpoint_for
 
@@ -112,8 +113,15 @@ def vae_hash_of(path: str | os.PathLike, public: bool = False) -> str:
     """The hash of the VAE weights a checkpoint holds (``tensors_hash``, as a latent cache's ``meta.json`` records);
     ``public``: a public SD file (only its ``first_stage_model.*`` is read)."""
     if public:
-        return tensors_hash(strip_prefix(load_prefixed(path, VAE_PREFIX), VAE_PREFIX))
-    return tensors_hash(vae_weights(state_dict_of(load_file(path, mmap=True))))
+        state = strip_prefix(load_prefixed(path, VAE_PREFIX), VAE_PREFIX)
+    else:
+        state = vae_weights(state_dict_of(load_file(path, mmap=True)))
+    return weights_hash(state)
+
+
+def weights_hash(state: Mapping) -> str:
+    """``tensors_hash`` of weights as a network loads them (fp32), so an fp16 file and its fp32 copy agree."""
+    return tensors_hash({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
 
 
 def checkpoint_step(path: str | os.PathLike) -> int | None:
@@ -135,8 +143,14 @@ def identify(key: str, role: str, as_given: str, path: str | os.PathLike, public
     stat = path.stat()
     memo = (str(path), stat.st_size, stat.st_mtime_ns, role, public_vae)
     if memo not in _IDENTITIES:
-        vae = vae_hash_of(path, public=public_vae or role == "base_file") if role in WEIGHT_ROLES else None
-        _IDENTITIES[memo] = (checkpoint_step(path), file_hash(path), vae or None)
+        step = vae = None
+        if role in WEIGHT_ROLES:
+            try:
+                vae = vae_hash_of(path, public=public_vae or role == "base_file")
+                step = None if public_vae or role == "base_file" else checkpoint_step(path)
+            except UserError:
+                pass  # a file this stage cannot read as it is (e.g. pickled): its bytes still identify it
+        _IDENTITIES[memo] = (step, file_hash(path), vae)
     return Input(role, key, as_given, str(path), *_IDENTITIES[memo])
 
 

@@ -17,13 +17,15 @@ import sys
 from pathlib import Path
 
 from ldm.core.config import ConfigError, check_config, config_section, get_obj_from_str, instantiate_from_config
-from ldm.data.latents import CacheError, build_cache, read_meta
+from ldm.data.cache_identity import built_from, cache_identity, what_changed
+from ldm.data.latents import CacheError, build_cache, check_counts, read_meta
 from ldm.inference.loaders import load_autoencoder
 from ldm.nets.conditioning.embedders import ClassEmbedder
 
 log = logging.getLogger(__name__)
 CACHE_DEFAULTS = {"batch_size": 64, "shard_size": 4096, "num_workers": 0, "vae_config": None}
 CACHE_REQUIRED = ("dir", "vae", "data")
+IDENTITY_SEPARATOR, IDENTITY_SHOWN = "--", 8  # a cache rebuilt for changed sources: <dir>--<identity[:8]>
 
 
 def cache_section(cfg: dict) -> dict:
@@ -82,7 +84,44 @@ def ensure_cache(cfg: dict, config_path: str | None = None, build_missing: bool 
             f"{meta['vae']['hash']}), but this config uses {info['checkpoint']} (hash {info['hash']}). "
             f"Delete {Path(section['dir'])} and re-run: {command}, or set cache.dir to another folder."
         )
+    return check_sources(cfg, meta, info["hash"])
+
+
+def check_sources(cfg: dict, meta: dict, vae_hash: str) -> dict:
+    """A cache is its content: when its sources changed since it was built (images added or edited, captions,
+    labels, shard size), the cache for these sources is built (or found) in a folder of its own, ``<dir>-<identity>``,
+    with a line saying why, and the config pointed at it; a finished cache's counts are checked against its shards."""
+    section = cache_section(cfg)
+    datasets = {split: instantiate_from_config(node, f"cache.data.{split}") for split, node in section["data"].items()}
+    spec = built_from(vae_hash, datasets, section["data"], section["shard_size"])
+    identity = cache_identity(spec)
+    if meta.get("identity") == identity or meta.get("identity") is None and meta.get("built_from") is None \
+            and not any(s["sources"] for s in spec["splits"].values()):
+        check_counts(section["dir"], meta)  # a generated dataset's legacy cache: its nodes were checked above
+        return meta
+    old_dir = section["dir"]
+    new_dir = f"{Path(old_dir).name.split(IDENTITY_SEPARATOR)[0]}{IDENTITY_SEPARATOR}{identity[:IDENTITY_SHOWN]}"
+    set_cache_dir(cfg, str(Path(old_dir).parent / new_dir))
+    log.info("the latent cache %s was built from other sources (%s): using %s for these", old_dir,
+             what_changed(meta.get("built_from"), spec), cfg["cache"]["dir"])
+    try:
+        meta = read_meta(cfg["cache"]["dir"])
+    except CacheError:
+        return make_cache(cfg)
+    if meta.get("identity") != identity:
+        raise CacheError(f"{cfg['cache']['dir']} holds a cache of other sources too; delete it")
+    check_counts(cfg["cache"]["dir"], meta)
     return meta
+
+
+def set_cache_dir(cfg: dict, new: str) -> None:
+    """Point ``cache.dir`` and the latent datasets that named the old folder (``${cache.dir}``) at ``new``."""
+    old = cfg["cache"]["dir"]
+    cfg["cache"]["dir"] = new
+    for node in ((cfg.get("data") or {}).get("params") or {}).values():
+        params = node.get("params") if isinstance(node, dict) else None
+        if isinstance(params, dict) and params.get("cache_dir") == old:
+            params["cache_dir"] = new
 
 
 def _difference(cached: object, wanted: object, path: str) -> str:

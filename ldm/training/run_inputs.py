@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 from ldm.core.config import ConfigError
 from ldm.data.latents import META_FILE
-from ldm.io.checkpoints import VAE_PREFIX, load_file, state_dict_of, tensors_hash
+from ldm.io.checkpoints import VAE_PREFIX, load_file, state_dict_of
 from ldm.io.lineage import (
     LINEAGE_KEY,
     Input,
@@ -27,6 +27,7 @@ from ldm.io.lineage import (
     pin_paths,
     read_lineage,
     vae_weights,
+    weights_hash,
     write_lineage,
 )
 from ldm.io.runs import resolve_run, run_config
@@ -112,7 +113,7 @@ def check_cache_vae(inputs: list[Input], ckpt: Path, run_dir: Path) -> None:
     state = state_dict_of(load_file(ckpt, mmap=True))
     if not any(k.startswith(VAE_PREFIX) for k in state):
         return
-    own = tensors_hash(vae_weights(state))
+    own = weights_hash(vae_weights(state))
     if own != cache_vae.vae_hash:
         raise ResumeError(
             f"--resume {run_dir}: its checkpoint holds VAE weights {own}, but cache.vae {cache_vae.as_given} is now "
