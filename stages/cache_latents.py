@@ -14,7 +14,7 @@ from ldm.core.threads import ThreadsError, add_threads_argument, apply_threads
 from ldm.data.latents import CacheError
 from ldm.io.checkpoints import CheckpointError
 from ldm.io.runs import RunError
-from ldm.training.cache import make_cache
+from ldm.training.cache import ensure_cache, make_cache
 from ldm.training.presets import apply_folder, take_folder_overrides
 
 DEFAULT_CONFIG = "configs/ldm/shapes-text.yaml"
@@ -40,7 +40,7 @@ def main(argv=None) -> dict:
             print(line)
         cfg["cache"]["dir"] = args.out or cfg["cache"]["dir"]
         apply_threads(args.threads)
-        meta = make_cache(cfg)
+        meta = make_cache(cfg) if args.out else ensure_cache(cfg)  # no --out: changed sources get a folder of their own
     except (ConfigError, CacheError, RunError, CheckpointError, ThreadsError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -74,7 +74,7 @@ def inputs(n=2, seed=0, size=8, factor=2):
 
 def test_completed_config_pins_the_base_and_spells_out_the_model(cfg, tiny_ldm_run):
     params = cfg["model"]["params"]
-    assert params["base"] == str(tiny_ldm_run.resolve())
+    assert params["base"] == str(tiny_ldm_run.resolve() / "checkpoints" / "last.ckpt")  # the exact checkpoint
     base_params = run_config(tiny_ldm_run)["model"]["params"]
     assert params["unet"] == base_params["unet"] and params["cond_stage"] == base_params["cond_stage"]
     assert params["first_stage"] == base_params["first_stage"]

@@ -5,6 +5,7 @@ its objective, recipe or inputs are not the run's own — without touching the r
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -129,3 +130,21 @@ def test_pinned_weights_hash_is_the_cache_s(tiny_vae_run):
     ckpt = Path(tiny_vae_run) / CHECKPOINT_DIR / LAST_CHECKPOINT
     assert vae_hash_of(ckpt) == load_autoencoder(tiny_vae_run)[1]["hash"]
     assert torch.is_tensor(next(iter(state_dict_of(load_file(ckpt)).values())))
+
+
+def test_a_controlnet_after_a_newer_vae_caches_with_its_base_s_vae(two_vaes, tmp_path, caplog):
+    """VAE A → stage 2 → VAE B becomes latest → ControlNet with the recipe's `cache.vae: runs/vae/latest`: its cache
+    is encoded by A, whose weights the base holds, not by B."""
+    runs, a, make_b = two_vaes
+    base = train_ldm(runs, tmp_path / "cache")
+    make_b()
+    caplog.set_level(logging.INFO, logger="ldm")
+    cfg = str(TINY / "controlnet.yaml")
+    run = train("controlnet", cfg, ["--cfg", cfg, "--runs-dir", str(runs), f"model.params.base={runs / 'ldm' / 'latest'}",
+                                    f"cache.vae={runs / 'vae' / 'latest'}", f"cache.dir={tmp_path / 'hints'}", *FAST])
+    assert "encoding with the base's own VAE" in caplog.text
+    meta = json.loads((tmp_path / "hints" / "meta.json").read_text())
+    assert meta["vae"]["hash"] == next(e for e in read_lineage(base)["inputs"] if e["key"] == "cache.vae")["vae_hash"]
+    saved = load_config(run / CONFIG_FILE)
+    assert saved["cache"]["vae"] == str((a / CHECKPOINT_DIR / LAST_CHECKPOINT).resolve())
+    assert saved["model"]["params"]["base"] == str((base / CHECKPOINT_DIR / LAST_CHECKPOINT).resolve())

@@ -53,8 +53,10 @@ def source_paths(dataset: Dataset) -> list[str] | None:
     return None if records is None or getattr(dataset, "root", None) is None else [r.rel for r in records]
 
 
-def built_from(vae_hash: str, datasets: Mapping[str, Dataset], data_config: Mapping | None, shard_size: int) -> dict:
-    """What a latent cache is built from, as one plain dict (extend it with any field that changes the latents)."""
+def built_from(vae_hash: str, datasets: Mapping[str, Dataset], data_config: Mapping | None, shard_size: int,
+               extra: Mapping | None = None) -> dict:
+    """What a latent cache is built from, as one plain dict; ``extra``: any other setting that changes what it holds
+    (e.g. bucket resolutions), added as top-level fields."""
     splits = {}
     for name, dataset in datasets.items():
         sources = source_list(dataset)
@@ -62,7 +64,7 @@ def built_from(vae_hash: str, datasets: Mapping[str, Dataset], data_config: Mapp
         splits[name] = {"node": json.loads(json.dumps(node)) if node is not None else None, "items": len(dataset),
                         "sources": _digest(sources) if sources is not None else None,
                         "root": str(Path(dataset.root).resolve()) if sources is not None else None}
-    return {"vae": vae_hash, "shard_size": shard_size, "splits": splits}
+    return {"vae": vae_hash, "shard_size": shard_size, "splits": splits, **json.loads(json.dumps(dict(extra or {})))}
 
 
 def cache_identity(spec: Mapping) -> str:

@@ -134,12 +134,13 @@ def class_map(datasets: Mapping[str, Dataset]) -> dict[str, int]:
 
 def build_cache(autoencoder: torch.nn.Module, datasets: Mapping[str, Dataset], cache_dir: str | os.PathLike,
                 vae_info: dict, batch_size: int = 64, shard_size: int = 1024, num_workers: int = 0,
-                progress: bool = True, data_config: Mapping | None = None) -> dict:
+                progress: bool = True, data_config: Mapping | None = None, settings: Mapping | None = None) -> dict:
     """Encode every split, then write ``meta.json`` with the scale factor of the training split, the class map
-    and ``data_config`` (the dataset nodes, so that a cache is never silently reused for other data)."""
+    and ``data_config`` (the dataset nodes, so that a cache is never silently reused for other data); its identity
+    covers those, the sources and ``settings`` (``ldm.data.cache_identity``)."""
     cache_dir = Path(cache_dir)
     meta_path = cache_dir / META_FILE
-    spec = built_from(vae_info["hash"], datasets, data_config, shard_size)
+    spec = built_from(vae_info["hash"], datasets, data_config, shard_size, settings)
     identity = cache_identity(spec)
     if meta_path.is_file():
         previous = json.loads(meta_path.read_text())

@@ -91,12 +91,14 @@ def check_run_vae(config: Mapping, ckpt: str | os.PathLike, run: str | os.PathLi
         return
     shapes = {k: tuple(v.shape) for k, v in held.items()}
     where = f"{resolve_run(first_stage)}" if Path(first_stage).is_dir() else str(Path(first_stage).resolve())
-    if shapes != named:
-        key = next((k for k in shapes if named.get(k) != shapes[k]), next(iter(set(named) ^ set(shapes)), "?"))
-        raise RunError(f"{run}: model.params.first_stage {first_stage} now names {where}, a VAE of another "
-                       f"architecture than the one the run was trained with ({key}: {named.get(key)} there, "
-                       f"{shapes.get(key)} in the run's checkpoint); point first_stage in its config.yaml at the VAE "
-                       "run it was trained with (or restore the link)")
+    if set(shapes) != set(named):
+        return  # a damaged checkpoint or another kind of file: the strict loader names the keys
+    key = next((k for k in shapes if named[k] != shapes[k]), None)
+    if key is not None:
+        now = f" now names {where}," if where != str(first_stage) else ""
+        raise RunError(f"{run}: model.params.first_stage {first_stage}{now} a VAE of another architecture than the one "
+                       f"the run was trained with ({key}: {named[key]} there, {shapes[key]} in the run's checkpoint); "
+                       "point first_stage in its config.yaml at the VAE run it was trained with (or restore the link)")
     mark = (str(run), where)
     if mark not in _REPORTED and _named_hash(first_stage) != weights_hash(held):
         _REPORTED.add(mark)

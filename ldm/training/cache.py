@@ -25,6 +25,8 @@ from ldm.nets.conditioning.embedders import ClassEmbedder
 log = logging.getLogger(__name__)
 CACHE_DEFAULTS = {"batch_size": 64, "shard_size": 4096, "num_workers": 0, "vae_config": None}
 CACHE_REQUIRED = ("dir", "vae", "data")
+# cache: keys that say where or how fast a cache is built, not what it holds (or that its identity covers otherwise)
+HOW_NOT_WHAT = ("dir", "vae", "vae_config", "data", "batch_size", "num_workers", "shard_size")
 IDENTITY_SEPARATOR, IDENTITY_SHOWN = "--", 8  # a cache rebuilt for changed sources: <dir>--<identity[:8]>
 
 
@@ -46,7 +48,7 @@ def make_cache(cfg: dict, progress: bool | None = None) -> dict:
     vae, info = load_autoencoder(section["vae"], section["vae_config"])
     datasets = {split: instantiate_from_config(node, f"cache.data.{split}") for split, node in section["data"].items()}
     meta = build_cache(vae, datasets, section["dir"], info, section["batch_size"], section["shard_size"],
-                       section["num_workers"], progress, data_config=section["data"])
+                       section["num_workers"], progress, data_config=section["data"], settings=content_settings(section))
     for split, counts in meta["splits"].items():
         log.info("cache %s: %s %d items in %d shard(s)", section["dir"], split, counts["items"], counts["shards"])
     if meta.get("classes"):
@@ -93,7 +95,7 @@ def check_sources(cfg: dict, meta: dict, vae_hash: str) -> dict:
     with a line saying why, and the config pointed at it; a finished cache's counts are checked against its shards."""
     section = cache_section(cfg)
     datasets = {split: instantiate_from_config(node, f"cache.data.{split}") for split, node in section["data"].items()}
-    spec = built_from(vae_hash, datasets, section["data"], section["shard_size"])
+    spec = built_from(vae_hash, datasets, section["data"], section["shard_size"], content_settings(section))
     identity = cache_identity(spec)
     if meta.get("identity") == identity or meta.get("identity") is None and meta.get("built_from") is None \
             and not any(s["sources"] for s in spec["splits"].values()):
@@ -112,6 +114,12 @@ def check_sources(cfg: dict, meta: dict, vae_hash: str) -> dict:
         raise CacheError(f"{cfg['cache']['dir']} holds a cache of other sources too; delete it")
     check_counts(cfg["cache"]["dir"], meta)
     return meta
+
+
+def content_settings(section: dict) -> dict:
+    """The ``cache:`` settings that change what a cache holds beyond its VAE, data and shard size (none today;
+    e.g. buckets): part of its identity."""
+    return {k: v for k, v in section.items() if k not in HOW_NOT_WHAT}
 
 
 def set_cache_dir(cfg: dict, new: str) -> None:

@@ -32,8 +32,8 @@ from ldm.inference.loaders import load_autoencoder
 from ldm.inference.sd import inference_node, read_model_config, read_sd_state, to_model_layout
 from ldm.inference.sd_control import with_control_stage
 from ldm.io.checkpoints import UNET_PREFIX, VAE_PREFIX, fit_report, load_file, select_ema, state_dict_of
-from ldm.io.lineage import pin_paths, vae_hash_of
-from ldm.io.runs import checkpoint_for, resolve_run, run_config
+from ldm.io.lineage import LINEAGE_KEY, pin_paths, vae_hash_of
+from ldm.io.runs import LATEST_LINK, checkpoint_for, resolve_run, run_config
 from ldm.nets.controlnet import copy_unet_weights
 from ldm.systems.controlnet import DEFAULT_HINT_CHANNELS
 from ldm.training.cache import cache_section, ensure_cache
@@ -155,28 +155,28 @@ def cache_has_hints(cache_dir: str | os.PathLike) -> bool:
 
 def cache_on_base_vae(cfg: dict) -> None:
     """The cache must be encoded by the VAE whose weights the base's checkpoint holds (its latent space), whatever
-    ``cache.vae`` names now: when it names other weights (``runs/vae/latest`` moved), the VAE the base's config pins
-    is used instead, with a line saying so; without one that holds the base's weights, a one-line refusal."""
+    ``cache.vae`` names now. When it names other weights through a ``latest`` link (the recipe's default, moved by a
+    newer VAE), the VAE the base's config pins is used instead, with a line saying so; otherwise a one-line refusal."""
     params, section = cfg["model"]["params"], cfg["cache"]
-    base_file = params.get("base")
-    if not base_file:
+    if not params.get("base"):
         return  # an SD file's VAE is named by cache.vae + cache.vae_config as the file itself
-    own = vae_hash_of(checkpoint_for(base_file))
+    own = vae_hash_of(checkpoint_for(params["base"]))
     cache_vae = load_autoencoder(section["vae"], section.get("vae_config"))[1]
     if cache_vae["hash"] == own:
         return
+    given = (cfg.get(LINEAGE_KEY) or {}).get("cache.vae", section["vae"])
     first_stage = params.get("first_stage")
-    if isinstance(first_stage, str) and Path(first_stage).exists() \
+    if Path(str(given)).name == LATEST_LINK and isinstance(first_stage, str) and Path(first_stage).exists() \
             and load_autoencoder(first_stage)[1]["hash"] == own:
         log.info("cache.vae %s is now %s (VAE weights %s), not the VAE the base %s holds (%s): encoding with the "
-                 "base's own VAE %s", section["vae"], cache_vae["checkpoint"], cache_vae["hash"], base_file, own,
+                 "base's own VAE %s", given, cache_vae["checkpoint"], cache_vae["hash"], params["base"], own,
                  first_stage)
         section["vae"], section["vae_config"] = first_stage, None
         return
     raise CacheError(
-        f"cache.vae {section['vae']} holds VAE weights {cache_vae['hash']}, but the base {base_file} holds {own} "
-        f"(the latent space it was trained in): set cache.vae to the VAE the base was trained with "
-        f"(model.params.first_stage of its config.yaml: {first_stage})")
+        f"cache.vae {given} (VAE weights {cache_vae['hash']}) is not the VAE the base model was trained with: "
+        f"{params['base']} holds {own}; set cache.vae to it (model.params.first_stage of the base's config.yaml: "
+        f"{first_stage}) and a new cache.dir if {section['dir']} exists")
 
 
 def prepare_controlnet(cfg: dict, config_path: str | None = None) -> None:

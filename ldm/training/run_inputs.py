@@ -12,6 +12,7 @@ raised before anything is written, so the run's ``config.yaml`` stays as it was.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -32,11 +33,15 @@ from ldm.io.lineage import (
 )
 from ldm.io.runs import resolve_run, run_config
 
+log = logging.getLogger(__name__)
 STAGE_SCRIPTS = {"vae": "train_vae.py", "ldm": "train_ldm.py", "controlnet": "train_controlnet.py",
                  "classifier": "train_classifier.py", "reflow": "train_reflow.py"}
 # What a resumed run must keep: the model, its objective and conditioning, its adapters, and its recipe.
 RECIPE_KEYS = ("model.target", "model.params.objective", "model.params.cond_stage", "model.params.lora", "name")
 DERIVED_PARAMS = ("class_names",)  # filled in from the data at start: not part of what a user chooses
+# Inputs a resumed run reads again: the VAE (its latent space, the cache) and a public base file (a LoRA run's
+# checkpoints hold only its adapters). The others (a ControlNet's base run, a reflow source) live on in its checkpoint.
+REFUSED_ROLES = ("vae", "base_file")
 FIX = "resume with the run's own config (drop --cfg and the override), or start a new run"
 
 
@@ -98,8 +103,13 @@ def check_inputs(inputs: list[Input], run_dir: Path) -> None:
         if then is None:
             continue
         field = "vae_hash" if now.role == "vae" else "hash"
-        if then.get(field) and getattr(now, field) and then[field] != getattr(now, field):
-            raise ResumeError(
+        if not (then.get(field) and getattr(now, field) and then[field] != getattr(now, field)):
+            continue
+        if now.role not in REFUSED_ROLES:  # its weights live on in the run's checkpoint
+            log.warning("%s %s changed since %s started (%s %s, now %s); its checkpoint holds what it took from it, so "
+                        "it resumes", now.key, now.path, run_dir, field, then[field], getattr(now, field))
+            continue
+        raise ResumeError(
                 f"--resume {run_dir}: {now.key} {now.as_given} is now {now.path} ({field} {getattr(now, field)}), but "
                 f"the run was built from {then['path']} ({field} {then[field]}, recorded in its lineage.json); "
                 f"set {now.key}={then['path']} (or restore that file), or start a new run")
