@@ -401,7 +401,7 @@ def image_parameters(request: Request, pipe: Pipeline, condition, seed: int) -> 
         params.update(classifier=pipe.source.get("classifier"), classifier_scale=o["classifier_scale"])
     if pipe.source.get("lora"):
         params["lora"] = pipe.source["lora"]
-    params["lineage"] = lineage_of(pipe.source.get("run"), pipe.source.get("checkpoint"))  # what drew it
+    params["lineage"] = lineage_of(pipe.source.get("run"), pipe.source.get("checkpoint"), pipe.source)  # what drew it
     return params
 
 

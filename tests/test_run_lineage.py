@@ -140,8 +140,9 @@ def test_a_controlnet_after_a_newer_vae_caches_with_its_base_s_vae(two_vaes, tmp
     make_b()
     caplog.set_level(logging.INFO, logger="ldm")
     cfg = str(TINY / "controlnet.yaml")
-    run = train("controlnet", cfg, ["--cfg", cfg, "--runs-dir", str(runs), f"model.params.base={runs / 'ldm' / 'latest'}",
-                                    f"cache.vae={runs / 'vae' / 'latest'}", f"cache.dir={tmp_path / 'hints'}", *FAST])
+    run = train("controlnet", cfg, ["--cfg", cfg, "--runs-dir", str(runs), *FAST,
+                                    f"model.params.base={runs / 'ldm' / 'latest'}",
+                                    f"cache.vae={runs / 'vae' / 'latest'}", f"cache.dir={tmp_path / 'hints'}"])
     assert "encoding with the base's own VAE" in caplog.text
     meta = json.loads((tmp_path / "hints" / "meta.json").read_text())
     assert meta["vae"]["hash"] == next(e for e in read_lineage(base)["inputs"] if e["key"] == "cache.vae")["vae_hash"]

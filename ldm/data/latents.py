@@ -107,7 +107,7 @@ def encode_split(autoencoder: torch.nn.Module, dataset: Dataset, out_dir: Path, 
 
 
 def shard_holds(index_path: Path, identity: str | None, count: int, paths: list[str] | None) -> bool:
-    """Whether a finished shard's index belongs to the cache ``identity`` and holds ``count`` items (these ``paths``)."""
+    """Whether a finished shard belongs to the cache ``identity`` and holds ``count`` items (these ``paths``)."""
     if identity is None or not index_path.is_file():
         return False
     index = json.loads(index_path.read_text())

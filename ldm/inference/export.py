@@ -149,8 +149,8 @@ def export_checkpoint(source: str | os.PathLike, out: str | os.PathLike, config:
     tensors = public_state_dict(state, ema, half, layout, schedule_buffers(infer["model"]))
     text = yaml.safe_dump(infer, sort_keys=False)
     lineage = json.dumps(lineage_of(run=ckpt) if config is None else {})  # what the weights were built from
-    save_file_atomic(tensors, out, {"format": "pt", METADATA_CONFIG: text, METADATA_SOURCE: str(ckpt), METADATA_EMA: ema,
-                                    METADATA_LINEAGE: lineage})
+    save_file_atomic(tensors, out, {"format": "pt", METADATA_CONFIG: text, METADATA_SOURCE: str(ckpt),
+                                    METADATA_EMA: ema, METADATA_LINEAGE: lineage})
     save_config(infer, out.with_suffix(".yaml"))
     return out
 

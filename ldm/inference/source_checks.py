@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -21,7 +22,15 @@ from safetensors import safe_open
 
 from ldm.core.config import ConfigError, instantiate_from_config
 from ldm.core.errors import UserError
-from ldm.io.checkpoints import METADATA_CONFIG, VAE_PREFIX, load_file, params_on_meta, read_metadata, state_dict_of
+from ldm.io.checkpoints import (
+    METADATA_CONFIG,
+    VAE_PREFIX,
+    file_hash,
+    load_file,
+    params_on_meta,
+    read_metadata,
+    state_dict_of,
+)
 from ldm.inference.loaders import vae_node
 from ldm.inference.sd import read_model_config
 from ldm.io.lineage import lineage_hashes, read_lineage, vae_hash_of, vae_weights, weights_hash
@@ -121,14 +130,33 @@ def _named_hash(first_stage: str | os.PathLike) -> str | None:
         return None
 
 
-def lineage_of(run: str | os.PathLike | None = None, ckpt: str | os.PathLike | None = None) -> dict[str, str]:
-    """The lineage hashes of a run (its ``lineage.json``) or of a file exported from one (its metadata); {} if none."""
+def lineage_of(run: str | os.PathLike | None = None, ckpt: str | os.PathLike | None = None,
+               source: Mapping | None = None) -> dict[str, str]:
+    """The lineage hashes of a run (its ``lineage.json``) or of a file exported from one (its metadata), plus, from a
+    Pipeline's ``source``, the file hashes of its guiding classifier and LoRA files; {} when nothing is known."""
+    out: dict[str, str] = {}
     if run is not None:
         try:
-            return lineage_hashes(read_lineage(resolve_run(run)))
+            out = lineage_hashes(read_lineage(resolve_run(run)))
         except RunError:
-            return {}
-    if ckpt is not None and Path(ckpt).suffix == ".safetensors" and Path(ckpt).is_file():
+            out = {}
+    elif ckpt is not None and Path(ckpt).suffix == ".safetensors" and Path(ckpt).is_file():
         text = read_metadata(ckpt).get(METADATA_LINEAGE)
-        return json.loads(text) if text else {}
-    return {}
+        out = json.loads(text) if text else {}
+    source = source or {}
+    if source.get("classifier"):
+        out["classifier"] = _file_hash(checkpoint_for(source["classifier"]))
+    for lora in source.get("lora") or []:
+        out[f"lora:{Path(lora['file']).name}"] = _file_hash(lora["file"])
+    return out
+
+
+def _file_hash(path: str | os.PathLike) -> str:
+    stat = Path(path).stat()
+    return _hash_once(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _hash_once(path: str, size: int, mtime_ns: int) -> str:
+    """A file's hash, read once per (path, size, time) in a process (a batch of images shares it)."""
+    return file_hash(path)

@@ -18,7 +18,15 @@ from typing import Any, Iterator, Mapping
 
 from ldm.core.atomic import write_text_atomic
 from ldm.core.errors import UserError
-from ldm.io.checkpoints import VAE_PREFIX, file_hash, load_file, load_prefixed, state_dict_of, strip_prefix, tensors_hash
+from ldm.io.checkpoints import (
+    VAE_PREFIX,
+    file_hash,
+    load_file,
+    load_prefixed,
+    state_dict_of,
+    strip_prefix,
+    tensors_hash,
+)
 from ldm.io.runs import RunError, checkpoint_for
 
 LINEAGE_FILE = "lineage.json"

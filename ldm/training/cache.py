@@ -48,7 +48,8 @@ def make_cache(cfg: dict, progress: bool | None = None) -> dict:
     vae, info = load_autoencoder(section["vae"], section["vae_config"])
     datasets = {split: instantiate_from_config(node, f"cache.data.{split}") for split, node in section["data"].items()}
     meta = build_cache(vae, datasets, section["dir"], info, section["batch_size"], section["shard_size"],
-                       section["num_workers"], progress, data_config=section["data"], settings=content_settings(section))
+                       section["num_workers"], progress, data_config=section["data"],
+                       settings=content_settings(section))
     for split, counts in meta["splits"].items():
         log.info("cache %s: %s %d items in %d shard(s)", section["dir"], split, counts["items"], counts["shards"])
     if meta.get("classes"):

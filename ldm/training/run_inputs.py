@@ -127,8 +127,8 @@ def check_cache_vae(inputs: list[Input], ckpt: Path, run_dir: Path) -> None:
     if own != cache_vae.vae_hash:
         raise ResumeError(
             f"--resume {run_dir}: its checkpoint holds VAE weights {own}, but cache.vae {cache_vae.as_given} is now "
-            f"{cache_vae.path} (VAE weights {cache_vae.vae_hash}): the link moved or the VAE was retrained, and a cache "
-            f"encoded by it would not be the run's latent space; set cache.vae to the VAE run it was trained with")
+            f"{cache_vae.path} (VAE weights {cache_vae.vae_hash}): the link moved or the VAE was retrained, and a "
+            "cache encoded by it would not be the run's latent space; set cache.vae to the VAE run it was trained with")
 
 
 def pin_and_check(stage: str, cfg: dict, run_dir: Path | None, ckpt: Path | None) -> list[Input]:
