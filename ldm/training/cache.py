@@ -87,10 +87,10 @@ def ensure_cache(cfg: dict, config_path: str | None = None, build_missing: bool 
             f"{meta['vae']['hash']}), but this config uses {info['checkpoint']} (hash {info['hash']}). "
             f"Delete {Path(section['dir'])} and re-run: {command}, or set cache.dir to another folder."
         )
-    return check_sources(cfg, meta, info["hash"])
+    return check_sources(cfg, meta, info["hash"], build_missing)
 
 
-def check_sources(cfg: dict, meta: dict, vae_hash: str) -> dict:
+def check_sources(cfg: dict, meta: dict, vae_hash: str, build_missing: bool = True) -> dict:
     """A cache is its content: when its sources changed since it was built (images added or edited, captions,
     labels, shard size), the cache for these sources is built (or found) in a folder of its own, ``<dir>-<identity>``,
     with a line saying why, and the config pointed at it; a finished cache's counts are checked against its shards."""
@@ -110,6 +110,8 @@ def check_sources(cfg: dict, meta: dict, vae_hash: str) -> dict:
     try:
         meta = read_meta(cfg["cache"]["dir"])
     except CacheError:
+        if not build_missing:
+            raise
         return make_cache(cfg)
     if meta.get("identity") != identity:
         raise CacheError(f"{cfg['cache']['dir']} holds a cache of other sources too; delete it")
