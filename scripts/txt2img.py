@@ -61,6 +61,7 @@ from ldm.inference.pipeline import (
 )
 from ldm.inference.png_params import INDEX_DIGITS, next_index, png_info, slug
 from ldm.inference.sd import describe_sd
+from ldm.inference.source_checks import check_carried_config, check_latent_multiple, lineage_of
 from ldm.nets.compile import CompilerUnavailableError
 from ldm.nets.conditioning.sdxl import SIZE_FIELDS
 from ldm.systems.controlnet import ControlLDM
@@ -97,6 +98,7 @@ class Source:
     run: Path | None = None  # --run: the checkpoint inside it
     config: Path | None = None  # --ckpt: the inference config (None: the file carries it)
     class_names: list[str] | None = None  # a class run's names: --class NAME
+    model: dict | None = None  # the model node (its U-Net tells the size step)
 
 
 @dataclass
@@ -250,6 +252,7 @@ def check_size(args: argparse.Namespace, source: Source) -> None:
     for name, value in (("--H", args.H), ("--W", args.W)):
         if factor and value is not None and value % factor:
             raise CLIError(f"{name} {value} is not divisible by the VAE's downsampling factor {factor}")
+    check_latent_multiple(source.model or {}, factor, args.H, args.W)  # … and of the U-Net's halvings
 
 
 def conditions_for(args: argparse.Namespace, run: Source) -> list:
@@ -280,15 +283,17 @@ def describe_source(args: argparse.Namespace) -> Source:
                 raise CLIError(f"{flag} goes with --ckpt (a run names its own config and ControlNet)")
         run = describe_run(args.run or DEFAULT_RUN)
         return Source(str(run.run_dir), run.condition_key, run.n_classes, run.downsampling_factor, run.controlnet,
-                      run=run.checkpoint, class_names=run.class_names)
+                      run=run.checkpoint, class_names=run.class_names, model=run.config.get("model"))
     if args.run is not None:
         raise CLIError("give --run or --ckpt, not both")
     config = Path(args.config) if args.config else guess_sd_config(args.ckpt, args.unsafe_load)
     if config is not None and not config.is_file():
         raise CLIError(f"--config {config} not found (the SD inference configs are in configs/sd/)")
+    check_carried_config(args.ckpt, config)  # a file's own config wins over another --config: refused
     sd = describe_sd(config, args.ckpt, args.controlnet)
     control = True if args.controlnet or is_subclass(sd.config.get("target", ""), ControlLDM) else None
-    return Source(str(sd.checkpoint), sd.condition_key, None, sd.downsampling_factor, control, config=config)
+    return Source(str(sd.checkpoint), sd.condition_key, None, sd.downsampling_factor, control, config=config,
+                  model=sd.config)
 
 
 def check_control(args: argparse.Namespace, source: Source) -> None:
@@ -408,6 +413,7 @@ def image_parameters(request: Request, pipe: Pipeline, condition, seed: int) -> 
         params.update(classifier=pipe.source.get("classifier"), classifier_scale=o["classifier_scale"])
     if pipe.source.get("lora"):
         params["lora"] = pipe.source["lora"]
+    params["lineage"] = lineage_of(pipe.source.get("run"), pipe.source.get("checkpoint"), pipe.source)  # what drew it
     return params
 
 

@@ -21,6 +21,7 @@ from ldm.io.checkpoints import (
     load_strict,
     state_dict_of,
 )
+from ldm.io.lineage import pinned_path
 from ldm.io.runs import checkpoint_for, run_config
 from ldm.nets.controlnet import COPIED_FROM_UNET
 from ldm.systems.controlnet import ControlLDM
@@ -77,10 +78,10 @@ def inputs(n=2, seed=0, size=8, factor=2):
 
 def test_completed_config_pins_the_base_and_spells_out_the_model(cfg, toy_ldm_run):
     params = cfg["model"]["params"]
-    assert params["base"] == str(toy_ldm_run.resolve())
+    assert params["base"] == str(toy_ldm_run.resolve() / "checkpoints" / "last.ckpt")  # the exact checkpoint
     base_params = run_config(toy_ldm_run)["model"]["params"]
     assert params["unet"] == base_params["unet"] and params["cond_stage"] == base_params["cond_stage"]
-    assert params["first_stage"] == base_params["first_stage"]
+    assert params["first_stage"] == str(pinned_path(base_params["first_stage"], "vae"))  # pinned too
     control = params["control_stage"]["params"]
     assert control["downsampling_factor"] == 2 and control["model_channels"] == base_params["unet"]["params"]["model_channels"]
 

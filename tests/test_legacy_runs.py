@@ -27,8 +27,10 @@ CONTROL_RUN = "runs/controlnet/controlnet-20261129-161349"
 EXPORTED = "exported/ldm-class.safetensors"
 SAMPLING = dict(steps=3, sampler="ddim", guidance=3.0, seed=0)
 LABELS = [1, 5]
-RESUME = {"vae": (VAE_RUN, 8, "train/rec_loss"), "ldm": (LDM_RUN, 8, "train/loss"),
-          "controlnet": (CONTROL_RUN, 5, "train/loss")}
+# The VAE is resumed last: resuming stage 2 after its VAE trained on would encode its cache in another latent space
+# (refused). The stage-2 and ControlNet losses were logged by the code of commit 5b25c3c in this order.
+RESUME = {"ldm": (LDM_RUN, 8, "train/loss"), "controlnet": (CONTROL_RUN, 5, "train/loss"),
+          "vae": (VAE_RUN, 8, "train/rec_loss")}
 SAMPLE_ATOL = 1e-4  # fp32 sampling through rewritten (not re-ordered) arithmetic
 LOSS_RTOL = 1e-4
 

@@ -64,7 +64,8 @@ def test_the_reflow_stage_starts_from_the_source_and_trains_on_the_pairs(toy_flo
     run = train("reflow", str(CFG), ["--cfg", str(CFG), "--runs-dir", str(tmp_path / "runs"),
                                      f"reflow.source={toy_flow_run}", f"reflow.dir={tmp_path / 'pairs'}"])
     saved = load_config(run / "config.yaml")
-    assert saved["reflow"]["source"] == str(toy_flow_run.resolve()) and "unet" in saved["model"]["params"]
+    pinned = toy_flow_run.resolve() / "checkpoints" / "last.ckpt"  # the exact checkpoint it started from
+    assert saved["reflow"]["source"] == str(pinned) and "unet" in saved["model"]["params"]
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
     pipe = Pipeline.from_run(run, device="cpu")
     s = straightness(pipe, ["a red circle on a blue background"] * 2, steps=4, guidance=1.0, seed=0, batch_size=2)

@@ -48,7 +48,7 @@ DENIED_TARGET_PREFIXES = (
 # Every top-level section a config may have; anything else is a typo.
 TOP_LEVEL_KEYS = frozenset(
     {"name", "seed", "model", "data", "trainer", "checkpoint", "callbacks", "logger", "cache", "guard", "reflow",
-     "threads", "folder_epochs"}
+     "threads", "folder_epochs", "lineage"}
 )
 NODE_KEYS = frozenset({"target", "params"})
 

@@ -40,9 +40,10 @@ from ldm.data.folder_layout import (  # noqa: F401  (IMAGE_EXTENSIONS, METADATA_
     IMAGE_EXTENSIONS,
     METADATA_FILE,
     SPLITS,
-    class_names,
+    class_folders,
     detect_captions,
     held_out,
+    ignored_captions,
     image_files,
     split_dirs,
 )
@@ -51,6 +52,7 @@ CAPTION_KEYS = ("text", "caption")  # metadata.jsonl column holding the caption,
 DEFAULT_MIN_SIZE = 16  # shorter side in pixels below which an image is skipped
 DEFAULT_MAX_PIXELS = 8192 * 8192  # larger images are skipped unread (decompression-bomb guard)
 MAX_NAMES_IN_WARNING = 5
+EMPTY_CLASSES = ("keep", "refuse")  # a class sub-folder without images: numbered with a warning, or refused
 MAX_LOAD_ATTEMPTS = 32  # consecutive undecodable files tolerated by one __getitem__ before giving up
 WHITE = (255, 255, 255, 255)
 SIXTEEN_BIT_SCALE = 257.0  # 65535 / 255
@@ -155,18 +157,24 @@ class ImageFolderDataset(Dataset):
         split: str | None = None,
         val_fraction: float = DEFAULT_VAL_FRACTION,
         hint: bool = False,
+        empty_classes: str = "keep",
     ) -> None:
         if captions not in CAPTION_MODES:
             raise ValueError(f"captions must be one of {', '.join(CAPTION_MODES)}, got {captions!r}")
         if split is not None and split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)} (or null for every image), got {split!r}")
+        if empty_classes not in EMPTY_CLASSES:
+            raise ValueError(f"empty_classes must be one of {', '.join(EMPTY_CLASSES)}, got {empty_classes!r}")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         self.root = Path(root)
         if not self.root.is_dir():
             raise ValueError(f"image folder {self.root} does not exist or is not a directory")
         dirs = split_dirs(self.root) if split is not None else None
+        self.class_roots = list(dirs.values()) if dirs else [self.root]  # classes numbered over train/ and val/
         self.root = dirs[split] if dirs else self.root
+        self.empty_classes = empty_classes
+        self.unseen: list[tuple[str, str]] = []  # image files not used and not skipped as bad: (path, why)
         self.split, self.val_fraction = (None if dirs else split), val_fraction  # the hashed split, if any
         self.hint = hint
         self.size, self.center_crop, self.random_flip = size, center_crop, random_flip
@@ -202,11 +210,15 @@ class ImageFolderDataset(Dataset):
     def _image_files(self) -> list[str]:
         """Relative posix paths of every image under root (hidden entries and hint_dir excluded), sorted."""
         if self._files is None:
-            self._files = image_files(self.root, self.hint_dir)
+            self._files = image_files(self.root, self.hint_dir, self.unseen)
         return self._files
 
     def _pick_mode(self, captions: str) -> str:
-        return detect_captions(self.root, self._image_files()) if captions == "auto" else captions
+        mode = detect_captions(self.root, self._image_files()) if captions == "auto" else captions
+        ignored = ignored_captions(self.root, self._image_files(), mode)
+        if ignored:
+            warnings.warn(ignored, DataWarning, stacklevel=4)
+        return mode
 
     def _scan_metadata(self) -> list[Record]:
         path = self.root / METADATA_FILE
@@ -239,17 +251,47 @@ class ImageFolderDataset(Dataset):
                 self.caption_issues.append((rel, issue))
             label = entry.get("label", 0)
             records.append(Record(rel, text, label if isinstance(label, int) and not isinstance(label, bool) else 0))
-        return records
+        return self._listed_once(records)
+
+    def _listed_once(self, records: list[Record]) -> list[Record]:
+        """The first entry of each file named in metadata.jsonl; the other entries and the images it does not name
+        are reported (``unseen``)."""
+        first: dict[str, Record] = {}
+        for record in records:
+            if record.rel in first:
+                self.unseen.append((record.rel, f"named again in {METADATA_FILE}: the first entry is kept"))
+            else:
+                first.setdefault(record.rel, record)
+        self.unseen += [(f, f"not listed in {METADATA_FILE}: not used") for f in self._image_files() if f not in first]
+        return list(first.values())
 
     def _scan_subfolders(self) -> list[Record]:
         files = self._image_files()
-        self.classes = class_names(files)
-        if not self.classes:
+        skip = self.hint_dir if self.hint_dir is not None and self.hint_dir.parent in self.class_roots else None
+        self.classes = class_folders(self.class_roots, skip)
+        if not any("/" in f for f in files):
             raise ValueError(f"captions='subfolders' but {self.root} has no sub-folders with images")
+        self._check_empty_classes(files)
         index = {name: i for i, name in enumerate(self.classes)}
         self.skipped += [(f, "not inside a class sub-folder") for f in files if "/" not in f]
         in_classes = [(f, f.split("/", 1)[0]) for f in files if "/" in f]
         return [Record(f, cls.replace("_", " ").strip(), index[cls]) for f, cls in in_classes]
+
+    def _check_empty_classes(self, files: list[str]) -> None:
+        """Class folders without images (in any split) keep their number, with a warning, or are refused."""
+        used = set()
+        for root in self.class_roots:
+            used |= {f.split("/", 1)[0] for f in image_files(root, self.hint_dir) if "/" in f}
+        empty = [name for name in self.classes if name not in used]
+        if not empty:
+            return
+        names = ", ".join(empty[:MAX_NAMES_IN_WARNING]) + (", …" if len(empty) > MAX_NAMES_IN_WARNING else "")
+        if self.empty_classes == "refuse":
+            raise ValueError(f"{len(empty)} class folder(s) of {self.root} hold no images: {names}; add images, "
+                             "remove the folder(s), or set empty_classes: keep")
+        warnings.warn(f"{len(empty)} class folder(s) hold no images but keep their labels, so the others are "
+                      f"numbered as the folders look: {names} (empty_classes: refuse stops instead)", DataWarning,
+                      stacklevel=4)
 
     def _scan_none(self) -> list[Record]:
         return [Record(rel, "", 0) for rel in self._image_files()]
@@ -290,6 +332,9 @@ class ImageFolderDataset(Dataset):
                 f"no readable images in {self.root} (captions={self.captions!r}, looked for "
                 f"{', '.join(IMAGE_EXTENSIONS)}){details}"
             )
+        if self.unseen:
+            warnings.warn(f"{self.root}: {len(self.unseen)} image file(s) not used: {_summary(self.unseen)}",
+                          DataWarning, stacklevel=3)
         if self.skipped:
             warnings.warn(
                 f"{self.root}: skipped {len(self.skipped)} file(s), kept {len(self.records)}: {_summary(self.skipped)}",

@@ -22,8 +22,8 @@ _DIGITS = re.compile(r"(\d+)")
 
 CAPTION_REASONS = {
     "metadata": f"{METADATA_FILE} found",
-    "subfolders": "images in sub-folders: one class per sub-folder",
-    "txt": "a .txt caption beside the images",
+    "subfolders": "images in sub-folders, no .txt captions: one class per sub-folder",
+    "txt": "a .txt caption beside the images (they win over sub-folder names)",
     "none": f"a flat folder without {METADATA_FILE} or .txt captions: no captions",
 }
 
@@ -33,27 +33,67 @@ def natural_key(name: str) -> tuple:
     return tuple((0, int(part), part) if part.isdigit() else (1, 0, part.lower()) for part in _DIGITS.split(name) if part)
 
 
-def image_files(root: Path, skip_dir: Path | None = None) -> list[str]:
-    """Relative posix paths of every image under ``root`` (hidden entries and ``skip_dir`` left out), sorted."""
+def image_files(root: Path, skip_dir: Path | None = None, unseen: list[tuple[str, str]] | None = None) -> list[str]:
+    """Relative posix paths of every image under ``root`` (hidden entries and ``skip_dir`` left out), sorted. Folders
+    it cannot enter — a link to a folder (not followed), an unreadable one — go to ``unseen`` as (path, reason)."""
     skip = skip_dir.resolve() if skip_dir is not None else None
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".") and Path(dirpath, d).resolve() != skip]
+    found: list[str] = []
+    unseen = [] if unseen is None else unseen
+
+    def unreadable(error: OSError) -> None:
+        unseen.append((Path(error.filename).relative_to(root).as_posix() or ".", "unreadable folder"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
+        kept = []
+        for d in dirnames:
+            path = Path(dirpath, d)
+            if d.startswith(".") or path.resolve() == skip:
+                continue
+            if path.is_symlink():
+                unseen.append((path.relative_to(root).as_posix(), "a link to a folder: not followed"))
+                continue
+            kept.append(d)
+        dirnames[:] = kept
         for name in filenames:
             if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
                 found.append(Path(dirpath, name).relative_to(root).as_posix())
     return sorted(found)
 
 
+def has_caption_files(root: Path, files: list[str]) -> bool:
+    """Whether any image has a ``.txt`` caption beside it."""
+    return any((root / f).with_suffix(".txt").is_file() for f in files)
+
+
 def detect_captions(root: Path, files: list[str]) -> str:
-    """The caption mode ``auto`` means for this folder: metadata, subfolders, txt or none."""
+    """The caption mode ``auto`` means for this folder: metadata, txt (per-image captions win over sub-folder
+    names), subfolders or none."""
     if (root / METADATA_FILE).is_file():
         return "metadata"
+    if has_caption_files(root, files):
+        return "txt"
     if files and all("/" in f for f in files):
         return "subfolders"
-    if any((root / f).with_suffix(".txt").is_file() for f in files):
-        return "txt"
     return "none"
+
+
+def ignored_captions(root: Path, files: list[str], mode: str) -> str | None:
+    """What caption files a caption mode leaves unread, in words (None when it reads all there are)."""
+    if mode != "metadata" and (root / METADATA_FILE).is_file():
+        return f"{root / METADATA_FILE} exists but captions={mode} ignores it (use captions=metadata or auto)"
+    if mode in ("subfolders", "none") and has_caption_files(root, files):
+        n = sum((root / f).with_suffix(".txt").is_file() for f in files)
+        return f"{n} image(s) in {root} have a .txt caption that captions={mode} ignores (use captions=txt or auto)"
+    return None
+
+
+def class_folders(roots: list[Path], skip_dir: Path | None = None) -> list[str]:
+    """Every class sub-folder of ``roots`` (a split folder's train/ and val/ together), with images or not, in
+    natural order: the label of a class is its index here, the same in every split."""
+    skip = skip_dir.resolve() if skip_dir is not None else None
+    names = {d.name for root in roots if root.is_dir() for d in root.iterdir()
+             if d.is_dir() and not d.is_symlink() and not d.name.startswith(".") and d.resolve() != skip}
+    return sorted(names, key=natural_key)
 
 
 def class_names(files: list[str]) -> list[str]:
@@ -110,5 +150,7 @@ def summarize(root: str | os.PathLike, captions: str = "auto") -> FolderSummary:
         raise ValueError(f"no images in {scan_root} (looked for {', '.join(IMAGE_EXTENSIONS)})")
     mode = detect_captions(scan_root, files) if captions == "auto" else captions
     reason = CAPTION_REASONS[mode] if captions == "auto" else "as asked"
-    names = class_names(files) if mode == "subfolders" else []
+    ignored = ignored_captions(scan_root, files, mode)
+    reason += f"; {ignored}" if ignored else ""
+    names = class_folders(list(dirs.values()) if dirs else [root]) if mode == "subfolders" else []
     return FolderSummary(root, len(files), mode, reason, names, dirs)

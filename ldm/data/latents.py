@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from ldm.core.atomic import write_text_atomic
 from ldm.core.errors import UserError
+from ldm.data.cache_identity import built_from, cache_identity, source_paths, what_changed
 from ldm.io.checkpoints import save_file_atomic
 
 META_FILE = "meta.json"
@@ -58,8 +59,11 @@ def read_meta(cache_dir: str | os.PathLike) -> dict:
 
 @torch.inference_mode()
 def encode_split(autoencoder: torch.nn.Module, dataset: Dataset, out_dir: Path, batch_size: int = 64,
-                 shard_size: int = 1024, num_workers: int = 0, progress: bool = True) -> dict:
-    """Encode ``dataset`` into shards under ``out_dir`` (resuming finished ones); returns split statistics."""
+                 shard_size: int = 1024, num_workers: int = 0, progress: bool = True, identity: str | None = None
+                 ) -> dict:
+    """Encode ``dataset`` into shards under ``out_dir``; returns split statistics. A finished shard is reused only
+    when it belongs to the cache ``identity`` and holds exactly the items expected at its place (``shard_holds``)."""
+    paths = source_paths(dataset)
     out_dir.mkdir(parents=True, exist_ok=True)
     n_shards = math.ceil(len(dataset) / shard_size)
     device = next(autoencoder.parameters()).device
@@ -69,7 +73,8 @@ def encode_split(autoencoder: torch.nn.Module, dataset: Dataset, out_dir: Path, 
         name = SHARD_PATTERN.format(shard)
         index_path = out_dir / f"{name}.json"
         start, stop = shard * shard_size, min((shard + 1) * shard_size, len(dataset))
-        if index_path.is_file() and (out_dir / f"{name}.safetensors").is_file():
+        if (out_dir / f"{name}.safetensors").is_file() and shard_holds(index_path, identity, stop - start,
+                                                                        paths[start:stop] if paths else None):
             stats.append(json.loads(index_path.read_text())["stats"])  # finished by an earlier run
             bar.update(stop - start)
             continue
@@ -94,10 +99,20 @@ def encode_split(autoencoder: torch.nn.Module, dataset: Dataset, out_dir: Path, 
         shard_stats = {"count": mean.numel(), "sum": mean.double().sum().item(),
                        "sum_sq": mean.double().square().sum().item(), "sum_var": std.double().square().sum().item()}
         save_file_atomic(arrays, out_dir / f"{name}.safetensors")
-        write_json_atomic({**{k: v for k, v in records.items() if v}, "stats": shard_stats}, index_path)
+        write_json_atomic({**{k: v for k, v in records.items() if v}, "stats": shard_stats, "identity": identity,
+                           "items": len(mean)}, index_path)
         stats.append(shard_stats)
     bar.close()
     return _combine(stats) | {"items": len(dataset), "shards": n_shards}
+
+
+def shard_holds(index_path: Path, identity: str | None, count: int, paths: list[str] | None) -> bool:
+    """Whether a finished shard belongs to the cache ``identity`` and holds ``count`` items (these ``paths``)."""
+    if identity is None or not index_path.is_file():
+        return False
+    index = json.loads(index_path.read_text())
+    same_items = index.get("items") == count and (paths is None or index.get("path") == paths)
+    return index.get("identity") == identity and same_items
 
 
 def _combine(stats: list[dict]) -> dict:
@@ -119,11 +134,14 @@ def class_map(datasets: Mapping[str, Dataset]) -> dict[str, int]:
 
 def build_cache(autoencoder: torch.nn.Module, datasets: Mapping[str, Dataset], cache_dir: str | os.PathLike,
                 vae_info: dict, batch_size: int = 64, shard_size: int = 1024, num_workers: int = 0,
-                progress: bool = True, data_config: Mapping | None = None) -> dict:
+                progress: bool = True, data_config: Mapping | None = None, settings: Mapping | None = None) -> dict:
     """Encode every split, then write ``meta.json`` with the scale factor of the training split, the class map
-    and ``data_config`` (the dataset nodes, so that a cache is never silently reused for other data)."""
+    and ``data_config`` (the dataset nodes, so that a cache is never silently reused for other data); its identity
+    covers those, the sources and ``settings`` (``ldm.data.cache_identity``)."""
     cache_dir = Path(cache_dir)
     meta_path = cache_dir / META_FILE
+    spec = built_from(vae_info["hash"], datasets, data_config, shard_size, settings)
+    identity = cache_identity(spec)
     if meta_path.is_file():
         previous = json.loads(meta_path.read_text())
         if previous.get("vae", {}).get("hash") != vae_info["hash"]:
@@ -132,14 +150,21 @@ def build_cache(autoencoder: torch.nn.Module, datasets: Mapping[str, Dataset], c
                 f"(hash {previous.get('vae', {}).get('hash')}), not of {vae_info['checkpoint']} "
                 f"(hash {vae_info['hash']}); delete it or choose another cache folder"
             )
+        if previous.get("complete") and previous.get("identity") != identity:
+            raise CacheError(
+                f"{cache_dir} holds a finished cache of other sources ({what_changed(previous.get('built_from'), spec)}"
+                "); choose another cache folder (--out / cache.dir) or delete it")
     cache_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"version": CACHE_VERSION, "vae": vae_info, "complete": False, "classes": class_map(datasets)}
+    meta = {"version": CACHE_VERSION, "vae": vae_info, "complete": False, "classes": class_map(datasets),
+            "identity": identity, "built_from": spec}
     if data_config is not None:
         meta["data"] = json.loads(json.dumps(data_config))
     write_json_atomic(meta, meta_path)
     autoencoder.eval()
-    splits = {name: encode_split(autoencoder, ds, cache_dir / name, batch_size, shard_size, num_workers, progress)
-              for name, ds in datasets.items()}
+    splits = {name: encode_split(autoencoder, ds, cache_dir / name, batch_size, shard_size, num_workers, progress,
+                                 identity) for name, ds in datasets.items()}
+    for name, ds in datasets.items():
+        _remove_extra_shards(cache_dir / name, math.ceil(len(ds) / shard_size))
     sample = LatentDataset(cache_dir, split=next(iter(datasets)), check=False)[0]
     meta.update(
         splits=splits,
@@ -152,6 +177,22 @@ def build_cache(autoencoder: torch.nn.Module, datasets: Mapping[str, Dataset], c
     )
     write_json_atomic(meta, meta_path)
     return meta
+
+
+def _remove_extra_shards(split_dir: Path, n_shards: int) -> None:
+    """Delete shards past the last one a split needs (left by an earlier, larger build in the same folder)."""
+    for path in split_dir.glob("shard-*.*"):
+        if int(path.stem.split("-")[1]) >= n_shards:
+            path.unlink()
+
+
+def check_counts(cache_dir: str | os.PathLike, meta: Mapping) -> None:
+    """A finished cache's shards must hold the item count its ``meta.json`` records, split by split."""
+    for split, counts in (meta.get("splits") or {}).items():
+        found = len(LatentDataset(str(cache_dir), split, check=False))
+        if found != counts.get("items"):
+            raise CacheError(f"the latent cache {cache_dir} is damaged: meta.json records {counts.get('items')} "
+                             f"{split} items, its shards hold {found}; delete it and build it again")
 
 
 class LatentDataset(Dataset):

@@ -11,6 +11,7 @@ it as ``<name>.yaml``, so ``load_sd(None, file)`` (or ``--ckpt file``) loads it 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Literal, Mapping
@@ -22,6 +23,7 @@ from ldm.core.config import instantiate_from_config, load_config, save_config
 from ldm.inference.loaders import describe_run
 from ldm.inference.lora_export import export_lora, lora_settings, merged_state
 from ldm.inference.sd import inference_node
+from ldm.inference.source_checks import METADATA_LINEAGE, check_run_vae, lineage_of
 from ldm.io.checkpoints import (
     CONTROL_PREFIX,
     EMA_PREFIX,
@@ -41,7 +43,7 @@ from ldm.io.checkpoints import (
 )
 from ldm.io.hf_clip import openclip_to_hf
 from ldm.io.lora_layout import Layout
-from ldm.io.runs import checkpoint_for, run_config
+from ldm.io.runs import checkpoint_for, resolve_run, run_config
 
 EmaMode = Literal["keep", "only", "drop"]
 TextLayout = Literal["auto", "hf", "openclip"]
@@ -147,7 +149,9 @@ def export_checkpoint(source: str | os.PathLike, out: str | os.PathLike, config:
     layout = text_layout_for(infer["model"]) if text_layout == "auto" else text_layout
     tensors = public_state_dict(state, ema, half, layout, schedule_buffers(infer["model"]))
     text = yaml.safe_dump(infer, sort_keys=False)
-    save_file_atomic(tensors, out, {"format": "pt", METADATA_CONFIG: text, METADATA_SOURCE: str(ckpt), METADATA_EMA: ema})
+    lineage = json.dumps(lineage_of(run=ckpt) if config is None else {})  # what the weights were built from
+    save_file_atomic(tensors, out, {"format": "pt", METADATA_CONFIG: text, METADATA_SOURCE: str(ckpt),
+                                    METADATA_EMA: ema, METADATA_LINEAGE: lineage})
     save_config(infer, out.with_suffix(".yaml"))
     return out
 
@@ -161,4 +165,5 @@ def _source(source: str | os.PathLike, config: str | os.PathLike | None) -> tupl
         return path, load_config(config)
     describe_run(source)  # a stage-2 or ControlNet run, or one line saying what it is instead (e.g. a VAE run)
     ckpt = checkpoint_for(source)
+    check_run_vae(run_config(ckpt), ckpt, resolve_run(ckpt))  # a VAE link moved to another architecture: refused
     return ckpt, run_config(ckpt)

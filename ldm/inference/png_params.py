@@ -57,6 +57,7 @@ def a1111_text(params: dict) -> str:
     if params.get("lora"):
         fields["Lora"] = ", ".join(f"{Path(lora['file']).stem}:{lora['scale']}" for lora in params["lora"])
     fields["Checkpoint"] = params.get("checkpoint")
+    fields["VAE hash"] = (params.get("lineage") or {}).get("vae")  # AUTOMATIC1111's name for it
     lines.append(", ".join(f"{k}: {_field(v)}" for k, v in fields.items() if v is not None))
     return "\n".join(lines)
 

@@ -19,6 +19,7 @@ from torch import nn
 from ldm.core.config import ConfigError
 from ldm.inference.loaders import RunSummary, build_system
 from ldm.inference.sd import load_sd_weights, read_sd_state
+from ldm.inference.source_checks import check_run_vae
 from ldm.io.checkpoints import EMA_SHADOWED, fit_report, load_file, state_dict_of
 
 
@@ -75,6 +76,7 @@ def load_run_system(info: RunSummary, use_ema: bool = True) -> tuple[nn.Module, 
     a LoRA run from its base file plus the checkpoint's adapters. With ``use_ema`` the U-Net (a ControlNet, a LoRA
     run's adapters) take the EMA weights when the run kept them.
     """
+    check_run_vae(info.config, info.checkpoint, info.run_dir)  # a moved `runs/vae/latest`: refused or reported
     system = build_system(info.config["model"], load_first_stage=False)
     prepare_weights(system, resumed=True)
     load_checkpoint(system, state_dict_of(load_file(info.checkpoint)), f"checkpoint {info.checkpoint}")

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Callable
 
 from ldm.core.config import ConfigError, check_config, config_section, get_obj_from_str, instantiate_from_config
-from ldm.data.latents import CacheError, build_cache, read_meta
+from ldm.data.cache_identity import built_from, cache_identity, what_changed
+from ldm.data.latents import CacheError, build_cache, check_counts, read_meta
 from ldm.inference.loaders import load_autoencoder
 from ldm.nets.conditioning.embedders import ClassEmbedder
 
@@ -27,6 +28,9 @@ log = logging.getLogger(__name__)
 CACHE_DEFAULTS = {"batch_size": 64, "shard_size": 4096, "num_workers": 0, "vae_config": None}
 CACHE_REQUIRED = ("dir", "vae", "data")
 LoadVae = Callable[..., tuple]  # (spec, inference config or None) → (VAE, its identity), as load_autoencoder
+# cache: keys that say where or how fast a cache is built, not what it holds (or that its identity covers otherwise)
+HOW_NOT_WHAT = ("dir", "vae", "vae_config", "data", "batch_size", "num_workers", "shard_size")
+IDENTITY_SEPARATOR, IDENTITY_SHOWN = "--", 8  # a cache rebuilt for changed sources: <dir>--<identity[:8]>
 
 
 def cache_section(cfg: dict) -> dict:
@@ -48,7 +52,8 @@ def make_cache(cfg: dict, progress: bool | None = None, load_vae: LoadVae = load
     vae, info = load_vae(section["vae"], section["vae_config"])
     datasets = {split: instantiate_from_config(node, f"cache.data.{split}") for split, node in section["data"].items()}
     meta = build_cache(vae, datasets, section["dir"], info, section["batch_size"], section["shard_size"],
-                       section["num_workers"], progress, data_config=section["data"])
+                       section["num_workers"], progress, data_config=section["data"],
+                       settings=content_settings(section))
     for split, counts in meta["splits"].items():
         log.info("cache %s: %s %d items in %d shard(s)", section["dir"], split, counts["items"], counts["shards"])
     if meta.get("classes"):
@@ -87,7 +92,61 @@ def ensure_cache(cfg: dict, config_path: str | None = None, build_missing: bool 
             f"{meta['vae']['hash']}), but this config uses {info['checkpoint']} (hash {info['hash']}). "
             f"Delete {Path(section['dir'])} and re-run: {command}, or set cache.dir to another folder."
         )
+    return check_sources(cfg, meta, info["hash"], build_missing)
+
+
+def check_sources(cfg: dict, meta: dict, vae_hash: str, build_missing: bool = True) -> dict:
+    """A cache is its content: when its sources changed since it was built (images added or edited, captions,
+    labels, shard size), the cache for these sources is built (or found) in a folder of its own, ``<dir>--<identity>``,
+    with a line saying why, and the config pointed at it; a finished cache's counts are checked against its shards."""
+    identity = cache_for_sources(cfg, meta, vae_hash)
+    if identity is None:
+        check_counts(cfg["cache"]["dir"], meta)
+        return meta
+    try:
+        meta = read_meta(cfg["cache"]["dir"])
+    except CacheError:
+        if not build_missing:
+            raise
+        return make_cache(cfg)
+    if meta.get("identity") != identity:
+        raise CacheError(f"{cfg['cache']['dir']} holds a cache of other sources too; delete it")
+    check_counts(cfg["cache"]["dir"], meta)
     return meta
+
+
+def cache_for_sources(cfg: dict, meta: dict, vae_hash: str) -> str | None:
+    """None when the cache at ``cache.dir`` (``meta``) was built from these sources; else the identity of these
+    sources, with ``cfg`` pointed at their own folder ``<dir>--<identity[:8]>`` and a line saying why."""
+    section = cache_section(cfg)
+    datasets = {split: instantiate_from_config(node, f"cache.data.{split}") for split, node in section["data"].items()}
+    spec = built_from(vae_hash, datasets, section["data"], section["shard_size"], content_settings(section))
+    identity = cache_identity(spec)
+    if meta.get("identity") == identity or meta.get("identity") is None and meta.get("built_from") is None \
+            and not any(s["sources"] for s in spec["splits"].values()):
+        return None  # (a generated dataset's legacy cache: its nodes are checked against cache.data)
+    old_dir = section["dir"]
+    new_dir = f"{Path(old_dir).name.split(IDENTITY_SEPARATOR)[0]}{IDENTITY_SEPARATOR}{identity[:IDENTITY_SHOWN]}"
+    set_cache_dir(cfg, str(Path(old_dir).parent / new_dir))
+    log.info("the latent cache %s was built from other sources (%s): using %s for these", old_dir,
+             what_changed(meta.get("built_from"), spec), cfg["cache"]["dir"])
+    return identity
+
+
+def content_settings(section: dict) -> dict:
+    """The ``cache:`` settings that change what a cache holds beyond its VAE, data and shard size (none today;
+    e.g. buckets): part of its identity."""
+    return {k: v for k, v in section.items() if k not in HOW_NOT_WHAT}
+
+
+def set_cache_dir(cfg: dict, new: str) -> None:
+    """Point ``cache.dir`` and the latent datasets that named the old folder (``${cache.dir}``) at ``new``."""
+    old = cfg["cache"]["dir"]
+    cfg["cache"]["dir"] = new
+    for node in ((cfg.get("data") or {}).get("params") or {}).values():
+        params = node.get("params") if isinstance(node, dict) else None
+        if isinstance(params, dict) and params.get("cache_dir") == old:
+            params["cache_dir"] = new
 
 
 def _difference(cached: object, wanted: object, path: str) -> str:

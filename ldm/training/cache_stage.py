@@ -11,7 +11,7 @@ from ldm.core.config import load_config
 from ldm.core.errors import UserError
 from ldm.core.logging import setup_cli_logging
 from ldm.core.threads import apply_threads, resolve_threads
-from ldm.training.cache import make_cache
+from ldm.training.cache import ensure_cache, make_cache
 from ldm.training.plan import describe
 from ldm.training.presets import apply_folder, take_folder_overrides
 from ldm.training.resolve import resolve_cache
@@ -36,18 +36,18 @@ def run(args: argparse.Namespace) -> dict | None:
     try:
         resolve_threads(args.threads)  # a bad --threads is refused before anything is read
         cfg, notes = cache_config(args)
-        plan = resolve_cache(cfg)
+        plan = resolve_cache(cfg, own_folder=not args.out)
         if args.dry_run:
             print(describe(f"latent cache from {args.cfg}", plan, notes))
             return None
         for line in notes:
             print(line)
         apply_threads(args.threads)
-        meta = make_cache(plan.config)
+        meta = make_cache(plan.config) if args.out else ensure_cache(plan.config)  # changed sources: a folder of their own
     except UserError as e:
         log.error("%s", e)
         raise SystemExit(EXIT_BAD_INPUT) from None
-    print(f"cache: {cfg['cache']['dir']}  items: {meta['count']}  latent: {meta['latent_shape']}  "
+    print(f"cache: {plan.config['cache']['dir']}  items: {meta['count']}  latent: {meta['latent_shape']}  "
           f"scale_factor: {meta['scale_factor']:.5f}")
     sys.stdout.flush()
     return meta

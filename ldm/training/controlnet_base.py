@@ -17,6 +17,7 @@ then build or check the hint-carrying latent cache (same VAE as the base). ``loa
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from pathlib import Path
 from typing import Mapping
@@ -31,11 +32,13 @@ from ldm.inference.loaders import load_autoencoder
 from ldm.inference.sd import inference_node, read_model_config, read_sd_state, to_model_layout
 from ldm.inference.sd_control import with_control_stage
 from ldm.io.checkpoints import UNET_PREFIX, VAE_PREFIX, fit_report, load_file, select_ema, state_dict_of
-from ldm.io.runs import checkpoint_for, resolve_run, run_config
+from ldm.io.lineage import LINEAGE_KEY, pin_paths, vae_hash_of
+from ldm.io.runs import LATEST_LINK, checkpoint_for, resolve_run, run_config
 from ldm.nets.controlnet import copy_unet_weights
 from ldm.systems.controlnet import DEFAULT_HINT_CHANNELS
 from ldm.training.cache import LoadVae, cache_section, ensure_cache
 
+log = logging.getLogger(__name__)
 # What a ControlLDM takes from its base's model params when its own config does not set it.
 INHERITED = ("unet", "cond_stage", "objective", "first_stage", "scale_factor", "image_size")
 # The parts of a ControlLDM's state dict that come from the base (the rest is the ControlNet and the EMAs).
@@ -150,9 +153,36 @@ def cache_has_hints(cache_dir: str | os.PathLike) -> bool:
     return True
 
 
+def cache_on_base_vae(cfg: dict, load_vae: LoadVae = load_autoencoder) -> None:
+    """The cache must be encoded by the VAE whose weights the base's checkpoint holds (its latent space), whatever
+    ``cache.vae`` names now. When it names other weights through a ``latest`` link (the recipe's default, moved by a
+    newer VAE), the VAE the base's config pins is used instead, with a line saying so; otherwise a one-line refusal."""
+    params, section = cfg["model"]["params"], cfg["cache"]
+    if not params.get("base"):
+        return  # an SD file's VAE is named by cache.vae + cache.vae_config as the file itself
+    own = vae_hash_of(checkpoint_for(params["base"]))
+    cache_vae = load_vae(section["vae"], section.get("vae_config"))[1]
+    if cache_vae["hash"] == own:
+        return
+    given = (cfg.get(LINEAGE_KEY) or {}).get("cache.vae", section["vae"])
+    first_stage = params.get("first_stage")
+    if Path(str(given)).name == LATEST_LINK and isinstance(first_stage, str) and Path(first_stage).exists() \
+            and load_vae(first_stage, None)[1]["hash"] == own:
+        log.info("cache.vae %s is now %s (VAE weights %s), not the VAE the base %s holds (%s): encoding with the "
+                 "base's own VAE %s", given, cache_vae["checkpoint"], cache_vae["hash"], params["base"], own,
+                 first_stage)
+        section["vae"], section["vae_config"] = first_stage, None
+        return
+    raise CacheError(
+        f"cache.vae {given} (VAE weights {cache_vae['hash']}) is not the VAE the base model was trained with: "
+        f"{params['base']} holds {own}; set cache.vae to it (model.params.first_stage of the base's config.yaml: "
+        f"{first_stage}) and a new cache.dir if {section['dir']} exists")
+
+
 def prepare_controlnet(cfg: dict, config_path: str | None = None) -> dict:
     """Complete the model from its base (in ``cfg``), then build or check the hint-carrying cache; returns ``cfg``."""
     complete_model_node(cfg["model"])
+    pin_paths(cfg)  # what the base's config named by a link (a run from before runs pinned theirs), pinned too
     prepare_control_cache(cfg, config_path)
     return cfg
 
@@ -164,14 +194,7 @@ def prepare_control_cache(cfg: dict, config_path: str | None = None, load_vae: L
         return  # images encoded on the fly (e.g. an SD base on a folder of images with stored edge maps)
     section = cache_section(cfg)
     command = f"python stages/cache_latents.py --cfg {config_path or '<this config>'} --out {section['dir']}"
-    first_stage = cfg["model"]["params"].get("first_stage")
-    if isinstance(first_stage, str):  # checked before anything is encoded
-        base_vae = load_vae(first_stage, None)[1]
-        cache_vae = load_vae(section["vae"], section["vae_config"])[1]
-        if base_vae["hash"] != cache_vae["hash"]:
-            raise CacheError(
-                f"cache.vae {section['vae']} is not the VAE the base model was trained with ({first_stage}): "
-                f"set cache.vae={first_stage} (and a new cache.dir if {section['dir']} exists)")
+    cache_on_base_vae(cfg, load_vae)  # checked by the weights, before anything is encoded
     cache_dir = Path(section["dir"])
     hintless = cache_dir.is_dir() and any(cache_dir.iterdir()) and not cache_has_hints(cache_dir)
     if not hintless:  # a cache without hints is refused for that first, whatever data it was built from

@@ -58,6 +58,7 @@ from ldm.training.csv_logger import RunCSVLogger
 from ldm.training.guards import GUARD_DEFAULTS, NonFiniteError, guard_callbacks
 from ldm.training.plan import CHECKPOINT_DEFAULTS, Resolution, StagePlan, plan_stage
 from ldm.training.progress import progress_callback
+from ldm.training.run_inputs import record_lineage
 from ldm.training.stages import STAGES, InitWeights, ResumeWeights, Stage
 from ldm.training.summary import summary_callback
 from ldm.training.vae_once import LoadOnce
@@ -221,6 +222,7 @@ def run_plan(plan: StagePlan, stage: Stage, threads: str | None = None) -> Path:
         elif stage.init_weights is not None:
             stage.init_weights(model, cfg)
         run_dir = open_run_dir(plan).absolute()  # printed paths are absolute, before a resume and after
+        record_lineage(run_dir, plan.stage, cfg)  # once: a resume never rewrites it
         if ckpt is not None:
             expect_own_checkpoints(run_dir / CHECKPOINT_DIR)
         trainer = build_trainer(cfg, run_dir)

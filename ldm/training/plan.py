@@ -18,9 +18,11 @@ from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 from ldm.core.config import ConfigError, load_config
+from ldm.io.lineage import Input
 from ldm.io.runs import CHECKPOINT_DIR, CONFIG_FILE, LAST_CHECKPOINT, SAMPLES_DIR, checkpoint_for, resolve_run, runs_root
 from ldm.training.epochs import STEPS_OVERRIDE, size_by_epochs
 from ldm.training.presets import apply_folder, take_folder_overrides
+from ldm.training.run_inputs import check_stage_of, pin_and_check
 
 CHECKPOINT_DEFAULTS = {"every_n_train_steps": 1000, "keep": 2, "monitor": None, "mode": "max"}
 INDENT = "  "
@@ -172,8 +174,12 @@ def load_stage_config(args: argparse.Namespace, default_config: str) -> tuple[di
 def plan_stage(stage: str, default_config: str, args: argparse.Namespace, resolve: Resolver,
                validate: Callable[[dict], object]) -> StagePlan:
     """Resolve one stage: load its config, complete it (``resolve``, on its own copy), check it (``validate``), and
-    gather what the run depends on, derives, builds and writes. Reads files; writes nothing."""
+    gather what the run depends on, derives, builds and writes, and the lineage it pins (on a resume, another
+    objective, recipe or input is refused here). Reads files; writes nothing."""
+    if args.resume:
+        check_stage_of(stage, args.resume)  # before the config of a run of another stage is read as this one's
     cfg, cfg_path, run_dir, ckpt, notes = load_stage_config(args, default_config)
+    inputs = pin_and_check(stage, cfg, run_dir, ckpt)  # paths pinned to the exact checkpoints, in place
     resolution = resolve(copy.deepcopy(cfg), cfg_path)
     derived = resolution.derived
     if notes and not any(item.startswith(STEPS_OVERRIDE) for item in args.overrides):  # --data: a folder's size
@@ -184,7 +190,15 @@ def plan_stage(stage: str, default_config: str, args: argparse.Namespace, resolv
     return StagePlan(stage=stage, config_path=cfg_path, config=freeze(resolution.config), run_dir=run_dir,
                      checkpoint=ckpt, run_name=name, runs_dir=args.runs_dir, notes=notes,
                      depends=resolution.depends, derived=derived, prepare=resolution.prepare,
-                     writes=resolution.writes)
+                     writes=resolution.writes, lineage=freeze(lineage_lines(inputs)))
+
+
+def lineage_lines(inputs: list[Input]) -> dict[str, str]:
+    """What a plan prints of its pinned inputs: role → the exact file, its step and hash."""
+    return {f"{i.role} ({i.key})": " ".join(filter(None, [i.path, f"step {i.step}" if i.step is not None else "",
+                                                             f"weights {i.vae_hash}" if i.vae_hash else
+                                                             (f"sha256 {i.hash}" if i.hash else "")]))
+            for i in inputs}
 
 
 def describe(title: str, resolution: Resolution, notes: list[str] | tuple[str, ...] = ()) -> str:

@@ -170,6 +170,10 @@ def apply_folder(cfg: dict, request: FolderRequest) -> list[str]:
 
 def _prompts(node: dict) -> list[str]:
     """Up to GRID_CONDITIONS distinct non-empty captions of a folder dataset node, for the sample grid."""
-    dataset = ImageFolderDataset(**node["params"])
+    try:
+        dataset = ImageFolderDataset(**node["params"])
+    except ValueError as e:  # e.g. every image smaller than min_size
+        raise ConfigError(f"--data: {e}; give images of at least min_size pixels on the shorter side (each is "
+                          f"resized to cover the recipe's {node['params'].get('size')}-px crop)") from e
     captions = list(dict.fromkeys(r.caption for r in dataset.records if r.caption))
     return captions[:GRID_CONDITIONS]

@@ -35,7 +35,7 @@ from ldm.inference.loaders import describe_run
 from ldm.inference.pipeline import Pipeline
 from ldm.inference.sd_base import load_run_system
 from ldm.io.checkpoints import fit_report, load_file, save_file_atomic, select_ema, state_dict_of, tensors_hash
-from ldm.io.runs import resolve_run, run_config
+from ldm.io.runs import run_config
 from ldm.training.cache import ensure_cache
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def complete_reflow(cfg: dict) -> dict:
     """The reflow stage's completion: pin the source run and take the model it trains from it (unless set); in
     ``cfg``, which is returned (the stage's plan calls it on its own copy)."""
     section = reflow_section(cfg)
-    source = resolve_run(section["source"])
+    source = describe_run(section["source"]).run_dir  # a stage-2 run, or one line naming what it is
     cfg["reflow"]["source"] = str(source)  # pinned: `latest` moves, the run does not
     params = cfg.setdefault("model", {}).setdefault("params", {})
     source_params = run_config(source)["model"].get("params") or {}

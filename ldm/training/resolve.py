@@ -10,10 +10,11 @@ from pathlib import Path
 
 from ldm.core.config import instantiate_from_config
 from ldm.data.latents import CacheError, class_map, read_meta
+from ldm.io.lineage import pin_paths, vae_hash_of
 from ldm.io.runs import checkpoint_for, run_config
-from ldm.training.cache import cache_section, class_embedder_params, sync_classes
+from ldm.training.cache import cache_for_sources, cache_section, class_embedder_params, sync_classes
 from ldm.training.controlnet_base import INHERITED as CONTROL_INHERITED
-from ldm.training.controlnet_base import complete_model_node
+from ldm.training.controlnet_base import cache_on_base_vae, complete_model_node
 from ldm.training.plan import Resolution
 from ldm.training.reflow import complete_reflow, reflow_section
 from ldm.training.sd_finetune import complete_from_base
@@ -43,11 +44,22 @@ def vae_source(spec: str, config: str | None) -> str:
     return f"{spec} (SD file; its VAE as {config} describes it)" if config else str(checkpoint_for(spec))
 
 
-def resolve_cache(cfg: dict) -> Resolution:
+def cache_vae_hash(section: dict) -> str:
+    """The weights hash of the cache's VAE (as ``meta.json`` records it), read from its file without building it."""
+    if section["vae_config"]:
+        return vae_hash_of(section["vae"], public=True)
+    return vae_hash_of(checkpoint_for(section["vae"]))
+
+
+def resolve_cache(cfg: dict, own_folder: bool = True) -> Resolution:
     """The latent cache a config trains on: the VAE, whether the cache exists (its size and scale factor) or will be
-    encoded first, and the class names of its data (stored in the config)."""
+    encoded first, and the class names of its data (stored in the config). A cache built from other sources sends
+    these to a folder of their own (``own_folder``; without it, as for ``cache_latents.py --out``, it is refused
+    when it is encoded)."""
     section = cache_section(cfg)
     meta = _read_meta(section["dir"])
+    if own_folder and meta is not None and cache_for_sources(cfg, meta, cache_vae_hash(section)) is not None:
+        section, meta = cache_section(cfg), _read_meta(cfg["cache"]["dir"])  # these sources' own folder (built or not)
     depends = (("VAE (cache.vae)", vae_source(section["vae"], section["vae_config"])),)
     if meta is not None:
         splits = {split: counts["items"] for split, counts in (meta.get("splits") or {}).items()}
@@ -114,6 +126,9 @@ def resolve_controlnet(cfg: dict, config_path: str) -> Resolution:
         depends = (("base (model.params.base_ckpt)", f"{params['base_ckpt']} with {params['base_config']}"),)
     else:
         depends = ()
+    pin_paths(cfg)  # what the base's config named by a link (a run from before runs pinned theirs), pinned too
+    if "cache" in cfg:
+        cache_on_base_vae(cfg)  # the cache is encoded by the VAE the base holds, whatever cache.vae's link says now
     taken = [key for key in CONTROL_INHERITED if params.get(key) is not None]
     derived = (("from the base", ", ".join(taken)),) if depends else ()
     parts = [Resolution(cfg, depends, derived)]
