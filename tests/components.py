@@ -42,19 +42,18 @@ PIXELS = 16  # the tiny configs' image size
 FACTOR = 2  # the tiny VAE's downsampling factor: 16 px → 8×8 latents
 HINT_CHANNELS = 3
 SCALE_FACTOR = 0.9  # a stand-in for the scale a latent cache measures (1 / std of the latents)
-WEIGHT_NOISE = 0.05  # randomize's default: every weight nonzero, norms near their initial ones
 STEP_NOISE = 0.01  # how far the raw weights move from the EMA's (a few training steps' worth)
 TRAINED_STEPS = 6  # the global step written into a checkpoint (the tiny configs' max_steps)
 
 
 @lru_cache(maxsize=None)
-def _tiny_config(name: str) -> dict:
+def _tiny_yaml(name: str) -> dict:
     return load_config(TINY / f"{name}.yaml")
 
 
-def tiny_config(name: str) -> dict:
+def tiny_yaml(name: str) -> dict:
     """``configs/tiny/<name>.yaml`` loaded (a fresh copy each call)."""
-    return copy.deepcopy(_tiny_config(name))
+    return copy.deepcopy(_tiny_yaml(name))
 
 
 @contextmanager
@@ -68,25 +67,25 @@ def seeded(seed: int) -> Iterator[None]:
 def tiny_vae(seed: int = 0) -> AutoencoderKL:
     """The tiny VAE network (``configs/tiny/vae.yaml``, f = 2) with seeded random weights, frozen, in eval mode."""
     with seeded(seed):
-        vae = instantiate_from_config(vae_network_node(tiny_config("vae")["model"]), "first_stage")
+        vae = instantiate_from_config(vae_network_node(tiny_yaml("vae")["model"]), "first_stage")
     return vae.eval().requires_grad_(False)
 
 
 def tiny_components(kind: str = "text", seed: int = 0, parameterization: str | None = None) -> dict[str, nn.Module]:
     """``unet``, ``cond_stage``, ``objective`` and ``first_stage`` of ``configs/tiny/ldm-<kind>.yaml`` (kind: text,
-    class or flow), seeded, every weight nonzero; ``parameterization`` (eps, v, x0) replaces the config's."""
-    params = tiny_config(KINDS[kind])["model"]["params"]
+    class or flow), seeded, every U-Net weight nonzero; ``parameterization`` (eps, v, x0) replaces the config's."""
+    params = tiny_yaml(KINDS[kind])["model"]["params"]
     if parameterization is not None:
         params["objective"]["params"]["parameterization"] = parameterization
     with seeded(seed):
         built = {name: instantiate_from_config(params[name], f"model.params.{name}") for name in COMPONENTS}
-    randomize(built["unet"], seed + 1).train()  # wakes its zero-initialised output convolution (and res blocks')
+    randomize(built["unet"], seed + 1).train()  # wakes its zero-initialised convolutions (output, res blocks, proj_out)
     return {**built, "first_stage": tiny_vae(seed)}
 
 
-def _system_params(kind: str, parameterization: str | None) -> dict:
+def _system_params(kind: str) -> dict:
     """The config's model params other than the components (ucg_rate, EMA decay, optimizer, …), built."""
-    params = tiny_config(KINDS[kind])["model"]["params"]
+    params = tiny_yaml(KINDS[kind])["model"]["params"]
     return {k: instantiate_from_config(v, f"model.params.{k}") if isinstance(v, dict) and "target" in v else v
             for k, v in params.items() if k not in (*COMPONENTS, "first_stage")}
 
@@ -103,7 +102,7 @@ def tiny_ldm(kind: str = "text", seed: int = 0, parameterization: str | None = N
     """A ``LatentDiffusion`` of ``tiny_components`` (or the given ones) with the tiny config's settings, a scale
     factor and image size as a cache would give, and an EMA that differs from the raw weights; eval mode."""
     components = components or tiny_components(kind, seed, parameterization)
-    params = {**_system_params(kind, parameterization), "use_ema": use_ema}
+    params = {**_system_params(kind), "use_ema": use_ema}
     system = LatentDiffusion(**components, **params, scale_factor=SCALE_FACTOR, image_size=PIXELS)
     return _as_if_trained(system, seed)
 
@@ -122,7 +121,7 @@ def tiny_control_ldm(seed: int = 0, trained: bool = False) -> ControlLDM:
     control = ControlNet.from_unet(components["unet"], HINT_CHANNELS, FACTOR)
     if trained:
         wake_zero_convs(control, seed + 1)
-    params = {k: v for k, v in _system_params("text", None).items() if k != "ema_decay"}
+    params = _system_params("text")  # ControlLDM keeps no EMA unless asked (use_ema: false), as ControlNet
     system = ControlLDM(**components, control_stage=control, **params, scale_factor=SCALE_FACTOR, image_size=PIXELS)
     return system.eval()
 
@@ -156,7 +155,7 @@ def write_run(root: Path, stage: str, cfg: dict, state: dict[str, torch.Tensor])
 
 def write_vae_run(root: Path, seed: int = 0) -> Path:
     """A stage-1 run of ``configs/tiny/vae.yaml`` whose checkpoint holds ``tiny_vae(seed)`` (and a discriminator)."""
-    cfg = tiny_config("vae")
+    cfg = tiny_yaml("vae")
     with seeded(seed):
         system = instantiate_from_config(cfg["model"], "model")
     system.load_state_dict(tiny_vae(seed).state_dict(), strict=False)  # the VAE's weights; the loss's stay as built

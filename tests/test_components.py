@@ -20,7 +20,7 @@ from tests.components import (
     PIXELS,
     SCALE_FACTOR,
     tiny_components,
-    tiny_config,
+    tiny_yaml,
     tiny_control_ldm,
     tiny_ldm,
     tiny_pipeline,
@@ -50,7 +50,7 @@ def test_components_are_the_tiny_configs_modules_built_in_memory(kind, cond, sch
     assert time.perf_counter() - start < BUILD_BUDGET_S
     assert isinstance(parts["unet"], UNetModel) and isinstance(parts["cond_stage"], cond)
     assert isinstance(parts["first_stage"], AutoencoderKL) and isinstance(parts["objective"].schedule, schedule)
-    unet = tiny_config(f"ldm-{kind}")["model"]["params"]["unet"]["params"]
+    unet = tiny_yaml(f"ldm-{kind}")["model"]["params"]["unet"]["params"]
     assert parts["unet"].model_channels == unet["model_channels"] and parts["unet"].in_channels == 4
     assert parts["first_stage"].downsampling_factor == 2
     # toy size: the U-Net at the narrowest width its 32 GroupNorm groups allow, the VAE far smaller
