@@ -17,8 +17,6 @@ from ldm.serve.adapter import ModelAdapter, ModelSource
 from ldm.serve.app import create_app
 from ldm.serve.server import Server
 from tests.scripts import load_script
-from tests.test_pipeline import tiny_class_run  # noqa: F401  (session fixture shared with the pipeline tests)
-from tests.test_pipeline_control import runs  # noqa: F401  (toy stage-2 and ControlNet runs)
 
 TIMEOUT_S = 120.0
 POLL_S = 0.05
@@ -50,19 +48,19 @@ def fetch(server, entry: dict) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def class_server(tiny_class_run, tmp_path_factory):  # noqa: F811
-    server = serve(tiny_class_run, tmp_path_factory.mktemp("class-out"))
+def class_server(toy_class_run, tmp_path_factory):
+    server = serve(toy_class_run, tmp_path_factory.mktemp("class-out"))
     yield server
     server.stop()
 
 
-def test_a_class_run_offers_its_classes_and_draws_one(class_server, tiny_class_run):  # noqa: F811
+def test_a_class_run_offers_its_classes_and_draws_one(class_server, toy_class_run):
     info = requests.get(class_server.url + "/api/model", timeout=TIMEOUT_S).json()
     assert info["condition_key"] == "label" and info["class_names"][:2] == ["0", "1"] and len(info["class_names"]) == 168
     state = finished(class_server, submit(class_server, {"class": "3", **FAST}))
     image = fetch(class_server, state["images"][0])
     assert json.loads(image.text["ldm"])["class"] == 3 and "--class 3" in state["images"][0]["command"]
-    expected = Pipeline.from_run(tiny_class_run, device="cpu")([3], steps=2, sampler="ddim", guidance=3.0, seed=9)[0]
+    expected = Pipeline.from_run(toy_class_run, device="cpu")([3], steps=2, sampler="ddim", guidance=3.0, seed=9)[0]
     assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(expected))
 
 
@@ -80,9 +78,9 @@ def test_a_class_beyond_the_run_is_refused_as_the_command_line_refuses_it(class_
 
 
 @pytest.fixture(scope="module")
-def control_server(runs, tmp_path_factory):  # noqa: F811
+def control_server(toy_controlnet_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("control-out")
-    server = serve(runs[1], out)
+    server = serve(toy_controlnet_run, out)
     yield server, out
     server.stop()
 
