@@ -66,6 +66,8 @@ def test_resume_skips_exactly_the_batches_done():
 def test_drop_last_drops_each_buckets_remainder():
     batches = epoch_batches(BUCKETS, 2, 2, seed=0, epoch=0, drop_last=True)
     assert all(len(b) == 4 for b in batches) and len(batches) == 13 // 4 + 7 // 4 + 4 // 4
+    small = epoch_batches([0] * 3 + [1] * 9, 2, 2, seed=0, epoch=0, drop_last=True)
+    assert sorted(len(b) for b in small) == [3, 4, 4]  # a bucket smaller than one batch stays, whole
 
 
 def test_rank_share_splits_near_equally():

@@ -6,7 +6,7 @@ rank draws the same bucket and different items, and a resumed run that skips the
 epoch sees exactly the items it had not seen. With ``drop_last=False`` a bucket's remainder becomes a smaller last
 batch (split so each rank gets at least one item), or, when fewer items than ranks remain, joins the bucket's last
 full batch; a bucket with fewer items than ranks is left out (``unplaceable``). With ``drop_last=True`` each bucket's
-remainder waits for the next epoch's shuffle.
+remainder waits for the next epoch's shuffle (a bucket smaller than one batch is one batch, as the DataModule does).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def _cut(items: list[int], size: int, world_size: int, drop_last: bool) -> list[
     full, rest = divmod(len(items), size)
     batches = [items[i * size:(i + 1) * size] for i in range(full)]
     remainder = items[full * size:]
-    if drop_last or not remainder:
+    if not remainder or (drop_last and batches):  # a bucket smaller than one batch is kept whole
         return batches
     if len(remainder) >= world_size:
         return batches + [remainder]

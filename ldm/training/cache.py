@@ -20,6 +20,7 @@ from ldm.core.config import ConfigError, check_config, config_section, get_obj_f
 from ldm.data.latents import CacheError, build_cache, read_meta
 from ldm.inference.loaders import load_autoencoder
 from ldm.nets.conditioning.embedders import ClassEmbedder
+from ldm.training.bucket_steps import resolve_bucket_steps
 
 log = logging.getLogger(__name__)
 CACHE_DEFAULTS = {"batch_size": 64, "shard_size": 4096, "num_workers": 0, "vae_config": None}
@@ -42,6 +43,7 @@ def make_cache(cfg: dict, progress: bool | None = None) -> dict:
     section = cache_section(cfg)
     progress = sys.stderr.isatty() if progress is None else progress
     vae, info = load_autoencoder(section["vae"], section["vae_config"])
+    resolve_bucket_steps(cfg, section["data"], info.get("downsampling_factor"))
     datasets = {split: instantiate_from_config(node, f"cache.data.{split}") for split, node in section["data"].items()}
     meta = build_cache(vae, datasets, section["dir"], info, section["batch_size"], section["shard_size"],
                        section["num_workers"], progress, data_config=section["data"])
@@ -68,6 +70,8 @@ def ensure_cache(cfg: dict, config_path: str | None = None, build_missing: bool 
             raise CacheError(f"{e}. Build it with: {command}") from e
         log.info("%s: building it now (the same as `%s`)", e, command)
         return make_cache(cfg)
+    _, info = load_autoencoder(section["vae"], section["vae_config"])
+    resolve_bucket_steps(cfg, section["data"], info.get("downsampling_factor"))
     built_from, wanted = meta.get("data"), json.loads(json.dumps(section["data"]))  # as meta.json stores it
     if built_from is not None and built_from != wanted:
         raise CacheError(
@@ -75,7 +79,6 @@ def ensure_cache(cfg: dict, config_path: str | None = None, build_missing: bool 
             f"({_difference(built_from, wanted, 'cache.data')}); delete "
             f"{Path(section['dir'])}, or set cache.dir to another folder"
         )
-    _, info = load_autoencoder(section["vae"], section["vae_config"])
     if meta["vae"]["hash"] != info["hash"]:
         raise CacheError(
             f"the latent cache {section['dir']} was made with VAE {meta['vae']['checkpoint']} (weights hash "
