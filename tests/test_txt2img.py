@@ -80,6 +80,8 @@ BAD_ARGUMENTS = {
     "zero images": (P + ["--n", "0"], "--n must be at least 1"),
     "not an int": (P + ["--n", "two"], "invalid int value: 'two'"),
     "size off the VAE grid": (P + ["--H", "15"], "--H 15 is not divisible by the VAE's downsampling factor 2"),
+    "size off the U-Net grid": (P + ["--H", "18"], "16×18 (width×height) is not a positive multiple of 4 (the VAE's "
+                                                    "factor 2 × the U-Net's downsampling 2); e.g. 16×20"),
     "eta for dpm++": (P + ["--sampler", "dpmpp_2m", "--eta", "1"], "--eta applies to the samplers"),
     "rescale out of range": (P + ["--guidance-rescale", "2"], "--guidance-rescale must be in [0, 1]"),
     "class on a text run": (["--class", "3"], "is a text-conditional run: use --prompt"),

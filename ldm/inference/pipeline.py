@@ -196,7 +196,7 @@ class Pipeline:
         if height <= 0 or width <= 0 or height % step or width % step:
             raise PipelineError(f"image size {width}×{height} (width×height) is not a positive multiple of {step} "
                                 f"(the VAE's factor {factor} × the U-Net's downsampling {step // factor}); "
-                                f"e.g. {max(step, round(width / step) * step)}×{max(step, round(height / step) * step)}")
+                                f"e.g. {max(step, (width + step // 2) // step * step)}×{max(step, (height + step // 2) // step * step)}")
         return self.model.diffusion_model.in_channels, height // factor, width // factor
 
     # ------------------------------------------------------------------------------------ checks

@@ -24,6 +24,12 @@ def required_step(cfg: dict, vae_factor: int | None) -> int | None:
     return vae_factor * downsampling if vae_factor and downsampling else None
 
 
+def open_bucket_steps(data: dict) -> bool:
+    """Whether a dataset node in ``data`` (split → node) leaves its ``buckets.step`` to be filled in."""
+    return any(isinstance(b := (node.get("params") or {}).get("buckets"), dict) and b.get("step") is None
+               for node in data.values() if isinstance(node, dict))
+
+
 def resolve_bucket_steps(cfg: dict, data: dict, vae_factor: int | None) -> None:
     """Fill ``buckets.step: null`` of every dataset node in ``data`` (split → node) and check given steps."""
     step = required_step(cfg, vae_factor)

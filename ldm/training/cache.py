@@ -20,7 +20,7 @@ from ldm.core.config import ConfigError, check_config, config_section, get_obj_f
 from ldm.data.latents import CacheError, build_cache, read_meta
 from ldm.inference.loaders import load_autoencoder
 from ldm.nets.conditioning.embedders import ClassEmbedder
-from ldm.training.bucket_steps import resolve_bucket_steps
+from ldm.training.bucket_steps import open_bucket_steps, resolve_bucket_steps
 
 log = logging.getLogger(__name__)
 CACHE_DEFAULTS = {"batch_size": 64, "shard_size": 4096, "num_workers": 0, "vae_config": None}
@@ -70,8 +70,9 @@ def ensure_cache(cfg: dict, config_path: str | None = None, build_missing: bool 
             raise CacheError(f"{e}. Build it with: {command}") from e
         log.info("%s: building it now (the same as `%s`)", e, command)
         return make_cache(cfg)
-    _, info = load_autoencoder(section["vae"], section["vae_config"])
-    resolve_bucket_steps(cfg, section["data"], info.get("downsampling_factor"))
+    info = load_autoencoder(section["vae"], section["vae_config"])[1] if open_bucket_steps(section["data"]) else None
+    if info is not None:  # buckets.step: null is filled in before comparing with what the cache was built from
+        resolve_bucket_steps(cfg, section["data"], info.get("downsampling_factor"))
     built_from, wanted = meta.get("data"), json.loads(json.dumps(section["data"]))  # as meta.json stores it
     if built_from is not None and built_from != wanted:
         raise CacheError(
@@ -79,6 +80,9 @@ def ensure_cache(cfg: dict, config_path: str | None = None, build_missing: bool 
             f"({_difference(built_from, wanted, 'cache.data')}); delete "
             f"{Path(section['dir'])}, or set cache.dir to another folder"
         )
+    if info is None:
+        _, info = load_autoencoder(section["vae"], section["vae_config"])
+        resolve_bucket_steps(cfg, section["data"], info.get("downsampling_factor"))  # a given step: checked
     if meta["vae"]["hash"] != info["hash"]:
         raise CacheError(
             f"the latent cache {section['dir']} was made with VAE {meta['vae']['checkpoint']} (weights hash "
