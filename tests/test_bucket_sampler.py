@@ -92,3 +92,21 @@ def test_datamodule_serves_bucket_batches_and_resumes_mid_epoch():
     whole = BucketBatchSampler(Items(BUCKETS), BUCKETS, 3, seed=1)
     whole.set_epoch(1)
     assert epoch1 == list(whole)[2:]
+
+
+def test_a_resumed_loader_draws_the_resumed_epoch_before_lightning_sets_it():
+    """Lightning makes a resumed run's first iterator before ``set_epoch``: resuming into epoch 2 must not replay
+    epoch 0 (plain and bucketed loaders)."""
+    plain = DataModule(Items([0] * 12), batch_size=3, seed=5, val_fraction=0.0)
+    reference = list(iter(plain.train_sampler.__class__(12, 5).__iter__()))  # epoch 0
+    plain.resume_at(2 * 4 + 1)  # 4 batches per epoch: epoch 2, one batch in
+    order = [i for batch in plain.train_dataloader() for i in batch["index"].tolist()]
+    expected = torch.randperm(12, generator=torch.Generator().manual_seed(5 + 2)).tolist()[3:]
+    assert order == expected != reference[3:]
+    bucketed = DataModule(Items(BUCKETS), batch_size=3, drop_last=False, seed=1, val_fraction=0.0)
+    per_epoch = len(bucketed.train_dataloader().sampler)
+    bucketed.resume_at(2 * per_epoch + 1)
+    got = [b["index"].tolist() for b in bucketed.train_dataloader()]
+    whole = BucketBatchSampler(Items(BUCKETS), BUCKETS, 3, seed=1)
+    whole.set_epoch(2)
+    assert got == list(whole)[1:]

@@ -104,7 +104,9 @@ class DataModule(L.LightningDataModule):
         sampler = BucketBatchSampler(dataset, bucket_ids, batch_size, world_size, rank, self.seed,
                                      drop_last=train and self.drop_last, shuffle=train)
         if train and self._resume_batches:
-            sampler.start_at(*divmod(self._resume_batches, max(len(sampler), 1)))
+            epoch, done = divmod(self._resume_batches, max(len(sampler), 1))
+            sampler.set_epoch(epoch)  # Lightning makes a resumed run's first iterator before it sets the epoch
+            sampler.start_at(epoch, done)
         return DataLoader(BatchedView(dataset), batch_size=None, sampler=sampler, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
 
@@ -123,6 +125,7 @@ class DataModule(L.LightningDataModule):
         per_epoch = (len(self.train_dataset) // (self.batch_size * world_size) if drop_last
                      else -(-len(self.train_dataset) // (self.batch_size * world_size)))
         epoch, done = divmod(batches_done, max(per_epoch, 1))
+        self.train_sampler.set_epoch(epoch)  # Lightning makes a resumed run's first iterator before it sets the epoch
         self.train_sampler.start_at(epoch, done * self.batch_size * world_size)
 
     def val_dataloader(self) -> DataLoader | list:
