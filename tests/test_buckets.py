@@ -101,3 +101,20 @@ def test_random_crop_varies_and_is_recorded(tmp_path):
         item = ds[0]
         corner_dark = bool(item["image"][0, 0, 0] < 0)
         assert corner_dark == (item["crop_top_left"].tolist() == [0, 0])
+
+
+def test_hints_follow_the_bucket_crop(tmp_path):
+    """A stored hint is resized and cropped with its image (the same box), and Canny hints are of the crop."""
+    root = tmp_path / "imgs"
+    root.mkdir()
+    array = torch.zeros(48, 96, 3, dtype=torch.uint8)
+    array[:, 8:12] = 255  # a white bar 8 px in: the centre crop (left = 8) starts on it
+    Image.fromarray(array.numpy()).save(root / "a.png")
+    (root / "edges").mkdir()
+    Image.fromarray(array.numpy()).save(root / "edges" / "a.png")  # the hint: the image itself
+    buckets = {"resolution": 64, "step": 8}
+    stored = ImageFolderDataset(str(root), captions="none", hint_dir="edges", buckets=buckets)[0]
+    assert stored["crop_top_left"].tolist() == [0, 8] and stored["hint"].shape == (3, 48, 80)
+    assert torch.equal(stored["hint"] * 2 - 1, stored["image"])  # no resize here: the same pixels, the same crop
+    canny = ImageFolderDataset(str(root), captions="none", hint=True, buckets=buckets)[0]
+    assert canny["hint"].shape == (3, 48, 80) and canny["hint"][0, :, 3:5].sum() > 0  # the bar's right edge
