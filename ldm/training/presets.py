@@ -186,6 +186,6 @@ def apply_folder(cfg: dict, request: FolderRequest) -> list[str]:
 
 def _prompts(node: dict) -> list[str]:
     """Up to GRID_CONDITIONS distinct non-empty captions of a folder dataset node, for the sample grid."""
-    dataset = ImageFolderDataset(**node["params"])
+    dataset = ImageFolderDataset(**{k: v for k, v in node["params"].items() if k != "buckets"})  # captions only
     captions = list(dict.fromkeys(r.caption for r in dataset.records if r.caption))
     return captions[:GRID_CONDITIONS]
