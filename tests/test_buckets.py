@@ -32,7 +32,8 @@ def test_nearest_bucket_by_log_aspect_and_the_cover_crop():
     assert sizes[nearest_bucket(sizes, 90, 100)] == (64, 64)  # log(10/9) = 0.105 is nearer 0 than log(9/7) = 0.251
     assert sizes[nearest_bucket(sizes, 100, 125)] == (56, 72)  # log(5/4) = 0.223
     p = place(sizes, 100, 200)  # 200 wide, 100 tall
-    assert (p.size, p.resized, p.crop("center"), p.upscaled, p.beyond_aspect) == ((48, 80), (48, 96), (0, 8), False, False)
+    assert (p.size, p.resized, p.crop("center"), p.upscaled, p.beyond_aspect) == ((48, 80), (48, 96), (0, 8), False,
+                                                                                False)
     p = place(sizes, 100, 300)  # 3:1 is beyond max_aspect 2: counted, cropped to 5:3
     assert (p.size, p.resized, p.crop("center"), p.beyond_aspect) == ((48, 80), (48, 144), (0, 32), True)
     p = place(sizes, 30, 20)  # smaller than its bucket: upscaled to cover 48 wide × 80 tall

@@ -54,7 +54,8 @@ class BucketConfig:
         if section["too_small"] not in TOO_SMALL:
             raise ConfigError(f"{where}.too_small: {section['too_small']!r} is not one of {', '.join(TOO_SMALL)}")
         if not float(section["max_aspect"]) >= 1.0:
-            raise ConfigError(f"{where}.max_aspect: must be ≥ 1 (width / height either way), got {section['max_aspect']}")
+            raise ConfigError(f"{where}.max_aspect: must be ≥ 1 (width / height either way), "
+                              f"got {section['max_aspect']}")
         config = cls(int(section["resolution"]), int(section["step"]), float(section["max_aspect"]), section["crop"],
                      section["too_small"])
         bucket_sizes(config.resolution, config.step, config.max_aspect)  # a config that gives no bucket fails here

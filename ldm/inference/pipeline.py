@@ -194,9 +194,10 @@ class Pipeline:
         if not height or not width:
             raise PipelineError("the run does not record its image size: give the height and width in pixels")
         if height <= 0 or width <= 0 or height % step or width % step:
+            near_w, near_h = (max(step, (side + step // 2) // step * step) for side in (width, height))
             raise PipelineError(f"image size {width}×{height} (width×height) is not a positive multiple of {step} "
                                 f"(the VAE's factor {factor} × the U-Net's downsampling {step // factor}); "
-                                f"e.g. {max(step, (width + step // 2) // step * step)}×{max(step, (height + step // 2) // step * step)}")
+                                f"e.g. {near_w}×{near_h}")
         return self.model.diffusion_model.in_channels, height // factor, width // factor
 
     # ------------------------------------------------------------------------------------ checks

@@ -4,7 +4,8 @@
       - {target: ldm.training.samples.SampleGrid, params: {every_n_steps: 1000, conditions: [a red circle …]}}
 
 ``SampleGrid`` (stage 2) draws the configured prompts or labels with the EMA weights through the Pipeline, the
-one sampling path (a run on aspect-ratio buckets: one row per bucket size, widest to tallest, each on a white box); ``ControlSampleGrid`` (stage 3) draws the batch's hints (hint | generated | target rows) every
+one sampling path (a run on aspect-ratio buckets: one row per bucket size, widest to tallest, each on a white box);
+``ControlSampleGrid`` (stage 3) draws the batch's hints (hint | generated | target rows) every
 N training steps and on the first validation batch; ``ReconstructionGrid`` (stage 1) puts a training batch above
 its reconstructions. Grids land in the run's ``samples/`` folder (``<name>-step<N>.png`` and a ``.txt`` legend).
 """
@@ -81,8 +82,9 @@ class SampleGrid(L.Callback):
         sizes = self.sizes or (grid_sizes(buckets) if buckets else [(None, None)])
         with system.ema_weights():
             pipe = Pipeline.from_system(system)
-            rows = [pipe.generate_tensors(self.conditions, steps=self.steps, guidance=self.guidance, sampler=self.sampler,
-                                          seed=SAMPLE_SEED, height=h, width=w) for h, w in sizes]  # (n, 3, h, w) each
+            rows = [pipe.generate_tensors(self.conditions, steps=self.steps, guidance=self.guidance,
+                                          sampler=self.sampler, seed=SAMPLE_SEED, height=h, width=w)
+                    for h, w in sizes]  # (n, 3, h, w) each
         system.train(was_training)
         height, width = max(r.shape[-2] for r in rows), max(r.shape[-1] for r in rows)
         rows = [pad_to(r, height, width) for r in rows]
