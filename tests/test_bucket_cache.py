@@ -5,6 +5,7 @@ and its sample grid showing several aspect ratios."""
 from __future__ import annotations
 
 import pytest
+import torch
 from PIL import Image
 from safetensors import safe_open
 
@@ -14,6 +15,7 @@ from ldm.data.latents import LatentDataset
 from ldm.data.module import DataModule
 from ldm.io.runs import SAMPLES_DIR
 from ldm.training.cache import ensure_cache
+from ldm.training.controlnet_base import prepare_controlnet
 from ldm.training.driver import train
 from tests.aspect_folder import make_aspect_folder
 from tests.conftest import TINY
@@ -96,10 +98,16 @@ def test_a_step_off_the_model_grid_is_refused(tiny_vae_run, mixed, tmp_path):
         ensure_cache(load_config(CONFIG, args + ["cache.data.train.params.buckets.resolution=2"]))
 
 
-def test_stage2_trains_on_buckets_and_draws_each_aspect(bucket_cache, workdir):
+@pytest.fixture(scope="module")
+def bucket_run(bucket_cache, workdir):
+    """A 4-step stage-2 run of the tiny bucket config."""
     _, _, args = bucket_cache
-    run = train("ldm", str(CONFIG), ["--cfg", str(CONFIG), "--runs-dir", str(workdir / "runs"), "--name",
-                                     "buckets", *args, "trainer.max_steps=4"], before_build=ensure_cache)
+    return train("ldm", str(CONFIG), ["--cfg", str(CONFIG), "--runs-dir", str(workdir / "runs"), "--name",
+                                      "buckets", *args, "trainer.max_steps=4"], before_build=ensure_cache)
+
+
+def test_stage2_trains_on_buckets_and_draws_each_aspect(bucket_run, workdir):
+    run = bucket_run
     grid = run / SAMPLES_DIR / "ldm-step0000004.png"
     legend = grid.with_suffix(".txt").read_text()
     assert "rows (width×height): 20×12, 16×16, 12×20" in legend
@@ -111,3 +119,22 @@ def test_stage2_trains_on_buckets_and_draws_each_aspect(bucket_cache, workdir):
                                         "--steps", "2", "--no-grid", "--out", str(out)]) == 0
     (image,) = out.glob("*.png")
     assert Image.open(image).size == (20, 12)
+
+
+def test_controlnet_trains_on_bucketed_hints(bucket_run, tiny_vae_run, mixed, workdir):
+    """Stage 3 on a bucketed folder (--data, Canny hints of each bucket crop): hints and latents of the same bucket
+    in every cached item, grids drawn at the batch's bucket size."""
+    cfg = TINY / "controlnet.yaml"
+    run = train("controlnet", str(cfg), ["--cfg", str(cfg), "--runs-dir", str(workdir / "runs"), "--data", str(mixed),
+                                         "data.buckets.resolution=16", f"model.params.base={bucket_run}",
+                                         f"cache.vae={tiny_vae_run}", f"cache.dir={workdir / 'cache' / 'canny'}"],
+                before_build=prepare_controlnet)
+    cache = load_config(run / "config.yaml")["cache"]
+    assert cache["data"]["train"]["params"]["buckets"] == {"resolution": 16, "step": 4}  # from the base's U-Net
+    latents = LatentDataset(cache["dir"], "train")
+    assert len(set(latents.bucket_ids)) == 3
+    for i in range(len(latents)):
+        item = latents[i]
+        assert list(item["hint"].shape[1:]) == [2 * s for s in item["mean"].shape[1:]]  # the bucket's pixels
+    assert list((run / SAMPLES_DIR).glob("controlnet-*.png"))
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
