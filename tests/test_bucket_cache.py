@@ -138,3 +138,13 @@ def test_controlnet_trains_on_bucketed_hints(bucket_run, tiny_vae_run, mixed, wo
         assert list(item["hint"].shape[1:]) == [2 * s for s in item["mean"].shape[1:]]  # the bucket's pixels
     assert list((run / SAMPLES_DIR).glob("controlnet-*.png"))
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+def test_vae_trains_on_buckets_with_its_own_factor(mixed, workdir):
+    """Stage 1 on a bucketed folder: the step is the VAE's factor, batches one bucket each, the grid drawn."""
+    cfg = TINY / "vae.yaml"
+    run = train("vae", str(cfg), ["--cfg", str(cfg), "--runs-dir", str(workdir / "runs"), "--data", str(mixed),
+                                  "data.buckets.resolution=16", "trainer.max_steps=3", "--name", "vae-buckets"])
+    params = load_config(run / "config.yaml")["data"]["params"]["train"]["params"]
+    assert params["buckets"] == {"resolution": 16, "step": 2}  # f = 2: buckets 20×12 … 12×20 (and more)
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3

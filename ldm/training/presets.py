@@ -27,6 +27,7 @@ import yaml
 from ldm.core.config import ConfigError, get_obj_from_str
 from ldm.data.folder import FOLDER_TARGET, ImageFolderDataset
 from ldm.data.folder_layout import CAPTION_MODES, DEFAULT_VAL_FRACTION, FolderSummary, summarize
+from ldm.nets.autoencoder.model import downsampling_factor
 from ldm.nets.conditioning.embedders import ClassEmbedder
 from ldm.training.cache import class_embedder_params
 
@@ -151,6 +152,8 @@ def apply_folder(cfg: dict, request: FolderRequest) -> list[str]:
         params = {**kept, "root": str(summary.root), "size": size, "captions": summary.captions, "split": split}
         if request.buckets:
             params["buckets"] = {**(kept.get("buckets") or {}), **request.buckets}
+            if where == "data.params" and params["buckets"].get("step") is None:  # stage 1: the VAE's own factor
+                params["buckets"]["step"] = downsampling_factor(_params(cfg.get("model")).get("ddconfig") or {})
         slots[split] = {"target": FOLDER_TARGET, "params": {**params, **({"hint": True} if hint else {})}}
     lines = [f"data: {summary.describe()}",
              f"data: {size}-px crops → {where}.train / {where}.val; held out: " +
