@@ -123,3 +123,11 @@ def test_a_resumed_loader_draws_the_resumed_epoch_before_lightning_sets_it():
     whole = BucketBatchSampler(Items(BUCKETS), BUCKETS, 3, seed=1)
     whole.set_epoch(2)
     assert got == list(whole)[1:]
+
+
+def test_a_held_out_fraction_keeps_the_buckets():
+    dm = DataModule(Items(BUCKETS), batch_size=2, drop_last=False, val_fraction=0.2, seed=0)
+    for loader in (dm.train_dataloader(), dm.val_dataloader()):
+        batches = [b["index"].tolist() for b in loader]
+        assert all(len({BUCKETS[i] for i in b}) == 1 for b in batches)
+    assert len(dm.train_dataset) + len(dm.val_dataset) == len(BUCKETS)

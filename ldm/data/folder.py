@@ -13,6 +13,8 @@ Layouts (``captions=``):
 Class folders are numbered in natural order (``2`` before ``10``). ``split="train"`` / ``"val"`` picks one side:
 ``root/train`` / ``root/val`` when the folder is split that way, else a ``val_fraction`` held out by a hash of each
 file's path (``ldm.data.folder_layout``). ``hint=True`` adds the Canny edges of each crop (ControlNet).
+``buckets={resolution: …, step: …}`` replaces the square ``size`` crop by aspect-ratio buckets (``ldm.data.buckets``):
+items then have their bucket's size and carry ``original_size`` and ``crop_top_left``; ``bucket_ids`` groups them.
 
 A folder of real images always has a few bad files. Cheap checks happen at scan time (header, verify,
 size limits) and every skipped file is reported in ONE ``DataWarning``; a file that still fails to
