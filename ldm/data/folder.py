@@ -57,10 +57,10 @@ DEFAULT_MAX_PIXELS = 8192 * 8192  # larger images are skipped unread (decompress
 MAX_NAMES_IN_WARNING = 5
 MAX_LOAD_ATTEMPTS = 32  # consecutive undecodable files tolerated by one __getitem__ before giving up
 WHITE = (255, 255, 255, 255)
-log = logging.getLogger(__name__)
 SIXTEEN_BIT_SCALE = 257.0  # 65535 / 255
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+log = logging.getLogger(__name__)
 
 
 class DataWarning(UserWarning):
