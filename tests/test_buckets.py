@@ -10,10 +10,12 @@ import torch
 from PIL import Image
 
 from ldm.core.config import ConfigError
+from ldm.core.images import from_pil
 from ldm.data.buckets import BucketConfig, bucket_sizes, nearest_bucket, place
 from ldm.data.folder import DataWarning, ImageFolderDataset
 
 RED = (200, 10, 10)
+MARK = 6  # side of the black square marking an image's top-left corner (dark after a 2× downscale)
 
 
 def test_bucket_list_keeps_the_largest_sizes_within_the_area_and_aspect():
@@ -57,7 +59,7 @@ def test_config_errors_name_the_numbers():
 def _folder(tmp_path, sizes: dict[str, tuple[int, int]]):
     for name, (w, h) in sizes.items():
         image = Image.new("RGB", (w, h), RED)
-        image.putpixel((0, 0), (0, 0, 0))  # the top-left corner marks where a crop starts
+        image.paste((0, 0, 0), (0, 0, MARK, MARK))  # a mark in the top-left corner: crops differ
         image.save(tmp_path / f"{name}.png")
     return tmp_path
 
@@ -92,16 +94,24 @@ def test_too_small_images_can_be_left_out(tmp_path):
     assert [r.rel for r in ds.records] == ["big.png"] and ds.bucket_ids == [2]
 
 
+def resized(root, name: str, size: tuple[int, int]) -> torch.Tensor:
+    """The whole image resized (w, h) as the dataset resizes it, before cropping: (3, h, w) in [-1, 1]."""
+    with Image.open(root / name) as image:
+        return from_pil(image.convert("RGB").resize(size, resample=Image.BICUBIC))
+
+
 def test_random_crop_varies_and_is_recorded(tmp_path):
-    root = _folder(tmp_path, {"wide": (200, 100)})
+    root = _folder(tmp_path, {"wide": (200, 100)})  # bucket 80×48, cover 96×48: 16 px to spare
     ds = ImageFolderDataset(str(root), captions="none", buckets={"resolution": 64, "step": 8, "crop": "random"})
+    cover = resized(root, "wide.png", (96, 48))
     torch.manual_seed(0)
-    crops = {tuple(ds[0]["crop_top_left"].tolist()) for _ in range(12)}
-    assert len(crops) > 1 and all(top == 0 and 0 <= left <= 16 for top, left in crops)
-    for _ in range(4):  # the marked corner pixel shows in the image exactly when the crop starts at the left edge
+    lefts = set()
+    for _ in range(12):
         item = ds[0]
-        corner_dark = bool(item["image"][0, 0, 0] < 0)
-        assert corner_dark == (item["crop_top_left"].tolist() == [0, 0])
+        top, left = item["crop_top_left"].tolist()
+        assert top == 0 and torch.equal(item["image"], cover[:, :, left:left + 80])  # the recorded crop, exactly
+        lefts.add(left)
+    assert len(lefts) > 1
 
 
 def test_hints_follow_the_bucket_crop(tmp_path):
@@ -119,3 +129,21 @@ def test_hints_follow_the_bucket_crop(tmp_path):
     assert torch.equal(stored["hint"] * 2 - 1, stored["image"])  # no resize here: the same pixels, the same crop
     canny = ImageFolderDataset(str(root), captions="none", hint=True, buckets=buckets)[0]
     assert canny["hint"].shape == (3, 48, 80) and canny["hint"][0, :, 3:5].sum() > 0  # the bar's right edge
+
+
+def test_a_mirrored_crop_records_its_left_edge_as_mirrored(tmp_path):
+    """With random_flip, the recorded left edge is counted in the mirrored image, as the model sees it."""
+    root = _folder(tmp_path, {"wide": (200, 100)})
+    ds = ImageFolderDataset(str(root), captions="none", random_flip=True,
+                            buckets={"resolution": 64, "step": 8, "crop": "random"})
+    cover = resized(root, "wide.png", (96, 48))
+    mirrored = cover.flip(-1)
+    torch.manual_seed(1)
+    kinds = set()
+    for _ in range(16):
+        item = ds[0]
+        top, left = item["crop_top_left"].tolist()
+        plain, flipped = cover[:, :, left:left + 80], mirrored[:, :, left:left + 80]
+        assert top == 0 and (torch.equal(item["image"], plain) or torch.equal(item["image"], flipped))
+        kinds.add(torch.equal(item["image"], flipped))
+    assert kinds == {True, False}

@@ -385,21 +385,26 @@ class ImageFolderDataset(Dataset):
         else:
             left = int(torch.randint(resized[0] - self.size + 1, ()))
             top = int(torch.randint(resized[1] - self.size + 1, ()))
-        return self._item(record, image, resized, (left, top, left + self.size, top + self.size))
+        return self._item(record, image, resized, (left, top, left + self.size, top + self.size), self._flip())
 
     def _load_bucketed(self, record: Record, placement: Placement) -> dict:
         """The image resized to cover its bucket and cropped to it, with its original size and crop top-left."""
         image = self._open_rgb(self.root / record.rel, draft=max(placement.size))
         top, left = placement.crop(self.bucket_config.crop)
         (height, width), (resized_h, resized_w) = placement.size, placement.resized
-        item = self._item(record, image, (resized_w, resized_h), (left, top, left + width, top + height))
+        flip = self._flip()
+        item = self._item(record, image, (resized_w, resized_h), (left, top, left + width, top + height), flip)
         item["original_size"] = torch.tensor(placement.original)  # (h, w) in pixels, before any resize
+        left = resized_w - left - width if flip else left  # the crop's left edge as seen in the mirrored image
         item["crop_top_left"] = torch.tensor((top, left))  # in the resized image, pixels
         return item
 
-    def _item(self, record: Record, image: Image.Image, resized: tuple[int, int], box: tuple[int, ...]) -> dict:
+    def _flip(self) -> bool:
+        return self.random_flip and bool(torch.rand(()) < 0.5)
+
+    def _item(self, record: Record, image: Image.Image, resized: tuple[int, int], box: tuple[int, ...],
+              flip: bool) -> dict:
         """Resize to ``resized`` (w, h), crop ``box``, maybe mirror: the item, with a hint fitted the same way."""
-        flip = self.random_flip and bool(torch.rand(()) < 0.5)
         crop = self._fit(image, resized, box, flip, Image.BICUBIC)
         item = {
             "image": from_pil(crop),  # (3, H, W) in [-1, 1]

@@ -49,6 +49,9 @@ def make_cache(cfg: dict, progress: bool | None = None) -> dict:
                        section["num_workers"], progress, data_config=section["data"])
     for split, counts in meta["splits"].items():
         log.info("cache %s: %s %d items in %d shard(s)", section["dir"], split, counts["items"], counts["shards"])
+    for split, counts in (meta.get("buckets") or {}).get("counts", {}).items():
+        log.info("cache %s: %s per bucket (h×w): %s", section["dir"], split,
+                 ", ".join(f"{size}={n}" for size, n in counts.items()))
     if meta.get("classes"):
         log.info("classes (name → label, stored in %s/meta.json): %s", section["dir"], _class_list(meta["classes"]))
     return meta
