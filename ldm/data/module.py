@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import warnings
+from typing import Iterator
 
 import lightning as L
 import torch

@@ -173,9 +173,9 @@ def apply_folder(cfg: dict, request: FolderRequest) -> list[str]:
         _set_grid_conditions(cfg, prompts)
         lines.append(f"sample prompts: the captions of {len(prompts)} held-out images")
     if where == "cache.data":
-        key = f"{summary.root.resolve()}|{size}|{summary.captions}|{hint}" + (f"|{json.dumps(buckets, sort_keys=True)}"
-                                                                            if buckets else "")
-        key = key.encode()
+        parts = [summary.root.resolve(), size, summary.captions, hint] + ([json.dumps(buckets, sort_keys=True)]
+                                                                           if buckets else [])
+        key = "|".join(map(str, parts)).encode()
         folder = f"{summary.root.resolve().name}-{size}px-{hashlib.sha256(key).hexdigest()[:HASH_DIGITS]}"
         old, new = cfg["cache"]["dir"], str(Path(cfg["cache"]["dir"]).parent / folder)
         cfg["cache"]["dir"] = new
