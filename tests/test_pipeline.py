@@ -155,7 +155,8 @@ def test_class_model_takes_labels(pipe):
     (dict(guidance=-1.0), "guidance scale must be"),
     (dict(sampler="plms"), "unknown sampler"),
     (dict(sampler="dpmpp_2m", eta=0.5), "takes no option 'eta'"),
-    (dict(height=15), "not a positive multiple of the VAE's factor 2"),
+    (dict(height=15), "not a positive multiple of 4 \\(the VAE's factor 2 × the U-Net's downsampling 2\\)"),
+    (dict(height=18, width=16), "16×18 \\(width×height\\) is not a positive multiple of 4"),  # on the VAE's grid only
     (dict(batch_size=0), "batch size"),
     (dict(negative=["a", "b", "c"]), "3 negative conditions for 2 images"),
 ])

@@ -20,13 +20,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.aspect_folder import make_aspect_folder
 from tests.paths import REPO_ROOT
 from tests.sdxl_toy import write_xl_file
 
 pytestmark = pytest.mark.slow  # subprocesses / compiles / end-to-end: `pytest -m "not slow"` skips them
 
 LINKED = ("configs", "stages", "scripts")
-FOLDERS = {"<folder>": "images", "<classes>": "classes", "<captioned>": "captioned",  # placeholder → made folder
+FOLDERS = {"<folder>": "images", "<classes>": "classes", "<captioned>": "captioned", "<mixed>": "mixed",  # placeholder → made folder
            "<image>": "img0"}  # an image of <folder> (its edge map: <folder>/edges/<image>.png)
 TRAIN_SMOKE = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
                "trainer.enable_progress_bar=false", "trainer.precision=32-true", "data.params.batch_size=4"]
@@ -143,6 +144,7 @@ def test_readme_commands_run_in_order(tmp_path, monkeypatch):
     make_folder(tmp_path / "images")
     make_class_folders(tmp_path / "classes")
     make_captioned(tmp_path / "captioned")
+    make_aspect_folder(tmp_path / "mixed", n=20, scale=2)  # 80×40 … 40×80 captioned images
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("LDM_RUNS_DIR", str(tmp_path / "runs"))
     for command in commands:

@@ -80,6 +80,8 @@ BAD_ARGUMENTS = {
     "zero images": (P + ["--n", "0"], "--n must be at least 1"),
     "not an int": (P + ["--n", "two"], "invalid int value: 'two'"),
     "size off the VAE grid": (P + ["--H", "15"], "--H 15 is not divisible by the VAE's downsampling factor 2"),
+    "size off the U-Net grid": (P + ["--H", "18"], "--H 18 is not a multiple of 4: the VAE divides by 2 and the U-Net "
+                                                   "halves the latent 1 time(s) more; use a multiple of 4, e.g. 16 or 20"),
     "eta for dpm++": (P + ["--sampler", "dpmpp_2m", "--eta", "1"], "--eta applies to the samplers"),
     "rescale out of range": (P + ["--guidance-rescale", "2"], "--guidance-rescale must be in [0, 1]"),
     "class on a text run": (["--class", "3"], "is a text-conditional run: use --prompt"),

@@ -13,6 +13,8 @@ Layouts (``captions=``):
 Class folders are numbered in natural order (``2`` before ``10``). ``split="train"`` / ``"val"`` picks one side:
 ``root/train`` / ``root/val`` when the folder is split that way, else a ``val_fraction`` held out by a hash of each
 file's path (``ldm.data.folder_layout``). ``hint=True`` adds the Canny edges of each crop (ControlNet).
+``buckets={resolution: …, step: …}`` replaces the square ``size`` crop by aspect-ratio buckets (``ldm.data.buckets``):
+items then have their bucket's size and carry ``original_size`` and ``crop_top_left``; ``bucket_ids`` groups them.
 
 A folder of real images always has a few bad files. Cheap checks happen at scan time (header, verify,
 size limits) and every skipped file is reported in ONE ``DataWarning``; a file that still fails to
@@ -23,6 +25,7 @@ bad file; an empty (or all-bad) folder raises ``ValueError`` naming the folder a
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -33,6 +36,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from ldm.core.images import from_pil
+from ldm.data.buckets import Assignment, BucketConfig, Placement, assign, describe, oriented_size
 from ldm.data.edges import DEFAULT_CANNY_HIGH, DEFAULT_CANNY_LOW, edge_hint, hint_from_image
 from ldm.data.folder_layout import (  # noqa: F401  (IMAGE_EXTENSIONS, METADATA_FILE: re-exported)
     CAPTION_MODES,
@@ -58,6 +62,7 @@ WHITE = (255, 255, 255, 255)
 SIXTEEN_BIT_SCALE = 257.0  # 65535 / 255
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+log = logging.getLogger(__name__)
 
 
 class DataWarning(UserWarning):
@@ -158,6 +163,7 @@ class ImageFolderDataset(Dataset):
         val_fraction: float = DEFAULT_VAL_FRACTION,
         hint: bool = False,
         empty_classes: str = "keep",
+        buckets: dict | None = None,
     ) -> None:
         if captions not in CAPTION_MODES:
             raise ValueError(f"captions must be one of {', '.join(CAPTION_MODES)}, got {captions!r}")
@@ -195,7 +201,32 @@ class ImageFolderDataset(Dataset):
             records = [r for r in records if (r.rel in val) == (self.split == "val")]
         checked = (self._checked(record) for record in records)
         self.records = [record for record in checked if record is not None]
+        self.bucket_config = BucketConfig.from_config(buckets, "buckets") if buckets is not None else None
+        self.placements: list[Placement] | None = None
+        self.bucket_ids: list[int] | None = None  # set for a bucketed folder: what batches group by
+        if self.bucket_config is not None:
+            self._place()
         self._report()
+
+    def _place(self) -> None:
+        """Put every image in its aspect bucket (``ldm.data.buckets``); warn once for each kind of misfit."""
+        log.info("%s: %s", self.root, describe(self.bucket_config))
+        assignment = assign(self.bucket_config, [oriented_size(str(self.root / r.rel)) for r in self.records])
+        kept = [(r, p) for r, p in zip(self.records, assignment.placements) if p is not None]
+        self.skipped += [(r.rel, "smaller than its bucket (buckets.too_small: skip)")
+                         for r, p in zip(self.records, assignment.placements) if p is None]
+        self.records, self.placements = [r for r, _ in kept], [p for _, p in kept]
+        self.bucket_ids = [p.bucket for p in self.placements]
+        self._bucket_warnings(assignment)
+
+    def _bucket_warnings(self, assignment: Assignment) -> None:
+        if assignment.upscaled:
+            warnings.warn(f"{self.root}: {assignment.upscaled} image(s) smaller than their bucket are upscaled "
+                          "(buckets.too_small: skip leaves them out)", DataWarning, stacklevel=4)
+        if assignment.beyond_aspect:
+            warnings.warn(f"{self.root}: {assignment.beyond_aspect} image(s) more elongated than buckets.max_aspect "
+                          f"{self.bucket_config.max_aspect:g} are cropped to their bucket's aspect", DataWarning,
+                          stacklevel=4)
 
     # ------------------------------------------------------------------------------------- scanning
 
@@ -367,7 +398,7 @@ class ImageFolderDataset(Dataset):
             if i in self._bad:
                 continue
             try:
-                return self._load(self.records[i])
+                return self._load(self.records[i], self.placements[i] if self.placements else None)
             except Exception as e:  # noqa: BLE001 - a corrupt file must not stop training
                 self._bad.add(i)
                 self.load_failures += 1
@@ -379,14 +410,17 @@ class ImageFolderDataset(Dataset):
                 )
         raise RuntimeError(f"{self.root}: {MAX_LOAD_ATTEMPTS} consecutive images near index {index} failed to load")
 
-    def _open_rgb(self, path: Path | str) -> Image.Image:
+    def _open_rgb(self, path: Path | str, draft: int | None = None) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                image.draft(None, (self.size, self.size))  # JPEG: decode at a reduced scale ≥ size
+                draft = draft or self.size
+                image.draft(None, (draft, draft))  # JPEG: decode at a reduced scale ≥ size
                 return to_rgb(ImageOps.exif_transpose(image))
 
-    def _load(self, record: Record) -> dict:
+    def _load(self, record: Record, placement: Placement | None = None) -> dict:
+        if placement is not None:
+            return self._load_bucketed(record, placement)
         image = self._open_rgb(self.root / record.rel)
         width, height = image.size
         scale = self.size / min(width, height)
@@ -396,11 +430,29 @@ class ImageFolderDataset(Dataset):
         else:
             left = int(torch.randint(resized[0] - self.size + 1, ()))
             top = int(torch.randint(resized[1] - self.size + 1, ()))
-        box = (left, top, left + self.size, top + self.size)
-        flip = self.random_flip and bool(torch.rand(()) < 0.5)
+        return self._item(record, image, resized, (left, top, left + self.size, top + self.size), self._flip())
+
+    def _load_bucketed(self, record: Record, placement: Placement) -> dict:
+        """The image resized to cover its bucket and cropped to it, with its original size and crop top-left."""
+        image = self._open_rgb(self.root / record.rel, draft=max(placement.size))
+        top, left = placement.crop(self.bucket_config.crop)
+        (height, width), (resized_h, resized_w) = placement.size, placement.resized
+        flip = self._flip()
+        item = self._item(record, image, (resized_w, resized_h), (left, top, left + width, top + height), flip)
+        item["original_size"] = torch.tensor(placement.original)  # (h, w) in pixels, before any resize
+        left = resized_w - left - width if flip else left  # the crop's left edge as seen in the mirrored image
+        item["crop_top_left"] = torch.tensor((top, left))  # in the resized image, pixels
+        return item
+
+    def _flip(self) -> bool:
+        return self.random_flip and bool(torch.rand(()) < 0.5)
+
+    def _item(self, record: Record, image: Image.Image, resized: tuple[int, int], box: tuple[int, ...],
+              flip: bool) -> dict:
+        """Resize to ``resized`` (w, h), crop ``box``, maybe mirror: the item, with a hint fitted the same way."""
         crop = self._fit(image, resized, box, flip, Image.BICUBIC)
         item = {
-            "image": from_pil(crop),  # (3, size, size) in [-1, 1]
+            "image": from_pil(crop),  # (3, H, W) in [-1, 1]
             "caption": record.caption,
             "label": record.label,
             "path": record.rel,

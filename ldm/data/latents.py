@@ -7,6 +7,9 @@ Layout of ``cache/<name>/``::
     <split>/shard-00000.safetensors  # posterior `mean`, `std` (N, C, h, w) fp16 [+ `hint` uint8]
     <split>/shard-00000.json         # captions, labels, source paths, and the shard's latent statistics
 
+A bucketed dataset (``ldm.data.buckets``) is written bucket by bucket, so every shard holds one latent shape; its
+items also carry their original size and crop top-left, and ``meta.json`` lists the buckets and their counts.
+
 Shards are written atomically, so an interrupted caching run resumes from its finished shards. The
 scale factor is 1 / std of z = mean + std·ε over the whole training split (LDM's ``scale_by_std``),
 computed exactly from per-shard sums rather than from one batch.
@@ -29,6 +32,8 @@ from tqdm import tqdm
 from ldm.core.atomic import write_text_atomic
 from ldm.core.errors import UserError
 from ldm.data.cache_identity import built_from, cache_identity, source_paths, what_changed
+from ldm.data.bucket_sampler import bucket_groups
+from ldm.data.buckets import size_key
 from ldm.io.checkpoints import save_file_atomic
 
 META_FILE = "meta.json"
@@ -36,6 +41,7 @@ SHARD_PATTERN = "shard-{:05d}"
 CACHE_VERSION = 1
 HINT_SCALE = 255.0
 SPLITS = ("train", "val")
+RECORD_KEYS = ("caption", "label", "path", "original_size", "crop_top_left")  # per-item values in a shard's index
 
 
 class CacheError(UserError, RuntimeError):
@@ -65,22 +71,22 @@ def encode_split(autoencoder: torch.nn.Module, dataset: Dataset, out_dir: Path, 
     when it belongs to the cache ``identity`` and holds exactly the items expected at its place (``shard_holds``)."""
     paths = source_paths(dataset)
     out_dir.mkdir(parents=True, exist_ok=True)
-    n_shards = math.ceil(len(dataset) / shard_size)
+    plan = shard_plan(dataset, shard_size)
+    n_shards = len(plan)
     device = next(autoencoder.parameters()).device
     bar = tqdm(total=len(dataset), desc=f"caching {out_dir.name}", unit="img", disable=not progress)
     stats = []
-    for shard in range(n_shards):
+    for shard, indices in enumerate(plan):
         name = SHARD_PATTERN.format(shard)
         index_path = out_dir / f"{name}.json"
-        start, stop = shard * shard_size, min((shard + 1) * shard_size, len(dataset))
-        if (out_dir / f"{name}.safetensors").is_file() and shard_holds(index_path, identity, stop - start,
-                                                                        paths[start:stop] if paths else None):
+        if (out_dir / f"{name}.safetensors").is_file() and shard_holds(
+                index_path, identity, len(indices), [paths[i] for i in indices] if paths else None):
             stats.append(json.loads(index_path.read_text())["stats"])  # finished by an earlier run
-            bar.update(stop - start)
+            bar.update(len(indices))
             continue
-        subset = torch.utils.data.Subset(dataset, range(start, stop))
+        subset = torch.utils.data.Subset(dataset, indices)
         tensors: dict[str, list[torch.Tensor]] = {"mean": [], "std": [], "hint": []}
-        records: dict[str, list] = {"caption": [], "label": [], "path": []}
+        records: dict[str, list] = {key: [] for key in RECORD_KEYS}
         for batch in DataLoader(subset, batch_size=batch_size, num_workers=num_workers):
             posterior = autoencoder.encode(batch["image"].to(device))
             tensors["mean"].append(posterior.mean.float().cpu())  # (B, C, h, w)
@@ -113,6 +119,34 @@ def shard_holds(index_path: Path, identity: str | None, count: int, paths: list[
     index = json.loads(index_path.read_text())
     same_items = index.get("items") == count and (paths is None or index.get("path") == paths)
     return index.get("identity") == identity and same_items
+
+
+def shard_plan(dataset: Dataset, shard_size: int) -> list[list[int]]:
+    """The items of each shard: runs of ``shard_size`` in order, or, for a bucketed dataset, bucket by bucket (one
+    latent shape per shard)."""
+    bucket_ids = getattr(dataset, "bucket_ids", None)
+    groups = bucket_groups(bucket_ids).values() if bucket_ids is not None else [list(range(len(dataset)))]
+    return [items[i:i + shard_size] for items in groups for i in range(0, len(items), shard_size)]
+
+
+def bucket_meta(datasets: Mapping[str, Dataset]) -> dict | None:
+    """meta.json's ``buckets``: the config (a plain dict), the sizes (h, w) and each split's count per bucket."""
+    configs = {name: ds.bucket_config for name, ds in datasets.items() if getattr(ds, "bucket_config", None)}
+    if not configs:
+        return None
+    config = next(iter(configs.values()))
+    counts = {}
+    for name, ds in datasets.items():
+        per_bucket = {size_key(size): 0 for size in config.sizes}
+        for bucket in getattr(ds, "bucket_ids", None) or []:
+            per_bucket[size_key(config.sizes[bucket])] += 1
+        counts[name] = per_bucket
+    return {"config": config.as_dict(), "sizes": [list(s) for s in config.sizes], "counts": counts}
+
+
+def squarest(sizes: list[list[int]]) -> list[int]:
+    """The bucket (h, w) nearest a square (the default sampling size of a bucketed run)."""
+    return min(sizes, key=lambda s: (abs(math.log(s[1] / s[0])), -s[0] * s[1]))
 
 
 def _combine(stats: list[dict]) -> dict:
@@ -164,12 +198,20 @@ def build_cache(autoencoder: torch.nn.Module, datasets: Mapping[str, Dataset], c
     splits = {name: encode_split(autoencoder, ds, cache_dir / name, batch_size, shard_size, num_workers, progress,
                                  identity) for name, ds in datasets.items()}
     for name, ds in datasets.items():
-        _remove_extra_shards(cache_dir / name, math.ceil(len(ds) / shard_size))
+        _remove_extra_shards(cache_dir / name, len(shard_plan(ds, shard_size)))
     sample = LatentDataset(cache_dir, split=next(iter(datasets)), check=False)[0]
+    latent_shape = list(sample["mean"].shape)
+    image_size = list(next(iter(datasets.values()))[0]["image"].shape[-2:])
+    buckets = bucket_meta(datasets)
+    if buckets is not None:  # the default size of a bucketed cache: its squarest bucket
+        image_size = squarest(buckets["sizes"])
+        factor = vae_info.get("downsampling_factor") or 1
+        latent_shape = [latent_shape[0], image_size[0] // factor, image_size[1] // factor]
+        meta["buckets"] = buckets
     meta.update(
         splits=splits,
-        latent_shape=list(sample["mean"].shape),
-        image_size=list(next(iter(datasets.values()))[0]["image"].shape[-2:]),
+        latent_shape=latent_shape,
+        image_size=image_size,
         downsampling_factor=vae_info.get("downsampling_factor"),
         count=sum(s["items"] for s in splits.values()),
         scale_factor=1.0 / splits["train" if "train" in splits else next(iter(splits))]["latent_std"],
@@ -207,14 +249,29 @@ class LatentDataset(Dataset):
         if not self.shards:
             raise CacheError(f"latent cache {cache_dir} has no shards for split {split!r}")
         self.records = [json.loads(p.with_suffix(".json").read_text()) for p in self.shards]
-        self.offsets = [0]
+        self.offsets, shapes = [0], []
         for shard in self.shards:
             with safe_open(str(shard), framework="pt") as f:
-                self.offsets.append(self.offsets[-1] + f.get_slice(next(iter(f.keys()))).get_shape()[0])
+                key = "mean" if "mean" in f.keys() else next(iter(f.keys()))
+                shape = f.get_slice(key).get_shape()  # (N, C, h, w)
+                self.offsets.append(self.offsets[-1] + shape[0])
+                shapes.append(tuple(shape[1:]))
         self._handles: dict[int, Any] = {}
+        self.bucket_ids = self._bucket_ids(shapes)
 
     def __len__(self) -> int:
         return self.offsets[-1]
+
+    def _bucket_ids(self, shapes: list[tuple]) -> list[int] | None:
+        """Each item's bucket (the index of its shard's latent shape) when the split holds several shapes or the
+        cache is bucketed; None otherwise (one size: plain batches)."""
+        distinct = sorted(set(shapes))
+        if len(distinct) < 2 and not self.meta.get("buckets"):
+            return None
+        ids = []
+        for shard, shape in enumerate(shapes):
+            ids += [distinct.index(shape)] * (self.offsets[shard + 1] - self.offsets[shard])
+        return ids
 
     def _locate(self, index: int) -> tuple[int, int]:
         if not 0 <= index < len(self):
@@ -231,9 +288,10 @@ class LatentDataset(Dataset):
         if "hint" in handle.keys():
             item["hint"] = handle.get_slice("hint")[row].float() / HINT_SCALE
         record = self.records[shard]
-        for key in ("caption", "label", "path"):
+        for key in RECORD_KEYS:
             if key in record:
-                item[key] = record[key][row]
+                value = record[key][row]
+                item[key] = torch.tensor(value) if isinstance(value, list) else value  # sizes: (2,) tensors
         return item
 
     def __getstate__(self) -> dict:

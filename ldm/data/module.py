@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterator
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, random_split
+
+from ldm.data.bucket_sampler import BatchedView, BucketBatchSampler, dataset_buckets, unplaceable
 
 
 class ResumableRandomSampler(Sampler[int]):
@@ -51,7 +54,8 @@ class PositionedDataLoader(DataLoader):
 
 
 class DataModule(L.LightningDataModule):
-    """Train/val loaders; without `val`, a seeded `val_fraction` of `train` is held out."""
+    """Train/val loaders; without `val`, a seeded `val_fraction` of `train` is held out. A bucketed dataset (one with
+    ``bucket_ids``) is read in bucket-homogeneous batches (``ldm.data.bucket_sampler``), sharded over the ranks."""
 
     def __init__(
         self,
@@ -73,6 +77,7 @@ class DataModule(L.LightningDataModule):
         self.val_batch_size = val_batch_size or batch_size
         self.train_dataset, self.val_dataset = self._split(train, val, val_fraction)
         self.train_sampler = ResumableRandomSampler(len(self.train_dataset), seed)
+        self._resume_batches = 0  # a bucketed loader's position on resume (its sampler is built per world size)
 
     def _split(self, train: Dataset, val: Dataset | None, fraction: float) -> tuple[Dataset, Dataset | None]:
         if val is not None or fraction == 0.0:
@@ -95,21 +100,50 @@ class DataModule(L.LightningDataModule):
             drop_last=drop_last,
         )
 
+    def _ranks(self) -> tuple[int, int]:
+        """(world size, rank) of the attached trainer; (1, 0) without one."""
+        trainer = getattr(self, "trainer", None)
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def _bucket_loader(self, dataset: Dataset, bucket_ids: list[int], batch_size: int, train: bool) -> DataLoader:
+        """Bucket-homogeneous batches of this rank (shuffled per epoch when training, in order otherwise)."""
+        world_size, rank = self._ranks()
+        lost = unplaceable(bucket_ids, world_size)
+        if lost and not (train and self.drop_last):
+            warnings.warn(f"{lost} item(s) of buckets with fewer items than the {world_size} ranks are left out",
+                          stacklevel=2)
+        sampler = BucketBatchSampler(dataset, bucket_ids, batch_size, world_size, rank, self.seed,
+                                     drop_last=train and self.drop_last, shuffle=train)
+        if train and self._resume_batches:
+            epoch, done = divmod(self._resume_batches, max(len(sampler), 1))
+            sampler.set_epoch(epoch)  # Lightning makes a resumed run's first iterator before it sets the epoch
+            sampler.start_at(epoch, done)
+        return DataLoader(BatchedView(dataset), batch_size=None, sampler=sampler, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+
     def train_dataloader(self) -> DataLoader:
         """Shuffled (seeded); drops the last partial batch unless the dataset is smaller than one batch."""
+        bucket_ids = dataset_buckets(self.train_dataset)
+        if bucket_ids is not None:
+            return self._bucket_loader(self.train_dataset, bucket_ids, self.batch_size, train=True)
         drop_last = self.drop_last and len(self.train_dataset) >= self.batch_size
         return self._loader(self.train_dataset, self.batch_size, self.train_sampler, drop_last=drop_last)
 
     def resume_at(self, batches_done: int, world_size: int = 1) -> None:
         """Continue the data stream after ``batches_done`` training batches (of every process), as on resume."""
+        self._resume_batches = batches_done
         drop_last = self.drop_last and len(self.train_dataset) >= self.batch_size
         per_epoch = (len(self.train_dataset) // (self.batch_size * world_size) if drop_last
                      else -(-len(self.train_dataset) // (self.batch_size * world_size)))
         epoch, done = divmod(batches_done, max(per_epoch, 1))
+        self.train_sampler.set_epoch(epoch)  # Lightning makes a resumed run's first iterator before it sets the epoch
         self.train_sampler.start_at(epoch, done * self.batch_size * world_size)
 
     def val_dataloader(self) -> DataLoader | list:
         """In order, every item; an empty list (no validation) when there is no val set."""
         if self.val_dataset is None:
             return []
+        bucket_ids = dataset_buckets(self.val_dataset)
+        if bucket_ids is not None:
+            return self._bucket_loader(self.val_dataset, bucket_ids, self.val_batch_size, train=False)
         return self._loader(self.val_dataset, self.val_batch_size, None, drop_last=False)

@@ -184,13 +184,22 @@ class Pipeline:
         """Pixels per latent cell along each side."""
         return self.first_stage_model.downsampling_factor
 
+    @property
+    def size_step(self) -> int:
+        """What image sides must be multiples of: the VAE's factor × the U-Net's total downsampling."""
+        levels = len(getattr(self.model.diffusion_model, "config", {}).get("channel_mult") or (1,))
+        return self.downsampling_factor * 2 ** (levels - 1)
+
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        """(C, h, w) of the latents for an image of height × width pixels."""
-        factor = self.downsampling_factor
+        """(C, h, w) of the latents for an image of height × width pixels (sides multiples of ``size_step``)."""
+        factor, step = self.downsampling_factor, self.size_step
         if not height or not width:
             raise PipelineError("the run does not record its image size: give the height and width in pixels")
-        if height <= 0 or width <= 0 or height % factor or width % factor:
-            raise PipelineError(f"image size {height}×{width} is not a positive multiple of the VAE's factor {factor}")
+        if height <= 0 or width <= 0 or height % step or width % step:
+            near_w, near_h = (max(step, (side + step // 2) // step * step) for side in (width, height))
+            raise PipelineError(f"image size {width}×{height} (width×height) is not a positive multiple of {step} "
+                                f"(the VAE's factor {factor} × the U-Net's downsampling {step // factor}); "
+                                f"e.g. {near_w}×{near_h}")
         return self.model.diffusion_model.in_channels, height // factor, width // factor
 
     # ------------------------------------------------------------------------------------ checks

@@ -23,6 +23,7 @@ from ldm.data.cache_identity import built_from, cache_identity, what_changed
 from ldm.data.latents import CacheError, build_cache, check_counts, read_meta
 from ldm.inference.loaders import load_autoencoder
 from ldm.nets.conditioning.embedders import ClassEmbedder
+from ldm.training.bucket_steps import open_bucket_steps, resolve_bucket_steps
 
 log = logging.getLogger(__name__)
 CACHE_DEFAULTS = {"batch_size": 64, "shard_size": 4096, "num_workers": 0, "vae_config": None}
@@ -50,12 +51,16 @@ def make_cache(cfg: dict, progress: bool | None = None, load_vae: LoadVae = load
     section = cache_section(cfg)
     progress = sys.stderr.isatty() if progress is None else progress
     vae, info = load_vae(section["vae"], section["vae_config"])
+    resolve_bucket_steps(cfg, section["data"], info.get("downsampling_factor"))
     datasets = {split: instantiate_from_config(node, f"cache.data.{split}") for split, node in section["data"].items()}
     meta = build_cache(vae, datasets, section["dir"], info, section["batch_size"], section["shard_size"],
                        section["num_workers"], progress, data_config=section["data"],
                        settings=content_settings(section))
     for split, counts in meta["splits"].items():
         log.info("cache %s: %s %d items in %d shard(s)", section["dir"], split, counts["items"], counts["shards"])
+    for split, counts in (meta.get("buckets") or {}).get("counts", {}).items():
+        log.info("cache %s: %s per bucket (h×w): %s", section["dir"], split,
+                 ", ".join(f"{size}={n}" for size, n in counts.items()))
     if meta.get("classes"):
         log.info("classes (name → label, stored in %s/meta.json): %s", section["dir"], _class_list(meta["classes"]))
     return meta
@@ -78,6 +83,9 @@ def ensure_cache(cfg: dict, config_path: str | None = None, build_missing: bool 
             raise CacheError(f"{e}. Build it with: {command}") from e
         log.info("%s: building it now (the same as `%s`)", e, command)
         return make_cache(cfg, load_vae=load_vae)
+    info = load_vae(section["vae"], section["vae_config"])[1] if open_bucket_steps(section["data"]) else None
+    if info is not None:  # buckets.step: null is filled in before comparing with what the cache was built from
+        resolve_bucket_steps(cfg, section["data"], info.get("downsampling_factor"))
     built_from, wanted = meta.get("data"), json.loads(json.dumps(section["data"]))  # as meta.json stores it
     if built_from is not None and built_from != wanted:
         raise CacheError(
@@ -85,7 +93,9 @@ def ensure_cache(cfg: dict, config_path: str | None = None, build_missing: bool 
             f"({_difference(built_from, wanted, 'cache.data')}); delete "
             f"{Path(section['dir'])}, or set cache.dir to another folder"
         )
-    _, info = load_vae(section["vae"], section["vae_config"])
+    if info is None:
+        _, info = load_vae(section["vae"], section["vae_config"])
+        resolve_bucket_steps(cfg, section["data"], info.get("downsampling_factor"))  # a given step: checked
     if meta["vae"]["hash"] != info["hash"]:
         raise CacheError(
             f"the latent cache {section['dir']} was made with VAE {meta['vae']['checkpoint']} (weights hash "

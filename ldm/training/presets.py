@@ -3,31 +3,37 @@
     python stages/train_vae.py --data photos/                                  # the default VAE recipe, your photos
     python stages/train_ldm.py --cfg configs/ldm/folder-class.yaml data.root=digits/
     python stages/train_ldm.py --cfg configs/ldm/shapes-text.yaml --data captioned/ --captions txt
+    python stages/train_ldm.py --cfg configs/ldm/folder-text.yaml --data photos/ data.buckets.resolution=32
 
 The config's datasets (``data.params.train/val`` for stage 1, ``cache.data.train/val`` for stages 2 and 3) become
 ``ImageFolderDataset`` nodes at the recipe's image size; the caption mode is detected from the folder (or
 ``--captions`` / ``data.captions=``) and reported. The held-out split is ``DIR/val`` when the folder has ``train/``
 and ``val/``, else 5 % of the images chosen by a hash of their paths. A class-conditional recipe gets
 ``n_classes`` and its sample-grid labels from the class folders; a text recipe its sample prompts from the
-captions; stages 2 and 3 get a latent cache folder of their own for this data.
+captions; stages 2 and 3 get a latent cache folder of their own for this data. ``data.buckets.KEY=VALUE`` (e.g.
+``data.buckets.resolution=256``) trains on aspect-ratio buckets (``ldm.data.buckets``) instead of square crops.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from ldm.core.config import ConfigError, get_obj_from_str
 from ldm.data.folder import FOLDER_TARGET, ImageFolderDataset
 from ldm.data.folder_layout import CAPTION_MODES, DEFAULT_VAL_FRACTION, FolderSummary, summarize
+from ldm.nets.autoencoder.model import downsampling_factor
 from ldm.nets.conditioning.embedders import ClassEmbedder
 from ldm.training.cache import class_embedder_params
 
 log = logging.getLogger(__name__)
 SAMPLE_GRID_TARGETS = ("ldm.training.samples.SampleGrid",)
-ROOT_KEY, CAPTIONS_KEY, PRESET_KEY = "data.root", "data.captions", "data"
+ROOT_KEY, CAPTIONS_KEY, PRESET_KEY, BUCKETS_PREFIX = "data.root", "data.captions", "data", "data.buckets."
 PRESET_NAME = "folder"
 GRID_CONDITIONS = 8  # labels or prompts drawn by a sample grid
 DEFAULT_SIZE = 256
@@ -40,16 +46,19 @@ class FolderRequest:
 
     root: str
     captions: str = "auto"
+    buckets: dict | None = None  # aspect-ratio buckets (ldm.data.buckets settings), or square crops
 
 
 def take_folder_overrides(overrides: list[str], data: str | None = None,
                           captions: str | None = None) -> tuple[list[str], FolderRequest | None]:
     """Split ``data.root=DIR`` / ``data.captions=MODE`` / ``data=folder`` from the other overrides; merge them
     with ``--data`` / ``--captions`` → (other overrides, the request or None)."""
-    rest, preset = [], False
+    rest, preset, buckets = [], False, {}
     for item in overrides:
         key, _, value = item.partition("=")
-        if key == ROOT_KEY:
+        if key.startswith(BUCKETS_PREFIX):
+            buckets[key[len(BUCKETS_PREFIX):]] = yaml.safe_load(value)
+        elif key == ROOT_KEY:
             data = value
         elif key == CAPTIONS_KEY:
             captions = value
@@ -60,12 +69,13 @@ def take_folder_overrides(overrides: list[str], data: str | None = None,
         else:
             rest.append(item)
     if data is None:
-        if captions is not None or preset:
-            raise ConfigError("a folder preset needs its folder: add --data DIR (or data.root=DIR)")
+        if captions is not None or preset or buckets:
+            raise ConfigError("a folder preset needs its folder: add --data DIR (or data.root=DIR); without one, set "
+                              "buckets in the config's folder datasets (cache.data.train.params.buckets)")
         return rest, None
     if captions is not None and captions not in CAPTION_MODES:
         raise ConfigError(f"--captions / data.captions: expected one of {', '.join(CAPTION_MODES)}, got {captions!r}")
-    return rest, FolderRequest(data, captions or "auto")
+    return rest, FolderRequest(data, captions or "auto", buckets or None)
 
 
 def _params(node: object) -> dict:
@@ -140,11 +150,18 @@ def apply_folder(cfg: dict, request: FolderRequest) -> list[str]:
         kept = dict(_params(old)) if isinstance(old, dict) and old.get("target") == FOLDER_TARGET else {}
         kept.pop("hint_dir", None)  # edges stored for another folder; Canny of each crop instead (hint: true)
         params = {**kept, "root": str(summary.root), "size": size, "captions": summary.captions, "split": split}
+        if request.buckets:
+            params["buckets"] = {**(kept.get("buckets") or {}), **request.buckets}
+            if where == "data.params" and params["buckets"].get("step") is None:  # stage 1: the VAE's own factor
+                params["buckets"]["step"] = downsampling_factor(_params(cfg.get("model")).get("ddconfig") or {})
         slots[split] = {"target": FOLDER_TARGET, "params": {**params, **({"hint": True} if hint else {})}}
     lines = [f"data: {summary.describe()}",
              f"data: {size}-px crops → {where}.train / {where}.val; held out: " +
              (f"{summary.root}/val" if summary.split_dirs else
               f"{DEFAULT_VAL_FRACTION:.0%} of the images, chosen by a hash of their paths")]
+    buckets = _params(slots["train"]).get("buckets")
+    if buckets:
+        lines.append(f"data: aspect-ratio buckets {json.dumps(buckets)} instead of {size}-px square crops")
     if class_params is not None:
         class_params["n_classes"] = len(summary.classes)
         _set_grid_conditions(cfg, spread(len(summary.classes)))
@@ -156,7 +173,9 @@ def apply_folder(cfg: dict, request: FolderRequest) -> list[str]:
         _set_grid_conditions(cfg, prompts)
         lines.append(f"sample prompts: the captions of {len(prompts)} held-out images")
     if where == "cache.data":
-        key = f"{summary.root.resolve()}|{size}|{summary.captions}|{hint}".encode()
+        parts = [summary.root.resolve(), size, summary.captions, hint] + ([json.dumps(buckets, sort_keys=True)]
+                                                                           if buckets else [])
+        key = "|".join(map(str, parts)).encode()
         folder = f"{summary.root.resolve().name}-{size}px-{hashlib.sha256(key).hexdigest()[:HASH_DIGITS]}"
         old, new = cfg["cache"]["dir"], str(Path(cfg["cache"]["dir"]).parent / folder)
         cfg["cache"]["dir"] = new
@@ -171,7 +190,7 @@ def apply_folder(cfg: dict, request: FolderRequest) -> list[str]:
 def _prompts(node: dict) -> list[str]:
     """Up to GRID_CONDITIONS distinct non-empty captions of a folder dataset node, for the sample grid."""
     try:
-        dataset = ImageFolderDataset(**node["params"])
+        dataset = ImageFolderDataset(**{k: v for k, v in node["params"].items() if k != "buckets"})  # captions only
     except ValueError as e:  # e.g. every image smaller than min_size
         raise ConfigError(f"--data: {e}; give images of at least min_size pixels on the shorter side (each is "
                           f"resized to cover the recipe's {node['params'].get('size')}-px crop)") from e

@@ -10,8 +10,10 @@ from pathlib import Path
 
 from ldm.core.config import instantiate_from_config
 from ldm.data.latents import CacheError, class_map, read_meta
+from ldm.inference.loaders import load_autoencoder
 from ldm.io.lineage import pin_paths, vae_hash_of
 from ldm.io.runs import checkpoint_for, run_config
+from ldm.training.bucket_steps import open_bucket_steps, resolve_bucket_steps
 from ldm.training.cache import cache_for_sources, cache_section, class_embedder_params, sync_classes
 from ldm.training.controlnet_base import INHERITED as CONTROL_INHERITED
 from ldm.training.controlnet_base import cache_on_base_vae, complete_model_node
@@ -57,6 +59,9 @@ def resolve_cache(cfg: dict, own_folder: bool = True) -> Resolution:
     these to a folder of their own (``own_folder``; without it, as for ``cache_latents.py --out``, it is refused
     when it is encoded)."""
     section = cache_section(cfg)
+    if open_bucket_steps(section["data"]):  # buckets.step: null → the VAE factor × the U-Net's downsampling
+        factor = load_autoencoder(section["vae"], section["vae_config"])[1].get("downsampling_factor")
+        resolve_bucket_steps(cfg, section["data"], factor)
     meta = _read_meta(section["dir"])
     if own_folder and meta is not None and cache_for_sources(cfg, meta, cache_vae_hash(section)) is not None:
         section, meta = cache_section(cfg), _read_meta(cfg["cache"]["dir"])  # these sources' own folder (built or not)

@@ -4,7 +4,8 @@
       - {target: ldm.training.samples.SampleGrid, params: {every_n_steps: 1000, conditions: [a red circle …]}}
 
 ``SampleGrid`` (stage 2) draws the configured prompts or labels with the EMA weights through the Pipeline, the
-one sampling path; ``ControlSampleGrid`` (stage 3) draws the batch's hints (hint | generated | target rows) every
+one sampling path (a run on aspect-ratio buckets: one row per bucket size, widest to tallest, each on a white box);
+``ControlSampleGrid`` (stage 3) draws the batch's hints (hint | generated | target rows) every
 N training steps and on the first validation batch; ``ReconstructionGrid`` (stage 1) puts a training batch above
 its reconstructions. Grids land in the run's ``samples/`` folder (``<name>-step<N>.png`` and a ``.txt`` legend).
 """
@@ -21,10 +22,28 @@ from ldm.core.atomic import write_text_atomic
 from ldm.core.images import image_grid, save_image_atomic
 from ldm.inference.pipeline import Pipeline
 from ldm.io.runs import SAMPLES_DIR
+from ldm.systems.latents import cache_meta
 from ldm.training.callbacks import is_last_step
 
 SAMPLE_SEED = 0
 MAX_COLUMNS = 8
+GRID_BUCKETS = 3  # a bucketed run's grid: its widest, squarest and tallest buckets
+PAD_VALUE = 1.0  # white, in [-1, 1]
+
+
+def grid_sizes(buckets: list[list[int]], count: int = GRID_BUCKETS) -> list[tuple[int, int]]:
+    """Up to ``count`` bucket sizes (h, w) spread from the widest to the tallest (the list runs that way)."""
+    if len(buckets) <= count:
+        return [tuple(b) for b in buckets]
+    return [tuple(buckets[round(i * (len(buckets) - 1) / (count - 1))]) for i in range(count)]
+
+
+def pad_to(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, C, h, w) centred on a white (B, C, height, width) box: sizes side by side, none stretched."""
+    top, left = (height - images.shape[-2]) // 2, (width - images.shape[-1]) // 2
+    out = images.new_full((*images.shape[:-2], height, width), PAD_VALUE)
+    out[..., top:top + images.shape[-2], left:left + images.shape[-1]] = images
+    return out
 
 
 def grid_path(trainer: L.Trainer, name: str) -> Path:
@@ -41,11 +60,12 @@ class SampleGrid(L.Callback):
     """Every ``every_n_steps`` training steps, one image per condition (prompt or label), EMA weights, seed 0."""
 
     def __init__(self, every_n_steps: int, conditions: Sequence[str | int], steps: int = 50, guidance: float = 4.0,
-                 sampler: str = "ddim"):
+                 sampler: str = "ddim", sizes: Sequence[Sequence[int]] | None = None):
         if not conditions:
             raise ValueError("conditions is empty: give the prompts (or class labels) to draw")
         self.every_n_steps, self.conditions = every_n_steps, list(conditions)
         self.steps, self.guidance, self.sampler = steps, guidance, sampler
+        self.sizes = [tuple(s) for s in sizes] if sizes else None  # (h, w) rows; None: the buckets', or the run's
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -58,14 +78,22 @@ class SampleGrid(L.Callback):
         """Write ``samples/ldm-step<N>.png`` and its legend."""
         was_training = system.training
         system.eval()
+        buckets = (cache_meta(trainer).get("buckets") or {}).get("sizes")
+        sizes = self.sizes or (grid_sizes(buckets) if buckets else [(None, None)])
         with system.ema_weights():
-            images = Pipeline.from_system(system).generate_tensors(
-                self.conditions, steps=self.steps, guidance=self.guidance, sampler=self.sampler, seed=SAMPLE_SEED)
+            pipe = Pipeline.from_system(system)
+            rows = [pipe.generate_tensors(self.conditions, steps=self.steps, guidance=self.guidance,
+                                          sampler=self.sampler, seed=SAMPLE_SEED, height=h, width=w)
+                    for h, w in sizes]  # (n, 3, h, w) each
         system.train(was_training)
+        height, width = max(r.shape[-2] for r in rows), max(r.shape[-1] for r in rows)
+        rows = [pad_to(r, height, width) for r in rows]
         out = grid_path(trainer, f"ldm-step{trainer.global_step:07d}")
-        save_image_atomic(image_grid([images], ncol=min(len(images), MAX_COLUMNS)), out)
+        save_image_atomic(image_grid(rows, ncol=min(len(rows[0]), MAX_COLUMNS)), out)
         names = getattr(system.cond_stage_model, "class_names", None)  # a class run on folders: their names
         legend = [f"{c} {names[c]}" if names and isinstance(c, int) else str(c) for c in self.conditions]
+        if self.sizes or buckets:
+            legend.append("rows (width×height): " + ", ".join(f"{w}×{h}" for h, w in sizes))
         write_text_atomic(out.with_suffix(".txt"), "\n".join(legend) + "\n")
         return out
 

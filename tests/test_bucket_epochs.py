@@ -1,0 +1,130 @@
+"""Stage 2 on a bucketed cache, interrupted and resumed, in one process and in two gloo processes: every step's batch
+holds one bucket (on every rank the same one, different items), and over each epoch every cached item is trained on
+exactly once — none twice, none skipped — across SIGTERM, kill -9 and --resume; one process resumed matches an
+uninterrupted run batch for batch."""
+
+from __future__ import annotations
+
+import signal
+
+import psutil
+import pytest
+
+from ldm.core.config import load_config
+from ldm.data.latents import LatentDataset
+from ldm.io.runs import CHECKPOINT_DIR
+from ldm.training.cache import ensure_cache
+from tests.aspect_folder import make_aspect_folder
+from tests.conftest import TINY
+from tests.faults import read_probe
+from tests.procs import all_checkpoints_load, finish, launch, only_run, wait_until
+
+pytestmark = pytest.mark.slow  # subprocesses / compiles / end-to-end: `pytest -m "not slow"` skips them
+
+CONFIG = TINY / "ldm-buckets.yaml"
+BATCH = 4  # items per step, over all ranks
+STEP_SLEEP_S = 0.3
+DDP = ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
+
+
+@pytest.fixture(scope="module")
+def bucket_run_args(tiny_vae_run, workdir, tmp_path_factory):
+    folder = make_aspect_folder(tmp_path_factory.mktemp("mixed") / "mixed", 30)
+    cache = workdir / "cache" / "tiny-buckets-epochs"
+    args = [f"cache.vae={tiny_vae_run}", f"cache.dir={cache}", f"cache.data.train.params.root={folder}",
+            f"cache.data.val.params.root={folder}"]
+    ensure_cache(load_config(CONFIG, args))
+    latents = LatentDataset(str(cache), "train")
+    bucket_of = {latents.records[s]["path"][r]: latents.bucket_ids[latents.offsets[s] + r]
+                 for s in range(len(latents.shards)) for r in range(latents.offsets[s + 1] - latents.offsets[s])}
+    return args, bucket_of
+
+
+def probed(tmp_path, name: str, steps: int, sleep: float) -> list[str]:
+    """Overrides: a StepProbe writing ``name``.jsonl, ``steps`` steps, a checkpoint every 3."""
+    probe = f"callbacks=[{{target: tests.faults.StepProbe, params: {{out: {tmp_path / name}.jsonl, sleep: {sleep}}}}}]"
+    return [probe, f"trainer.max_steps={steps}", "checkpoint.every_n_train_steps=3", "trainer.val_check_interval=100"]
+
+
+def steps_by_rank(records: list[dict]) -> dict[tuple[int, int], list[str]]:
+    """(step, rank) → the paths trained; a step run again after a kill keeps its latest record."""
+    return {(r["step"], r["rank"]): r["paths"] for r in records if r["event"] == "batch"}
+
+
+def assert_epochs_exact(batches: dict[tuple[int, int], list[str]], bucket_of: dict[str, int], world: int,
+                        per_epoch: int, epochs: int) -> None:
+    """Each step: one bucket on every rank, different items; each epoch: every item exactly once."""
+    for epoch in range(epochs):
+        seen = []
+        for step in range(epoch * per_epoch, (epoch + 1) * per_epoch):
+            shares = [batches[(step, rank)] for rank in range(world)]
+            assert all(shares), f"step {step}: a rank drew no items"
+            assert len({bucket_of[p] for share in shares for p in share}) == 1, f"step {step} mixes buckets"
+            seen += [p for share in shares for p in share]
+        assert sorted(seen) == sorted(bucket_of), f"epoch {epoch}: not every item exactly once"
+
+
+def epoch_length(bucket_of: dict[str, int]) -> int:
+    """Steps per epoch at BATCH items per step (drop_last: false: each bucket's remainder is one more batch)."""
+    counts = [list(bucket_of.values()).count(b) for b in set(bucket_of.values())]
+    return sum(-(-n // BATCH) for n in counts)
+
+
+def test_one_process_sigterm_and_kill9_resume_each_epoch_exactly(tmp_path, bucket_run_args):
+    args, bucket_of = bucket_run_args
+    per_epoch = epoch_length(bucket_of)
+    steps = 2 * per_epoch
+    common = ["--cfg", str(CONFIG), *args, f"data.params.batch_size={BATCH}"]
+    ref = launch("train_ldm", [*common, "--runs-dir", str(tmp_path / "ref"), *probed(tmp_path, "ref", steps, 0.0)],
+                 tmp_path / "ref.log")
+    log, probe = tmp_path / "run.log", tmp_path / "run.jsonl"
+    proc = launch("train_ldm", [*common, "--runs-dir", str(tmp_path / "runs"),
+                                *probed(tmp_path, "run", steps, STEP_SLEEP_S)], log)
+    wait_until(lambda: any(r.get("step") == 2 for r in read_probe(probe)), proc, log)  # mid-epoch 0
+    proc.send_signal(signal.SIGTERM)
+    finish(proc, log, code=143)
+    run = only_run(tmp_path / "runs", "ldm")
+    proc = launch("train_ldm", ["--resume", str(run)], log)
+    kill_at = per_epoch + 2  # mid-epoch 1, after the checkpoint of step 3k ≤ kill_at
+    wait_until(lambda: any(r.get("step") == kill_at for r in read_probe(probe)), proc, log)
+    proc.send_signal(signal.SIGKILL)
+    finish(proc, log, code=-signal.SIGKILL)
+    assert max(all_checkpoints_load(run / CHECKPOINT_DIR).values()) < kill_at  # some steps are trained again
+    finish(launch("train_ldm", ["--resume", str(run)], log), log)
+    finish(ref, tmp_path / "ref.log")
+
+    resumed = steps_by_rank(read_probe(probe))
+    assert_epochs_exact(resumed, bucket_of, 1, per_epoch, 2)
+    assert resumed == steps_by_rank(read_probe(tmp_path / "ref.jsonl"))  # the same batches as without a stop
+
+
+def kill_tree(proc) -> None:
+    """SIGKILL a launched run and the rank processes it started (by their ids)."""
+    children = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGKILL)
+    for child in children:
+        child.kill()
+
+
+def test_two_processes_sigterm_and_kill9_resume_each_epoch_exactly(tmp_path, bucket_run_args):
+    args, bucket_of = bucket_run_args
+    per_epoch = epoch_length(bucket_of)
+    steps = 2 * per_epoch
+    log, probe = tmp_path / "ddp.log", tmp_path / "ddp.jsonl"
+    proc = launch("train_ldm", ["--cfg", str(CONFIG), *args, *DDP, f"data.params.batch_size={BATCH // 2}",
+                                "--runs-dir", str(tmp_path / "runs"), *probed(tmp_path, "ddp", steps, STEP_SLEEP_S)],
+                  log)
+    wait_until(lambda: any(r.get("step") == 2 for r in read_probe(probe)), proc, log)
+    proc.send_signal(signal.SIGTERM)
+    finish(proc, log, code=143)
+    run = only_run(tmp_path / "runs", "ldm")
+    proc = launch("train_ldm", ["--resume", str(run)], log)
+    kill_at = per_epoch + 2
+    wait_until(lambda: any(r.get("step") == kill_at for r in read_probe(probe)), proc, log)
+    kill_tree(proc)
+    finish(proc, log, code=-signal.SIGKILL)
+    finish(launch("train_ldm", ["--resume", str(run)], log), log)
+
+    batches = steps_by_rank(read_probe(probe))
+    assert {rank for _, rank in batches} == {0, 1}
+    assert_epochs_exact(batches, bucket_of, 2, per_epoch, 2)
