@@ -43,7 +43,7 @@ def runs(tmp_path_factory):
     vae_dir.mkdir()
     vae_cfg = load_config(TINY / "vae.yaml")
     (vae_dir / "config.yaml").write_text(yaml.safe_dump(vae_cfg))
-    cfg = load_config(TINY / "ldm-text.yaml", [f"cache.vae={vae_dir}", "model.params.use_ema=false",
+    cfg = load_config(TINY / "ldm-text.yaml", [f"cache.vae={vae_dir}", "model.params.ema=null",
                                                "model.params.scale_factor=0.9", f"model.params.image_size={PIXELS}"])
     torch.manual_seed(0)
     system = build_system(cfg["model"], load_first_stage=False)  # the VAE run holds only its config
