@@ -102,7 +102,7 @@ def tiny_ldm(kind: str = "text", seed: int = 0, parameterization: str | None = N
     """A ``LatentDiffusion`` of ``tiny_components`` (or the given ones) with the tiny config's settings, a scale
     factor and image size as a cache would give, and an EMA that differs from the raw weights; eval mode."""
     components = components or tiny_components(kind, seed, parameterization)
-    params = {**_system_params(kind), "use_ema": use_ema}
+    params = {**_system_params(kind), **({} if use_ema else {"ema": None})}
     system = LatentDiffusion(**components, **params, scale_factor=SCALE_FACTOR, image_size=PIXELS)
     return _as_if_trained(system, seed)
 
@@ -121,7 +121,7 @@ def tiny_control_ldm(seed: int = 0, trained: bool = False) -> ControlLDM:
     control = ControlNet.from_unet(components["unet"], HINT_CHANNELS, FACTOR)
     if trained:
         wake_zero_convs(control, seed + 1)
-    params = _system_params("text")  # ControlLDM keeps no EMA unless asked (use_ema: false), as ControlNet
+    params = {k: v for k, v in _system_params("text").items() if k != "ema"}  # no EMA unless asked, as ControlNet
     system = ControlLDM(**components, control_stage=control, **params, scale_factor=SCALE_FACTOR, image_size=PIXELS)
     return system.eval()
 

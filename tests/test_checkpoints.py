@@ -350,7 +350,7 @@ def test_controlled_diffusion_adds_scaled_residuals(control_system):
 def test_a_training_system_takes_an_sd_base_with_a_controlnet_from_its_unet(sd1_file):
     """Stage 3's start: a ControlLDM built on the meta device that keeps an EMA, an SD file as its base."""
     node = read_model_config(tiny_config("controlnet-v1"))
-    node["params"]["use_ema"] = True
+    node["params"]["ema"] = {"target": "ldm.nets.ema.EMA"}
     with params_on_meta():
         system = instantiate_from_config(node, "model")
     info = load_sd_weights(system, sd1_file, control_from_unet=True)

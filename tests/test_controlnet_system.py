@@ -131,7 +131,7 @@ def test_a_training_step_trains_the_controlnet_only(cfg, base):
 
 
 def test_sd_unlocked_also_trains_the_decoder_half(cfg):
-    system = build(cfg, sd_locked=False, use_ema=True)
+    system = build(cfg, sd_locked=False, ema={"target": "ldm.nets.ema.EMA"})
     unet = system.model.diffusion_model
     decoder = [*unet.output_blocks.parameters(), *unet.out.parameters()]
     assert {id(p) for p in system.trainable_parameters()} == {id(p) for p in [*system.control_model.parameters(), *decoder]}

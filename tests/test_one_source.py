@@ -89,3 +89,27 @@ def test_adamw_without_weight_decay_steps_as_adam():
     ours.step()
     adam.step()
     assert torch.allclose(weights[0], weights[1])
+
+
+def test_the_ema_is_one_small_object_a_system_is_given():
+    from ldm.nets.ema import EMA
+    from ldm.systems.latent_diffusion import LatentDiffusion
+
+    params = inspect.signature(LatentDiffusion).parameters
+    assert "ema" in params and not {"use_ema", "ema_decay"} & set(params)
+    cfg = load_config(TINY / "ldm-text.yaml", ["cache.vae=x"])
+    assert instantiate_from_config(cfg["model"]["params"]["ema"], "ema") == EMA(decay=0.99)
+    with pytest.raises(ValueError, match="EMA decay must be in"):
+        EMA(decay=1.5)
+
+
+@pytest.mark.parametrize("target, old, new", [
+    ("ldm.systems.latent_diffusion.LatentDiffusion", {"ema_decay": 0.999},
+     {"target": "ldm.nets.ema.EMA", "params": {"decay": 0.999}}),
+    ("ldm.systems.latent_diffusion.LatentDiffusion", {"use_ema": False, "ema_decay": 0.9}, None),
+    ("ldm.systems.controlnet.ControlLDM", {"ema_decay": 0.9}, None),  # ControlLDM kept none unless use_ema
+    ("ldm.systems.controlnet.ControlLDM", {"use_ema": True}, {"target": "ldm.nets.ema.EMA", "params": {}}),
+])
+def test_old_ema_settings_migrate_to_the_ema_node(target, old, new):
+    params = upgrade_config({"model": {"target": target, "params": dict(old)}})["model"]["params"]
+    assert params == {"ema": new}

@@ -65,7 +65,7 @@ def test_config_holds_only_name_and_model_and_passes_the_check(name):
     assert set(cfg) == {"name", "model"}
     check_config(cfg["model"], "model")
     params = cfg["model"]["params"]
-    assert params["scale_factor"] == SD_SCALE_FACTOR and params["use_ema"] is False
+    assert params["scale_factor"] == SD_SCALE_FACTOR and params["ema"] is None
     assert params["cond_stage"]["params"]["pretrained"] is None
     assert params["unet"]["params"]["context_dim"] == TEXT[name][2]
 

@@ -214,7 +214,7 @@ def measure_stage2(sizes: BenchSizes, opts: Options, precisions: Sequence[str], 
     torch.manual_seed(0)
     system = LatentDiffusion(
         unet=UNetModel(**sizes.unet), cond_stage=ClassEmbedder(sizes.num_classes, sizes.context_dim),
-        objective=DiffusionObjective(VPSchedule()), use_ema=False,
+        objective=DiffusionObjective(VPSchedule()), ema=None,
         first_stage=AutoencoderKL(sizes.vae, embed_dim=LATENT_CHANNELS, channels_last=True),
         scale_factor=SD_SCALE_FACTOR,
     )

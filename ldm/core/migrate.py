@@ -5,7 +5,8 @@ What changed (besides targets that moved, ``ldm.core.aliases``):
 
 - LatentDiffusion / ControlLDM: ``schedule``, ``parameterization``, ``loss_weighting``, ``min_snr_gamma`` and
   ``offset_noise`` became one ``objective`` node; ``learning_rate``, ``weight_decay``, ``warmup_steps`` and
-  ``lr_decay`` an ``optimizer`` node; the ``sample_*`` grid settings (and a ControlNet's ``sample_count``) a
+  ``lr_decay`` an ``optimizer`` node; ``use_ema`` and ``ema_decay`` an ``ema`` node (``ldm.nets.ema.EMA``, or null
+  for none); the ``sample_*`` grid settings (and a ControlNet's ``sample_count``) a
   ``SampleGrid`` / ``ControlSampleGrid`` callback.
 - The VAE: the LightningModule is ``AutoencoderKLSystem``; its ``sample_every_n_steps`` / ``num_sample_images``
   became a ``ReconstructionGrid`` callback; its ``learning_rate``, ``lr_schedule`` and ``warmup_steps`` an
@@ -28,6 +29,8 @@ VAE_NET = "ldm.nets.autoencoder.model.AutoencoderKL"
 VAE_NET_PARAMS = ("ddconfig", "embed_dim", "channels_last", "bicubic_skip")
 OBJECTIVE = "ldm.diffusion.objective.DiffusionObjective"
 OPTIMIZER = "ldm.systems.optim.AdamW"
+EMA = "ldm.nets.ema.EMA"
+EMA_KEPT_BY_DEFAULT = {"ldm.systems.latent_diffusion.LatentDiffusion": True, "ldm.systems.controlnet.ControlLDM": False}
 SAMPLE_GRID = "ldm.training.samples.SampleGrid"
 CONTROL_SAMPLE_GRID = "ldm.training.samples.ControlSampleGrid"
 RECONSTRUCTION_GRID = "ldm.training.samples.ReconstructionGrid"
@@ -65,6 +68,11 @@ def _upgrade_ldm(node: dict, callbacks: list) -> bool:
     optimizer = _take(params, OPTIMIZER_KEYS)
     if optimizer:
         params["optimizer"] = {"target": OPTIMIZER, "params": optimizer}
+        changed = True
+    if "use_ema" in params or "ema_decay" in params:
+        kept = params.pop("use_ema", EMA_KEPT_BY_DEFAULT[resolve_alias(node["target"])])
+        decay = params.pop("ema_decay", None)
+        params["ema"] = {"target": EMA, "params": {} if decay is None else {"decay": decay}} if kept else None
         changed = True
     samples = _take(params, SAMPLE_KEYS)
     if samples:

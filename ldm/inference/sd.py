@@ -101,7 +101,7 @@ def inference_node(node: dict) -> dict:
         raise ConfigError("model.params.first_stage is empty: an inference config needs the VAE "
                           "(an AutoencoderKL node)")
     params["first_stage"] = vae_node(first_stage)  # a stage-1 run named by path → its architecture
-    params["use_ema"] = False
+    params["ema"] = None
     return node
 
 

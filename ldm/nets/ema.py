@@ -10,6 +10,7 @@ the model's dtype or device. ``ema_scope`` swaps the EMA weights in and always r
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import torch
@@ -28,6 +29,22 @@ def warmup_decay(decay: float, num_updates: int) -> float:
     """The decay used at the ``num_updates``-th update: ``min(decay, (1 + n) / (10 + n))``."""
     a, b = WARMUP_OFFSET
     return min(decay, (a + num_updates) / (b + num_updates))
+
+
+@dataclass(frozen=True)
+class EMA:
+    """The exponential moving average a system keeps of what it trains (``ema: {target: ldm.nets.ema.EMA, params:
+    {decay: 0.999}}``; ``ema: null`` keeps none): its decay, warmed up as ``warmup_decay`` says."""
+
+    decay: float = DEFAULT_DECAY
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.decay <= 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1], got {self.decay}")
+
+    def track(self, module: nn.Module) -> "LitEma":
+        """A fresh shadow of ``module``'s trainable parameters."""
+        return LitEma(module, decay=self.decay)
 
 
 class LitEma(nn.Module):

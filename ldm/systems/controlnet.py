@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from ldm.diffusion import DiffusionObjective
 from ldm.nets.conditioning.base import ucg_dropout
 from ldm.nets.controlnet import ControlNet, controlled_forward
-from ldm.nets.ema import LitEma, ema_scope
-from ldm.systems.latent_diffusion import DEFAULT_EMA_DECAY, LatentDiffusion
+from ldm.nets.ema import EMA, ema_scope
+from ldm.systems.latent_diffusion import LatentDiffusion
 from ldm.systems.optim import AdamW
 
 DEFAULT_HINT_CHANNELS = 3  # ControlNet's RGB hint images (Canny edges as 3 equal channels)
@@ -35,7 +35,7 @@ class ControlLDM(LatentDiffusion):
     ``hint_channels`` in, for the VAE's factor), ``control_key`` (the batch field of the hint), ``hint_ucg_rate``
     (share of training hints replaced by an empty one), ``only_mid_control``, ``control_scales`` (one per
     residual, default all 1), ``sd_locked``; ``base`` / ``base_ckpt`` + ``base_config`` record where the frozen
-    model came from. ``use_ema`` keeps an EMA of the trained weights (``control_ema``, and ``model_ema`` for an
+    model came from. ``ema`` (an ``ldm.nets.ema.EMA``) keeps an EMA of the trained weights (``control_ema``, and ``model_ema`` for an
     unlocked decoder); off by default, as in ControlNet.
     """
 
@@ -44,7 +44,7 @@ class ControlLDM(LatentDiffusion):
                  ucg_rate: float = 0.1, hint_ucg_rate: float = 0.0, control_key: str = "hint",
                  only_mid_control: bool = False, control_scales: list[float] | None = None, sd_locked: bool = True,
                  hint_channels: int = DEFAULT_HINT_CHANNELS, cond_stage_trainable: bool = False,
-                 optimizer: AdamW | None = None, use_ema: bool = False, ema_decay: float = DEFAULT_EMA_DECAY,
+                 optimizer: AdamW | None = None, ema: EMA | None = None,
                  scale_factor: float | None = None, image_size: int | None = None, compile: bool = False,
                  base: str | None = None, base_ckpt: str | None = None, base_config: str | None = None):
         missing = [n for n, v in (("unet", unet), ("cond_stage", cond_stage), ("objective", objective)) if v is None]
@@ -55,7 +55,7 @@ class ControlLDM(LatentDiffusion):
         if not 0.0 <= hint_ucg_rate <= 1.0:
             raise ValueError(f"hint_ucg_rate must be in [0, 1], got {hint_ucg_rate}")
         super().__init__(unet, cond_stage, objective, first_stage, ucg_rate, cond_stage_trainable, optimizer,
-                         use_ema=False, ema_decay=ema_decay, scale_factor=scale_factor, image_size=image_size,
+                         ema=None, scale_factor=scale_factor, image_size=image_size,
                          compile=compile)
         self.control_model = control_stage if control_stage is not None else self._default_control(hint_channels)
         n_residuals = len(self.control_model.zero_convs) + 1
@@ -70,8 +70,9 @@ class ControlLDM(LatentDiffusion):
         self.base_source = dict(base=base, base_ckpt=base_ckpt, base_config=base_config)
         self._freeze_base()
         # EMAs of what trains: the ControlNet, and in `model_ema` (public naming) the U-Net's unlocked decoder
-        self.model_ema = LitEma(self.model, ema_decay) if use_ema else None
-        self.control_ema = LitEma(self.control_model, ema_decay) if use_ema else None
+        self.ema = ema
+        self.model_ema = ema.track(self.model) if ema is not None else None
+        self.control_ema = ema.track(self.control_model) if ema is not None else None
 
     def _default_control(self, hint_channels: int) -> ControlNet:
         """A ControlNet shaped like the U-Net (its encoder copied) for the VAE's downsampling factor."""

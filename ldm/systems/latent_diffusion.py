@@ -19,13 +19,12 @@ from ldm.diffusion import DiffusionObjective
 from ldm.io.checkpoints import EMA_PREFIX, EMA_SHADOWED, fit_report
 from ldm.nets.compile import compile_network, is_compiled
 from ldm.nets.conditioning.base import ucg_dropout
-from ldm.nets.ema import DEFAULT_DECAY, LitEma, ema_scope
+from ldm.nets.ema import EMA, ema_scope
 from ldm.nets.lora import LoRA, is_lora_key, merge_adapters
 from ldm.systems.latents import adopt_cache_scale, cache_meta, cached_latents
 from ldm.systems.optim import AdamW, total_steps
 
 VAL_NOISE_SEED = 1234  # validation loss uses the same noise levels and ε every time, so curves are comparable
-DEFAULT_EMA_DECAY = DEFAULT_DECAY
 SCALE_BUFFERS = ("scale_factor", "image_size")  # a LoRA checkpoint keeps them: a run samples at its own scale
 
 
@@ -52,6 +51,8 @@ def require_module(value: object, name: str) -> nn.Module | None:
 class LatentDiffusion(L.LightningModule):
     """U-Net + conditioning + objective; the frozen VAE (``first_stage``) decodes samples.
 
+    The optional parts are small objects it is given: ``ema`` (``ldm.nets.ema.EMA``: the decay of the weights' moving
+    average, ``model_ema``; None keeps none), ``optimizer`` (``ldm.systems.optim.AdamW``) and ``lora`` (below).
     ``compile: true`` torch.compiles the trained networks in place when training starts (keys unchanged).
     ``base_ckpt`` + ``base_config`` record the public Stable Diffusion file a fine-tune starts from. With ``lora``
     (``ldm.nets.lora.LoRA``) only LoRA adapters train: ``add_lora`` adds them once the base weights are loaded (a
@@ -67,8 +68,7 @@ class LatentDiffusion(L.LightningModule):
         ucg_rate: float = 0.1,
         cond_stage_trainable: bool = True,
         optimizer: AdamW | None = None,
-        use_ema: bool = True,
-        ema_decay: float = DEFAULT_EMA_DECAY,
+        ema: EMA | None = EMA(),
         scale_factor: float | None = None,
         image_size: int | None = None,
         compile: bool = False,
@@ -89,8 +89,8 @@ class LatentDiffusion(L.LightningModule):
         self.cond_stage_trainable = cond_stage_trainable
         self.ucg_rate = ucg_rate
         self.optimizer_settings = optimizer or AdamW()
-        self.lora, self.lora_added, self.keep_ema, self.ema_decay = lora, False, use_ema, ema_decay
-        self.model_ema = LitEma(self.model, decay=ema_decay) if use_ema and lora is None else None  # LoRA: add_lora
+        self.lora, self.lora_added, self.ema = lora, False, ema
+        self.model_ema = ema.track(self.model) if ema is not None and lora is None else None  # LoRA: add_lora
         self.strict_loading = lora is None  # a LoRA run's checkpoints hold its adapters only (on_load_checkpoint)
         # Measured per cache (1 / std of the latents) unless given; stored so a checkpoint is self-contained.
         self.register_buffer("scale_factor", torch.tensor(scale_factor if scale_factor else math.nan))
@@ -203,8 +203,8 @@ class LatentDiffusion(L.LightningModule):
         self.lora.apply(self.model.diffusion_model, getattr(self.cond_stage_model, "model", None))
         for name, param in self.named_parameters():
             param.requires_grad_(is_lora_key(name))
-        if self.keep_ema:
-            self.model_ema = LitEma(self.model, decay=self.ema_decay)
+        if self.ema is not None:
+            self.model_ema = self.ema.track(self.model)
         self.lora_added = True
 
     def merge_lora(self) -> None:

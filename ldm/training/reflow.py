@@ -45,7 +45,7 @@ REFLOW_DEFAULTS = {"count": 20000, "val_count": 512, "sampler": "euler", "steps"
 REFLOW_REQUIRED = ("source", "dir")
 SPLIT_SEED_OFFSET = {"train": 0, "val": 10**9}  # the val pairs' noise seeds never meet the training ones
 CACHE_VERSION = 1
-INHERITED = ("unet", "cond_stage", "objective", "first_stage", "scale_factor", "image_size", "ema_decay")
+INHERITED = ("unet", "cond_stage", "objective", "first_stage", "scale_factor", "image_size", "ema")
 
 
 def reflow_section(cfg: dict) -> dict:
