@@ -264,11 +264,11 @@ def check_readable(value, name: str, error: type[Exception] = PipelineError) -> 
         raise error(f"cannot read {name} {value}: {getattr(e, 'strerror', None) or e}") from e
 
 
-def check_control(r: GenerationRequest, caps: ModelCapabilities, names: Names) -> None:
+def check_control(r: GenerationRequest, caps: ModelCapabilities, names: Names, model: str = "this model") -> None:
     """A control image exactly for a ControlNet model, a scale ≥ 0, a readable file."""
     if r.control is None:
         if caps.control:
-            raise PipelineError(f"this model {names.give_control}")
+            raise PipelineError(f"{model} {names.give_control}")
         return
     if caps.control is False:
         raise PipelineError(f"{names.control} needs a ControlNet model, and this model has no ControlNet: "
@@ -309,15 +309,16 @@ def check_extras(r: GenerationRequest, caps: ModelCapabilities, names: Names) ->
 
 
 def check_request(request: GenerationRequest, caps: ModelCapabilities, names: Names = PYTHON_NAMES,
-                  before_loading: bool = False) -> CheckedRequest:
-    """Refuse what the model cannot draw (one-line PipelineError); prepare the control and edit images."""
+                  before_loading: bool = False, model: str = "this model") -> CheckedRequest:
+    """Refuse what the model (called ``model`` in messages) cannot draw (one-line PipelineError); prepare the
+    control and edit images (not ``before_loading``, when only the model's config has been read)."""
     conditions = check_conditions(request.conditions, caps)
     negative = check_negatives(request.negative, len(conditions), caps)
     check_extras(request, caps, names)
     check_sampling(request, names)
     check_edit(request, names)
     height, width = check_size(request, caps, names, before_loading)
-    check_control(request, caps, names)
+    check_control(request, caps, names, model)
     shape = (caps.latent_channels or 0, height // (caps.size_step or 1), width // (caps.size_step or 1))
     if before_loading or not height:
         return CheckedRequest(request, conditions, negative, shape, height, width, dict(request.sampler_options),
