@@ -115,6 +115,8 @@ def draw_latents(pipe: Pipeline, plan: CheckedRequest, conditions: list, negativ
         cond["hint"] = control.hints.to(device)  # (1 or B, 3, H, W)
         if not control.guess_mode:  # guess mode: the unconditional branch runs without the hint
             uncond["hint"] = cond["hint"]
+    if edit is None and pipe.capabilities.inpainting:  # text-to-image: everything repainted, nothing shown
+        edit = EditImages(torch.zeros(1, 3, plan.height, plan.width), torch.ones(1, 1, plan.height, plan.width))
     edits = {} if edit is None else edit_arguments(pipe, edit, b, cond, uncond if r.guidance != 1 else None)
     noise = (initial_noise(plan.shape, seed, b) if noise is None else noise).to(device)
     steer = None
