@@ -101,11 +101,7 @@ def mask_pixels(value: ImageInput, height: int, width: int, name: str = "the mas
 
 def prepare_edit(init: ImageInput, mask: ImageInput | None, n: int, height: int, width: int,
                  init_name: str = "the init image", mask_name: str = "the mask") -> EditImages:
-    """The init image and mask at the output size; a mask of another size than the init image is refused."""
-    if mask is not None and image_size(mask, mask_name) != image_size(init, init_name):
-        (mh, mw), (ih, iw) = image_size(mask, mask_name), image_size(init, init_name)
-        raise EditImageError(f"{mask_name} is {mw}×{mh} pixels but {init_name} is {iw}×{ih}: give a mask of the "
-                             "init image's size (white = repaint, black = keep)")
+    """The init image and mask at the output size (``ldm.inference.request.check_edit`` checked they fit)."""
     image = init_pixels(init, height, width, init_name)
     masks = None if mask is None else mask_pixels(mask, height, width, mask_name)
     for what, tensor in ((init_name, image), (mask_name, masks)):

@@ -33,7 +33,7 @@ from ldm.inference.control_image import (
     ControlSettings,
     prepare_hints,
 )
-from ldm.inference.edit_images import EditImages, ImageInput, image_size, prepare_edit
+from ldm.inference.edit_images import EditImageError, EditImages, ImageInput, image_size, prepare_edit
 from ldm.inference.loaders import PipelineError
 
 DEFAULT_STEPS = 20
@@ -290,6 +290,10 @@ def check_edit(r: GenerationRequest, names: Names) -> None:
         return
     check_readable(r.init_image, names.init_image)
     check_readable(r.mask, names.mask)
+    if r.mask is not None and image_size(r.mask, names.mask) != image_size(r.init_image, names.init_image):
+        (mh, mw), (ih, iw) = image_size(r.mask, names.mask), image_size(r.init_image, names.init_image)
+        raise EditImageError(f"{names.mask} is {mw}×{mh} pixels but {names.init_image} is {iw}×{ih}: give a mask of "
+                             "the init image's size (white = repaint, black = keep)")
 
 
 def check_extras(r: GenerationRequest, caps: ModelCapabilities, names: Names) -> None:
