@@ -16,15 +16,15 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from ldm.core.errors import UserError
 from ldm.core.images import from_pil
+from ldm.inference.loaders import PipelineError
 
 ImageInput = str | os.PathLike | Image.Image | Tensor
 MASK_THRESHOLD = 0.5  # mask pixels at or above it are repainted
 RGB_CHANNELS = 3
 
 
-class EditImageError(UserError, ValueError):
+class EditImageError(PipelineError):
     """An init image or mask that cannot be read or does not fit."""
 
 
