@@ -28,20 +28,16 @@ import argparse
 import json
 import secrets
 import sys
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
-
-import torch
 
 from ldm.core.errors import UserError
 from ldm.core.logging import setup_cli_logging
 from ldm.core.threads import add_threads_argument, apply_threads
 from ldm.diffusion import SAMPLERS
 from ldm.inference.generation import image_parameters
-from ldm.inference.loaders import DEFAULT_RUN, PipelineError, resolve_class
-from ldm.inference.lora_files import lora_spec
-from ldm.inference.outputs import save_generations
+from ldm.inference.loaders import PipelineError, resolve_class
+from ldm.inference.outputs import encoding_warnings, save_generations, settings_text
 from ldm.inference.pipeline import Pipeline
 from ldm.inference.request import (
     CLI_NAMES,
@@ -53,7 +49,14 @@ from ldm.inference.request import (
     GenerationRequest,
     check_request,
 )
-from ldm.inference.sources import DescribedSource, ModelSource, describe_source, load_source
+from ldm.inference.sources import (
+    DescribedSource,
+    ModelSource,
+    add_source_arguments,
+    describe_source,
+    load_source,
+    source_from_args,
+)
 from ldm.nets.compile import CompilerUnavailableError
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 2, 130
@@ -100,26 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--H", type=int, help="height in pixels (default: the run's image size, or the init image's)")
     add("--W", type=int, help="width in pixels (default: the run's image size, or the init image's)")
     add("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help=f"images drawn at once (default {DEFAULT_BATCH_SIZE})")
-    model = p.add_argument_group("model")
-    model.add_argument("--run", help=f"a stage-2 or ControlNet run directory, or a .ckpt in one (default {DEFAULT_RUN})")
+    model = add_source_arguments(p)
     add_threads_argument(model)
-    add = model.add_argument
-    add("--ckpt", help="a Stable Diffusion checkpoint (.safetensors, .ckpt, .pth) instead of a run")
-    add("--config", help="the inference config of --ckpt, e.g. configs/sd/v1-inference.yaml "
-        "(default: guessed for SD 1.x and its inpainting files, or the config an exported file carries)")
-    add("--controlnet", help="a ControlNet file to load with --ckpt (e.g. control_v11p_sd15_canny.pth)")
-    add("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-        help="a LoRA file (kohya or diffusers layout) and its scale (default 1); repeatable")
-    add("--lora-mode", choices=["fold", "live"], default="fold",
-        help="fold the LoRA into the weights (default) or add it as a live adapter")
-    add("--unsafe-load", action="store_true",
-        help="allow pickled checkpoints that run code when loaded (only for files you trust)")
-    add("--device", help="cpu, cuda, cuda:1, … (default: cuda if available)")
-    add("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-        help="U-Net / VAE precision (default auto: bf16 on CUDA, fp32 on CPU)")
-    add("--no-ema", action="store_true", help="use the raw weights instead of the EMA ones")
-    add("--compile", action="store_true", help="torch.compile the U-Net (and ControlNet), weights frozen: the first "
-        "batch compiles (tens of seconds), later ones run faster; pays off for many images")
+    model.add_argument("--compile", action="store_true", help="torch.compile the U-Net (and ControlNet), weights "
+                       "frozen: the first batch compiles (tens of seconds), later ones run faster; pays off for many images")
     add = p.add_argument_group("classifier guidance (class and unconditional runs)").add_argument
     add("--classifier", metavar="RUN", help="a noise-aware classifier run (stages/train_classifier.py) "
         "that steers each image toward its --class")
@@ -160,24 +147,6 @@ def check_arguments(args: argparse.Namespace) -> None:
     for flag, dest, needed, key in NEEDS:
         if getattr(args, dest) not in (None, False) and getattr(args, key) is None:
             raise CLIError(f"{flag} needs {needed}")
-    if args.device is not None:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError as e:
-            raise CLIError(f"--device {args.device!r} is not a device name (cpu, cuda, cuda:1, …)") from e
-        if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-            raise CLIError(f"--device {args.device}: no such CUDA device on this machine")
-
-
-def lora_requests(specs: Sequence[str]) -> tuple[tuple[str, float], ...]:
-    """``FILE[:SCALE]`` arguments as (existing file, scale)."""
-    out = []
-    for spec in specs:
-        path, scale = lora_spec(spec)
-        if not path.is_file():
-            raise CLIError(f"--lora {spec}: no such file {path} (give FILE or FILE:SCALE, e.g. style.safetensors:0.8)")
-        out.append((str(path), scale))
-    return tuple(out)
 
 
 def conditions_for(args: argparse.Namespace, model: DescribedSource) -> list:
@@ -206,8 +175,7 @@ def conditions_for(args: argparse.Namespace, model: DescribedSource) -> list:
 def make_request(args: argparse.Namespace) -> tuple[ModelSource, DescribedSource, GenerationRequest]:
     """The model source and the request the arguments ask for, checked against the model's config before loading."""
     check_arguments(args)
-    source = ModelSource(args.run, args.ckpt, args.config, args.controlnet, args.unsafe_load, not args.no_ema,
-                         lora_requests(args.lora), args.lora_mode, args.classifier)
+    source = source_from_args(args, args.classifier)
     described = describe_source(source)
     conditions = [c for c in conditions_for(args, described) for _ in range(args.n)]  # each n times, in order
     pick = lambda value, default: default if value is None else value  # noqa: E731
@@ -239,28 +207,11 @@ def load(args: argparse.Namespace, source: ModelSource, described: DescribedSour
 def print_settings(pipe: Pipeline, request: GenerationRequest) -> None:
     """The model, checkpoint, control, editing and sampling settings, once, before sampling; truncation warnings."""
     plan = pipe.check(request)
-    p = image_parameters(plan, pipe.capabilities, pipe.source, str(pipe.dtype).removeprefix("torch."), None,
-                         request.seed)
-    seeds = request.seeds
-    lines = [f"run: {p['run']}" if p["run"] else f"config: {p.get('config') or '(carried by the checkpoint)'}",
-             f"checkpoint: {p['checkpoint']} ({'EMA' if p['ema'] else 'raw'} weights, {p['dtype']}, {pipe.device})"]
-    lines += [f"controlnet: {p['controlnet']}"] if p.get("controlnet") else []
-    lines += [f"lora: {lora['file']} (scale {lora['scale']}, {lora['mode']})" for lora in p.get("lora") or []]
-    lines.append(f"sampler: {p['sampler']}, steps: {p['steps']}, scale: {p['scale']}, guidance rescale: "
-                 f"{p['guidance_rescale']}" + (f", eta: {p['eta']}" if "eta" in p else "") +
-                 f", size: {p['width']}x{p['height']}")
-    if "control" in p:
-        lines.append(f"control: {p['control']}, control scale: {p['control_scale']}, guess mode: {p['guess_mode']}")
-    if "init_image" in p:
-        lines.append(f"init: {p['init_image']}, strength: {p['strength']}, mask: {p['mask']}")
-    lines += [f"negative prompt: {p['negative_prompt']!r}",
-              f"seeds: {seeds[0]}..{seeds[-1]} ({len(seeds)} image{'s' if len(seeds) > 1 else ''})"]
-    print("\n".join(lines), flush=True)
+    dtype = str(pipe.dtype).removeprefix("torch.")
+    print(settings_text(image_parameters(plan, pipe.capabilities, pipe.source, dtype, None, request.seed),
+                        pipe.device, request.seeds), flush=True)
     negative = [request.negative] if request.negative is not None else []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        pipe.encode(list(dict.fromkeys(plan.conditions)) + negative)  # the tokenizer warns once per prompt
-    for message in dict.fromkeys(str(w.message) for w in caught):
+    for message in encoding_warnings(pipe.encode, plan.conditions + negative):  # the tokenizer warns once per prompt
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
 

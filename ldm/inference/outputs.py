@@ -3,7 +3,8 @@ PNG), then a grid carrying the first image's parameters with every seed and cond
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -60,3 +61,29 @@ def save_grid(images: list[Image.Image], path: Path, per_condition: int, params:
     grid = image_grid([torch.stack([from_pil(im) for im in images])], ncol=grid_columns(len(images), per_condition))
     save_image_atomic(grid, path, pnginfo=png_info(params))
     return path
+
+
+def settings_text(p: dict, device, seeds: Sequence[int]) -> str:
+    """A request's settings as printed before sampling: model, checkpoint, LoRA, sampling, control, editing, seeds."""
+    lines = [f"run: {p['run']}" if p["run"] else f"config: {p.get('config') or '(carried by the checkpoint)'}",
+             f"checkpoint: {p['checkpoint']} ({'EMA' if p['ema'] else 'raw'} weights, {p['dtype']}, {device})"]
+    lines += [f"controlnet: {p['controlnet']}"] if p.get("controlnet") else []
+    lines += [f"lora: {lora['file']} (scale {lora['scale']}, {lora['mode']})" for lora in p.get("lora") or []]
+    lines.append(f"sampler: {p['sampler']}, steps: {p['steps']}, scale: {p['scale']}, guidance rescale: "
+                 f"{p['guidance_rescale']}" + (f", eta: {p['eta']}" if "eta" in p else "") +
+                 f", size: {p['width']}x{p['height']}")
+    if "control" in p:
+        lines.append(f"control: {p['control']}, control scale: {p['control_scale']}, guess mode: {p['guess_mode']}")
+    if "init_image" in p:
+        lines.append(f"init: {p['init_image']}, strength: {p['strength']}, mask: {p['mask']}")
+    lines += [f"negative prompt: {p['negative_prompt']!r}",
+              f"seeds: {seeds[0]}..{seeds[-1]} ({len(seeds)} image{'s' if len(seeds) > 1 else ''})"]
+    return "\n".join(lines)
+
+
+def encoding_warnings(encode: Callable[[list], object], conditions: Sequence) -> list[str]:
+    """The distinct warnings encoding the distinct conditions gives (a tokenizer's truncated prompts), once each."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        encode(list(dict.fromkeys(conditions)))
+    return list(dict.fromkeys(str(w.message) for w in caught))
