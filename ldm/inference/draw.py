@@ -24,7 +24,7 @@ from ldm.inference.capabilities import ModelCapabilities
 from ldm.inference.control_image import ControlSettings
 from ldm.inference.edit_images import MASK_THRESHOLD, EditImages
 from ldm.inference.request import CheckedRequest
-from ldm.inference.sd_control import sampling_model
+from ldm.nets.controlnet import ControlledDiffusion
 
 CONCAT_KEY = "c_concat"  # LDM's name for conditioning joined to the U-Net's input channels
 
@@ -36,6 +36,8 @@ class Pipeline(Protocol):
     cond_stage_model: nn.Module
     first_stage_model: nn.Module
     control_model: nn.Module | None
+    control_scales: list[float] | None
+    only_mid_control: bool
     schedule: Schedule
     parameterization: str
     scale_factor: float
@@ -94,6 +96,14 @@ def add_inpainting_inputs(pipe: Pipeline, image: Tensor, mask: Tensor, size: tup
         uncond[CONCAT_KEY] = extra
 
 
+def controlled_model(pipe: Pipeline, control: ControlSettings) -> nn.Module:
+    """The U-Net with the ControlNet's residuals × the request's scale (× the per-residual scales it was trained with)."""
+    trained = pipe.control_scales
+    scales = [control.scale * s for s in trained] if trained is not None else control.scale
+    return ControlledDiffusion(pipe.model.diffusion_model, pipe.control_model, scales, control.guess_mode,
+                               pipe.only_mid_control)
+
+
 def initial_noise(shape: tuple[int, int, int], seed: int, b: int) -> Tensor:
     """(B, C, h, w) unit noise, image j's from seed + j."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + j)) for j in range(b)])
@@ -111,7 +121,7 @@ def draw_latents(pipe: Pipeline, plan: CheckedRequest, conditions: list, negativ
         uncond = conditioning(pipe, negative if negative is not None else pipe.cond_stage_model.null_condition(b))
     model = pipe.model
     if control is not None:
-        model = sampling_model(pipe, control.scale, control.guess_mode)
+        model = controlled_model(pipe, control)
         cond["hint"] = control.hints.to(device)  # (1 or B, 3, H, W)
         if not control.guess_mode:  # guess mode: the unconditional branch runs without the hint
             uncond["hint"] = cond["hint"]
