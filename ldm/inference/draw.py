@@ -70,10 +70,11 @@ def latent_mask(mask: Tensor, factor: int) -> Tensor:
     return F.max_pool2d(mask, kernel_size=factor, stride=factor)
 
 
-def edit_arguments(pipe: Pipeline, edit: EditImages, b: int, cond: dict, uncond: dict) -> dict:
+def edit_arguments(pipe: Pipeline, edit: EditImages, b: int, cond: dict, uncond: dict | None) -> dict:
     """The sampling core's ``init`` / ``keep`` for a chunk of ``b`` images (and an inpainting U-Net's ``c_concat``)."""
+    init = encode_pixels(pipe, edit.image)  # (1 or B, C, h, w): one shared picture is encoded once
+    init = init.expand(b, -1, -1, -1) if len(init) == 1 else init  # (B, C, h, w)
     image = edit.image.expand(b, -1, -1, -1) if len(edit.image) == 1 else edit.image  # (B, 3, H, W)
-    init = encode_pixels(pipe, image)  # (B, C, h, w)
     if pipe.capabilities.inpainting:
         mask = edit.mask if edit.mask is not None else torch.ones_like(image[:, :1])  # no mask: repaint all
         add_inpainting_inputs(pipe, image, mask, init.shape[-2:], cond, uncond)
@@ -85,7 +86,7 @@ def edit_arguments(pipe: Pipeline, edit: EditImages, b: int, cond: dict, uncond:
 
 
 def add_inpainting_inputs(pipe: Pipeline, image: Tensor, mask: Tensor, size: tuple[int, int], cond: dict,
-                          uncond: dict) -> None:
+                          uncond: dict | None) -> None:
     """An inpainting U-Net's extra channels (the mask, the masked image's latents), in both CFG branches."""
     keep_pixels = (mask < MASK_THRESHOLD).to(image)
     masked = encode_pixels(pipe, image * keep_pixels)  # (B, C, h, w): the repainted region grey
