@@ -178,14 +178,17 @@ def make_request(args: argparse.Namespace) -> tuple[ModelSource, DescribedSource
     source = source_from_args(args, args.classifier)
     described = describe_source(source)
     conditions = [c for c in conditions_for(args, described) for _ in range(args.n)]  # each n times, in order
-    pick = lambda value, default: default if value is None else value  # noqa: E731
     request = GenerationRequest(
-        conditions, args.negative_prompt, args.H, args.W, args.steps, args.sampler,
-        {} if args.eta is None else {"eta": args.eta}, args.scale, args.guidance_rescale,
-        pick(args.seed, secrets.randbelow(SEED_RANGE)), args.batch_size, args.control,
-        pick(args.control_scale, DEFAULT_CONTROL_SCALE), args.guess_mode, source.loras,
-        pick(args.classifier_scale, DEFAULT_CLASSIFIER_SCALE) if args.classifier else 0.0, args.init,
-        pick(args.strength, 1.0 if args.mask or args.init is None else DEFAULT_STRENGTH), args.mask)
+        conditions, negative=args.negative_prompt, height=args.H, width=args.W, steps=args.steps,
+        sampler=args.sampler, sampler_options={} if args.eta is None else {"eta": args.eta}, guidance=args.scale,
+        guidance_rescale=args.guidance_rescale, batch_size=args.batch_size, loras=source.loras,
+        seed=secrets.randbelow(SEED_RANGE) if args.seed is None else args.seed,
+        control=args.control, guess_mode=args.guess_mode,
+        control_scale=DEFAULT_CONTROL_SCALE if args.control_scale is None else args.control_scale,
+        classifier_scale=0.0 if not args.classifier else
+        DEFAULT_CLASSIFIER_SCALE if args.classifier_scale is None else args.classifier_scale,
+        init_image=args.init, mask=args.mask,
+        strength=(1.0 if args.mask or args.init is None else DEFAULT_STRENGTH) if args.strength is None else args.strength)
     try:
         check_request(request, described.capabilities, CLI_NAMES, before_loading=True, model=described.name)
     except PipelineError as e:
