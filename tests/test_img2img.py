@@ -141,3 +141,18 @@ def test_txt2img_init_and_mask(tiny_ldm_run, pictures, tmp_path, capsys):
         assert err.count("\n") == 1 and message in err, err
     assert txt2img.main(argv[:-2] + ["--mask", str(mask)]) == 2
     assert "--mask needs --init IMAGE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["v1-inference", "v2-inference-v"])  # ε and v public files
+def test_img2img_from_public_files(name, pictures, tmp_path):
+    from tests.sd_toy import write_sd_file
+
+    ckpt, config = write_sd_file(tmp_path, name, seed=2)
+    pipe = Pipeline.from_checkpoint(ckpt, config, device="cpu")
+    init = pictures[0]
+    none = pipe.generate_tensors([PROMPT], seed=4, init_image=init, strength=0.0, **FAST)
+    torch.testing.assert_close(none, reconstruction(pipe, init), atol=1e-5, rtol=0)
+    full = pipe.generate_tensors([PROMPT], seed=4, init_image=init, strength=1.0, **FAST)
+    assert torch.equal(full, pipe.generate_tensors([PROMPT], seed=4, **FAST))
+    generation = pipe.generate(GenerationRequest([PROMPT], seed=4, init_image=str(init), strength=0.5, **FAST))
+    assert generation.parameters[0]["checkpoint"] == str(ckpt) and generation.parameters[0]["strength"] == 0.5
