@@ -149,3 +149,10 @@ def test_keywords_build_the_request_and_tensors_count_as_conditions():
     checked = check_request(request, CLASSES)
     assert checked.conditions == [3, 4] and checked.options == {"eta": 0.5}
     assert check_request(GenerationRequest("one prompt"), TEXT).conditions == ["one prompt"]
+
+
+def test_steps_run_count_the_ladder_tail(files):
+    init = str(files / "init.png")
+    for strength, runs in ((1.0, 10), (0.55, 5), (0.0, 0)):
+        assert check_request(GenerationRequest(["a"], steps=10, init_image=init, strength=strength), TEXT).steps_run == runs
+    assert check_request(GenerationRequest(["a"], steps=10), TEXT).steps_run == 10

@@ -123,7 +123,7 @@ class Pipeline(SamplingModel):
                 callback: Callable[[dict], None] | None) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield (index of the chunk's first image, its images (B, 3, H, W) on the CPU) per chunk."""
         n, size, seed = len(plan.conditions), plan.request.batch_size, plan.request.seed
-        with tqdm(total=math.ceil(n / size) * plan.request.steps, disable=not progress, unit="step",
+        with tqdm(total=math.ceil(n / size) * plan.steps_run, disable=not progress, unit="step",
                   desc=f"sampling {n} image(s)") as bar:
             def report(info: dict) -> None:
                 bar.update()

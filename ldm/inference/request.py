@@ -25,6 +25,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ldm.diffusion import SAMPLERS
+from ldm.diffusion.editing import first_step
 from ldm.inference.capabilities import ModelCapabilities
 from ldm.inference.control_image import (
     DEFAULT_CONTROL_SCALE,
@@ -150,6 +151,12 @@ class CheckedRequest:
     options: dict  # the sampler's own keywords
     control: ControlSettings | None
     edit: EditImages | None  # init image (and mask) in pixels
+
+    @property
+    def steps_run(self) -> int:
+        """Sampler steps each chunk runs (fewer than ``steps`` from an init image below strength 1): progress totals."""
+        r = self.request
+        return r.steps - first_step(r.steps, r.strength) if r.init_image is not None else r.steps
 
     def settings(self) -> dict:
         """The settings a Generation records (control scale and guess mode for a ControlNet, the classifier scale)."""
