@@ -136,6 +136,17 @@ def make_captioned(root: Path) -> None:
     (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
 
 
+def make_photo_and_mask(root: Path) -> None:
+    """`photo.png` (a picture to start from) and `mask.png` (its right half white: repaint), for --init / --mask."""
+    photo = np.zeros((32, 32, 3), np.uint8)
+    photo[...] = (240, 240, 240)
+    photo[8:24, 8:24] = (200, 30, 30)
+    Image.fromarray(photo).save(root / "photo.png")
+    mask = np.zeros((32, 32), np.uint8)
+    mask[:, 16:] = 255
+    Image.fromarray(mask, mode="L").save(root / "mask.png")
+
+
 def test_readme_commands_run_in_order(tmp_path, monkeypatch):
     commands = readme_commands()
     assert any("stages/train_vae.py" == c.split()[1] for c in commands)  # the main job is there
@@ -153,5 +164,7 @@ def test_readme_commands_run_in_order(tmp_path, monkeypatch):
         words = shlex.split(command)[1:]
         if "sd_xl_base_1.0.safetensors" in words and not Path("sd_xl_base_1.0.safetensors").exists():
             write_xl_file(Path("."))[0].rename("sd_xl_base_1.0.safetensors")  # and toy-sdxl.yaml
+        if "photo.png" in words and not Path("photo.png").exists():
+            make_photo_and_mask(Path("."))
         run_command(words + smoke_arguments(words))
     assert (tmp_path / "runs" / "vae" / "latest").exists() and os.listdir(tmp_path / "outputs")

@@ -194,4 +194,4 @@ def test_readme_sdxl_command_and_size_options_on_the_command_line(xl, tmp_path, 
     (png,) = [p for p in (tmp_path / "cli").glob("*.png") if "grid" not in p.name]
     meta = json.loads(Image.open(png).text["ldm"])
     assert meta["original_size"] == [512, 384] and meta["crop_top_left"] == [8, 0] and meta["height"] == 16
-    assert "target_size" not in meta  # not given: the image size
+    assert meta["target_size"] == [16, 16]  # not given: the image size (recorded, so the PNG redraws as drawn)

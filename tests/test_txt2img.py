@@ -79,7 +79,8 @@ BAD_ARGUMENTS = {
     "negative scale": (P + ["--scale", "-1"], "--scale must be ≥ 0"),
     "zero images": (P + ["--n", "0"], "--n must be at least 1"),
     "not an int": (P + ["--n", "two"], "invalid int value: 'two'"),
-    "size off the VAE grid": (P + ["--H", "15"], "--H 15 is not divisible by the VAE's downsampling factor 2"),
+    "size off the VAE grid": (P + ["--H", "15"], "--H 15 is not a multiple of 4: the VAE divides by 2 and the U-Net "
+                                                "halves the latent 1 time(s) more; use a multiple of 4, e.g. 12 or 16"),
     "size off the U-Net grid": (P + ["--H", "18"], "--H 18 is not a multiple of 4: the VAE divides by 2 and the U-Net "
                                                    "halves the latent 1 time(s) more; use a multiple of 4, e.g. 16 or 20"),
     "eta for dpm++": (P + ["--sampler", "dpmpp_2m", "--eta", "1"], "--eta applies to the samplers"),

@@ -22,6 +22,7 @@ from tqdm.auto import trange
 
 from ldm.diffusion.classifier_guidance import ClassifierGuidance
 from ldm.diffusion.denoiser import Denoiser, DenoiserFn
+from ldm.diffusion.editing import blend_known, keep_known, start_point
 from ldm.diffusion.guidance import cfg_denoiser
 from ldm.diffusion.schedule import Schedule
 from ldm.diffusion.spacing import DEFAULT_SPACING  # noqa: F401  (re-exported)
@@ -264,12 +265,23 @@ def sample(
     *,
     callback: Callback | None = None,
     progress: bool = False,
+    init: Tensor | None = None,
+    strength: float = 1.0,
+    keep: Tensor | None = None,
     **opts,
 ) -> SampleResult:
-    """Run sampler ``name`` from unit Gaussian ``noise`` for ``steps`` steps; count denoiser calls (NFE)."""
+    """Run sampler ``name`` from unit Gaussian ``noise`` for ``steps`` steps; count denoiser calls (NFE).
+
+    With ``init`` (known latents (B, C, h, w)) only the ladder's last ⌊steps·strength⌋ steps run, from ``init``
+    noised to their first σ (image-to-image); with ``keep`` too ((1 or B, 1, h, w), 1 = keep) that region stays
+    ``init`` (inpainting). ``ldm.diffusion.editing`` defines both.
+    """
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-    sigmas = schedule.ladder(steps, spacing or schedule.default_spacing(name)).to(noise.device)
+    ladder = schedule.ladder(steps, spacing or schedule.default_spacing(name)).to(noise.device)
+    sigmas, start = start_point(ladder, noise, steps, init, strength, schedule.start_scale)
+    if keep is not None:
+        denoiser = keep_known(denoiser, init, keep, noise)
     if "coordinates" in inspect.signature(SAMPLERS[name]).parameters:
         opts.setdefault("coordinates", schedule.ode_coordinates)
     nfe = 0
@@ -279,11 +291,8 @@ def sample(
         nfe += 1
         return denoiser(x, sigma)
 
-    x = SAMPLERS[name](
-        counted, noise * schedule.start_scale(sigmas[0]), sigmas, generator=generator, callback=callback,
-        progress=progress, **opts
-    )
-    return SampleResult(x, nfe, sigmas)
+    x = SAMPLERS[name](counted, start, sigmas, generator=generator, callback=callback, progress=progress, **opts)
+    return SampleResult(x if keep is None else blend_known(x, init, keep), nfe, sigmas)
 
 
 def sample_latents(
@@ -301,6 +310,9 @@ def sample_latents(
     callback: Callback | None = None,
     progress: bool = False,
     classifier_guidance: ClassifierGuidance | None = None,
+    init: Tensor | None = None,
+    strength: float = 1.0,
+    keep: Tensor | None = None,
     **options,
 ) -> SampleResult:
     """The one sampling core: classifier-free guidance of ``guidance`` around ``denoiser`` (and classifier guidance
@@ -308,10 +320,11 @@ def sample_latents(
 
     ``noise`` (B, C, h, w) is unit Gaussian; ``cond`` / ``uncond`` are the network's conditioning keywords
     (``uncond`` is unused at guidance 1). Every caller (Pipeline, training sample grids through it, ControlNet,
-    evaluation, the benchmark) samples through here.
+    evaluation, the benchmark) samples through here. ``init``, ``strength`` and ``keep`` edit known latents
+    (image-to-image, inpainting: ``sample``).
     """
     guided = cfg_denoiser(denoiser, cond, uncond or {}, guidance, guidance_rescale)
     if classifier_guidance is not None:
         guided = classifier_guidance.wrap(guided)
     return sample(sampler, guided, noise, denoiser.schedule, steps, spacing, generator, callback=callback,
-                  progress=progress, **options)
+                  progress=progress, init=init, strength=strength, keep=keep, **options)

@@ -54,6 +54,9 @@ def a1111_text(params: dict) -> str:
         fields.update({"ControlNet": Path(params["controlnet"]).stem if params.get("controlnet") else None,
                        "Control image": params["control"], "Control scale": params["control_scale"],
                        "Guess mode": params["guess_mode"]})
+    if params.get("init_image"):
+        fields.update({"Init image": params["init_image"], "Denoising strength": params["strength"],
+                       "Mask": params.get("mask")})
     if params.get("lora"):
         fields["Lora"] = ", ".join(f"{Path(lora['file']).stem}:{lora['scale']}" for lora in params["lora"])
     fields["Checkpoint"] = params.get("checkpoint")

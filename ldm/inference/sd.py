@@ -67,6 +67,9 @@ SD2_CONTEXT_DIM = 1024
 SD1_CONFIG = "v1-inference.yaml"  # a ControlNet (file or --controlnet) turns it into a ControlLDM when loading
 SDXL_CONFIG = "xl-base-inference.yaml"
 SDXL_BASE_KEY = "conditioner.embedders.1.model.text_projection"  # SDXL base's second (bigG) text tower
+SD1_INPAINTING_CONFIG = "v1-inpainting-inference.yaml"
+INPUT_KEY = UNET_PREFIX + "input_blocks.0.0.weight"  # (model_channels, in_channels, 3, 3)
+INPAINTING_IN_CHANNELS = 9  # noisy latents, mask, masked-image latents
 
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -235,11 +238,13 @@ def guess_sd_config(ckpt: str | os.PathLike, unsafe: bool = False) -> Path | Non
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors" and read_metadata(path).get(METADATA_CONFIG):
         return None  # exported by scripts/export.py: load_sd reads the config from the file
-    context = _context_dim(path, unsafe)
-    if context == SD1_CONTEXT_DIM:
-        return SD_CONFIG_DIR / SD1_CONFIG
-    if context is None and _has_key(path, unsafe, SDXL_BASE_KEY):  # generative-models' layout, two text towers
+    context, inputs, xl_tower = _shapes(path, unsafe, (CONTEXT_KEY, INPUT_KEY, SDXL_BASE_KEY))
+    if context and context[-1] == SD1_CONTEXT_DIM:
+        inpainting = inputs is not None and inputs[1] == INPAINTING_IN_CHANNELS
+        return SD_CONFIG_DIR / (SD1_INPAINTING_CONFIG if inpainting else SD1_CONFIG)
+    if context is None and xl_tower is not None:  # generative-models' layout, two text towers
         return SD_CONFIG_DIR / SDXL_CONFIG
+    context = context[-1] if context else None
     configs = ", ".join(f"configs/sd/{p.name}" for p in sorted(SD_CONFIG_DIR.glob("*.yaml")))
     if context == SD2_CONTEXT_DIM:
         raise ConfigError(f"{path} looks like Stable Diffusion 2.x, whose ε (512 px) and v (768 px) models share "
@@ -247,26 +252,14 @@ def guess_sd_config(ckpt: str | os.PathLike, unsafe: bool = False) -> Path | Non
     raise ConfigError(f"cannot tell which model {path} holds: give --config, e.g. one of {configs}")
 
 
-def _has_key(path: Path, unsafe: bool, key: str) -> bool:
-    """Whether a checkpoint file holds ``key``."""
-    if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return key in set(f.keys())  # safe_open is not a container
-        except Exception as e:  # safetensors raises its own error types
-            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
-    return key in state_dict_of(load_file(path, unsafe, mmap=True))
-
-
-def _context_dim(path: Path, unsafe: bool) -> int | None:
-    """The U-Net's cross-attention context width in a checkpoint file (None when the key is absent)."""
+def _shapes(path: Path, unsafe: bool, names: Sequence[str]) -> list[list[int] | None]:
+    """The shapes of tensors ``names`` in a checkpoint file (None for an absent one)."""
     if path.suffix == ".safetensors":
         try:
             with safe_open(str(path), framework="pt") as f:
                 keys = set(f.keys())  # safe_open is not a container
-                return f.get_slice(CONTEXT_KEY).get_shape()[-1] if CONTEXT_KEY in keys else None
+                return [list(f.get_slice(k).get_shape()) if k in keys else None for k in names]
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
     state = state_dict_of(load_file(path, unsafe, mmap=True))
-    tensor = state.get(CONTEXT_KEY)
-    return int(tensor.shape[-1]) if tensor is not None else None
+    return [list(state[k].shape) if k in state else None for k in names]

@@ -60,6 +60,9 @@ def with_control_stage(node: dict, hint_channels: int = DEFAULT_HINT_CHANNELS) -
         return node
     params = copy.deepcopy(node["params"])
     unet = {k: v for k, v in params["unet"]["params"].items() if k != "out_channels"}
+    latent = params["unet"]["params"].get("out_channels")
+    if latent is not None:  # the ControlNet reads the noisy latents alone (an inpainting U-Net also takes 5 more)
+        unet["in_channels"] = latent
     ddconfig = (params["first_stage"].get("params") or {}).get("ddconfig")
     if not ddconfig:
         raise ConfigError("model.params.first_stage.params.ddconfig is needed to size the ControlNet's hint block")

@@ -39,8 +39,9 @@ from ldm.nets.ema import FIXED_BUFFERS, LitEma
 
 SCHEDULE_ATOL = 1e-3  # |Δᾱ| above which a file's schedule buffers and the config's disagree (fp16-safe)
 CONFIG_HINT = ("Is the config right for this file? SD 1.x files go with configs/sd/v1-inference.yaml, SD 2.x "
-               "with configs/sd/v2-inference.yaml (512 px, ε) or v2-inference-v.yaml (768 px, v), SDXL base with "
-               "configs/sd/xl-base-inference.yaml, ControlNet v1.0 / v1.1 (SD 1.5) with configs/sd/controlnet-v1.yaml.")
+               "with configs/sd/v2-inference.yaml (512 px, ε) or v2-inference-v.yaml (768 px, v), SD 1.x "
+               "inpainting files (a U-Net of 9 input channels) with configs/sd/v1-inpainting-inference.yaml, SDXL base "
+               "with configs/sd/xl-base-inference.yaml, ControlNet v1.0 / v1.1 (SD 1.5) with configs/sd/controlnet-v1.yaml.")
 Component = Literal["unet", "vae", "controlnet"]
 
 

@@ -1,6 +1,5 @@
 """Checks of what a sampling or export command loads, each called in one line before anything heavy is built.
 
-- ``check_latent_multiple``: a size the U-Net can draw (the VAE's factor times the U-Net's own halvings);
 - ``check_carried_config``: a file that carries its own config (``scripts/export.py``) against an explicit one;
 - ``check_run_vae``: a run whose config names its VAE by a link (``runs/vae/latest``, runs from before runs pinned
   their inputs) against the VAE weights its checkpoint holds: another architecture is refused naming the link, other
@@ -40,27 +39,6 @@ log = logging.getLogger(__name__)
 METADATA_LINEAGE = "ldm.lineage"  # an exported file's lineage hashes, as JSON
 SHOWN_KEYS = 4
 _REPORTED: set[tuple[str, str]] = set()  # (run, VAE) pairs whose moved link was reported in this process
-
-
-def unet_halvings(node: Mapping) -> int:
-    """How many times a model's U-Net halves the latent (``channel_mult`` levels − 1)."""
-    unet = ((node.get("params") or {}).get("unet") or {}).get("params") or {}
-    return len(unet.get("channel_mult") or [1]) - 1
-
-
-def check_latent_multiple(node: Mapping, factor: int | None, height: int | None, width: int | None) -> None:
-    """--H / --W must be multiples of what the VAE and the U-Net divide by; the error names the multiple."""
-    if not factor:
-        return
-    halvings = unet_halvings(node)
-    multiple = factor * 2**halvings
-    for flag, value in (("--H", height), ("--W", width)):
-        if value is not None and value % multiple:
-            lower, upper = value // multiple * multiple, (value // multiple + 1) * multiple
-            near = f"{lower} or {upper}" if lower else f"{upper}"
-            raise ConfigError(f"{flag} {value} is not a multiple of {multiple}: the VAE divides by {factor} and the "
-                              f"U-Net halves the latent {halvings} time(s) more; use a multiple of {multiple}, "
-                              f"e.g. {near}")
 
 
 def _differences(old: Any, new: Any, path: str, out: list[str]) -> None:

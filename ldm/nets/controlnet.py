@@ -157,12 +157,16 @@ Scales = float | Sequence[float]
 
 
 def controlled_forward(unet: nn.Module, control: nn.Module, x: Tensor, t: Tensor, context: Tensor | None,
-                       hint: Tensor | None, scales: Scales = 1.0, only_mid_control: bool = False) -> Tensor:
-    """The U-Net's output with the ControlNet's residuals × ``scales`` (one float or one per residual) added."""
+                       hint: Tensor | None, scales: Scales = 1.0, only_mid_control: bool = False,
+                       c_concat: Tensor | None = None) -> Tensor:
+    """The U-Net's output with the ControlNet's residuals × ``scales`` (one float or one per residual) added.
+
+    ``c_concat`` (B, C', h, w) joins the U-Net's input only (an inpainting U-Net's extra channels)."""
+    unet_x = x if c_concat is None else torch.cat([x, c_concat.to(x)], dim=1)  # (B, C + C', h, w)
     if hint is None:
-        return unet(x, t, context=context)
+        return unet(unet_x, t, context=context)
     residuals = control(x, hint, t, context)  # len(input_blocks) + 1 tensors
-    return unet(x, t, context=context, control=apply_control_scales(residuals, scales),
+    return unet(unet_x, t, context=context, control=apply_control_scales(residuals, scales),
                 only_mid_control=only_mid_control)
 
 
@@ -190,8 +194,9 @@ class ControlledDiffusion(nn.Module):
             return guess_mode_scales(n, float(self.strength))
         return [s * g for s, g in zip(self.strength, guess_mode_scales(n))]
 
-    def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None, hint: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None, hint: Tensor | None = None,
+                c_concat: Tensor | None = None) -> Tensor:
         """x (B, C, h, w), t (B,), context (B, T, D), hint (B, 3, f·h, f·w) in [0, 1] → (B, C, h, w)."""
         n = len(self.diffusion_model.input_blocks) + 1
         return controlled_forward(self.diffusion_model, self.control_model, x, t, context, hint, self.scales(n),
-                                  self.only_mid_control)
+                                  self.only_mid_control, c_concat)

@@ -35,8 +35,11 @@ class DiffusionWrapper(nn.Module):
         super().__init__()
         self.diffusion_model = diffusion_model
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        """The network's output for path points ``x`` at times ``t``."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,
+                c_concat: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """The network's output for path points ``x`` at times ``t``; ``c_concat`` (B, C', h, w) is joined to ``x``
+        along the channels (LDM's "hybrid" conditioning: an inpainting U-Net's mask and masked-image latents)."""
+        x = x if c_concat is None else torch.cat([x, c_concat.to(x)], dim=1)  # (B, C + C', h, w)
         return self.diffusion_model(x, t, context=context, **kwargs)
 
 
