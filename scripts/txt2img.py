@@ -137,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse the command line (CLIError on a bad one); no --sampler: DDIM at few steps, else DPM-Solver++(2M)."""
+    args = build_parser().parse_args(argv)
+    args.sampler = args.sampler or default_sampler(args.steps)
+    return args
+
+
 def read_prompts(path: str) -> list[str]:
     """Non-blank lines of a prompt file, stripped."""
     try:
@@ -189,7 +196,7 @@ def make_request(args: argparse.Namespace) -> tuple[ModelSource, DescribedSource
     conditions = [c for c in conditions_for(args, described) for _ in range(args.n)]  # each n times, in order
     request = GenerationRequest(
         conditions, negative=args.negative_prompt, height=args.H, width=args.W, steps=args.steps,
-        sampler=args.sampler or default_sampler(args.steps), sampler_options={} if args.eta is None else {"eta": args.eta},
+        sampler=args.sampler, sampler_options={} if args.eta is None else {"eta": args.eta},
         sizes={k: v for k in SIZE_FIELDS if (v := getattr(args, k)) is not None}, guidance=args.scale,
         guidance_rescale=args.guidance_rescale, batch_size=args.batch_size, loras=source.loras,
         seed=secrets.randbelow(SEED_RANGE) if args.seed is None else args.seed,
@@ -232,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """parse → request → load → generate → save; 0 on success, 2 on bad input."""
     setup_cli_logging()
     try:
-        args = build_parser().parse_args(argv)
+        args = parse_args(argv)
         apply_threads(args.threads, announce=False)  # a one-line error stands alone
         source, described, request = make_request(args)
         pipe = load(args, source, described)
