@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from ldm.core.atomic import write_text_atomic
 from ldm.core.errors import UserError
+from ldm.data.text_shards import TextContexts
 from ldm.io.checkpoints import save_file_atomic
 
 META_FILE = "meta.json"
@@ -156,7 +157,8 @@ def build_cache(autoencoder: torch.nn.Module, datasets: Mapping[str, Dataset], c
 
 class LatentDataset(Dataset):
     """Items of one cache split: its tensors as fp32 — a latent cache's posterior ``mean`` and ``std`` (C, h, w), a
-    reflow cache's ``noise`` and ``latent`` — the hint in [0, 1] when stored, and caption, label, path."""
+    reflow cache's ``noise`` and ``latent`` — the hint in [0, 1] when stored, caption, label, path, and the caption's
+    cached ``context`` (T, D) when the cache holds text embeddings (``ldm.data.text_cache``)."""
 
     def __init__(self, cache_dir: str, split: str = "train", check: bool = True):
         self.cache_dir = Path(cache_dir)
@@ -171,6 +173,7 @@ class LatentDataset(Dataset):
             with safe_open(str(shard), framework="pt") as f:
                 self.offsets.append(self.offsets[-1] + f.get_slice(next(iter(f.keys()))).get_shape()[0])
         self._handles: dict[int, Any] = {}
+        self.text = TextContexts.open(self.shards)  # cached caption embeddings, when the cache holds them
 
     def __len__(self) -> int:
         return self.offsets[-1]
@@ -193,6 +196,8 @@ class LatentDataset(Dataset):
         for key in ("caption", "label", "path"):
             if key in record:
                 item[key] = record[key][row]
+        if self.text is not None:
+            item["context"] = self.text.get(shard, row)  # (T, D)
         return item
 
     def __getstate__(self) -> dict:

@@ -19,6 +19,7 @@ from ldm.diffusion import DiffusionObjective
 from ldm.io.checkpoints import EMA_PREFIX, fit_report
 from ldm.nets.compile import compile_network, is_compiled
 from ldm.nets.conditioning.base import ucg_dropout
+from ldm.nets.conditioning.cached import CachedTextEncoder
 from ldm.nets.ema import DEFAULT_DECAY, LitEma, ema_scope
 from ldm.nets.lora import LoRA, is_lora_key, merge_adapters
 from ldm.systems.latents import adopt_cache_scale, cache_meta, cached_latents
@@ -136,7 +137,12 @@ class LatentDiffusion(L.LightningModule):
         return z * self.scale_factor
 
     def conditioning(self, batch: dict, drop: bool) -> dict:
-        """The network's conditioning: cross-attention context (B, T, D), with CFG dropout when ``drop``."""
+        """The network's conditioning: cross-attention context (B, T, D), with CFG dropout when ``drop``; cached text
+        embeddings come with the batch, and dropout swaps in the cached unconditional context."""
+        if isinstance(self.cond_stage_model, CachedTextEncoder):
+            context = batch["context"]  # (B, T, D)
+            null = self.cond_stage_model.unconditional(len(context))
+            return {"context": ucg_dropout(context, null, self.ucg_rate) if drop and self.ucg_rate > 0 else context}
         cond = batch[self.cond_stage_model.key]
         if drop and self.ucg_rate > 0:
             cond = ucg_dropout(cond, self.cond_stage_model.null_condition(len(cond)), self.ucg_rate)

@@ -7,6 +7,8 @@
       data: {train: <dataset node>, val: <dataset node>}
       batch_size: 64                  # encoding batch size
       shard_size: 4096                # items per shard
+      text_embeddings: false          # true: also cache the frozen text encoder's caption embeddings
+                                      # (ldm.training.text_cache); stage 2 then never builds the encoder
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from ldm.core.config import ConfigError, check_config, config_section, get_obj_f
 from ldm.data.latents import CacheError, build_cache, read_meta
 from ldm.inference.loaders import load_autoencoder
 from ldm.nets.conditioning.embedders import ClassEmbedder
+from ldm.training.text_cache import ensure_text_cache
 
 log = logging.getLogger(__name__)
-CACHE_DEFAULTS = {"batch_size": 64, "shard_size": 4096, "num_workers": 0, "vae_config": None}
+CACHE_DEFAULTS = {"batch_size": 64, "shard_size": 4096, "num_workers": 0, "vae_config": None, "text_embeddings": False}
 CACHE_REQUIRED = ("dir", "vae", "data")
 
 
@@ -45,6 +48,7 @@ def make_cache(cfg: dict, progress: bool | None = None) -> dict:
     datasets = {split: instantiate_from_config(node, f"cache.data.{split}") for split, node in section["data"].items()}
     meta = build_cache(vae, datasets, section["dir"], info, section["batch_size"], section["shard_size"],
                        section["num_workers"], progress, data_config=section["data"])
+    meta = ensure_text_cache(cfg, meta, section["batch_size"], progress)
     for split, counts in meta["splits"].items():
         log.info("cache %s: %s %d items in %d shard(s)", section["dir"], split, counts["items"], counts["shards"])
     if meta.get("classes"):
@@ -124,7 +128,8 @@ def sync_classes(cfg: dict, meta: dict) -> None:
 
 
 def prepare_stage2(cfg: dict, config_path: str | None = None) -> dict:
-    """Stage 2's preparation: the latent cache (built when missing), then the class names it found."""
-    meta = ensure_cache(cfg, config_path)
+    """Stage 2's preparation: the latent cache (built when missing; its text embeddings when configured), then the
+    class names it found."""
+    meta = ensure_text_cache(cfg, ensure_cache(cfg, config_path))
     sync_classes(cfg, meta)
     return meta

@@ -188,6 +188,7 @@ def train(stage: str, default_config: str | None = None, argv: Sequence[str] | N
     """
     setup_cli_logging()
     known = STAGES.get(stage)
+    build_model = known.build_model if known is not None and known.build_model is not None else None
     if known is not None:
         default_config = default_config or known.default_config
         before_build = before_build or known.before_build
@@ -203,7 +204,8 @@ def train(stage: str, default_config: str | None = None, argv: Sequence[str] | N
             before_build(cfg, cfg_path)
         L.seed_everything(cfg.get("seed", 0), workers=True, verbose=False)
         datamodule = instantiate_from_config(cfg["data"], "data")
-        model = build_system(cfg["model"])  # a stage-1 run named by path is loaded, not read by the system
+        # a stage-1 run named by path is loaded, not read by the system
+        model = build_model(cfg) if build_model is not None else build_system(cfg["model"])
         if ckpt is not None:
             if resume_weights is not None:
                 resume_weights(model, cfg)
