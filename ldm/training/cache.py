@@ -9,6 +9,7 @@
       shard_size: 4096                # items per shard
       text_embeddings: false          # true: also cache the frozen text encoder's caption embeddings
                                       # (ldm.training.text_cache); stage 2 then never builds the encoder
+      format: folder                  # or litdata: streamed shards at `uri` (ldm.training.streaming)
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from ldm.core.config import ConfigError, check_config, config_section, get_obj_f
 from ldm.data.latents import CacheError, build_cache, read_meta
 from ldm.inference.loaders import load_autoencoder
 from ldm.nets.conditioning.embedders import ClassEmbedder
+from ldm.training.streaming import check_format, check_streaming, is_streaming, make_streaming, probe, read_streamed
 from ldm.training.text_cache import ensure_text_cache
 
 log = logging.getLogger(__name__)
-CACHE_DEFAULTS = {"batch_size": 64, "shard_size": 4096, "num_workers": 0, "vae_config": None, "text_embeddings": False}
+CACHE_DEFAULTS = {"batch_size": 64, "shard_size": 4096, "num_workers": 0, "vae_config": None, "text_embeddings": False,
+                  "format": "folder", "uri": None, "chunk_bytes": "64MB"}
 CACHE_REQUIRED = ("dir", "vae", "data")
 
 
@@ -36,6 +39,7 @@ def cache_section(cfg: dict) -> dict:
         raise ConfigError("cache.data: expected a mapping of split name → dataset node, e.g. {train: …, val: …}")
     for split, node in section["data"].items():
         check_config(node, f"cache.data.{split}")
+    check_format(section)
     return section
 
 
@@ -44,10 +48,14 @@ def make_cache(cfg: dict, progress: bool | None = None) -> dict:
     shows in a terminal only (``progress=None``), so a log file gets lines."""
     section = cache_section(cfg)
     progress = sys.stderr.isatty() if progress is None else progress
+    probe(section)
     vae, info = load_autoencoder(section["vae"], section["vae_config"])
     datasets = {split: instantiate_from_config(node, f"cache.data.{split}") for split, node in section["data"].items()}
-    meta = build_cache(vae, datasets, section["dir"], info, section["batch_size"], section["shard_size"],
-                       section["num_workers"], progress, data_config=section["data"])
+    if is_streaming(section):
+        meta = make_streaming(section, vae, info, datasets)
+    else:
+        meta = build_cache(vae, datasets, section["dir"], info, section["batch_size"], section["shard_size"],
+                           section["num_workers"], progress, data_config=section["data"])
     meta = ensure_text_cache(cfg, meta, section["batch_size"], progress)
     for split, counts in meta["splits"].items():
         log.info("cache %s: %s %d items in %d shard(s)", section["dir"], split, counts["items"], counts["shards"])
@@ -65,6 +73,7 @@ def ensure_cache(cfg: dict, config_path: str | None = None, build_missing: bool 
     """Check that the cache exists and was made with the config's VAE; build it first when missing."""
     section = cache_section(cfg)
     command = f"python stages/cache_latents.py --vae {section['vae']}" + (f" --cfg {config_path}" if config_path else "")
+    probe(section)
     try:
         meta = read_meta(section["dir"])
     except CacheError as e:
@@ -86,6 +95,7 @@ def ensure_cache(cfg: dict, config_path: str | None = None, build_missing: bool 
             f"{meta['vae']['hash']}), but this config uses {info['checkpoint']} (hash {info['hash']}). "
             f"Delete {Path(section['dir'])} and re-run: {command}, or set cache.dir to another folder."
         )
+    check_streaming(section, meta)
     return meta
 
 
@@ -131,5 +141,7 @@ def prepare_stage2(cfg: dict, config_path: str | None = None) -> dict:
     """Stage 2's preparation: the latent cache (built when missing; its text embeddings when configured), then the
     class names it found."""
     meta = ensure_text_cache(cfg, ensure_cache(cfg, config_path))
+    if is_streaming(cache_section(cfg)):
+        read_streamed(cfg)
     sync_classes(cfg, meta)
     return meta
