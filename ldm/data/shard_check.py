@@ -28,7 +28,8 @@ def probe_remote(uri: str) -> None:
     """List one object under ``uri`` with short timeouts; any failure is a one-line CacheError."""
     parsed = urlparse(uri)
     if parsed.scheme not in REMOTE_SCHEMES:
-        raise CacheError(f"{uri}: unsupported shard location; use a local folder, s3://bucket/prefix or gs://bucket/prefix")
+        raise CacheError(f"{uri}: unsupported shard location; use a local folder, s3://bucket/prefix or "
+                         "gs://bucket/prefix")
     try:
         if parsed.scheme == "s3":
             import boto3  # deferred: only remote caches need the cloud clients
@@ -62,7 +63,8 @@ def check_split(uri: str, n_items: int) -> None:
     try:
         chunks = json.loads(index_path.read_text())["chunks"]
     except (OSError, ValueError, KeyError) as e:
-        raise CacheError(f"{index_path}: unreadable litdata index ({type(e).__name__}); build the cache again") from None
+        raise CacheError(f"{index_path}: unreadable litdata index ({type(e).__name__}); build the cache "
+                         "again") from None
     if sum(c["chunk_size"] for c in chunks) != n_items:
         raise CacheError(f"{index_path} lists {sum(c['chunk_size'] for c in chunks)} items, meta.json {n_items}; "
                          "the shards are incomplete: build the cache again")

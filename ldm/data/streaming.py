@@ -1,8 +1,8 @@
 """The latent cache as litdata streaming shards (``cache.format: litdata``), for data past one disk and many GPUs.
 
-Layout: the cache folder (local) keeps ``meta.json`` (as the folder cache's, plus ``format``, ``uri`` and the parts
-done) and the per-batch latent statistics; the shards live at ``uri`` (a local folder, ``s3://…`` or ``gs://…``), one
-litdata dataset per split (``<uri>/<split>/index.json`` + ``chunk-*.bin``). An item holds ``index`` (its place in the
+Layout: the cache folder (local) keeps ``meta.json`` (as the folder cache's, plus ``format``, ``uri`` and the
+parts done) and the per-batch latent statistics; the shards live at ``uri`` (a local folder, ``s3://…`` or
+``gs://…``), one litdata dataset per split (``<uri>/<split>/index.json`` + ``chunk-*.bin``). An item holds ``index`` (its place in the
 source dataset), the posterior ``mean`` and ``std`` (C, h, w) fp16 — any shape, so buckets stream too —, the hint as
 uint8, and whatever the source gives of caption, label, path, ``original_size`` and ``crop``.
 
