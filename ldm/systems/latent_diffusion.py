@@ -24,6 +24,7 @@ from ldm.nets.ema import DEFAULT_DECAY, LitEma, ema_scope
 from ldm.nets.lora import LoRA, is_lora_key, merge_adapters
 from ldm.systems.latents import adopt_cache_scale, cache_meta, cached_latents
 from ldm.systems.optim import AdamW, total_steps
+from ldm.systems.sharding import resharded, shard_system
 
 VAL_NOISE_SEED = 1234  # validation loss uses the same noise levels and ε every time, so curves are comparable
 DEFAULT_EMA_DECAY = DEFAULT_DECAY
@@ -167,7 +168,7 @@ class LatentDiffusion(L.LightningModule):
 
     def ema_weights(self) -> AbstractContextManager:
         """Context manager: the EMA weights swapped in (when kept), the training weights back after."""
-        return ema_scope(self.model, self.model_ema)
+        return resharded(self, ema_scope(self.model, self.model_ema))  # sharded training: swap the shards
 
     def on_validation_epoch_start(self) -> None:
         """Validate with the EMA weights swapped in."""
@@ -209,8 +210,11 @@ class LatentDiffusion(L.LightningModule):
         self.lora, self.model_ema = None, None
 
     def configure_model(self) -> None:
-        """Lightning's hook before training starts or a checkpoint is restored: the LoRA adapters in place."""
+        """Lightning's hook before training starts or a checkpoint is restored: the LoRA adapters in place, and under
+        Lightning's ModelParallelStrategy the networks sharded (``ldm.systems.sharding``)."""
         self.add_lora()
+        if self.device_mesh is not None:
+            shard_system(self, self.device_mesh["data_parallel"])
 
     def in_checkpoint(self, key: str) -> bool:
         """Whether checkpoints hold the state entry ``key``: every one, or for LoRA the adapters, their EMA and the

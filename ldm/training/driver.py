@@ -26,6 +26,7 @@ from ldm.core.config import (
     check_config,
     config_section,
     instantiate_from_config,
+    is_node,
     load_config,
     save_config,
 )
@@ -84,7 +85,11 @@ def validate(cfg: dict) -> None:
         if section not in cfg:
             raise ConfigError(f"config has no `{section}:` section")
         check_config(cfg[section], section)
-    check_arguments(L.Trainer, cfg.get("trainer") or {}, "trainer")
+    trainer = cfg.get("trainer") or {}
+    for key, node in trainer.items():  # a strategy object, e.g. lightning.pytorch.strategies.ModelParallelStrategy
+        if is_node(node):
+            check_config(node, f"trainer.{key}")
+    check_arguments(L.Trainer, {k: v for k, v in trainer.items() if not is_node(v)}, "trainer")
     config_section(cfg, "checkpoint", CHECKPOINT_DEFAULTS)
     for i, node in enumerate(cfg.get("callbacks") or []):
         check_config(node, f"callbacks.{i}")
@@ -166,7 +171,8 @@ def _build_trainer(cfg: dict, run_dir: Path) -> L.Trainer:
     callbacks += [GracefulStop(ckpt_dir / LAST_CHECKPOINT), ResumeBookkeeping(), FinalValidation(),
                   *guard_callbacks(cfg, ckpt_dir)]
     callbacks += [instantiate_from_config(node, f"callbacks.{i}") for i, node in enumerate(cfg.get("callbacks") or [])]
-    trainer_kwargs = dict(cfg.get("trainer") or {})
+    trainer_kwargs = {k: instantiate_from_config(v, f"trainer.{k}") if is_node(v) else v
+                      for k, v in (cfg.get("trainer") or {}).items()}
     progress = progress_callback(trainer_kwargs)
     callbacks += [progress] if progress is not None else []
     return L.Trainer(default_root_dir=str(run_dir), logger=RunCSVLogger(run_dir), callbacks=callbacks,
