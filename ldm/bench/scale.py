@@ -143,7 +143,8 @@ def measure_in_child(fn: Callable[..., dict], *args) -> dict:
             break
         except queue_module.Empty:
             if not process.is_alive():
-                raise RuntimeError(f"the measuring process of {fn.__name__} ended with code {process.exitcode}") from None
+                raise RuntimeError(f"the measuring process of {fn.__name__} ended with code "
+                                   f"{process.exitcode}") from None
     process.join()
     return result
 
