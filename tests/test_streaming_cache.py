@@ -16,6 +16,8 @@ from ldm.training.cache import ensure_cache, make_cache
 from ldm.training.driver import EXIT_BAD_INPUT, train
 from tests.conftest import TINY
 
+pytestmark = pytest.mark.slow  # litdata's optimize starts worker processes; stage-2 runs end to end
+
 
 def streaming_config(vae_run, tmp_path, *extra):
     return load_config(TINY / "ldm-text.yaml", [f"cache.vae={vae_run}", f"cache.dir={tmp_path / 'c'}",

@@ -74,6 +74,7 @@ def test_system_takes_cached_context_and_drops_to_the_cached_unconditional(tiny_
     system.load_state_dict(state)
 
 
+@pytest.mark.slow
 def test_stage2_trains_resumes_and_samples_on_cached_text(tiny_vae_run, tmp_path):
     cfg = str(TINY / "ldm-text.yaml")
     overrides = [f"cache.vae={tiny_vae_run}", f"cache.dir={tmp_path / 'c'}", *FROZEN]
