@@ -38,6 +38,9 @@ def _encoder_node(cfg: dict) -> dict:
     if params.get("cond_stage_trainable", True):
         raise ConfigError("cache.text_embeddings: the text encoder must be frozen to cache its embeddings; set "
                           "model.params.cond_stage_trainable: false (or cache.text_embeddings: false)")
+    if params.get("base_ckpt"):
+        raise ConfigError("cache.text_embeddings with model.params.base_ckpt is not supported yet: the encoder's "
+                          "weights come from the base file after the model is built; set cache.text_embeddings: false")
     return params["cond_stage"]
 
 
