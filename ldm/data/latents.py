@@ -34,6 +34,7 @@ from ldm.core.errors import UserError
 from ldm.data.cache_identity import built_from, cache_identity, source_paths, what_changed
 from ldm.data.bucket_sampler import bucket_groups
 from ldm.data.buckets import size_key
+from ldm.data.text_shards import TextContexts
 from ldm.io.checkpoints import save_file_atomic
 
 META_FILE = "meta.json"
@@ -239,7 +240,8 @@ def check_counts(cache_dir: str | os.PathLike, meta: Mapping) -> None:
 
 class LatentDataset(Dataset):
     """Items of one cache split: its tensors as fp32 — a latent cache's posterior ``mean`` and ``std`` (C, h, w), a
-    reflow cache's ``noise`` and ``latent`` — the hint in [0, 1] when stored, and caption, label, path."""
+    reflow cache's ``noise`` and ``latent`` — the hint in [0, 1] when stored, caption, label, path, and the caption's
+    cached ``context`` (T, D) when the cache holds text embeddings (``ldm.data.text_cache``)."""
 
     def __init__(self, cache_dir: str, split: str = "train", check: bool = True):
         self.cache_dir = Path(cache_dir)
@@ -258,6 +260,7 @@ class LatentDataset(Dataset):
                 shapes.append(tuple(shape[1:]))
         self._handles: dict[int, Any] = {}
         self.bucket_ids = self._bucket_ids(shapes)
+        self.text = TextContexts.open(self.shards)  # cached caption embeddings, when the cache holds them
 
     def __len__(self) -> int:
         return self.offsets[-1]
@@ -292,6 +295,8 @@ class LatentDataset(Dataset):
             if key in record:
                 value = record[key][row]
                 item[key] = torch.tensor(value) if isinstance(value, list) else value  # sizes: (2,) tensors
+        if self.text is not None:
+            item["context"] = self.text.get(shard, row)  # (T, D)
         return item
 
     def __getstate__(self) -> dict:

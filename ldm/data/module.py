@@ -7,6 +7,7 @@ from typing import Iterator
 
 import lightning as L
 import torch
+from litdata import StreamingDataLoader, StreamingDataset
 from torch.utils.data import DataLoader, Dataset, Sampler, random_split
 
 from ldm.data.bucket_sampler import BatchedView, BucketBatchSampler, dataset_buckets, unplaceable
@@ -80,7 +81,7 @@ class DataModule(L.LightningDataModule):
         self._resume_batches = 0  # a bucketed loader's position on resume (its sampler is built per world size)
 
     def _split(self, train: Dataset, val: Dataset | None, fraction: float) -> tuple[Dataset, Dataset | None]:
-        if val is not None or fraction == 0.0:
+        if val is not None or fraction == 0.0 or isinstance(train, StreamingDataset):  # streamed: its own val split
             return train, val
         n_val = max(1, round(len(train) * fraction))
         if n_val >= len(train):
@@ -90,6 +91,9 @@ class DataModule(L.LightningDataModule):
         return held_in, held_out
 
     def _loader(self, dataset: Dataset, batch_size: int, sampler: Sampler | None, drop_last: bool) -> DataLoader:
+        if isinstance(dataset, StreamingDataset):  # litdata orders, splits over ranks and resumes it (its own state)
+            return StreamingDataLoader(dataset, batch_size=batch_size, num_workers=self.num_workers,
+                                       pin_memory=torch.cuda.is_available(), drop_last=drop_last)
         return PositionedDataLoader(
             dataset,
             batch_size=batch_size,
@@ -130,7 +134,10 @@ class DataModule(L.LightningDataModule):
         return self._loader(self.train_dataset, self.batch_size, self.train_sampler, drop_last=drop_last)
 
     def resume_at(self, batches_done: int, world_size: int = 1) -> None:
-        """Continue the data stream after ``batches_done`` training batches (of every process), as on resume."""
+        """Continue the data stream after ``batches_done`` training batches (of every process), as on resume; a
+        streamed dataset's loader restores its own position from the checkpoint."""
+        if isinstance(self.train_dataset, StreamingDataset):
+            return
         self._resume_batches = batches_done
         drop_last = self.drop_last and len(self.train_dataset) >= self.batch_size
         per_epoch = (len(self.train_dataset) // (self.batch_size * world_size) if drop_last

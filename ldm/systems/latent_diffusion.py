@@ -20,9 +20,11 @@ from ldm.io.checkpoints import EMA_PREFIX, EMA_SHADOWED, fit_report
 from ldm.nets.compile import compile_network, is_compiled
 from ldm.nets.conditioning.base import ucg_dropout
 from ldm.nets.ema import EMA, ema_scope
+from ldm.nets.conditioning.cached import CachedTextEncoder
 from ldm.nets.lora import LoRA, is_lora_key, merge_adapters
 from ldm.systems.latents import adopt_cache_scale, cache_meta, cached_latents
 from ldm.systems.optim import AdamW, total_steps
+from ldm.systems.sharding import resharded, shard_system
 
 VAL_NOISE_SEED = 1234  # validation loss uses the same noise levels and ε every time, so curves are comparable
 SCALE_BUFFERS = ("scale_factor", "image_size")  # a LoRA checkpoint keeps them: a run samples at its own scale
@@ -139,7 +141,12 @@ class LatentDiffusion(L.LightningModule):
         return z * self.scale_factor
 
     def conditioning(self, batch: dict, drop: bool) -> dict:
-        """The network's conditioning: cross-attention context (B, T, D), with CFG dropout when ``drop``."""
+        """The network's conditioning: cross-attention context (B, T, D), with CFG dropout when ``drop``; cached text
+        embeddings come with the batch, and dropout swaps in the cached unconditional context."""
+        if isinstance(self.cond_stage_model, CachedTextEncoder):
+            context = batch["context"]  # (B, T, D)
+            null = self.cond_stage_model.unconditional(len(context))
+            return {"context": ucg_dropout(context, null, self.ucg_rate) if drop and self.ucg_rate > 0 else context}
         cond = batch[self.cond_stage_model.key]
         if drop and self.ucg_rate > 0:
             cond = ucg_dropout(cond, self.cond_stage_model.null_condition(len(cond)), self.ucg_rate)
@@ -164,7 +171,7 @@ class LatentDiffusion(L.LightningModule):
 
     def ema_weights(self) -> AbstractContextManager:
         """Context manager: the EMA weights swapped in (when kept), the training weights back after."""
-        return ema_scope(self.model, self.model_ema)
+        return resharded(self, ema_scope(self.model, self.model_ema))  # sharded training: swap the shards
 
     def on_validation_epoch_start(self) -> None:
         """Validate with the EMA weights swapped in."""
@@ -218,8 +225,11 @@ class LatentDiffusion(L.LightningModule):
         self.lora, self.model_ema = None, None
 
     def configure_model(self) -> None:
-        """Lightning's hook before training starts or a checkpoint is restored: the LoRA adapters in place."""
+        """Lightning's hook before training starts or a checkpoint is restored: the LoRA adapters in place, and under
+        Lightning's ModelParallelStrategy the networks sharded (``ldm.systems.sharding``)."""
         self.add_lora()
+        if self.device_mesh is not None:
+            shard_system(self, self.device_mesh["data_parallel"])
 
     def in_checkpoint(self, key: str) -> bool:
         """Whether checkpoints hold the state entry ``key``: every one, or for LoRA the adapters, their EMA and the

@@ -7,6 +7,9 @@
       data: {train: <dataset node>, val: <dataset node>}
       batch_size: 64                  # encoding batch size
       shard_size: 4096                # items per shard
+      text_embeddings: false          # true: also cache the frozen text encoder's caption embeddings
+                                      # (ldm.training.text_cache); stage 2 then never builds the encoder
+      format: folder                  # or litdata: streamed shards at `uri` (ldm.training.streaming)
 """
 
 from __future__ import annotations
@@ -24,13 +27,17 @@ from ldm.data.latents import CacheError, build_cache, check_counts, read_meta
 from ldm.inference.loaders import load_autoencoder
 from ldm.nets.conditioning.embedders import ClassEmbedder
 from ldm.training.bucket_steps import open_bucket_steps, resolve_bucket_steps
+from ldm.training.streaming import check_format, check_streaming, is_streaming, make_streaming, probe, read_streamed
+from ldm.training.text_cache import ensure_text_cache
 
 log = logging.getLogger(__name__)
-CACHE_DEFAULTS = {"batch_size": 64, "shard_size": 4096, "num_workers": 0, "vae_config": None}
+CACHE_DEFAULTS = {"batch_size": 64, "shard_size": 4096, "num_workers": 0, "vae_config": None, "text_embeddings": False,
+                  "format": "folder", "uri": None, "chunk_bytes": "64MB"}
 CACHE_REQUIRED = ("dir", "vae", "data")
 LoadVae = Callable[..., tuple]  # (spec, inference config or None) → (VAE, its identity), as load_autoencoder
 # cache: keys that say where or how fast a cache is built, not what it holds (or that its identity covers otherwise)
-HOW_NOT_WHAT = ("dir", "vae", "vae_config", "data", "batch_size", "num_workers", "shard_size")
+HOW_NOT_WHAT = ("dir", "vae", "vae_config", "data", "batch_size", "num_workers", "shard_size", "text_embeddings", "format",
+                "uri", "chunk_bytes")
 IDENTITY_SEPARATOR, IDENTITY_SHOWN = "--", 8  # a cache rebuilt for changed sources: <dir>--<identity[:8]>
 
 
@@ -41,6 +48,7 @@ def cache_section(cfg: dict) -> dict:
         raise ConfigError("cache.data: expected a mapping of split name → dataset node, e.g. {train: …, val: …}")
     for split, node in section["data"].items():
         check_config(node, f"cache.data.{split}")
+    check_format(section)
     return section
 
 
@@ -50,12 +58,17 @@ def make_cache(cfg: dict, progress: bool | None = None, load_vae: LoadVae = load
     driver's loads it once for the cache and the system)."""
     section = cache_section(cfg)
     progress = sys.stderr.isatty() if progress is None else progress
+    probe(section)
     vae, info = load_vae(section["vae"], section["vae_config"])
     resolve_bucket_steps(cfg, section["data"], info.get("downsampling_factor"))
     datasets = {split: instantiate_from_config(node, f"cache.data.{split}") for split, node in section["data"].items()}
-    meta = build_cache(vae, datasets, section["dir"], info, section["batch_size"], section["shard_size"],
-                       section["num_workers"], progress, data_config=section["data"],
-                       settings=content_settings(section))
+    if is_streaming(section):
+        meta = make_streaming(section, vae, info, datasets)
+    else:
+        meta = build_cache(vae, datasets, section["dir"], info, section["batch_size"], section["shard_size"],
+                           section["num_workers"], progress, data_config=section["data"],
+                           settings=content_settings(section))
+    meta = ensure_text_cache(cfg, meta, section["batch_size"], progress)
     for split, counts in meta["splits"].items():
         log.info("cache %s: %s %d items in %d shard(s)", section["dir"], split, counts["items"], counts["shards"])
     for split, counts in (meta.get("buckets") or {}).get("counts", {}).items():
@@ -76,6 +89,7 @@ def ensure_cache(cfg: dict, config_path: str | None = None, build_missing: bool 
     """Check that the cache exists and was made with the config's VAE; build it first when missing."""
     section = cache_section(cfg)
     command = f"python stages/cache_latents.py --vae {section['vae']}" + (f" --cfg {config_path}" if config_path else "")
+    probe(section)
     try:
         meta = read_meta(section["dir"])
     except CacheError as e:
@@ -102,6 +116,9 @@ def ensure_cache(cfg: dict, config_path: str | None = None, build_missing: bool 
             f"{meta['vae']['hash']}), but this config uses {info['checkpoint']} (hash {info['hash']}). "
             f"Delete {Path(section['dir'])} and re-run: {command}, or set cache.dir to another folder."
         )
+    if is_streaming(section):  # litdata shards: checked by their own index (the folder identity is the folder's)
+        check_streaming(section, meta)
+        return meta
     return check_sources(cfg, meta, info["hash"], build_missing)
 
 
@@ -199,8 +216,8 @@ def sync_classes(cfg: dict, meta: dict) -> dict:
 
 
 def prepare_stage2(cfg: dict, config_path: str | None = None, load_vae: LoadVae = load_autoencoder) -> dict:
-    """Stage 2's preparation of a resolved config: the latent cache (built when missing), its classes checked
-    against the config's (the config itself is not changed)."""
-    meta = ensure_cache(cfg, config_path, load_vae=load_vae)
+    """Stage 2's preparation of a resolved config: the latent cache (built when missing; its text embeddings when
+    configured), its classes checked against the config's (the config itself is not changed)."""
+    meta = ensure_text_cache(cfg, ensure_cache(cfg, config_path, load_vae=load_vae))
     sync_classes(copy.deepcopy(cfg), meta)
     return meta

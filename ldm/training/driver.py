@@ -30,6 +30,7 @@ from ldm.core.config import (
     check_config,
     config_section,
     instantiate_from_config,
+    is_node,
     save_config,
 )
 from ldm.core.errors import UserError
@@ -78,7 +79,11 @@ def validate(cfg: dict) -> None:
         if section not in cfg:
             raise ConfigError(f"config has no `{section}:` section")
         check_config(cfg[section], section)
-    check_arguments(L.Trainer, cfg.get("trainer") or {}, "trainer")
+    trainer = cfg.get("trainer") or {}
+    for key, node in trainer.items():  # a strategy object, e.g. lightning.pytorch.strategies.ModelParallelStrategy
+        if is_node(node):
+            check_config(node, f"trainer.{key}")
+    check_arguments(L.Trainer, {k: v for k, v in trainer.items() if not is_node(v)}, "trainer")
     config_section(cfg, "checkpoint", CHECKPOINT_DEFAULTS)
     for i, node in enumerate(cfg.get("callbacks") or []):
         check_config(node, f"callbacks.{i}")
@@ -140,7 +145,8 @@ def _build_trainer(cfg: dict, run_dir: Path) -> L.Trainer:
     callbacks += [GracefulStop(ckpt_dir / LAST_CHECKPOINT), ResumeBookkeeping(), FinalValidation(),
                   *guard_callbacks(cfg, ckpt_dir)]
     callbacks += [instantiate_from_config(node, f"callbacks.{i}") for i, node in enumerate(cfg.get("callbacks") or [])]
-    trainer_kwargs = dict(cfg.get("trainer") or {})
+    trainer_kwargs = {k: instantiate_from_config(v, f"trainer.{k}") if is_node(v) else v
+                      for k, v in (cfg.get("trainer") or {}).items()}
     progress = progress_callback(trainer_kwargs, monitor=ckpt_cfg["monitor"], mode=ckpt_cfg["mode"])
     summary = summary_callback(trainer_kwargs)
     callbacks += [c for c in (progress, summary) if c is not None]
@@ -171,7 +177,7 @@ def stage_of(stage: str, default_config: str | None = None, before_build: Callab
         def prepare(cfg: dict, config_path: str, load_vae: Callable) -> object:
             return before_build(cfg, config_path)
     return Stage(stage, default_config or known.default_config, resolve, prepare, init_weights or known.init_weights,
-                 resume_weights or known.resume_weights)
+                 resume_weights or known.resume_weights, known.build_model)
 
 
 def train(stage: str, default_config: str | None = None, argv: Sequence[str] | None = None,
@@ -214,7 +220,10 @@ def run_plan(plan: StagePlan, stage: Stage, threads: str | None = None) -> Path:
             stage.prepare(copy.deepcopy(cfg), plan.config_path, load_vae)
         L.seed_everything(cfg.get("seed", 0), workers=True, verbose=False)
         datamodule = instantiate_from_config(cfg["data"], "data")
-        model = build_system(cfg["model"], load_vae=load_vae)  # a stage-1 run named by path is loaded, not read
+        if stage.build_model is not None:
+            model = stage.build_model(cfg, load_vae)
+        else:
+            model = build_system(cfg["model"], load_vae=load_vae)  # a stage-1 run named by path is loaded, not read
         if ckpt is not None:
             if stage.resume_weights is not None:
                 stage.resume_weights(model, cfg)

@@ -96,7 +96,8 @@ class NonFiniteGuard(L.Callback):
         """Refuse to write a checkpoint whose weights are not finite (it would replace a good one)."""
         if self.mode == "off":
             return
-        bad = nonfinite_tensors(checkpoint.get("state_dict") or pl_module.state_dict())
+        # a sharded strategy gathers the weights on rank 0, leaving the others an empty state dict: check what is saved
+        bad = nonfinite_tensors(checkpoint["state_dict"] if "state_dict" in checkpoint else pl_module.state_dict())
         if bad:
             more = f" and {len(bad) - MAX_NAMED_TENSORS} more" if len(bad) > MAX_NAMED_TENSORS else ""
             raise NonFiniteError(

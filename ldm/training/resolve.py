@@ -14,6 +14,7 @@ from ldm.inference.loaders import load_autoencoder
 from ldm.io.lineage import pin_paths, vae_hash_of
 from ldm.io.runs import checkpoint_for, run_config
 from ldm.training.bucket_steps import open_bucket_steps, resolve_bucket_steps
+from ldm.training.streaming import is_streaming, read_streamed
 from ldm.training.cache import cache_for_sources, cache_section, class_embedder_params, sync_classes
 from ldm.training.controlnet_base import INHERITED as CONTROL_INHERITED
 from ldm.training.controlnet_base import cache_on_base_vae, complete_model_node
@@ -63,7 +64,7 @@ def resolve_cache(cfg: dict, own_folder: bool = True) -> Resolution:
         factor = load_autoencoder(section["vae"], section["vae_config"])[1].get("downsampling_factor")
         resolve_bucket_steps(cfg, section["data"], factor)
     meta = _read_meta(section["dir"])
-    if own_folder and meta is not None and cache_for_sources(cfg, meta, cache_vae_hash(section)) is not None:
+    if own_folder and not is_streaming(section) and meta is not None and cache_for_sources(cfg, meta, cache_vae_hash(section)) is not None:
         section, meta = cache_section(cfg), _read_meta(cfg["cache"]["dir"])  # these sources' own folder (built or not)
     depends = (("VAE (cache.vae)", vae_source(section["vae"], section["vae_config"])),)
     if meta is not None:
@@ -115,6 +116,8 @@ def resolve_stage2(cfg: dict, config_path: str) -> Resolution:
         depends = (("base (model.params.base_ckpt)", f"{params['base_ckpt']} with {params['base_config']}"),)
     first_stage = params.get("first_stage")
     cache = resolve_cache(cfg)
+    if is_streaming(cache_section(cfg)):
+        read_streamed(cfg)  # stage 2 reads the litdata shards (its dataset nodes retargeted)
     if isinstance(first_stage, str) and first_stage != (cfg.get("cache") or {}).get("vae"):
         depends += (("VAE (model.params.first_stage)", vae_source(first_stage, None)),)
     return _merge(Resolution(cfg, depends), cache, config=cfg)

@@ -17,10 +17,12 @@ from ldm.training.plan import Resolution, Resolver
 from ldm.training.reflow import ensure_pairs, load_source_weights
 from ldm.training.resolve import resolve_controlnet, resolve_images, resolve_reflow, resolve_stage2
 from ldm.training.sd_finetune import resume_from_base, start_from_base
+from ldm.training.text_cache import build_stage2_system
 
 Prepare = Callable[[dict, str, LoadVae], object]  # (resolved config, its path, VAE loader): caches, pairs, checks
 InitWeights = Callable[[nn.Module, dict], object]  # (model, config): a new run's initial weights
 ResumeWeights = Callable[[nn.Module, dict], object]  # (model, config): what a resumed run's checkpoints do not hold
+BuildModel = Callable[[dict, LoadVae], nn.Module]  # (config, VAE loader): the system, built otherwise than from model:
 
 
 def unchanged(cfg: dict, config_path: str) -> Resolution:
@@ -46,12 +48,13 @@ class Stage:
     prepare: Prepare | None = None
     init_weights: InitWeights | None = None
     resume_weights: ResumeWeights | None = None
+    build_model: BuildModel | None = None
 
 
 STAGES: dict[str, Stage] = {
     "vae": Stage("vae", DEFAULT_CONFIGS["vae"], resolve=resolve_images),
     "ldm": Stage("ldm", DEFAULT_CONFIGS["ldm"], resolve=resolve_stage2, prepare=prepare_stage2,
-                 init_weights=start_from_base, resume_weights=resume_from_base),
+                 init_weights=start_from_base, resume_weights=resume_from_base, build_model=build_stage2_system),
     "controlnet": Stage("controlnet", DEFAULT_CONFIGS["controlnet"], resolve=resolve_controlnet,
                         prepare=prepare_control_cache, init_weights=load_base_weights),
     "classifier": Stage("classifier", DEFAULT_CONFIGS["classifier"], resolve=resolve_stage2, prepare=_ensure_cache),

@@ -1,0 +1,177 @@
+"""The latent cache as litdata streaming shards (``cache.format: litdata``), for data past one disk and many GPUs.
+
+Layout: the cache folder (local) keeps ``meta.json`` (as the folder cache's, plus ``format``, ``uri`` and the
+parts done) and the per-batch latent statistics; the shards live at ``uri`` (a local folder, ``s3://…`` or
+``gs://…``), one litdata dataset per split (``<uri>/<split>/index.json`` + ``chunk-*.bin``). An item holds ``index`` (its place in the
+source dataset), the posterior ``mean`` and ``std`` (C, h, w) fp16 — any shape, so buckets stream too —, the hint as
+uint8, and whatever the source gives of caption, label, path, ``original_size`` and ``crop``.
+
+Writing goes part by part (``shard_size`` items each) through litdata's ``optimize`` (its workers in parallel), each
+part appended to the split's dataset and recorded in ``meta.json`` once it is complete: an interrupted build resumes at
+the first unfinished part, never re-encoding a finished one. ``StreamingLatents`` reads a split with litdata's
+``StreamingDataset`` (ranks and workers split the data; its loader's state rides in Lightning checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import litdata
+import torch
+from litdata import StreamingDataset
+from torch.utils.data import Dataset, default_collate
+
+from ldm.data.latents import CACHE_VERSION, HINT_SCALE, META_FILE, CacheError, _combine, class_map, read_meta
+from ldm.data.latents import write_json_atomic
+from ldm.data.shard_check import INDEX_FILE, check_split, is_remote, local_path, probe_remote
+
+FORMAT = "litdata"
+STATS_DIR = "litdata-stats"
+DEFAULT_CHUNK_BYTES = "64MB"  # litdata's advice: chunks of tens of MB stream well from object storage
+PASSED_THROUGH = ("caption", "label", "path", "original_size", "crop")  # source fields an item keeps
+
+
+def split_uri(uri: str, split: str) -> str:
+    """Where a split's shards live under the cache's ``uri``."""
+    return f"{uri.rstrip('/')}/{split}"
+
+
+class EncodeBatches:
+    """``optimize``'s function: a batch of source indices → one item per image, encoded by the VAE in the worker;
+    writes the batch's latent statistics (for the scale factor) beside the cache's meta.json."""
+
+    def __init__(self, autoencoder: torch.nn.Module, dataset: Dataset, stats_dir: Path):
+        self.autoencoder, self.dataset, self.stats_dir = autoencoder, dataset, stats_dir
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    @torch.inference_mode()
+    def __call__(self, indices: list[int]) -> Iterator[dict]:
+        """Yield the items of ``indices``, encoding images of one shape together (buckets)."""
+        vae = self.autoencoder.to(self.device).eval()
+        by_shape: dict[tuple, list[tuple[int, dict]]] = defaultdict(list)
+        for i in indices:
+            source = self.dataset[i]
+            by_shape[tuple(source["image"].shape)].append((i, source))
+        stats = []
+        for group in by_shape.values():
+            batch = default_collate([source for _, source in group])
+            posterior = vae.encode(batch["image"].to(self.device))
+            mean, std = posterior.mean.float().cpu(), posterior.std.float().cpu()  # (B, C, h, w)
+            stats.append({"count": mean.numel(), "sum": mean.double().sum().item(),
+                          "sum_sq": mean.double().square().sum().item(), "sum_var": std.double().square().sum().item(),
+                          "latent_shape": list(mean.shape[1:]), "image_size": list(batch["image"].shape[-2:])})
+            for j, (index, source) in enumerate(group):
+                yield stream_item(index, mean[j], std[j], source)
+        write_json_atomic(stats, self.stats_dir / f"{indices[0]:010d}.json")
+
+
+def stream_item(index: int, mean: torch.Tensor, std: torch.Tensor, source: Mapping[str, Any]) -> dict:
+    """One streamed item: fp16 posterior, uint8 hint, and the source's caption / label / path / size / crop."""
+    item = {"index": index, "mean": mean.half(), "std": std.half()}
+    if "hint" in source:
+        item["hint"] = (source["hint"] * HINT_SCALE).round().to(torch.uint8)  # (3, H, W)
+    for key in PASSED_THROUGH:
+        if key in source:
+            value = source[key]
+            item[key] = value.tolist() if torch.is_tensor(value) else value
+    return item
+
+
+def build_streaming_cache(autoencoder: torch.nn.Module, datasets: Mapping[str, Dataset], cache_dir: str | os.PathLike,
+                          uri: str, vae_info: dict, batch_size: int = 64, shard_size: int = 4096, num_workers: int = 1,
+                          data_config: Mapping | None = None, chunk_bytes: str = DEFAULT_CHUNK_BYTES) -> dict:
+    """Encode every split into litdata shards at ``uri`` part by part (resuming after the last finished part)."""
+    if is_remote(uri):
+        probe_remote(uri)  # one line now, not a stack trace from a worker later
+    cache_dir = Path(cache_dir)
+    meta_path = cache_dir / META_FILE
+    previous = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if previous and (previous.get("vae", {}).get("hash") != vae_info["hash"] or previous.get("uri") != uri):
+        raise CacheError(f"{cache_dir} holds another cache (VAE hash {previous.get('vae', {}).get('hash')}, shards at "
+                         f"{previous.get('uri')}), not this one (VAE hash {vae_info['hash']}, shards at {uri}); delete "
+                         "it or choose another cache folder")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"version": CACHE_VERSION, "vae": vae_info, "format": FORMAT, "uri": uri, "complete": False,
+            "classes": class_map(datasets), "parts": previous.get("parts", {}), "chunks": previous.get("chunks", {})}
+    if data_config is not None:
+        meta["data"] = json.loads(json.dumps(data_config))
+    write_json_atomic(meta, meta_path)
+    splits = {}
+    for split, dataset in datasets.items():
+        stats_dir = cache_dir / STATS_DIR / split
+        stats_dir.mkdir(parents=True, exist_ok=True)
+        n_parts = math.ceil(len(dataset) / shard_size)
+        if meta["parts"].get(split, 0) < n_parts:
+            trim_index(split_uri(uri, split), meta["chunks"].get(split, 0))
+        for part in range(meta["parts"].get(split, 0), n_parts):
+            start, stop = part * shard_size, min((part + 1) * shard_size, len(dataset))
+            batches = [list(range(s, min(s + batch_size, stop))) for s in range(start, stop, batch_size)]
+            litdata.optimize(fn=EncodeBatches(autoencoder, dataset, stats_dir), inputs=batches,
+                             output_dir=split_uri(uri, split), chunk_bytes=chunk_bytes, num_workers=max(num_workers, 1),
+                             mode="append" if part else "overwrite", verbose=False)
+            meta["parts"][split] = part + 1
+            meta["chunks"][split] = count_chunks(split_uri(uri, split))
+            write_json_atomic(meta, meta_path)
+        splits[split] = split_stats(stats_dir, len(dataset)) | {"items": len(dataset), "shards": n_parts}
+    first = splits["train" if "train" in splits else next(iter(splits))]
+    meta.update(splits={k: {x: v for x, v in s.items() if x not in ("latent_shape", "image_size")}
+                        for k, s in splits.items()},
+                latent_shape=first["latent_shape"], image_size=first["image_size"],
+                downsampling_factor=vae_info.get("downsampling_factor"),
+                count=sum(s["items"] for s in splits.values()), scale_factor=1.0 / first["latent_std"], complete=True)
+    write_json_atomic(meta, meta_path)
+    return meta
+
+
+def count_chunks(uri: str) -> int | None:
+    """How many chunks a split's litdata index lists (None for remote shards, whose index is not read here)."""
+    return None if is_remote(uri) else len(json.loads((local_path(uri) / INDEX_FILE).read_text())["chunks"])
+
+
+def trim_index(uri: str, n_chunks: int | None) -> None:
+    """Keep the first ``n_chunks`` chunks of a local split's index (those of its finished parts): a build killed
+    after litdata wrote a part's index but before meta.json recorded the part appends it again, not twice."""
+    index_path = local_path(uri) / INDEX_FILE
+    if n_chunks is None or is_remote(uri) or not index_path.is_file():
+        return  # remote: litdata writes the index only when a part completes
+    index = json.loads(index_path.read_text())
+    if len(index["chunks"]) > n_chunks:
+        write_json_atomic({**index, "chunks": index["chunks"][:n_chunks]}, index_path)
+
+
+def split_stats(stats_dir: Path, n_items: int) -> dict:
+    """Latent mean and std of a split from its batches' statistics, with the first batch's latent and image shape."""
+    batches = [json.loads(p.read_text()) for p in sorted(stats_dir.glob("*.json")) if int(p.stem) < n_items]
+    groups = [g for batch in batches for g in batch]
+    if not groups:
+        raise CacheError(f"{stats_dir} holds no latent statistics: delete the cache folder and build it again")
+    return _combine(groups) | {"latent_shape": groups[0]["latent_shape"], "image_size": groups[0]["image_size"]}
+
+
+def decode_item(item: dict) -> dict:
+    """A streamed item as the folder cache gives it: fp32 posterior, hint in [0, 1]."""
+    item["mean"], item["std"] = item["mean"].float(), item["std"].float()
+    if "hint" in item:
+        item["hint"] = item["hint"].float() / HINT_SCALE
+    return item
+
+
+class StreamingLatents(StreamingDataset):
+    """One split of a litdata latent cache, streamed: shuffled per epoch from ``seed`` (validation in order), split
+    over ranks and workers by litdata; its shards are checked (index and chunk sizes) before anything reads them."""
+
+    def __init__(self, cache_dir: str, split: str = "train", shuffle: bool | None = None, seed: int = 0,
+                 local_cache: str | None = None, max_cache_size: str = "50GB"):
+        self.meta = read_meta(cache_dir)
+        if self.meta.get("format") != FORMAT:
+            raise CacheError(f"{cache_dir} is a folder latent cache, not litdata shards: read it with "
+                             "ldm.data.latents.LatentDataset (or rebuild it with cache.format: litdata)")
+        uri = split_uri(self.meta["uri"], split)
+        check_split(uri, self.meta["splits"][split]["items"])
+        super().__init__(uri, cache_dir=local_cache, shuffle=split == "train" if shuffle is None else shuffle,
+                         seed=seed, max_cache_size=max_cache_size, transform=decode_item)

@@ -1,0 +1,93 @@
+"""Cached text embeddings: a frozen text encoder's context for every caption of a latent cache, computed once.
+
+Beside each latent shard ``<split>/shard-00000.*`` the cache holds ``<split>/text-00000.safetensors`` with
+``context`` (N, T, D) fp16, the captions' embeddings in the shard's order; the cache folder holds the empty caption's
+context once (``text_uncond.safetensors``, for CFG dropout) and the encoder's weights (``text_encoder.safetensors``,
+so a run's checkpoints keep them without building the encoder). ``meta.json``'s ``text`` entry names the encoder
+(its config node and weights hash): a cache made with another encoder is refused. Text shards are written atomically,
+one per latent shard, so an interrupted run resumes from its finished ones.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file as load_safetensors
+from torch import nn
+from tqdm import tqdm
+
+from ldm.data.latents import META_FILE, CacheError, write_json_atomic
+from ldm.data.text_shards import CONTEXT_DTYPE, CONTEXT_KEY, ENCODER_FILE, UNCOND_FILE, text_shard_path
+from ldm.io.checkpoints import save_file_atomic
+
+
+@torch.inference_mode()
+def encode_captions(encoder: nn.Module, captions: list[str], batch_size: int) -> torch.Tensor:
+    """Context ``(N, T, D)`` fp16 of ``captions``, in batches."""
+    parts = [encoder(captions[i:i + batch_size]).to("cpu", CONTEXT_DTYPE) for i in range(0, len(captions), batch_size)]
+    return torch.cat(parts)  # (N, T, D)
+
+
+def encode_text_split(encoder: nn.Module, split_dir: Path, batch_size: int = 64, progress: bool = False) -> int:
+    """Write the text shard of every latent shard under ``split_dir`` that lacks one; returns the items encoded."""
+    encoded = 0
+    for index_path in tqdm(sorted(split_dir.glob("shard-*.json")), desc=f"text {split_dir.name}", disable=not progress):
+        out = text_shard_path(index_path.with_suffix(".safetensors"))
+        if out.is_file():
+            continue  # finished by an earlier run
+        captions = json.loads(index_path.read_text()).get("caption")
+        if captions is None:
+            raise CacheError(f"{index_path} holds no captions: cached text embeddings need a captioned dataset "
+                             "(set cache.text_embeddings: false for labels or unconditional data)")
+        save_file_atomic({CONTEXT_KEY: encode_captions(encoder, list(captions), batch_size)}, out)
+        encoded += len(captions)
+    return encoded
+
+
+def build_text_cache(encoder: nn.Module, cache_dir: str | Path, encoder_info: dict, batch_size: int = 64,
+                     progress: bool = False) -> dict:
+    """Encode every split's captions and the empty caption with ``encoder`` (frozen); record it in ``meta.json``.
+
+    ``encoder_info``: ``{"hash": weights hash, "encoder": config node}``; a cache holding another encoder's
+    embeddings is refused."""
+    cache_dir = Path(cache_dir)
+    meta_path = cache_dir / META_FILE
+    meta = json.loads(meta_path.read_text())
+    check_encoder(meta, encoder_info, str(cache_dir))
+    encoder.eval()
+    uncond = encode_captions(encoder, [""], 1)  # (1, T, D)
+    meta["text"] = {**encoder_info, "context_shape": list(uncond.shape[1:]), "complete": False}
+    write_json_atomic(meta, meta_path)
+    save_file_atomic({CONTEXT_KEY: uncond}, cache_dir / UNCOND_FILE)
+    save_file_atomic(encoder.state_dict(), cache_dir / ENCODER_FILE)
+    counts = {split: encode_text_split(encoder, cache_dir / split, batch_size, progress) for split in meta["splits"]}
+    meta["text"].update(complete=True, encoded=counts)
+    write_json_atomic(meta, meta_path)
+    return meta
+
+
+def check_encoder(meta: dict, encoder_info: dict, where: str) -> None:
+    """Refuse a cache whose text embeddings another encoder (another weights hash) made."""
+    cached = meta.get("text") or {}
+    if cached and cached.get("hash") != encoder_info["hash"]:
+        raise CacheError(
+            f"{where} holds text embeddings of encoder {cached.get('encoder', {}).get('target')} (weights hash "
+            f"{cached.get('hash')}), not of this config's model.params.cond_stage (hash {encoder_info['hash']}); "
+            f"delete {where}, or set cache.dir to another folder"
+        )
+
+
+def text_complete(meta: dict) -> bool:
+    """Whether ``meta.json`` records finished text embeddings."""
+    return bool((meta.get("text") or {}).get("complete"))
+
+
+def load_text_files(cache_dir: str | Path) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The cached encoder weights (memory-mapped) and the unconditional context ``(1, T, D)``."""
+    cache_dir = Path(cache_dir)
+    for name in (ENCODER_FILE, UNCOND_FILE):
+        if not (cache_dir / name).is_file():
+            raise CacheError(f"{cache_dir / name} is missing: run the caching command again with cache.text_embeddings")
+    return load_safetensors(str(cache_dir / ENCODER_FILE)), load_safetensors(str(cache_dir / UNCOND_FILE))[CONTEXT_KEY]

@@ -1,0 +1,86 @@
+"""Stage 2 on cached text embeddings (``cache.text_embeddings: true``): the frozen text encoder of
+``model.params.cond_stage`` encodes every caption once into the latent cache, and training builds the system with a
+``CachedTextEncoder`` in its place, so the encoder is never built for training steps.
+
+    cache:
+      text_embeddings: true   # needs model.params.cond_stage_trainable: false (a frozen encoder)
+
+The encoder is identified by the hash of its weights (random weights are drawn from the config's ``seed``, so a toy
+encoder is the same one each time); a cache made with another encoder is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ldm.core.config import ConfigError, instantiate_from_config
+from ldm.data.latents import read_meta
+from ldm.data.text_cache import build_text_cache, check_encoder, load_text_files, text_complete
+from ldm.inference.loaders import build_system, load_autoencoder
+from ldm.io.checkpoints import tensors_hash
+from ldm.nets.conditioning.cached import CachedTextEncoder
+
+log = logging.getLogger(__name__)
+ENCODER_PATH = "model.params.cond_stage"
+
+
+def text_cache_on(cfg: dict) -> bool:
+    """Whether the config trains on cached text embeddings."""
+    return bool((cfg.get("cache") or {}).get("text_embeddings"))
+
+
+def _encoder_node(cfg: dict) -> dict:
+    params = (cfg.get("model") or {}).get("params") or {}
+    if params.get("cond_stage_trainable", True):
+        raise ConfigError("cache.text_embeddings: the text encoder must be frozen to cache its embeddings; set "
+                          "model.params.cond_stage_trainable: false (or cache.text_embeddings: false)")
+    if params.get("base_ckpt"):
+        raise ConfigError("cache.text_embeddings with model.params.base_ckpt is not supported yet: the encoder's "
+                          "weights come from the base file after the model is built; set cache.text_embeddings: false")
+    return params["cond_stage"]
+
+
+def build_text_encoder(cfg: dict) -> tuple[nn.Module, dict]:
+    """The frozen encoder of ``model.params.cond_stage`` (random weights drawn from the config's seed) and its
+    identity ``{"hash", "encoder"}``."""
+    node = _encoder_node(cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.get("seed", 0))
+        encoder = instantiate_from_config(node, ENCODER_PATH)
+    return encoder.eval().requires_grad_(False), {"hash": tensors_hash(encoder.state_dict()), "encoder": node}
+
+
+def ensure_text_cache(cfg: dict, meta: dict, batch_size: int = 64, progress: bool = False) -> dict:
+    """With ``cache.text_embeddings``: check the cache's text embeddings against the config's encoder, or encode the
+    captions now (resuming finished shards); returns the cache's meta."""
+    if not text_cache_on(cfg):
+        return meta
+    cache_dir = cfg["cache"]["dir"]
+    encoder, info = build_text_encoder(cfg)
+    check_encoder(meta, info, cache_dir)
+    if text_complete(meta):
+        return meta
+    log.info("cache %s: encoding the captions with %s (hash %s)", cache_dir, info["encoder"]["target"], info["hash"])
+    build_text_cache(encoder, cache_dir, info, batch_size, progress)
+    return read_meta(cache_dir)
+
+
+def build_stage2_system(cfg: dict, load_vae: Callable[..., tuple] = load_autoencoder) -> nn.Module:
+    """The stage-2 system; with cached text embeddings, a ``CachedTextEncoder`` stands in for the text encoder."""
+    if not text_cache_on(cfg):
+        return build_system(cfg["model"], load_vae=load_vae)
+    node = cfg["model"]
+    params = dict(node.get("params") or {})
+    encoder_node = params.pop("cond_stage")
+    weights, uncond = load_text_files(cfg["cache"]["dir"])
+    extra = {"cond_stage": CachedTextEncoder(
+        weights, uncond, lambda: instantiate_from_config(encoder_node, ENCODER_PATH),
+        key=(encoder_node.get("params") or {}).get("key", "caption"))}
+    if isinstance(params.get("first_stage"), (str, os.PathLike)):  # a VAE run: loaded as build_system does
+        extra["first_stage"] = load_vae(params.pop("first_stage"), None)[0]
+    return instantiate_from_config({**node, "params": params}, "model", **extra)
