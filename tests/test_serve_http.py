@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from ldm.inference.pipeline import Pipeline, PipelineError
-from ldm.serve.adapter import NO_INIT_SUPPORT, ModelAdapter, ModelSource, PageRequest
+from ldm.inference.pipeline import GenerationRequest, Pipeline, PipelineError
+from ldm.serve.adapter import ModelAdapter, ModelSource, PageRequest
 from ldm.serve.app import create_app
 from ldm.serve.form import Limits
 from ldm.serve.server import DEFAULT_HOST, Server
@@ -82,7 +82,7 @@ def test_page_and_model_description(server, tiny_ldm_run):
     assert requests.get(server.url + "/static/page.js", timeout=TIMEOUT_S).status_code == 200
     info = requests.get(server.url + "/api/model", timeout=TIMEOUT_S).json()
     assert info["condition_key"] == "caption" and not info["controlnet"] and info["image_size"] == 16
-    assert info["size_multiple"] == 2 and "dpmpp_2m" in info["samplers"] and info["loras"] == ["style.safetensors"]
+    assert info["size_multiple"] == 4 and info["init_image"] and not info["inpainting"] and "dpmpp_2m" in info["samplers"] and info["loras"] == ["style.safetensors"]
     assert info["limits"]["max_upload_bytes"] == UPLOAD_LIMIT and info["source"]["run"] == str(tiny_ldm_run.resolve())
 
 
@@ -116,8 +116,9 @@ def test_bad_uploads_are_refused_and_logged(server, caplog):
     assert "more than the limit" in refused(server, fields, {"init": b"\x89PNG" + bytes(UPLOAD_LIMIT)})
     message = refused(server, fields, {"init": png_bytes((16, 16)), "mask": png_bytes((8, 8), (255, 255, 255))})
     assert "mask is 8×8" in message and "16×16" in message
-    assert "needs an init image" in refused(server, fields, {"mask": png_bytes()})
-    assert refused(server, fields, {"init": png_bytes()}) == NO_INIT_SUPPORT  # until the pipeline draws from images
+    assert refused(server, fields, {"mask": png_bytes()}) == "the mask needs the init image (the picture to edit)"
+    assert refused(server, {**fields, "strength": "0.5"}) == "strength needs the init image (the picture to edit)"
+    assert refused(server, {**fields, "strength": "1.5"}, {"init": png_bytes()}) == "strength must be in [0, 1], got 1.5"
     assert "no ControlNet" in refused(server, fields, {"control": png_bytes()})
     logged = [r.getMessage() for r in caplog.records if r.name == "ldm.serve.app"]
     assert any("not an image" in m for m in logged) and any("mask is 8×8" in m for m in logged)
@@ -127,9 +128,9 @@ def test_bad_uploads_are_refused_and_logged(server, caplog):
 def test_requests_beyond_the_model_or_the_server_are_refused_in_one_line(server, adapter):
     fields = {"prompt": "a circle", **FAST}
     size = refused(server, {**fields, "height": "15"})
-    with pytest.raises(PipelineError) as cli:  # the Pipeline's own check, which txt2img.py runs too
-        adapter.pipe.latent_shape(15, 16)
-    assert size == str(cli.value) == "image size 15×16 is not a positive multiple of the VAE's factor 2"
+    with pytest.raises(PipelineError) as python:  # the Pipeline's own check of the same request
+        adapter.pipe.check(GenerationRequest(["a circle"], height=15, width=16))
+    assert size == str(python.value) and size.startswith("image size 16×15 (width×height) is not a positive multiple")
     assert refused(server, {**fields, "steps": "0"}) == "steps must be at least 1, got 0"
     assert refused(server, {**fields, "steps": "51"}) == "steps must be at most 50 on this server, got 51"
     assert "at most 64" in refused(server, {**fields, "width": "128"})

@@ -1,34 +1,50 @@
 """The page's one door into the inference Pipeline: load a model, say what it can do, check and draw a request.
 
-Every call into ``ldm.inference.pipeline`` from the web server is in this file, so that moving the server to
-another generation API (e.g. a typed request) touches only ``ModelAdapter``. A request arrives as a
-``PageRequest`` (already parsed from the form, uploads decoded); ``check`` refuses what the model cannot draw with
-the Pipeline's one-line messages, before the request is queued; ``generate`` draws it, reporting each sampler step.
+Every call into ``ldm.inference`` from the web server is in this file. A request arrives as a ``PageRequest``
+(already parsed from the form, uploads decoded); ``request`` turns it into the ``GenerationRequest`` every front end
+shares; ``check`` refuses what the model cannot draw with ``check_request``'s one-line messages (the Python API's
+names), before the request is queued; ``generate`` draws it with ``Pipeline.generate``, reporting each sampler step,
+and each image keeps the Generation's own PNG parameters.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
-from ldm.core.images import to_pil
 from ldm.diffusion import SAMPLERS
 from ldm.inference.control_image import DEFAULT_CONTROL_SCALE
-from ldm.inference.loaders import PipelineError, describe_run, resolve_class
-from ldm.inference.pipeline import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, Pipeline
+from ldm.inference.loaders import PipelineError, resolve_class
+from ldm.inference.pipeline import Pipeline
+from ldm.inference.request import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_SAMPLER,
+    DEFAULT_STEPS,
+    PYTHON_NAMES,
+    CheckedRequest,
+    GenerationRequest,
+    check_request,
+)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STRENGTH = 0.75  # image-to-image: how far the init image is noised (1 = text-to-image)
+DEFAULT_STRENGTH = 0.75  # an init image alone: how far it is noised (1 with a mask, as txt2img.py)
+MASK_STRENGTH = 1.0  # inpainting repaints the white cells from noise
 DEFAULT_BATCH_SIZE = 1  # images drawn at once: 1 lets every image reproduce alone from its own seed
-NO_INIT_SUPPORT = ("an init image / mask (image-to-image, inpainting) is not supported by this version of the "
-                   "pipeline: leave the init image and mask empty")
+INPUT_KEYS = {"control": "control", "init": "init_image", "mask": "mask"}  # PageRequest field → PNG parameter key
 
 StepCallback = Callable[[int, int], None]  # (steps done, steps in all)
+ImageInput = Image.Image | Path  # an upload in memory, or the file it was kept in
+
+
+def default_strength(init: object, mask: object) -> float:
+    """The strength when none is given: 0.75 from an init image alone, 1 with a mask (txt2img.py's defaults)."""
+    return DEFAULT_STRENGTH if init is not None and mask is None else MASK_STRENGTH
 
 
 @dataclass(frozen=True)
@@ -59,7 +75,8 @@ class ModelInfo:
     defaults: dict = field(default_factory=lambda: {"steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE,
                                                     "sampler": DEFAULT_SAMPLER, "strength": DEFAULT_STRENGTH,
                                                     "control_scale": DEFAULT_CONTROL_SCALE})
-    init_image: bool = False  # image-to-image and inpainting
+    init_image: bool = True  # image-to-image and inpainting (a mask) with every model
+    inpainting: bool = False  # an inpainting U-Net (mask and masked picture as inputs), else masked latent blending
 
 
 @dataclass(frozen=True)
@@ -70,18 +87,18 @@ class PageRequest:
     steps: int
     guidance: float
     seed: int
-    height: int
-    width: int
+    height: int | None  # None: the model's size, or the init image's cut to the model's grid
+    width: int | None
     n: int = 1
     prompt: str | None = None  # text models
     negative: str | None = None
     label: str | None = None  # class models: a class name or index, as the CLI's --class
-    control: Image.Image | None = None  # ControlNet models
-    control_name: str | None = None  # how the PNG parameters name the control image (never the browser's name)
+    control: ImageInput | None = None  # ControlNet models
     control_scale: float = DEFAULT_CONTROL_SCALE
-    init: Image.Image | None = None
-    mask: Image.Image | None = None
-    strength: float = DEFAULT_STRENGTH
+    init: ImageInput | None = None  # image-to-image / inpainting: the picture to start from
+    mask: ImageInput | None = None  # inpainting: white = repaint (the init image's size)
+    strength: float | None = None  # None: ``default_strength``
+    names: dict[str, str] = field(default_factory=dict)  # field → the upload's content name (never the browser's)
     lora: Path | None = None  # a file from the server's LoRA folder
     lora_scale: float = 1.0
 
@@ -101,7 +118,6 @@ class ModelAdapter:
     def __init__(self, source: ModelSource, batch_size: int = DEFAULT_BATCH_SIZE):
         self.source = source
         self.batch_size = batch_size
-        self.class_names = describe_run(source.run).class_names if source.run else None
         self._lora: tuple[Path, float] | None = None
         self.pipe = self._load(None)
         self.info = self._describe()
@@ -119,51 +135,50 @@ class ModelAdapter:
         return pipe
 
     def _describe(self) -> ModelInfo:
-        pipe = self.pipe
-        names = []
-        if pipe.condition_key == "label":
-            names = list(self.class_names or [str(k) for k in range(pipe.n_classes or 0)])
-        return ModelInfo(pipe.condition_key, names, pipe.control_model is not None, int(pipe.image_size),
-                         int(pipe.downsampling_factor), list(SAMPLERS), dict(pipe.source))
+        caps = self.pipe.capabilities
+        names = list(caps.class_names or [str(k) for k in range(caps.n_classes or 0)]) if caps.is_class_model else []
+        return ModelInfo(caps.condition_key, names, bool(caps.control), int(caps.image_size or 0),
+                         int(caps.size_multiple or 1), list(SAMPLERS), dict(self.pipe.source),
+                         inpainting=caps.inpainting)
 
-    def check(self, request: PageRequest) -> None:
-        """Refuse what the model cannot draw (PipelineError, the CLI's one-line messages) before queueing."""
-        pipe = self.pipe
-        if request.init is not None or request.mask is not None:
-            if not self.info.init_image:
-                raise PipelineError(NO_INIT_SUPPORT)
-        if request.sampler not in SAMPLERS:
-            raise PipelineError(f"unknown sampler {request.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        pipe.check_conditions([self._condition(request)])
-        if request.negative:
-            pipe.check_conditions([request.negative], "negative condition")
-        pipe.latent_shape(request.height, request.width)
-        if self.info.controlnet and request.control is None:
-            raise PipelineError("this model is a ControlNet: give a control image, e.g. an edge map from "
-                                "scripts/make_edges.py")
-        if not self.info.controlnet and request.control is not None:
-            raise PipelineError("this model has no ControlNet, so it takes no control image: leave it empty")
+    def request(self, page: PageRequest) -> GenerationRequest:
+        """The GenerationRequest of a page's request (image i from seed + i), with the page's LoRA choice."""
+        strength = default_strength(page.init, page.mask) if page.strength is None else page.strength
+        loras = ((str(page.lora), float(page.lora_scale)),) if page.lora is not None else ()
+        return GenerationRequest(
+            [self._condition(page)] * page.n, negative=page.negative or None, height=page.height, width=page.width,
+            steps=page.steps, sampler=page.sampler, guidance=page.guidance, seed=page.seed,
+            batch_size=self.batch_size, control=page.control, control_scale=page.control_scale, loras=loras,
+            init_image=page.init, strength=strength, mask=page.mask)
 
-    def _condition(self, request: PageRequest) -> str | int:
+    def check(self, page: PageRequest) -> CheckedRequest:
+        """Refuse what the model cannot draw (PipelineError, the Python API's one-line messages) before queueing."""
+        return check_request(self.request(page), self.pipe.capabilities, PYTHON_NAMES)
+
+    def _condition(self, page: PageRequest) -> str | int:
         """The prompt (text model) or class label (class model) of a request."""
-        if self.info.condition_key == "label":
-            if request.label is None or request.label == "":
+        caps = self.pipe.capabilities
+        if caps.is_class_model:
+            if page.label is None or page.label == "":
                 raise PipelineError("this model is class-conditional: choose a class")
-            return resolve_class(request.label, self.class_names, self.pipe.n_classes, where="class")
-        if request.label is not None:
+            return resolve_class(page.label, self._class_names(), caps.n_classes, where="class")
+        if page.label is not None:
             raise PipelineError("this model is text-conditional: give a prompt, not a class")
-        return request.prompt or ""
+        return page.prompt or ""
 
-    def generate(self, request: PageRequest, on_step: StepCallback | None = None) -> list[Drawn]:
-        """Draw ``request.n`` images (image i from seed + i), calling ``on_step(done, total)`` after each step."""
-        self.check(request)
-        lora = (request.lora, request.lora_scale) if request.lora is not None else None
+    def _class_names(self) -> list[str] | None:
+        """The class names the run keeps (None: indices only)."""
+        return list(self.pipe.capabilities.class_names or []) or None
+
+    def generate(self, page: PageRequest, on_step: StepCallback | None = None) -> list[Drawn]:
+        """Draw ``page.n`` images (image i from seed + i), calling ``on_step(done, total)`` after each step."""
+        self.check(page)
+        lora = (page.lora, page.lora_scale) if page.lora is not None else None
         if lora != self._lora:
             log.info("loading the model with LoRA %s", "none" if lora is None else f"{lora[0].name}:{lora[1]}")
             self.pipe = self._load(lora)
-        condition = self._condition(request)
-        chunks = -(-request.n // self.batch_size)
-        total, done = chunks * request.steps, 0
+        request = self.request(page)
+        total, done = math.ceil(page.n / self.batch_size) * self.pipe.check(request).steps_run, 0
 
         def step(_info: dict) -> None:
             nonlocal done
@@ -171,33 +186,15 @@ class ModelAdapter:
             if on_step is not None:
                 on_step(done, total)
 
-        options = {}  # init / mask / strength join here once the pipeline draws from images (ModelInfo.init_image)
-        if request.control is not None:
-            options.update(control=request.control, control_scale=request.control_scale)
-        tensors = self.pipe.generate_tensors(
-            [condition] * request.n, steps=request.steps, guidance=request.guidance, sampler=request.sampler,
-            seed=request.seed, negative=request.negative or None, height=request.height, width=request.width,
-            batch_size=self.batch_size, callback=step, **options)  # (N, 3, H, W) in [-1, 1]
-        seeds = [request.seed + i for i in range(request.n)]
-        return [Drawn(image, seed, self.parameters(request, condition, seed))
-                for image, seed in zip(to_pil(tensors), seeds)]
+        generation = self.pipe.generate(request, callback=step)
+        return [Drawn(image, seed, recorded_inputs(params, page))
+                for image, seed, params in zip(generation.images, generation.seeds, generation.parameters)]
 
-    def parameters(self, request: PageRequest, condition: str | int, seed: int) -> dict:
-        """The PNG parameters of one image, with txt2img.py's keys (``ldm.inference.png_params``)."""
-        source = self.pipe.source
-        kind = "class" if self.info.condition_key == "label" else "prompt"
-        params = {kind: condition, "negative_prompt": request.negative or None, "seed": seed,
-                  "steps": request.steps, "sampler": request.sampler, "scale": request.guidance,
-                  "guidance_rescale": 0.0, "height": request.height, "width": request.width,
-                  "run": source.get("run"), "checkpoint": source.get("checkpoint"), "ema": source.get("ema"),
-                  "dtype": str(self.pipe.dtype).removeprefix("torch.")}
-        if kind == "class" and self.class_names:
-            params["class_name"] = self.class_names[condition]
-        if source.get("config") or source.get("controlnet"):
-            params.update(config=source.get("config"), controlnet=source.get("controlnet"))
-        if request.control is not None:
-            params.update(control=request.control_name, control_scale=request.control_scale, guess_mode=False)
-        if source.get("lora"):
-            params["lora"] = source["lora"]
-        return params
 
+def recorded_inputs(params: dict, page: PageRequest) -> dict:
+    """The PNG parameters with each upload drawn from memory named by its content name (a kept file names itself)."""
+    params = dict(params)
+    for name, key in INPUT_KEYS.items():
+        if isinstance(getattr(page, name), Image.Image) and name in page.names:
+            params[key] = page.names[name]
+    return params

@@ -12,7 +12,7 @@ A refused request is answered with a one-line message (shown on the page) and lo
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -69,8 +69,8 @@ def create_app(adapter: ModelAdapter, limits: Limits = Limits(), queue_limit: in
             job.step, job.total = done, total
 
         request, kept = job.request
-        for name, data in kept.items():
-            outputs.keep_upload(name, data)
+        paths = {field: outputs.keep_upload(name, data) for field, (name, data) in kept.items()}
+        request = replace(request, **{field: path for field, path in paths.items() if path is not None})
         return [outputs.add(drawn) for drawn in adapter.generate(request, on_step)]
 
     queue = JobQueue(work, queue_limit, history)

@@ -17,8 +17,8 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 
 from ldm.core.errors import UserError
-from ldm.serve.adapter import DEFAULT_STRENGTH, ModelInfo, PageRequest
-from ldm.serve.uploads import DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_MB, MEBIBYTE, check_mask, content_name, read_image
+from ldm.serve.adapter import ModelInfo, PageRequest
+from ldm.serve.uploads import DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_MB, MEBIBYTE, content_name, read_image
 
 SEED_RANGE = 2**31  # a random seed is drawn below this, as txt2img.py draws one
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -100,6 +100,15 @@ def _seed(fields: Mapping[str, str]) -> int:
     return seed
 
 
+def _size(fields: Mapping[str, str], name: str, default: int | None, limits: Limits) -> int | None:
+    """A side in pixels within the server's limit (``default`` when empty: None lets the request decide)."""
+    if not (fields.get(name) or "").strip() and default is None:
+        return None
+    side = _number(fields, name, int, default)
+    _in_range(name, side, 1, limits.max_side)
+    return side
+
+
 def _uploads(files: Mapping[str, bytes], limits: Limits) -> dict[str, tuple[Image.Image, bytes]]:
     """The non-empty uploads, decoded (UploadError on a bad one)."""
     return {name: (read_image(data, UPLOAD_FIELDS[name], limits.max_upload_bytes, limits.max_pixels), data)
@@ -107,36 +116,34 @@ def _uploads(files: Mapping[str, bytes], limits: Limits) -> dict[str, tuple[Imag
 
 
 def parse_form(fields: Mapping[str, str], files: Mapping[str, bytes], info: ModelInfo, limits: Limits,
-               loras: Mapping[str, Path]) -> tuple[PageRequest, dict[str, bytes]]:
-    """A PageRequest from the form's text fields and uploaded bytes, and the uploads to keep (file name → bytes)."""
+               loras: Mapping[str, Path]) -> tuple[PageRequest, dict[str, tuple[str, bytes]]]:
+    """A PageRequest from the form's text fields and uploaded bytes, and the uploads to keep (field → (content
+    name, bytes)); the request's own rules (strength, a mask with its init image) are ``check_request``'s."""
     steps = _number(fields, "steps", int, info.defaults["steps"])
     _in_range("steps", steps, 1, limits.max_steps)
     guidance = _number(fields, "guidance", float, info.defaults["guidance"])
     _in_range("guidance", guidance, 0)
     n = _number(fields, "n", int, 1)
     _in_range("number of images", n, 1, limits.max_images)
-    height = _number(fields, "height", int, info.image_size)
-    width = _number(fields, "width", int, info.image_size)
-    for name, side in (("height", height), ("width", width)):
-        _in_range(name, side, 1, limits.max_side)
+    uploads = _uploads(files, limits)
+    default_side = None if "init" in uploads else info.image_size  # from an init image: its size, as txt2img.py
+    height, width = _size(fields, "height", default_side, limits), _size(fields, "width", default_side, limits)
     control_scale = _number(fields, "control_scale", float, info.defaults["control_scale"])
     _in_range("control scale", control_scale, 0)
-    strength = _number(fields, "strength", float, DEFAULT_STRENGTH)
-    _in_range("strength", strength, 0, 1)
+    strength = _number(fields, "strength", float) if (fields.get("strength") or "").strip() else None
     lora_scale = _number(fields, "lora_scale", float, 1.0)
     lora_name = (fields.get("lora") or "").strip()
     if lora_name and lora_name not in loras:
         raise FormError(f"no LoRA named {lora_name!r} on this server: choose one of the list "
                         f"({', '.join(loras) or 'none offered'})")
-    uploads = _uploads(files, limits)
     image = {name: uploads[name][0] if name in uploads else None for name in UPLOAD_FIELDS}
-    check_mask(image["init"], image["mask"])
-    kept = {content_name(uploads["control"][1], "control"): uploads["control"][1]} if "control" in uploads else {}
+    kept = {name: (content_name(data, name), data) for name, (_, data) in uploads.items()}
     label = fields.get("class") if info.condition_key == "label" else None
     request = PageRequest(
         sampler=fields.get("sampler") or info.defaults["sampler"], steps=steps, guidance=guidance,
         seed=_seed(fields), height=height, width=width, n=n, prompt=fields.get("prompt") or "",
         negative=fields.get("negative_prompt") or None, label=label, control=image["control"],
-        control_name=next(iter(kept), None), control_scale=control_scale, init=image["init"], mask=image["mask"],
-        strength=strength, lora=loras[lora_name] if lora_name else None, lora_scale=lora_scale)
+        control_scale=control_scale, init=image["init"], mask=image["mask"], strength=strength,
+        names={name: kept[name][0] for name in kept}, lora=loras[lora_name] if lora_name else None,
+        lora_scale=lora_scale)
     return request, kept

@@ -45,11 +45,19 @@ def txt2img_arguments(params: dict, folder: Path | None = None) -> list[str]:
     if params.get("ema") is False:
         args.append("--no-ema")
     if params.get("control"):
-        control = folder / params["control"] if folder is not None else Path(params["control"])
-        args += ["--control", str(control), "--control-scale", str(params["control_scale"])]
+        args += ["--control", _input(params["control"], folder), "--control-scale", str(params["control_scale"])]
+    if params.get("init_image"):
+        args += ["--init", _input(params["init_image"], folder), "--strength", str(params["strength"])]
+    if params.get("mask"):
+        args += ["--mask", _input(params["mask"], folder)]
     for lora in params.get("lora") or []:
         args += ["--lora", f"{lora['file']}:{lora['scale']}"]
     return args
+
+
+def _input(recorded: str, folder: Path | None) -> str:
+    """An input image's file: as recorded, or a kept upload's name in the output folder."""
+    return str(folder / recorded if folder is not None else Path(recorded))
 
 
 class Outputs:
@@ -63,10 +71,15 @@ class Outputs:
             self.folder.mkdir(parents=True, exist_ok=True)
             self._index = next_index(self.folder)
 
-    def keep_upload(self, name: str, data: bytes) -> None:
-        """Write an uploaded image (named by its content, ``ldm.serve.uploads.content_name``) to the folder."""
-        if self.folder is not None and not (self.folder / name).exists():
-            write_bytes_atomic(self.folder / name, data)
+    def keep_upload(self, name: str, data: bytes) -> Path | None:
+        """Write an uploaded image (named by its content, ``ldm.serve.uploads.content_name``) to the folder; its
+        absolute path (None without a folder: the image is drawn from memory)."""
+        if self.folder is None:
+            return None
+        path = (self.folder / name).resolve()
+        if not path.exists():
+            write_bytes_atomic(path, data)
+        return path
 
     def add(self, drawn: Drawn) -> Result:
         """The image as PNG bytes with its parameters (and written to the folder)."""

@@ -2,7 +2,7 @@
 
 Only the bytes are used: the browser's file name never becomes a path (an image kept beside the outputs is named
 by the hash of its bytes). An upload larger than the byte limit, one that is not an image, one with more pixels
-than the pixel limit (a decompression bomb), and a mask of another size than its init image are refused.
+than the pixel limit (a decompression bomb) are refused (a mask's size is the request's rule, ``check_request``).
 """
 
 from __future__ import annotations
@@ -50,17 +50,6 @@ def read_image(data: bytes, what: str, max_bytes: int, max_pixels: int = DEFAULT
     return image
 
 
-def check_mask(init: Image.Image | None, mask: Image.Image | None) -> None:
-    """A mask goes with an init image of the same size."""
-    if mask is None:
-        return
-    if init is None:
-        raise UploadError("a mask needs an init image: upload the image to repaint as well")
-    if mask.size != init.size:
-        raise UploadError(f"the mask is {mask.width}×{mask.height} pixels but the init image is "
-                          f"{init.width}×{init.height}: upload a mask of the init image's size")
-
-
 def content_name(data: bytes, prefix: str) -> str:
-    """A file name for an upload from its bytes alone (``control-<sha256>.png``), never from the browser's name."""
+    """A file name for an upload from its bytes alone (``init-<sha256>.png``), never from the browser's name."""
     return f"{prefix}-{hashlib.sha256(data).hexdigest()[:HASH_CHARS]}.png"

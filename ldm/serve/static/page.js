@@ -33,7 +33,7 @@ async function loadModel() {
   $("steps").value = info.defaults.steps;
   $("steps").max = info.limits.max_steps;
   $("guidance").value = info.defaults.guidance;
-  $("strength").value = info.defaults.strength;
+  $("strength").placeholder = `${info.defaults.strength} (1 with a mask)`;  // empty: txt2img.py's default
   $("control-scale").value = info.defaults.control_scale;
   $("n").max = info.limits.max_images;
   for (const side of ["width", "height"]) {
