@@ -43,7 +43,8 @@ def test_pairs_are_deterministic_resumable_and_refused_when_drawn_otherwise(toy_
     pipe = Pipeline.from_run(toy_flow_run, device="cpu")
     item = LatentDataset(str(first), "train")[3]
     again = pipe.latents_for([item["caption"]], item["noise"][None], steps=2, guidance=2.0, sampler="euler")
-    torch.testing.assert_close(again[0], item["latent"], atol=1e-5, rtol=1e-5)
+    # (drawn in a batch of the reflow settings' size there, alone here: fp32 sums in another order)
+    torch.testing.assert_close(again[0], item["latent"], atol=2e-4, rtol=1e-4)
     # an interrupted draw resumes: a missing shard is drawn again, the same
     (second / "train" / "shard-00001.json").unlink()
     (second / "meta.json").unlink()

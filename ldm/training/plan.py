@@ -18,7 +18,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 from ldm.core.config import ConfigError, load_config
-from ldm.io.lineage import Input
+from ldm.io.lineage import Input, identify_all, pin_paths
 from ldm.io.runs import CHECKPOINT_DIR, CONFIG_FILE, LAST_CHECKPOINT, SAMPLES_DIR, checkpoint_for, resolve_run, runs_root
 from ldm.training.epochs import STEPS_OVERRIDE, size_by_epochs
 from ldm.training.presets import apply_folder, take_folder_overrides
@@ -179,8 +179,10 @@ def plan_stage(stage: str, default_config: str, args: argparse.Namespace, resolv
     if args.resume:
         check_stage_of(stage, args.resume)  # before the config of a run of another stage is read as this one's
     cfg, cfg_path, run_dir, ckpt, notes = load_stage_config(args, default_config)
-    inputs = pin_and_check(stage, cfg, run_dir, ckpt)  # paths pinned to the exact checkpoints, in place
+    pin_and_check(stage, cfg, run_dir, ckpt)  # paths pinned to the exact checkpoints, in place; a resume checked
     resolution = resolve(copy.deepcopy(cfg), cfg_path)
+    pin_paths(resolution.config)  # what resolving filled in (a source's, a base's) is pinned too
+    inputs = identify_all(resolution.config)
     derived = resolution.derived
     if notes and not any(item.startswith(STEPS_OVERRIDE) for item in args.overrides):  # --data: a folder's size
         sized = size_by_epochs(resolution.config, resolution.train_items)
