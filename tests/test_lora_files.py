@@ -16,7 +16,8 @@ from ldm.bench.twins import diffusers_text_encoder_like, diffusers_unet_like
 from ldm.inference.lora_files import num_res_blocks, read_lora_file, trained_lora, write_lora_file
 from ldm.inference.pipeline import Pipeline
 from ldm.inference.sd import load_sd
-from ldm.io.checkpoints import UNET_PREFIX, ema_shadow_key, load_file
+from ldm.io.checkpoints import UNET_PREFIX, ema_shadow_key, load_file, read_metadata
+from ldm.io.lineage import lineage_hashes, read_lineage
 from ldm.io.lora_layout import LoraFileError, diffusers_unet_path, hf_text_path
 from ldm.nets.lora import UNET_TARGETS, LoRA, adaptable_modules
 from tests.scripts import load_script
@@ -237,6 +238,8 @@ def test_a_lora_run_exports_as_a_file_or_merged_and_loads_back(tmp_path, capsys)
     kohya = load_file(files["kohya"])
     assert all(k.startswith(("lora_unet_", "lora_te_")) for k in kohya) and any(k.startswith("lora_te_") for k in kohya)
     assert files["kohya"].stat().st_size < ckpt.stat().st_size / 4  # the adapters alone
+    lineage = json.loads(read_metadata(files["kohya"])["ldm.lineage"])  # what the adapters were trained on
+    assert lineage == lineage_hashes(read_lineage(run)) and lineage.get("base_file")
     for source, tolerance in ((files["kohya"], 1), (files["diffusers"], 1), (tmp_path / "half.safetensors", 3)):
         pipe = Pipeline.from_checkpoint(ckpt, config, device="cpu").with_lora(source)
         drawn = np.stack([np.asarray(im) for im in pipe(PROMPTS, **draw)]).astype(int)

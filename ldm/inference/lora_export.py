@@ -8,6 +8,8 @@ is the run's whole model with the adapters folded in, for ``scripts/export.py --
 
 from __future__ import annotations
 
+import json
+
 import os
 from pathlib import Path
 from typing import Literal, Mapping
@@ -17,6 +19,7 @@ from torch import Tensor
 from ldm.core.config import instantiate_from_config
 from ldm.inference.loaders import describe_run
 from ldm.inference.lora_files import trained_lora, write_lora_file
+from ldm.inference.source_checks import METADATA_LINEAGE, lineage_of
 from ldm.inference.sd_base import load_run_system
 from ldm.io.checkpoints import METADATA_SOURCE, UNET_PREFIX, load_file, select_ema, state_dict_of
 from ldm.io.lora_layout import Layout, LoraFileError
@@ -56,7 +59,8 @@ def export_lora(ckpt: str | os.PathLike, cfg: Mapping, out: str | os.PathLike, l
     adapters = [k for k in state if k.startswith(UNET_PREFIX) and is_lora_key(k)]
     state, used = select_ema(state, adapters, use_ema=ema != "drop")
     res_blocks = _unet_params(cfg).get("num_res_blocks")
-    metadata = {**kohya_metadata(settings, cfg), METADATA_SOURCE: str(ckpt), "ldm.ema": str(used)}
+    metadata = {**kohya_metadata(settings, cfg), METADATA_SOURCE: str(ckpt), "ldm.ema": str(used),
+                METADATA_LINEAGE: json.dumps(lineage_of(run=ckpt))}  # the base, cache and VAE it was trained on
     return write_lora_file(trained_lora(state, settings), out, layout, res_blocks, metadata, half)
 
 
