@@ -16,7 +16,8 @@ import yaml
 from PIL import Image
 from safetensors import safe_open
 
-from ldm.core.config import load_config
+from ldm.core.config import ConfigError, load_config
+from ldm.inference.pipeline import Pipeline
 from ldm.io.lineage import read_lineage
 from ldm.io.runs import CONFIG_FILE
 from ldm.training.driver import train
@@ -58,6 +59,8 @@ def test_another_config_for_a_file_that_carries_its_own_is_refused_naming_the_ke
     code = txt2img.main(["--ckpt", str(exported), "--config", str(exported.with_suffix(".yaml")), "--prompt", "a red "
                          "circle", "--steps", "1", "--out", str(tmp_path / "o")])
     assert code == 0  # its own config, spelled out: accepted
+    with pytest.raises(ConfigError, match="parameterization: 'eps' in the file, 'v' in"):  # from Python too
+        Pipeline.from_checkpoint(exported, tmp_path / "v.yaml", device="cpu")
 
 
 def test_exports_and_pngs_carry_the_lineage_hashes(tiny_ldm_run, exported, txt2img, tmp_path):

@@ -23,6 +23,7 @@ from ldm.inference.capabilities import ModelCapabilities
 from ldm.inference.loaders import DEFAULT_RUN, PipelineError, describe_run, load_classifier, resolve_device
 from ldm.inference.lora_files import add_live_lora, fold_lora, read_lora_file, text_towers
 from ldm.inference.sd import guess_sd_config, load_sd
+from ldm.inference.source_checks import check_carried_config
 from ldm.inference.sd_base import load_run_system
 from ldm.nets.compile import compile_network, is_compiled
 
@@ -84,6 +85,8 @@ class SamplingModel:
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         config = guess_sd_config(ckpt, unsafe) if config is None else config
+        if config is not None and not isinstance(config, dict):
+            check_carried_config(ckpt, config)  # an exported file's own config wins over another: refused
         system = load_sd(config, ckpt, device=device, dtype=dtype, use_ema=use_ema, unsafe=unsafe,
                          controlnet=controlnet, vae=vae)
         pipe = cls.from_system(system)
