@@ -61,7 +61,7 @@ def step_time(folder: Path, arch: str, batch: int, cached: bool, repeats: int = 
         cond = encoder(arch)
     torch.manual_seed(1)
     system = LatentDiffusion(UNetModel(**UNET, context_dim=cond.context_dim), cond, DiffusionObjective(VPSchedule()),
-                             cond_stage_trainable=False, use_ema=False, scale_factor=1.0)
+                             cond_stage_trainable=False, ema=None, scale_factor=1.0)
     data = {"mean": torch.randn(batch, *LATENT), "std": torch.rand(batch, *LATENT), "caption": captions(batch)}
     if cached:
         data["context"] = load_safetensors(str(folder / CONTEXTS))["context"].float()  # (B, T, D), as a batch has it
