@@ -1,4 +1,4 @@
-"""Every private torch API the project relies on, in one place. ``tests/test_private_api.py`` checks each against
+"""Every private torch API the project relies on, in one place. ``tests/core/test_private_api.py`` checks each against
 the installed torch, so a release that changes one fails there first, not inside a training run.
 (No private Lightning API is used: the CSV logger, the graceful stop and the checkpoint IO use its public ones.)
 """

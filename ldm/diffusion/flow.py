@@ -3,7 +3,7 @@
 Liu et al. 2022 ("Flow Straight and Fast"), Lipman et al. 2023 ("Flow Matching"), Esser et al. 2024 (SD3, §2-3).
 In the VE coordinates every sampler uses, σ = t/(1 − t): x_t/(1 − t) = x0 + σ·ε, so α = 1 − t = 1/(1 + σ) and
 σ_t = t = σ/(1 + σ). A VE Euler step between σ and σ' is then exactly the flow's Euler step between t and t'
-(tests/test_flow.py), and DPM-Solver++ and the others run unchanged. The network is told t·``time_scale``
+(tests/diffusion/test_flow.py), and DPM-Solver++ and the others run unchanged. The network is told t·``time_scale``
 (1000, as SD3 and diffusers' FlowMatchEulerDiscreteScheduler).
 
 Training draws t ``uniform`` on [0, 1] or ``logit_normal`` (SD3's default: logit(t) ~ N(``logit_mean``,

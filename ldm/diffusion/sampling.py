@@ -208,7 +208,7 @@ def sample_dpmpp_2m(
     σ > 0 is first order here too because it is long in λ and the second-order extrapolation overshoots there: on
     exact Gaussian data (scripts/sampler_moments.py, SD's ε schedule, Karras ladder) the second-order step made the
     samples' std 5-7 % too wide at 8-10 steps against 0-4 % here; at 20 steps both are within 1.3 %.
-    ``first_order_penultimate=False`` takes diffusers' steps (tests/test_samplers.py checks it against theirs).
+    ``first_order_penultimate=False`` takes diffusers' steps (tests/diffusion/test_samplers.py checks it against theirs).
     """
     sigmas = sigmas.to(x.device)
     s_in = sigmas.new_ones(x.shape[0])  # σ stays float32 under half-precision x

@@ -20,7 +20,7 @@ from ldm.inference.pipeline import Pipeline
 from ldm.training.driver import train
 from tests.paths import REPO_ROOT
 
-FIXTURE = Path(__file__).parent / "fixtures" / "legacy_runs"
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "legacy_runs"
 VAE_RUN = "runs/vae/vae-20261129-161237"
 LDM_RUN = "runs/ldm/ldm-class-20261129-161331"
 CONTROL_RUN = "runs/controlnet/controlnet-20261129-161349"

@@ -19,7 +19,7 @@ from ldm.serve.app import create_app
 from ldm.serve.server import Server
 from tests.scripts import load_script
 from tests.sd_toy import write_sd_file
-from tests.test_lora_files import kohya_by_hand
+from tests.inference.test_lora_files import kohya_by_hand
 
 TIMEOUT_S = 120.0
 POLL_S = 0.05

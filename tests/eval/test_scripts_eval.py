@@ -15,7 +15,7 @@ from ldm.data.edges import canny
 from ldm.data.shapes import ShapesDataset
 from tests.scripts import load_script
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 make_edges = load_script("make_edges")

@@ -88,7 +88,7 @@ def test_few_steps_default_to_ddim_on_the_command_line():
 def test_a_folder_recipe_is_sized_by_epochs_of_its_data(tiny_vae_run, tmp_path):
     from PIL import Image
 
-    from tests.test_stage_plan import plan_of
+    from tests.training.test_stage_plan import plan_of
 
     for k, name in enumerate(("one", "two", "three")):
         (tmp_path / "digits" / name).mkdir(parents=True)

@@ -23,7 +23,7 @@ from ldm.io.runs import CONFIG_FILE
 from ldm.training.driver import train
 from tests.conftest import TINY
 from tests.scripts import load_script
-from tests.test_run_lineage import copy_vae_run
+from tests.training.test_run_lineage import copy_vae_run
 
 
 @pytest.fixture(scope="module")

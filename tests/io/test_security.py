@@ -24,7 +24,7 @@ from ldm.training.cache import make_cache
 from ldm.training.driver import EXIT_BAD_INPUT, train
 from scripts import txt2img
 from tests.conftest import TINY
-from tests.test_checkpoints import WritesAFile
+from tests.io.test_checkpoints import WritesAFile
 
 
 @pytest.fixture

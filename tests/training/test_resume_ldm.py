@@ -13,7 +13,7 @@ from ldm.io.runs import CHECKPOINT_DIR
 from ldm.training.cache import ensure_cache
 from tests.conftest import TINY
 from tests.procs import all_checkpoints_load, finish, launch, only_run, slow_checkpoint_renames, wait_until
-from tests.test_resume import assert_matches_reference, probed_config
+from tests.training.test_resume import assert_matches_reference, probed_config
 
 pytestmark = pytest.mark.slow  # subprocesses / compiles / end-to-end: `pytest -m "not slow"` skips them
 

@@ -226,7 +226,7 @@ def test_a_controlnet_on_a_stable_diffusion_file(tmp_path):
 def test_the_sd15_config_builds_controlnet_v1_for_sd15():
     from ldm.io.checkpoints import params_on_meta
     from tests.paths import REPO_ROOT
-    from tests.test_sd_configs import CONTROLNET_PARAMS, assert_layout, reference
+    from tests.nets.test_sd_configs import CONTROLNET_PARAMS, assert_layout, reference
 
     cfg = load_config(REPO_ROOT / "configs" / "controlnet" / "sd15-canny.yaml")
     node = complete_model_node(cfg["model"])  # reads configs/sd/v1-inference.yaml; the SD file is not opened

@@ -16,8 +16,8 @@ from ldm.inference.draw import draw_latents
 from ldm.inference.edit_images import EditImageError
 from ldm.inference.pipeline import GenerationRequest, Pipeline, PipelineError
 from tests.scripts import load_script
-from tests.test_pipeline_control import edges, runs  # noqa: F401  (module fixtures shared)
-from tests.test_txt2img import pngs
+from tests.inference.test_pipeline_control import edges, runs  # noqa: F401  (module fixtures shared)
+from tests.inference.test_txt2img import pngs
 
 txt2img = load_script("txt2img")
 PROMPT = "a red circle on a blue background"

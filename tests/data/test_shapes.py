@@ -57,11 +57,11 @@ def test_deterministic_per_index_and_seed():
 @pytest.mark.slow
 def test_same_items_in_another_process():
     code = (
-        "from ldm.data.shapes import ShapesDataset; import tests.test_shapes as t; "
+        "from ldm.data.shapes import ShapesDataset; import tests.data.test_shapes as t; "
         "print(t._digest(ShapesDataset(length=8, seed=3), 8))"
     )
     env = dict(os.environ, PYTHONHASHSEED="12345")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == _digest(ShapesDataset(length=8, seed=3), 8)
 

@@ -16,7 +16,7 @@ from ldm.io.sdxl_layout import model_to_sdxl, sdxl_to_model
 from ldm.nets.conditioning.sdxl import SizeConditioning
 from tests.paths import REPO_ROOT
 from tests.sdxl_toy import diffusers_xl_pipeline, tiny_xl_config, write_xl_file
-from tests.test_reference_unet import _reference
+from tests.nets.test_reference_unet import _reference
 
 diffusers = pytest.importorskip("diffusers")
 

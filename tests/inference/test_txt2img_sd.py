@@ -15,8 +15,8 @@ from ldm.inference.pipeline import guess_sd_config
 from ldm.inference.sd import CONTEXT_KEY, SD_CONFIG_DIR
 from tests.scripts import load_script
 from tests.sd_toy import tiny_config
-from tests.test_pipeline_control import edges, runs, sd_files  # noqa: F401  (module fixtures shared)
-from tests.test_txt2img import pngs
+from tests.inference.test_pipeline_control import edges, runs, sd_files  # noqa: F401  (module fixtures shared)
+from tests.inference.test_txt2img import pngs
 
 txt2img = load_script("txt2img")
 FAST = ["--steps", "2", "--sampler", "euler", "--scale", "2"]

@@ -218,7 +218,7 @@ def test_a_lora_run_exports_as_a_file_or_merged_and_loads_back(tmp_path, capsys)
     from ldm.training.driver import train
     from scripts.export import main as export
     from tests.sd_toy import write_image_folder
-    from tests.test_lora_training import CFG, TEXT
+    from tests.systems.test_lora_training import CFG, TEXT
 
     ckpt, config = write_sd_file(tmp_path, seed=6)
     run = train("ldm", argv=["--cfg", str(CFG), "--runs-dir", str(tmp_path / "runs"), f"model.params.base_ckpt={ckpt}",

@@ -21,7 +21,7 @@ from ldm.training.driver import train
 from ldm.training.sd_finetune import complete_from_base, start_from_base
 from tests.components import tiny_components
 from tests.conftest import TINY
-from tests.test_sd_finetune import base, overrides  # noqa: F401  (the toy SD file, its config and images)
+from tests.training.test_sd_finetune import base, overrides  # noqa: F401  (the toy SD file, its config and images)
 
 CFG = TINY / "sd-lora.yaml"
 TEXT = "model.params.lora.params.text_targets=[attn.q_proj,attn.k_proj,attn.v_proj,attn.out_proj]"

@@ -15,9 +15,9 @@ from ldm.systems.controlnet import ControlLDM
 from tests.paths import REPO_ROOT
 
 CONFIGS = ["v1-inference", "v2-inference", "v2-inference-v", "controlnet-v1"]
-FINETUNE_CONFIGS = ["finetune-v1", "finetune-v1-lora", "finetune-v2-v", "finetune-v2-v-lora"]  # tests/test_sd_finetune.py
-XL_CONFIGS = ["xl-base-inference"]  # tests/test_sdxl.py
-INPAINTING_CONFIGS = ["v1-inpainting-inference"]  # tests/test_inpainting_sd.py
+FINETUNE_CONFIGS = ["finetune-v1", "finetune-v1-lora", "finetune-v2-v", "finetune-v2-v-lora"]  # tests/training/test_sd_finetune.py
+XL_CONFIGS = ["xl-base-inference"]  # tests/inference/test_sdxl.py
+INPAINTING_CONFIGS = ["v1-inpainting-inference"]  # tests/inference/test_inpainting_sd.py
 SD_SCALE_FACTOR = 0.18215
 LAYOUTS = {  # config → (U-Net reference, parameters)
     "v1-inference": ("sd15_unet.json", 859_520_964),

@@ -34,7 +34,7 @@ from tests.conftest import TINY
 from tests.paths import REPO_ROOT
 from tests.scripts import load_script
 from tests.sd_toy import ema_unet_state, public_state, tiny_system, write_image_folder, write_sd_file
-from tests.test_sd_configs import reference
+from tests.nets.test_sd_configs import reference
 
 CFG = TINY / "sd-finetune.yaml"
 SD_SCALE = 0.18215
