@@ -6,6 +6,8 @@ memory (``ru_maxrss`` of the process and, separately, of its worker processes) i
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import math
 import multiprocessing as mp
@@ -108,11 +110,9 @@ class PeakRSS(threading.Thread):
     def run(self) -> None:
         me = psutil.Process()
         while not self._halt.is_set():
-            try:
+            with contextlib.suppress(psutil.Error):  # a worker that ends between listing and reading: next tick
                 self.main = max(self.main, me.memory_info().rss / MIB)
                 self.workers = max(self.workers, sum(c.memory_info().rss for c in me.children(recursive=True)) / MIB)
-            except psutil.Error:  # a worker ended between listing and reading
-                pass
             self._halt.wait(self.interval_s)
 
     def stop(self) -> dict:

@@ -28,11 +28,10 @@ import json
 import logging
 import warnings
 from dataclasses import dataclass, replace
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path, PurePosixPath
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset
 
 from ldm.core.images import from_pil
@@ -46,11 +45,14 @@ from ldm.data.folder_layout import (  # noqa: F401  (IMAGE_EXTENSIONS, METADATA_
     SPLITS,
     class_folders,
     detect_captions,
+    escapes_root,
     held_out,
     ignored_captions,
     image_files,
+    read_text,
     split_dirs,
 )
+from ldm.data.image_files import fit, open_rgb, probe_image
 
 CAPTION_KEYS = ("text", "caption")  # metadata.jsonl column holding the caption, first found wins
 DEFAULT_MIN_SIZE = 16  # shorter side in pixels below which an image is skipped
@@ -58,10 +60,6 @@ DEFAULT_MAX_PIXELS = 8192 * 8192  # larger images are skipped unread (decompress
 MAX_NAMES_IN_WARNING = 5
 EMPTY_CLASSES = ("keep", "refuse")  # a class sub-folder without images: numbered with a warning, or refused
 MAX_LOAD_ATTEMPTS = 32  # consecutive undecodable files tolerated by one __getitem__ before giving up
-WHITE = (255, 255, 255, 255)
-SIXTEEN_BIT_SCALE = 257.0  # 65535 / 255
-SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
-ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 log = logging.getLogger(__name__)
 
 
@@ -77,67 +75,6 @@ class Record:
     caption: str
     label: int
     hint: str | None = None
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode → 8-bit RGB: alpha composited on white, 16-bit scaled (not clipped), CMYK/L/P converted."""
-    image.load()
-    mode = image.mode
-    if mode in SIXTEEN_BIT_MODES or mode == "I":
-        array = np.asarray(image).astype(np.float64)
-        scale = 1.0 if mode == "I" and array.max(initial=0) <= 255 else SIXTEEN_BIT_SCALE
-        return Image.fromarray((array / scale).round().clip(0, 255).astype(np.uint8)).convert("RGB")
-    if mode == "F":
-        array = np.asarray(image, dtype=np.float64)
-        array = array * 255 if array.max(initial=0) <= 1.0 else array
-        return Image.fromarray(array.round().clip(0, 255).astype(np.uint8)).convert("RGB")
-    if mode in ALPHA_MODES or (mode in ("P", "L", "RGB") and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, WHITE), rgba).convert("RGB")
-    return image if mode == "RGB" else image.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
-
-
-def read_text(path: Path) -> tuple[str, str | None]:
-    """Read a caption file → (stripped text, issue or None); issue is "missing", "empty" or "not UTF-8"."""
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return "", "missing"
-    try:
-        text, issue = data.decode("utf-8-sig"), None
-    except UnicodeDecodeError:
-        text, issue = data.decode("utf-8", errors="replace"), "not UTF-8"
-    text = text.strip()
-    return text, issue or (None if text else "empty")
-
-
-def _escapes_root(name: str) -> bool:
-    """True for a metadata file name that is absolute or climbs out of the root with `..`."""
-    posix, windows = PurePosixPath(name), PureWindowsPath(name)
-    return posix.is_absolute() or windows.is_absolute() or bool(windows.drive) or ".." in windows.parts
-
-
-def _probe(path: Path, min_size: int, max_pixels: int) -> str | None:
-    """Cheap readability check (header + verify, no decode) → reason to skip, or None if fine."""
-    try:
-        if path.stat().st_size == 0:
-            return "empty file"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                width, height = image.size
-                if width * height > max_pixels:
-                    return f"{width}x{height} exceeds max_pixels={max_pixels}"
-                if min(width, height) < min_size:
-                    return f"{width}x{height} is smaller than min_size={min_size}"
-                image.verify()
-    except Image.DecompressionBombError:
-        return "decompression bomb"
-    except Image.UnidentifiedImageError:
-        return "not an image"
-    except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt data
-        return f"unreadable ({type(e).__name__})"
-    return None
 
 
 def _summary(items: list[tuple[str, str]]) -> str:
@@ -270,7 +207,7 @@ class ImageFolderDataset(Dataset):
             except (json.JSONDecodeError, TypeError, KeyError):
                 self.skipped.append((where, "not a JSON object with a file_name"))
                 continue
-            if not isinstance(name, str) or _escapes_root(name):
+            if not isinstance(name, str) or escapes_root(name):
                 self.skipped.append((f"{where} {name!r}", "path escapes the root: refused"))
                 continue
             rel = PurePosixPath(name.replace("\\", "/")).as_posix()
@@ -339,7 +276,7 @@ class ImageFolderDataset(Dataset):
     def _checked(self, record: Record) -> Record | None:
         """Probe the file (and find its hint) → the record with its hint, or None (noted in `skipped`)."""
         path = self.root / record.rel
-        reason = _probe(path, self.min_size, self.max_pixels) if path.is_file() else "file not found"
+        reason = probe_image(path, self.min_size, self.max_pixels) if path.is_file() else "file not found"
         if reason is None and self.hint_dir is not None:
             hint = self._find_hint(record.rel)
             if hint is None:
@@ -410,18 +347,10 @@ class ImageFolderDataset(Dataset):
                 )
         raise RuntimeError(f"{self.root}: {MAX_LOAD_ATTEMPTS} consecutive images near index {index} failed to load")
 
-    def _open_rgb(self, path: Path | str, draft: int | None = None) -> Image.Image:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                draft = draft or self.size
-                image.draft(None, (draft, draft))  # JPEG: decode at a reduced scale ≥ size
-                return to_rgb(ImageOps.exif_transpose(image))
-
     def _load(self, record: Record, placement: Placement | None = None) -> dict:
         if placement is not None:
             return self._load_bucketed(record, placement)
-        image = self._open_rgb(self.root / record.rel)
+        image = open_rgb(self.root / record.rel, draft=self.size)
         width, height = image.size
         scale = self.size / min(width, height)
         resized = (max(self.size, round(width * scale)), max(self.size, round(height * scale)))
@@ -434,7 +363,7 @@ class ImageFolderDataset(Dataset):
 
     def _load_bucketed(self, record: Record, placement: Placement) -> dict:
         """The image resized to cover its bucket and cropped to it, with its original size and crop top-left."""
-        image = self._open_rgb(self.root / record.rel, draft=max(placement.size))
+        image = open_rgb(self.root / record.rel, draft=max(placement.size))
         top, left = placement.crop(self.bucket_config.crop)
         (height, width), (resized_h, resized_w) = placement.size, placement.resized
         flip = self._flip()
@@ -450,7 +379,7 @@ class ImageFolderDataset(Dataset):
     def _item(self, record: Record, image: Image.Image, resized: tuple[int, int], box: tuple[int, ...],
               flip: bool) -> dict:
         """Resize to ``resized`` (w, h), crop ``box``, maybe mirror: the item, with a hint fitted the same way."""
-        crop = self._fit(image, resized, box, flip, Image.BICUBIC)
+        crop = fit(image, resized, box, flip, Image.BICUBIC)
         item = {
             "image": from_pil(crop),  # (3, H, W) in [-1, 1]
             "caption": record.caption,
@@ -460,17 +389,9 @@ class ImageFolderDataset(Dataset):
         if self.hint and record.hint is None:
             item["hint"] = edge_hint(crop, DEFAULT_CANNY_LOW, DEFAULT_CANNY_HIGH)  # (3, size, size) in [0, 1]
         elif record.hint is not None:
-            hint = self._open_rgb(record.hint)
-            item["hint"] = hint_from_image(self._fit(hint, resized, box, flip, Image.BILINEAR))  # (3, size, size)
+            hint = open_rgb(record.hint, draft=self.size)
+            item["hint"] = hint_from_image(fit(hint, resized, box, flip, Image.BILINEAR))  # (3, size, size)
         return item
-
-    @staticmethod
-    def _fit(
-        image: Image.Image, resized: tuple[int, int], box: tuple[int, ...], flip: bool, resample: int
-    ) -> Image.Image:
-        """Resize to `resized`, crop `box`, optionally mirror: the same for an image and its hint."""
-        image = image.resize(resized, resample=resample).crop(box)
-        return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image
 
 
 FOLDER_TARGET = f"{ImageFolderDataset.__module__}.{ImageFolderDataset.__qualname__}"  # its config target

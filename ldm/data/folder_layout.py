@@ -10,7 +10,7 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_FILE = "metadata.jsonl"
@@ -26,6 +26,26 @@ CAPTION_REASONS = {
     "txt": "a .txt caption beside the images (they win over sub-folder names)",
     "none": f"a flat folder without {METADATA_FILE} or .txt captions: no captions",
 }
+
+
+def read_text(path: Path) -> tuple[str, str | None]:
+    """Read a caption file → (stripped text, issue or None); issue is "missing", "empty" or "not UTF-8"."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return "", "missing"
+    try:
+        text, issue = data.decode("utf-8-sig"), None
+    except UnicodeDecodeError:
+        text, issue = data.decode("utf-8", errors="replace"), "not UTF-8"
+    text = text.strip()
+    return text, issue or (None if text else "empty")
+
+
+def escapes_root(name: str) -> bool:
+    """True for a metadata file name that is absolute or climbs out of the root with `..`."""
+    posix, windows = PurePosixPath(name), PureWindowsPath(name)
+    return posix.is_absolute() or windows.is_absolute() or bool(windows.drive) or ".." in windows.parts
 
 
 def natural_key(name: str) -> tuple:
