@@ -7,7 +7,6 @@ memory (``ru_maxrss`` of the process and, separately, of its worker processes) i
 from __future__ import annotations
 
 import contextlib
-
 import json
 import math
 import multiprocessing as mp
