@@ -10,11 +10,9 @@ import types
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 
 from ldm.core.config import instantiate_from_config
-from ldm.inference.control_image import ControlImageError, load_control_image
 from ldm.inference.sd import (
     SD_CONFIG_DIR,
     describe_sd,
@@ -377,25 +375,6 @@ def test_describe_sd_reads_the_config_only(sd1_file, tmp_path):
     assert summary.checkpoint == sd1_file and summary.controlnet is None
     with pytest.raises(CheckpointError, match="not found"):
         describe_sd(SD_CONFIG_DIR / "v1-inference.yaml", tmp_path / "v1-5-pruned-emaonly.safetensors")
-
-
-def test_control_images_are_read_resized_and_optionally_edge_detected(tmp_path):
-    edges = np.zeros((20, 36, 3), np.uint8)
-    edges[5, :, :] = 255
-    Image.fromarray(edges).save(tmp_path / "edges.png")
-    hint = load_control_image(tmp_path / "edges.png")  # cut down to multiples of 8
-    assert hint.shape == (1, 3, 16, 32) and hint.dtype == torch.float32 and set(hint.unique().tolist()) == {0.0, 1.0}
-    assert load_control_image(tmp_path / "edges.png", height=64, width=48).shape == (1, 3, 64, 48)
-    photo = np.zeros((32, 32, 3), np.uint8)
-    photo[:, 16:] = (200, 30, 30)
-    Image.fromarray(photo).save(tmp_path / "photo.png")
-    canny = load_control_image(tmp_path / "photo.png", canny=True)
-    assert canny[0, :, :, 15:17].sum() > 0 and canny[0, :, :, :12].sum() == 0  # one vertical edge
-    (tmp_path / "broken.png").write_bytes(b"not a png")
-    with pytest.raises(ControlImageError, match="broken.png"):
-        load_control_image(tmp_path / "broken.png")
-    with pytest.raises(ControlImageError, match="multiple of 8"):
-        load_control_image(tmp_path / "edges.png", height=20)
 
 
 def test_tensors_hash_covers_scalars_and_values():
