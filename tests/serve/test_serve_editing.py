@@ -6,7 +6,6 @@ with the request's own message."""
 import io
 import json
 import shlex
-import time
 
 import numpy as np
 import pytest
@@ -18,9 +17,8 @@ from ldm.serve.adapter import DEFAULT_STRENGTH, ModelAdapter, ModelSource
 from ldm.serve.app import create_app
 from ldm.serve.server import Server
 from tests.scripts import load_script
+from tests.serve.client import TIMEOUT_S, wait
 
-TIMEOUT_S = 120.0
-POLL_S = 0.05
 FAST = {"prompt": "a red square", "steps": "4", "sampler": "ddim", "guidance": "3", "seed": "5"}
 
 
@@ -61,11 +59,8 @@ def drawn(server, fields: dict, files: dict) -> tuple[dict, Image.Image]:
     files = {k: ("upload.png", png(v), "image/png") for k, v in files.items()}
     response = requests.post(server.url + "/api/generate", data=fields, files=files, timeout=TIMEOUT_S)
     assert response.status_code == 202, response.text
-    job, deadline = response.json()["job"], time.monotonic() + TIMEOUT_S
-    while (state := requests.get(f"{server.url}/api/jobs/{job}", timeout=TIMEOUT_S).json())["state"] in (
-            "queued", "running"):
-        assert time.monotonic() < deadline, state
-        time.sleep(POLL_S)
+    job = response.json()["job"]
+    state = wait(server, job)
     assert state["state"] == "done" and state["step"] == state["total"], state
     entry = state["images"][0]
     return entry, Image.open(io.BytesIO(requests.get(server.url + entry["url"], timeout=TIMEOUT_S).content))

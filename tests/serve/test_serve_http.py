@@ -5,7 +5,6 @@ is refused in one line, on the page's API and in the log, and the server keeps s
 import io
 import json
 import logging
-import time
 
 import numpy as np
 import pytest
@@ -19,10 +18,9 @@ from ldm.serve.adapter import ModelAdapter, ModelSource, PageRequest
 from ldm.serve.app import create_app
 from ldm.serve.form import Limits
 from ldm.serve.server import DEFAULT_HOST, Server
+from tests.serve.client import TIMEOUT_S, wait
 
 UPLOAD_LIMIT = 4096  # bytes: small, so a "too large" upload is cheap to make
-POLL_S = 0.05
-TIMEOUT_S = 120.0
 FAST = {"steps": "2", "sampler": "ddim", "guidance": "3", "seed": "11"}
 
 
@@ -53,15 +51,6 @@ def png_bytes(size=(16, 16), colour=(200, 30, 30)) -> bytes:
 def post(server, fields: dict, files: dict | None = None) -> requests.Response:
     files = {name: ("picture.png", data, "image/png") for name, data in (files or {}).items()}
     return requests.post(server.url + "/api/generate", data=fields, files=files or None, timeout=TIMEOUT_S)
-
-
-def wait(server, job: int) -> dict:
-    deadline = time.monotonic() + TIMEOUT_S
-    while (state := requests.get(f"{server.url}/api/jobs/{job}", timeout=TIMEOUT_S).json())["state"] in (
-            "queued", "running"):
-        assert time.monotonic() < deadline, state
-        time.sleep(POLL_S)
-    return state
 
 
 def refused(server, fields: dict, files: dict | None = None, status: int = 400) -> str:

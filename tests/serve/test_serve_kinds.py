@@ -5,7 +5,6 @@ image, keeps the upload under a name made from its bytes, and the page's command
 import io
 import json
 import shlex
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +17,8 @@ from ldm.serve.adapter import ModelAdapter, ModelSource
 from ldm.serve.app import create_app
 from ldm.serve.server import Server
 from tests.scripts import load_script
+from tests.serve.client import TIMEOUT_S, wait
 
-TIMEOUT_S = 120.0
-POLL_S = 0.05
 FAST = {"steps": "2", "sampler": "ddim", "guidance": "3", "seed": "9"}
 
 
@@ -35,11 +33,8 @@ def submit(server, fields: dict, files: dict | None = None) -> requests.Response
 
 def finished(server, response) -> dict:
     assert response.status_code == 202, response.text
-    job, deadline = response.json()["job"], time.monotonic() + TIMEOUT_S
-    while (state := requests.get(f"{server.url}/api/jobs/{job}", timeout=TIMEOUT_S).json())["state"] in (
-            "queued", "running"):
-        assert time.monotonic() < deadline, state
-        time.sleep(POLL_S)
+    job = response.json()["job"]
+    state = wait(server, job)
     assert state["state"] == "done", state
     return state
 

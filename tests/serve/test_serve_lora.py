@@ -4,7 +4,6 @@ choosing none again draws the plain model."""
 
 import io
 import shlex
-import time
 
 import numpy as np
 import pytest
@@ -18,11 +17,10 @@ from ldm.serve.adapter import ModelAdapter, ModelSource
 from ldm.serve.app import create_app
 from ldm.serve.server import Server
 from tests.scripts import load_script
+from tests.serve.client import TIMEOUT_S, wait
 from tests.sd_toy import write_sd_file
 from tests.inference.test_lora_files import kohya_by_hand
 
-TIMEOUT_S = 120.0
-POLL_S = 0.05
 FAST = {"prompt": "a zorb", "steps": "3", "sampler": "ddim", "guidance": "3", "seed": "4"}
 
 
@@ -42,11 +40,7 @@ def served(tmp_path_factory):
 def draw(server, fields: dict) -> tuple[np.ndarray, dict]:
     """(the image, its page entry) for one request."""
     job = requests.post(server.url + "/api/generate", data=fields, timeout=TIMEOUT_S).json()["job"]
-    deadline = time.monotonic() + TIMEOUT_S
-    while (state := requests.get(f"{server.url}/api/jobs/{job}", timeout=TIMEOUT_S).json())["state"] in (
-            "queued", "running"):
-        assert time.monotonic() < deadline, state
-        time.sleep(POLL_S)
+    state = wait(server, job)
     assert state["state"] == "done", state
     entry = state["images"][0]
     png = requests.get(server.url + entry["url"], timeout=TIMEOUT_S).content
