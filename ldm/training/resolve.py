@@ -10,17 +10,18 @@ from pathlib import Path
 
 from ldm.core.config import instantiate_from_config
 from ldm.data.latents import CacheError, class_map, read_meta
-from ldm.inference.loaders import load_autoencoder
+from ldm.inference.loaders import sd_vae_node, vae_node
 from ldm.io.lineage import pin_paths, vae_hash_of
 from ldm.io.runs import checkpoint_for, run_config
+from ldm.nets.autoencoder.model import downsampling_factor
 from ldm.training.bucket_steps import open_bucket_steps, resolve_bucket_steps
-from ldm.training.streaming import is_streaming, read_streamed
 from ldm.training.cache import cache_for_sources, cache_section, class_embedder_params, sync_classes
 from ldm.training.controlnet_base import INHERITED as CONTROL_INHERITED
 from ldm.training.controlnet_base import cache_on_base_vae, complete_model_node
 from ldm.training.plan import Resolution
 from ldm.training.reflow import complete_reflow, reflow_section
 from ldm.training.sd_finetune import complete_from_base
+from ldm.training.streaming import is_streaming, read_streamed
 
 Lines = tuple[tuple[str, str], ...]
 
@@ -47,6 +48,12 @@ def vae_source(spec: str, config: str | None) -> str:
     return f"{spec} (SD file; its VAE as {config} describes it)" if config else str(checkpoint_for(spec))
 
 
+def cache_vae_factor(section: dict) -> int:
+    """The downsampling factor of the cache's VAE, from its config (nothing is built or read but the config)."""
+    node = sd_vae_node(section["vae_config"]) if section["vae_config"] else vae_node(section["vae"])
+    return downsampling_factor((node.get("params") or {}).get("ddconfig") or {})
+
+
 def cache_vae_hash(section: dict) -> str:
     """The weights hash of the cache's VAE (as ``meta.json`` records it), read from its file without building it."""
     if section["vae_config"]:
@@ -61,8 +68,7 @@ def resolve_cache(cfg: dict, own_folder: bool = True) -> Resolution:
     when it is encoded)."""
     section = cache_section(cfg)
     if open_bucket_steps(section["data"]):  # buckets.step: null → the VAE factor × the U-Net's downsampling
-        factor = load_autoencoder(section["vae"], section["vae_config"])[1].get("downsampling_factor")
-        resolve_bucket_steps(cfg, section["data"], factor)
+        resolve_bucket_steps(cfg, section["data"], cache_vae_factor(section))
     meta = _read_meta(section["dir"])
     if own_folder and not is_streaming(section) and meta is not None and cache_for_sources(cfg, meta, cache_vae_hash(section)) is not None:
         section, meta = cache_section(cfg), _read_meta(cfg["cache"]["dir"])  # these sources' own folder (built or not)
