@@ -25,13 +25,8 @@ from ldm.core.images import save_image_atomic
 from ldm.core.logging import setup_cli_logging
 from ldm.core.threads import add_threads_argument, apply_threads
 from ldm.data.edges import DEFAULT_CANNY_HIGH, DEFAULT_CANNY_LOW, canny
-from ldm.data.folder import (
-    DEFAULT_MAX_PIXELS,
-    IMAGE_EXTENSIONS,
-    _probe,
-    _summary,
-    to_rgb,
-)
+from ldm.data.folder import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, _summary
+from ldm.data.image_files import probe_image, to_rgb
 
 EXIT_BAD_INPUT = 2
 MIN_SIZE = 1  # accept any image the decoder reads; Canny works at any size
@@ -112,7 +107,7 @@ def make_edges(data: Path, out: Path, low: int, high: int, size: int | None = No
         if target.exists() and not overwrite:
             counts["existing"] += 1
             continue
-        reason = _probe(data / rel, MIN_SIZE, DEFAULT_MAX_PIXELS)
+        reason = probe_image(data / rel, MIN_SIZE, DEFAULT_MAX_PIXELS)
         if reason is None:
             try:
                 edges = edge_image(data / rel, low, high, size)
