@@ -12,6 +12,9 @@ What changed (besides targets that moved, ``ldm.core.aliases``):
   became a ``ReconstructionGrid`` callback; its ``learning_rate``, ``lr_schedule`` and ``warmup_steps`` an
   ``optimizer`` node (the stages' one vocabulary, with the Adam betas it used), ``disc_learning_rate`` ``disc_lr``; a stage-2 model's inline ``first_stage`` node names the network
   ``ldm.nets.autoencoder.model.AutoencoderKL`` (architecture only).
+
+One shorthand stays valid and is expanded here without a notice: a stage-2 / ControlNet model's ``compile: true``
+(``false``) is a ``ldm.nets.compile.Compile`` node with Inductor's defaults (none).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ VAE_NET_PARAMS = ("ddconfig", "embed_dim", "channels_last", "bicubic_skip")
 OBJECTIVE = "ldm.diffusion.objective.DiffusionObjective"
 OPTIMIZER = "ldm.systems.optim.AdamW"
 EMA = "ldm.nets.ema.EMA"
+COMPILE = "ldm.nets.compile.Compile"
 EMA_KEPT_BY_DEFAULT = {"ldm.systems.latent_diffusion.LatentDiffusion": True, "ldm.systems.controlnet.ControlLDM": False}
 SAMPLE_GRID = "ldm.training.samples.SampleGrid"
 CONTROL_SAMPLE_GRID = "ldm.training.samples.ControlSampleGrid"
@@ -104,6 +108,12 @@ def _upgrade_vae(node: dict, callbacks: list) -> bool:
     return bool(samples) or bool(optimizer)
 
 
+def _expand_shorthands(params: dict) -> None:
+    """``compile: true`` / ``false``: a ``Compile`` node with Inductor's defaults / none."""
+    if isinstance(params.get("compile"), bool):
+        params["compile"] = {"target": COMPILE, "params": {}} if params["compile"] else None
+
+
 def upgrade_model_node(node: dict) -> tuple[dict, list[dict], bool]:
     """(today's form of a model node, the callbacks its old sample settings became, whether anything changed)."""
     node = copy.deepcopy(node)
@@ -113,6 +123,7 @@ def upgrade_model_node(node: dict) -> tuple[dict, list[dict], bool]:
     node["target"] = target or node.get("target")
     if target in LDM_TARGETS:
         changed |= _upgrade_ldm(node, callbacks)
+        _expand_shorthands(node["params"])
     elif target == VAE_SYSTEM:
         changed |= _upgrade_vae(node, callbacks)
     return node, callbacks, changed
@@ -123,10 +134,11 @@ def upgrade_config(cfg: dict, source: str = "config") -> dict:
     if not isinstance(cfg.get("model"), dict):
         return cfg
     node, callbacks, changed = upgrade_model_node(cfg["model"])
-    if not changed:
+    if node == cfg["model"]:
         return cfg
     cfg = {**cfg, "model": node}
     if callbacks:
         cfg["callbacks"] = list(cfg.get("callbacks") or []) + callbacks
-    log.info("%s was written before the layered package; read in today's form (ldm.core.migrate)", source)
+    if changed:
+        log.info("%s was written before the layered package; read in today's form (ldm.core.migrate)", source)
     return cfg

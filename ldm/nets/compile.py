@@ -1,7 +1,8 @@
 """``torch.compile`` as an option: networks compiled in place, so state-dict keys and checkpoints are unchanged.
 
-Training (``compile: true`` in a stage-2 / ControlNet config) compiles the U-Net (and ControlNet) with
-TorchInductor's defaults. Sampling (``Pipeline.compile()``, ``txt2img.py --compile``) also *freezes* the
+Training compiles the U-Net (and ControlNet) with the settings of a ``Compile`` node in a stage-2 / ControlNet
+config (``compile: {target: ldm.nets.compile.Compile, params: {mode: max-autotune}}``; ``compile: true`` is short for
+Inductor's defaults). Sampling (``Pipeline.compile()``, ``txt2img.py --compile``) also *freezes* the
 weights: Inductor folds them in as constants and pre-packs them for oneDNN / cuDNN, which is where most of
 the gain on a CPU comes from (``python scripts/bench.py --only sampling``). The first call compiles (tens of
 seconds for an SD-sized U-Net on a CPU); later calls with the same shapes reuse the compiled code.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -19,7 +21,8 @@ from torch import nn
 from ldm.core.errors import UserError
 from ldm.core.private_api import compiled_call, inductor_options, set_compiled_call
 
-CPU_COMPILERS = ("g++", "c++", "clang++")  # Inductor's CPU backend builds C++ kernels with one of these
+CPU_COMPILERS = ("g++", "c++", "clang++")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's modes  # Inductor's CPU backend builds C++ kernels with one of these
 # Weights become constants: only for modules whose weights stay fixed. Set around each call, not passed as
 # torch.compile(options=…): Dynamo decides whether parameters are constants from the global config.
 INFERENCE_OPTIONS = {"freezing": True}
@@ -42,8 +45,29 @@ def compiler_problem(device: torch.device | str) -> str | None:
     return None
 
 
-def compile_network(module: nn.Module, device: torch.device | str, inference: bool = False) -> nn.Module:
-    """Compile ``module`` in place for ``device`` (keys unchanged); ``inference`` freezes its weights as constants.
+@dataclass(frozen=True)
+class Compile:
+    """How a training system compiles the networks it trains: ``torch.compile``'s ``mode`` (None: Inductor's
+    default), ``dynamic`` shapes (None: torch decides) and ``fullgraph`` (an error instead of graph breaks)."""
+
+    mode: str | None = None
+    dynamic: bool | None = None
+    fullgraph: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode is not None and self.mode not in COMPILE_MODES:
+            raise ValueError(f"compile mode {self.mode!r} is not one of torch.compile's: {', '.join(COMPILE_MODES)}")
+
+    def apply(self, module: nn.Module, device: torch.device | str) -> nn.Module:
+        """Compile ``module`` in place for training on ``device`` (once; keys unchanged)."""
+        if is_compiled(module):
+            return module
+        return compile_network(module, device, mode=self.mode, dynamic=self.dynamic, fullgraph=self.fullgraph)
+
+
+def compile_network(module: nn.Module, device: torch.device | str, inference: bool = False, **options) -> nn.Module:
+    """Compile ``module`` in place for ``device`` (keys unchanged); ``inference`` freezes its weights as constants;
+    ``options`` go to ``torch.compile`` (mode, dynamic, fullgraph).
 
     A frozen module must not change its weights afterwards (no training, no EMA swaps, no ``.to(dtype)``):
     compile the modules of a finished pipeline, after moving them.
@@ -51,7 +75,7 @@ def compile_network(module: nn.Module, device: torch.device | str, inference: bo
     problem = compiler_problem(device)
     if problem is not None:
         raise CompilerUnavailableError(problem)
-    module.compile()
+    module.compile(**options)
     if inference:
         compiled = compiled_call(module)
 

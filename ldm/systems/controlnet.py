@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ldm.diffusion import DiffusionObjective
 from ldm.nets.conditioning.base import ucg_dropout
+from ldm.nets.compile import Compile
 from ldm.nets.controlnet import ControlNet, controlled_forward
 from ldm.nets.ema import EMA, ema_scope
 from ldm.systems.latent_diffusion import LatentDiffusion
@@ -45,7 +46,7 @@ class ControlLDM(LatentDiffusion):
                  only_mid_control: bool = False, control_scales: list[float] | None = None, sd_locked: bool = True,
                  hint_channels: int = DEFAULT_HINT_CHANNELS, cond_stage_trainable: bool = False,
                  optimizer: AdamW | None = None, ema: EMA | None = None,
-                 scale_factor: float | None = None, image_size: int | None = None, compile: bool = False,
+                 scale_factor: float | None = None, image_size: int | None = None, compile: Compile | None = None,
                  base: str | None = None, base_ckpt: str | None = None, base_config: str | None = None):
         missing = [n for n, v in (("unet", unet), ("cond_stage", cond_stage), ("objective", objective)) if v is None]
         if missing:

@@ -17,7 +17,7 @@ from torch import nn
 
 from ldm.diffusion import DiffusionObjective
 from ldm.io.checkpoints import EMA_PREFIX, EMA_SHADOWED, fit_report
-from ldm.nets.compile import compile_network, is_compiled
+from ldm.nets.compile import Compile
 from ldm.nets.conditioning.base import ucg_dropout
 from ldm.nets.ema import EMA, ema_scope
 from ldm.nets.conditioning.cached import CachedTextEncoder
@@ -57,8 +57,9 @@ class LatentDiffusion(L.LightningModule):
     """U-Net + conditioning + objective; the frozen VAE (``first_stage``) decodes samples.
 
     The optional parts are small objects it is given: ``ema`` (``ldm.nets.ema.EMA``: the decay of the weights' moving
-    average, ``model_ema``; None keeps none), ``optimizer`` (``ldm.systems.optim.AdamW``) and ``lora`` (below).
-    ``compile: true`` torch.compiles the trained networks in place when training starts (keys unchanged).
+    average, ``model_ema``; None keeps none), ``optimizer`` (``ldm.systems.optim.AdamW``), ``compile``
+    (``ldm.nets.compile.Compile``: torch.compiles the trained networks in place when training starts, keys unchanged)
+    and ``lora`` (below).
     ``base_ckpt`` + ``base_config`` record the public Stable Diffusion file a fine-tune starts from. With ``lora``
     (``ldm.nets.lora.LoRA``) only LoRA adapters train: ``add_lora`` adds them once the base weights are loaded (a
     loader, or Lightning's ``configure_model``), and checkpoints hold the adapters, their EMA and the scale buffers.
@@ -76,7 +77,7 @@ class LatentDiffusion(L.LightningModule):
         ema: EMA | None = EMA(),
         scale_factor: float | None = None,
         image_size: int | None = None,
-        compile: bool = False,
+        compile: Compile | None = None,
         base_ckpt: str | None = None,
         base_config: str | None = None,
         lora: LoRA | None = None,
@@ -100,7 +101,7 @@ class LatentDiffusion(L.LightningModule):
         # Measured per cache (1 / std of the latents) unless given; stored so a checkpoint is self-contained.
         self.register_buffer("scale_factor", torch.tensor(scale_factor if scale_factor else math.nan))
         self.register_buffer("image_size", torch.tensor(image_size or 0))
-        self.compile_networks = compile
+        self.compile_settings = compile  # not `self.compile`: nn.Module.compile is a method
         # Where a fine-tune's starting weights come from (a public SD file and its inference config); loaders
         # (ldm.inference.sd_base) read it, the system never does.
         self.base_source = dict(base_ckpt=base_ckpt, base_config=base_config)
@@ -120,13 +121,12 @@ class LatentDiffusion(L.LightningModule):
     def on_fit_start(self) -> None:
         """Take the scale factor and image size from the latent cache the data module reads."""
         adopt_cache_scale(self.scale_factor, self.image_size, cache_meta(self.trainer))
-        if self.compile_networks:
+        if self.compile_settings is not None:
             for network in self.trained_networks():
-                if not is_compiled(network):
-                    compile_network(network, self.device)
+                self.compile_settings.apply(network, self.device)
 
     def trained_networks(self) -> list[nn.Module]:
-        """The networks a training step runs forward and backward (what ``compile: true`` compiles)."""
+        """The networks a training step runs forward and backward (what ``compile`` compiles)."""
         return [self.model.diffusion_model]
 
     def latents(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -235,7 +235,7 @@ def run_plan(plan: StagePlan, stage: Stage, threads: str | None = None) -> Path:
         if ckpt is not None:
             expect_own_checkpoints(run_dir / CHECKPOINT_DIR)
         trainer = build_trainer(cfg, run_dir)
-        if getattr(model, "compile_networks", False):  # `compile: true`: fail now, not at the first step
+        if getattr(model, "compile_settings", None) is not None:  # a compile node: fail now, not at the first step
             problem = compiler_problem(trainer.strategy.root_device)
             if problem is not None:
                 raise ConfigError(f"model.params.compile: {problem}")
