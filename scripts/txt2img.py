@@ -43,7 +43,6 @@ from ldm.inference.loaders import PipelineError, resolve_class
 from ldm.inference.outputs import encoding_warnings, save_generations, settings_text
 from ldm.inference.pipeline import Pipeline
 from ldm.inference.request import (
-    CLI_NAMES,
     DEFAULT_BATCH_SIZE,
     DEFAULT_CONTROL_SCALE,
     DEFAULT_GUIDANCE,
@@ -52,6 +51,7 @@ from ldm.inference.request import (
     GenerationRequest,
     check_request,
 )
+from ldm.inference.request_names import CLI_NAMES
 from ldm.inference.sources import (
     DescribedSource,
     ModelSource,

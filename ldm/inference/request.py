@@ -6,13 +6,12 @@ rescale, the first seed (image i starts from seed + i), batch size, a control im
 a classifier-guidance scale, and for editing an init image with its strength and a mask (white = repaint).
 
 ``check_request(request, capabilities, names)`` is the one place a request is refused, with one-line errors that
-call each setting by the front end's name (``PYTHON_NAMES``: "steps", "guidance scale"; ``CLI_NAMES``: "--steps",
-"--scale"). ``before_loading=True`` checks what a run's config already tells (a command line does this first);
-the Pipeline checks the same request again against the loaded model and gets a ``CheckedRequest`` to sample.
+call each setting by the front end's name (``ldm.inference.request_names``: ``PYTHON_NAMES`` "steps", "guidance
+scale"; ``CLI_NAMES`` "--steps", "--scale"). ``before_loading=True`` checks what a run's config already tells (a
+command line does this first); the Pipeline checks the same request again against the loaded model and gets a ``CheckedRequest`` to sample.
 """
 
 from __future__ import annotations
-
 
 import inspect
 import math
@@ -37,6 +36,7 @@ from ldm.inference.control_image import (
 )
 from ldm.inference.edit_images import EditImageError, EditImages, ImageInput, image_size, prepare_edit
 from ldm.inference.loaders import PipelineError
+from ldm.inference.request_names import PYTHON_NAMES, Names
 from ldm.nets.conditioning.sdxl import SIZE_FIELDS, SizeConditioning
 
 DEFAULT_STEPS = 20
@@ -85,65 +85,6 @@ class GenerationRequest:
     def seeds(self) -> list[int]:
         """Each image's seed."""
         return [self.seed + i for i in range(len(as_conditions(self.conditions)))]
-
-
-@dataclass(frozen=True)
-class Names:
-    """How a front end calls the request's settings in its messages."""
-
-    steps: str = "steps"
-    guidance: str = "guidance scale"
-    guidance_rescale: str = "guidance rescale"
-    batch_size: str = "batch size"
-    seed: str = "seed"
-    height: str = "height"
-    width: str = "width"
-    control: str = "the control image"
-    control_scale: str = "control scale"
-    classifier_scale: str = "classifier scale"
-    init_image: str = "the init image"
-    strength: str = "strength"
-    mask: str = "the mask"
-    controlnet_hint: str = "load a ControlNet run (runs/controlnet/…) or pass a ControlNet file (controlnet=, --controlnet)"
-    give_control: str = "is a ControlNet: give a control image (control=…, --control), e.g. an edge map from " \
-                        "scripts/make_edges.py"
-    off_grid: str = ("image size {width}×{height} (width×height) is not a positive multiple of {multiple} (the VAE's "
-                     "factor {factor} × the U-Net's downsampling {down}); e.g. {near_width}×{near_height}")
-
-    def option(self, name: str) -> str:
-        """A sampler option's name."""
-        return name
-
-
-@dataclass(frozen=True)
-class CliNames(Names):
-    """The command line's flags."""
-
-    steps: str = "--steps"
-    guidance: str = "--scale"
-    guidance_rescale: str = "--guidance-rescale"
-    batch_size: str = "--batch-size"
-    seed: str = "--seed"
-    height: str = "--H"
-    width: str = "--W"
-    control: str = "--control"
-    control_scale: str = "--control-scale"
-    classifier_scale: str = "--classifier-scale"
-    init_image: str = "--init"
-    strength: str = "--strength"
-    mask: str = "--mask"
-    controlnet_hint: str = "use a run under runs/controlnet/, or --ckpt with --controlnet FILE"
-    give_control: str = "is a ControlNet model: give --control IMAGE (e.g. an edge map)"
-    off_grid: str = ("{flag} {value} is not a multiple of {multiple}: the VAE divides by {factor} and the U-Net halves "
-                     "the latent {halvings} time(s) more; use a multiple of {multiple}, e.g. {near}")
-
-    def option(self, name: str) -> str:
-        """A sampler option's flag."""
-        return "--" + name.replace("_", "-")
-
-
-PYTHON_NAMES = Names()
-CLI_NAMES = CliNames()
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,11 @@ from ldm.inference.request import (
     DEFAULT_GUIDANCE,
     DEFAULT_SAMPLER,
     DEFAULT_STEPS,
-    PYTHON_NAMES,
     CheckedRequest,
     GenerationRequest,
     check_request,
 )
+from ldm.inference.request_names import PYTHON_NAMES
 
 log = logging.getLogger(__name__)
 

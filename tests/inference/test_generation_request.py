@@ -10,7 +10,8 @@ from ldm.inference.capabilities import ModelCapabilities
 from ldm.inference.control_image import ControlImageError
 from ldm.inference.edit_images import EditImageError
 from ldm.inference.loaders import PipelineError
-from ldm.inference.request import CLI_NAMES, GenerationRequest, check_request
+from ldm.inference.request import GenerationRequest, check_request
+from ldm.inference.request_names import CLI_NAMES
 
 TEXT = ModelCapabilities("caption", size_step=8, image_size=64, latent_channels=4)
 CLASSES = ModelCapabilities("label", n_classes=10, class_names=tuple("abcdefghij"), size_step=8, image_size=64,
