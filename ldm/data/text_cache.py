@@ -72,9 +72,11 @@ def check_encoder(meta: dict, encoder_info: dict, where: str) -> None:
     """Refuse a cache whose text embeddings another encoder (another weights hash) made."""
     cached = meta.get("text") or {}
     if cached and cached.get("hash") != encoder_info["hash"]:
+        theirs = f" from the base {cached['base']}" if cached.get("base") else ""
+        ours = f" from the base {encoder_info['base']}" if encoder_info.get("base") else ""
         raise CacheError(
-            f"{where} holds text embeddings of encoder {cached.get('encoder', {}).get('target')} (weights hash "
-            f"{cached.get('hash')}), not of this config's model.params.cond_stage (hash {encoder_info['hash']}); "
+            f"{where} holds text embeddings of encoder {cached.get('encoder', {}).get('target')}{theirs} (weights hash "
+            f"{cached.get('hash')}), not of this config's model.params.cond_stage{ours} (hash {encoder_info['hash']}); "
             f"delete {where}, or set cache.dir to another folder"
         )
 

@@ -5,8 +5,9 @@
     cache:
       text_embeddings: true   # needs model.params.cond_stage_trainable: false (a frozen encoder)
 
-The encoder is identified by the hash of its weights (random weights are drawn from the config's ``seed``, so a toy
-encoder is the same one each time); a cache made with another encoder is refused.
+The encoder is identified by the hash of its weights: a fine-tune's (``model.params.base_ckpt``) as loaded from its base
+file (``ldm.inference.base_text``), else random weights drawn from the config's ``seed`` (so a toy encoder is the same
+one each time); a cache made with another encoder (another base) is refused.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 from ldm.core.config import ConfigError, instantiate_from_config
 from ldm.data.latents import read_meta
 from ldm.data.text_cache import build_text_cache, check_encoder, load_text_files, text_complete
+from ldm.inference.base_text import load_base_text_encoder
 from ldm.inference.loaders import build_system, load_autoencoder
 from ldm.io.checkpoints import tensors_hash
 from ldm.nets.conditioning.cached import CachedTextEncoder
@@ -39,16 +41,24 @@ def _encoder_node(cfg: dict) -> dict:
     if params.get("cond_stage_trainable", True):
         raise ConfigError("cache.text_embeddings: the text encoder must be frozen to cache its embeddings; set "
                           "model.params.cond_stage_trainable: false (or cache.text_embeddings: false)")
-    if params.get("base_ckpt"):
-        raise ConfigError("cache.text_embeddings with model.params.base_ckpt is not supported yet: the encoder's "
-                          "weights come from the base file after the model is built; set cache.text_embeddings: false")
+    if ((params.get("lora") or {}).get("params") or {}).get("text_targets"):
+        raise ConfigError("cache.text_embeddings: LoRA adapters on the text encoder (model.params.lora.params."
+                          "text_targets) change its embeddings while training; drop text_targets or set "
+                          "cache.text_embeddings: false")
+    if not isinstance(params.get("cond_stage"), dict):
+        raise ConfigError(f"{ENCODER_PATH}: cache.text_embeddings needs the text encoder's config node (a fine-tune's "
+                          "comes from its base: complete the config with ldm.training.sd_finetune.complete_from_base)")
     return params["cond_stage"]
 
 
 def build_text_encoder(cfg: dict) -> tuple[nn.Module, dict]:
-    """The frozen encoder of ``model.params.cond_stage`` (random weights drawn from the config's seed) and its
-    identity ``{"hash", "encoder"}``."""
+    """The frozen encoder of ``model.params.cond_stage`` and its identity ``{"hash", "encoder"[, "base"]}``: with
+    ``model.params.base_ckpt`` the base file's weights, else random weights drawn from the config's seed."""
     node = _encoder_node(cfg)
+    params = cfg["model"]["params"]
+    if params.get("base_ckpt"):
+        encoder = load_base_text_encoder(node, params["base_ckpt"], params["base_config"], ENCODER_PATH)
+        return encoder, {"hash": tensors_hash(encoder.state_dict()), "encoder": node, "base": str(params["base_ckpt"])}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.get("seed", 0))
         encoder = instantiate_from_config(node, ENCODER_PATH)
