@@ -25,10 +25,13 @@ from ldm.data.text_cache import build_text_cache, check_encoder, load_text_files
 from ldm.inference.base_text import load_base_text_encoder
 from ldm.inference.loaders import build_system, load_autoencoder
 from ldm.io.checkpoints import tensors_hash
+from ldm.data.text_shards import CONTEXT_KEY, POOLED_KEY, TEXT_FIELD
 from ldm.nets.conditioning.cached import CachedTextEncoder
+from ldm.nets.conditioning.cached_sdxl import CachedSDXLConditioner
 
 log = logging.getLogger(__name__)
 ENCODER_PATH = "model.params.cond_stage"
+SDXL_SETTINGS = ("size_embed_dim", "zero_unconditional")  # what the SDXL stand-in takes from its conditioner's node
 
 
 def text_cache_on(cfg: dict) -> bool:
@@ -81,16 +84,28 @@ def ensure_text_cache(cfg: dict, meta: dict, batch_size: int = 64, progress: boo
 
 
 def build_stage2_system(cfg: dict, load_vae: Callable[..., tuple] = load_autoencoder) -> nn.Module:
-    """The stage-2 system; with cached text embeddings, a ``CachedTextEncoder`` stands in for the text encoder."""
+    """The stage-2 system; with cached text embeddings, a stand-in for the text encoder (``cached_text_stage``)."""
     if not text_cache_on(cfg):
         return build_system(cfg["model"], load_vae=load_vae)
     node = cfg["model"]
     params = dict(node.get("params") or {})
-    encoder_node = params.pop("cond_stage")
-    weights, uncond = load_text_files(cfg["cache"]["dir"])
-    extra = {"cond_stage": CachedTextEncoder(
-        weights, uncond, lambda: instantiate_from_config(encoder_node, ENCODER_PATH),
-        key=(encoder_node.get("params") or {}).get("key", "caption"))}
+    extra = {"cond_stage": cached_text_stage(params.pop("cond_stage"), cfg["cache"]["dir"])}
     if isinstance(params.get("first_stage"), (str, os.PathLike)):  # a VAE run: loaded as build_system does
         extra["first_stage"] = load_vae(params.pop("first_stage"), None)[0]
     return instantiate_from_config({**node, "params": params}, "model", **extra)
+
+
+def cached_text_stage(encoder_node: dict, cache_dir: str) -> nn.Module:
+    """The stand-in for the encoder of ``encoder_node`` over the cache's text files: a ``CachedTextEncoder`` (context
+    from ``batch["context"]``), or for a conditioner with a pooled output (SDXL's) a ``CachedSDXLConditioner``
+    (``batch["text"]``: context and pooled; ``y`` from them and the sizes)."""
+    weights, uncond = load_text_files(cache_dir)
+    encoder_params = encoder_node.get("params") or {}
+
+    def build_encoder() -> nn.Module:
+        return instantiate_from_config(encoder_node, ENCODER_PATH)
+
+    if POOLED_KEY not in uncond:
+        return CachedTextEncoder(weights, uncond[CONTEXT_KEY], build_encoder, key=encoder_params.get("key", "caption"))
+    settings = {k: encoder_params[k] for k in SDXL_SETTINGS if k in encoder_params}
+    return CachedSDXLConditioner(weights, uncond, build_encoder, key=TEXT_FIELD, **settings)

@@ -34,7 +34,7 @@ def test_cache_holds_each_captions_embedding_and_resumes(tiny_vae_run, tmp_path)
         assert item["context"].shape == (16, 32)
         assert torch.allclose(item["context"], encoder([item["caption"]])[0], atol=5e-3)  # fp16 storage
     weights, uncond = load_text_files(tmp_path / "c")
-    assert torch.allclose(uncond[0].float(), encoder([""])[0], atol=5e-3)
+    assert torch.allclose(uncond["context"][0].float(), encoder([""])[0], atol=5e-3)
     assert weights.keys() == encoder.state_dict().keys()
 
     # an interrupted text pass resumes: only the missing text shard is encoded again

@@ -58,7 +58,7 @@ def test_the_cache_holds_the_base_encoder_s_embeddings_and_names_its_weights(bas
         assert torch.allclose(item["context"], loaded.cond_stage_model([item["caption"]])[0], atol=5e-3)  # fp16
     weights, uncond = load_text_files(cfg["cache"]["dir"])
     assert all(torch.equal(weights[k], v) for k, v in text_weights(loaded).items())
-    assert torch.allclose(uncond[0].float(), loaded.cond_stage_model([""])[0], atol=5e-3)
+    assert torch.allclose(uncond["context"][0].float(), loaded.cond_stage_model([""])[0], atol=5e-3)
 
 
 def test_a_cache_of_another_base_s_encoder_is_refused(base):
