@@ -22,7 +22,7 @@ from torch import nn
 from ldm.core.config import ConfigError, instantiate_from_config
 from ldm.data.latents import read_meta
 from ldm.data.text_cache import build_text_cache, check_encoder, load_text_files, text_complete
-from ldm.inference.base_text import load_base_text_encoder
+from ldm.inference.base_text import base_text_hash, load_base_text_encoder
 from ldm.inference.loaders import build_system, load_autoencoder
 from ldm.io.checkpoints import tensors_hash
 from ldm.data.text_shards import CONTEXT_KEY, POOLED_KEY, TEXT_FIELD
@@ -54,6 +54,17 @@ def _encoder_node(cfg: dict) -> dict:
     return params["cond_stage"]
 
 
+def text_encoder_identity(cfg: dict) -> dict:
+    """The identity of the config's frozen encoder, ``{"hash", "encoder"[, "base"]}``, without building it for a
+    fine-tune (the hash of the base's text weights, read tensor by tensor)."""
+    node = _encoder_node(cfg)
+    params = cfg["model"]["params"]
+    if params.get("base_ckpt"):
+        return {"hash": base_text_hash(params["base_ckpt"], params["base_config"]), "encoder": node,
+                "base": str(params["base_ckpt"])}
+    return build_text_encoder(cfg)[1]
+
+
 def build_text_encoder(cfg: dict) -> tuple[nn.Module, dict]:
     """The frozen encoder of ``model.params.cond_stage`` and its identity ``{"hash", "encoder"[, "base"]}``: with
     ``model.params.base_ckpt`` the base file's weights, else random weights drawn from the config's seed."""
@@ -70,14 +81,14 @@ def build_text_encoder(cfg: dict) -> tuple[nn.Module, dict]:
 
 def ensure_text_cache(cfg: dict, meta: dict, batch_size: int = 64, progress: bool = False) -> dict:
     """With ``cache.text_embeddings``: check the cache's text embeddings against the config's encoder, or encode the
-    captions now (resuming finished shards); returns the cache's meta."""
+    captions now (resuming finished shards); returns the cache's meta. The encoder is built only to encode."""
     if not text_cache_on(cfg):
         return meta
     cache_dir = cfg["cache"]["dir"]
-    encoder, info = build_text_encoder(cfg)
-    check_encoder(meta, info, cache_dir)
+    check_encoder(meta, text_encoder_identity(cfg), cache_dir)
     if text_complete(meta):
         return meta
+    encoder, info = build_text_encoder(cfg)
     log.info("cache %s: encoding the captions with %s (hash %s)", cache_dir, info["encoder"]["target"], info["hash"])
     build_text_cache(encoder, cache_dir, info, batch_size, progress)
     return read_meta(cache_dir)
