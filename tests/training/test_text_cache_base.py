@@ -117,3 +117,14 @@ def test_a_fine_tune_on_cached_text_trains_resumes_and_exports_the_base_encoder(
     assert export_main([str(run), "--out", str(out), "--ema-only"]) == 0
     exported = load_sd(None, out)  # strict: every key of the public layout
     assert all(torch.equal(text_weights(exported)[k], v) for k, v in want.items())
+
+
+@pytest.mark.slow
+def test_a_lora_fine_tune_on_cached_text_resumes_from_its_base_and_adapters(base, tmp_path):
+    lora = TINY / "sd-lora.yaml"
+    run = train("ldm", argv=["--cfg", str(lora), "--runs-dir", str(tmp_path / "runs"), *overrides(base, "e2e-lora"),
+                             "trainer.max_steps=2", "callbacks=[]"])
+    train("ldm", argv=["--resume", str(run), "trainer.max_steps=4"])  # the base again, the stand-in keeping its text
+    final = state_dict_of(load_file(run / "checkpoints" / "last.ckpt"))
+    assert final and not any(k.startswith(TEXT_PREFIX) for k in final)  # adapters only: the base gives the rest
+    assert any("lora_A" in k for k in final)
