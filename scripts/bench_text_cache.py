@@ -32,16 +32,18 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.base:
+        if args.base != SMALL and not args.base_config:
+            p.error("--base-config is required with a base file (its inference config)")
         base, config = (text_cache_base.write_small_base(args.out) if args.base == SMALL
-                        else (Path(args.base), Path(args.base_config or p.error("--base-config is required with a base file"))))
+                        else (Path(args.base), Path(args.base_config)))
         text_cache_base.prepare(args.out, base, config, args.batch)
         what = f"--base {args.base}" + (f" --base-config {args.base_config}" if args.base_config else "")
         fn, inputs = text_cache_base.step_time, (args.out, base, config, args.batch)
     else:
         text_cache.prepare(args.out, args.arch, args.batch)
         fn, inputs, what = text_cache.step_time, (args.out, args.arch, args.batch), f"--arch {args.arch}"
-    rows = ["| text conditioning | step (s) | peak RSS (MiB) | RSS after the steps (MiB) | text encoder parameters built |",
-            "|---|---|---|---|---|"]
+    rows = ["| text conditioning | step (s) | peak RSS (MiB) | RSS after the steps (MiB) | text encoder parameters "
+            "built |", "|---|---|---|---|---|"]
     for name, cached in (("encoder in the loop", False), ("cached embeddings", True)):
         r = measure_in_child(fn, *inputs, cached)
         after = f"{r['rss_after_mib']:.0f}" if "rss_after_mib" in r else "–"

@@ -2,8 +2,8 @@
 cached text embeddings (``cache.text_embeddings: true``).
 
 Both sides build the fine-tune's system from the base's inference config and load the base file into it, as a new run
-does (``ldm.inference.sd_base.prepare_weights``); "encoder" encodes the batch's captions every step, "cached" puts the stand-in
-that training on a text cache builds (``ldm.training.text_cache.cached_text_stage``: the encoder's weights
+does (``ldm.inference.sd_base.prepare_weights``); "encoder" encodes the batch's captions every step, "cached" puts
+the stand-in that training on a text cache builds (``ldm.training.text_cache.cached_text_stage``: the encoder's weights
 memory-mapped from the cache folder) in its place and takes the contexts from the batch. ``write_small_base`` writes
 an SD 1.x file whose text encoder is the public one (CLIP ViT-L/14 text, 123 M parameters, random weights) over a small
 U-Net and VAE, so that a CPU can step it; the same functions take a real file.
@@ -38,7 +38,8 @@ SMALL_BASE = [  # configs/sd/v1-inference.yaml with a small U-Net and VAE; the t
     "model.params.unet.params.model_channels=64", "model.params.unet.params.channel_mult=[1,2]",
     "model.params.unet.params.num_res_blocks=1", "model.params.unet.params.attention_resolutions=[2]",
     "model.params.unet.params.num_heads=4", "model.params.first_stage.params.ddconfig.ch=32",
-    "model.params.first_stage.params.ddconfig.ch_mult=[1,2]", "model.params.first_stage.params.ddconfig.num_res_blocks=1",
+    "model.params.first_stage.params.ddconfig.ch_mult=[1,2]",
+    "model.params.first_stage.params.ddconfig.num_res_blocks=1",
 ]
 
 
@@ -93,5 +94,6 @@ def step_time(folder: Path, base: Path, config: Path, batch: int, cached: bool, 
             system.training_step(data, i).backward()
         opt.step()
         times.append(time.perf_counter() - start)
-    return {"step_s": statistics.median(times[1:]), "text_params": sum(p.numel() for p in system.cond_stage_model.parameters()),
+    text_params = sum(p.numel() for p in system.cond_stage_model.parameters())
+    return {"step_s": statistics.median(times[1:]), "text_params": text_params,
             "rss_after_mib": psutil.Process().memory_info().rss / MIB}

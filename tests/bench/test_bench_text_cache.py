@@ -13,8 +13,9 @@ def test_the_base_benchmark_measures_both_sides_from_the_base_file(tmp_path):
     ckpt, config = write_sd_file(tmp_path, seed=1)
     out = tmp_path / "out"
     main(["--base", str(ckpt), "--base-config", str(config), "--batch", "2", "--out", str(out)])
-    rows = {line.split("|")[1].strip(): line.split("|")[2:6] for line in (out / "text_cache.md").read_text().splitlines()
-            if line.startswith("| encoder") or line.startswith("| cached")}
+    lines = (out / "text_cache.md").read_text().splitlines()
+    rows = {line.split("|")[1].strip(): line.split("|")[2:6]
+            for line in lines if line.startswith(("| encoder", "| cached"))}
     assert rows.keys() == {"encoder in the loop", "cached embeddings"}
     for step, peak, after, params in rows.values():
         assert float(step) > 0 and float(peak) > 0 and float(after) > 0

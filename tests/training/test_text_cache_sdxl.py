@@ -29,8 +29,8 @@ def xl(tmp_path_factory):
     ckpt, config = write_xl_file(folder, seed=3)
     images = write_image_folder(folder / "images", size=PIXELS)
     cfg = load_config(TINY / "sd-finetune.yaml", [  # the SD 1.x recipe over an SDXL base: the model is the base's
-        f"model.params.base_ckpt={ckpt}", f"model.params.base_config={config}", f"cache.data.train.params.root={images}",
-        f"cache.dir={folder / 'cache'}", "cache.text_embeddings=true"])
+        f"model.params.base_ckpt={ckpt}", f"model.params.base_config={config}",
+        f"cache.data.train.params.root={images}", f"cache.dir={folder / 'cache'}", "cache.text_embeddings=true"])
     complete_from_base(cfg)
     make_cache(cfg, progress=False)
     return cfg, load_sd(config, ckpt)
