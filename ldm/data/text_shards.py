@@ -42,18 +42,19 @@ class TextContexts:
         """The reader when the split has text shards, else None."""
         return cls(shards) if shards and text_shard_path(shards[0]).is_file() else None
 
-    def get(self, shard: int, row: int) -> torch.Tensor:
-        """The context of item ``row`` of latent shard ``shard`` ``(T, D)``."""
+    def _handle(self, shard: int) -> Any:
         if shard not in self._handles:
             self._handles[shard] = safe_open(str(self.files[shard]), framework="pt")
-        return self._handles[shard].get_slice(CONTEXT_KEY)[row].float()
+        return self._handles[shard]
+
+    def get(self, shard: int, row: int) -> torch.Tensor:
+        """The context of item ``row`` of latent shard ``shard`` ``(T, D)``."""
+        return self._handle(shard).get_slice(CONTEXT_KEY)[row].float()
 
     def fields(self, shard: int, row: int) -> dict[str, Any]:
         """What an item of latent shard ``shard`` carries: ``{"context": (T, D)}``, or with a pooled embedding
         ``{"text": {"context": (T, D), "pooled": (P,)}}``; fp32."""
-        if shard not in self._handles:
-            self._handles[shard] = safe_open(str(self.files[shard]), framework="pt")
-        handle = self._handles[shard]
+        handle = self._handle(shard)
         if POOLED_KEY not in handle.keys():
             return {CONTEXT_KEY: self.get(shard, row)}
         return {TEXT_FIELD: {key: handle.get_slice(key)[row].float() for key in (CONTEXT_KEY, POOLED_KEY)}}
