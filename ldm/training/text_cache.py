@@ -1,6 +1,7 @@
 """Stage 2 on cached text embeddings (``cache.text_embeddings: true``): the frozen text encoder of
 ``model.params.cond_stage`` encodes every caption once into the latent cache, and training builds the system with a
-``CachedTextEncoder`` in its place, so the encoder is never built for training steps.
+stand-in in its place (``CachedTextEncoder``; for SDXL's conditioner, whose pooled output is cached too,
+``CachedSDXLConditioner``), so the encoder is never built for training steps.
 
     cache:
       text_embeddings: true   # needs model.params.cond_stage_trainable: false (a frozen encoder)
