@@ -48,8 +48,8 @@ def prepare(folder: Path, arch: str, batch: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     enc = encoder(arch)
     save_file_atomic(enc.state_dict(), folder / WEIGHTS)
-    save_file_atomic({"context": encode_captions(enc, [""], 1)}, folder / UNCOND)
-    save_file_atomic({"context": encode_captions(enc, captions(batch), batch)}, folder / CONTEXTS)
+    save_file_atomic(encode_captions(enc, [""], 1), folder / UNCOND)
+    save_file_atomic(encode_captions(enc, captions(batch), batch), folder / CONTEXTS)
 
 
 def step_time(folder: Path, arch: str, batch: int, cached: bool, repeats: int = 5) -> dict:

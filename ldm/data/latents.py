@@ -296,7 +296,7 @@ class LatentDataset(Dataset):
                 value = record[key][row]
                 item[key] = torch.tensor(value) if isinstance(value, list) else value  # sizes: (2,) tensors
         if self.text is not None:
-            item["context"] = self.text.get(shard, row)  # (T, D)
+            item.update(self.text.fields(shard, row))  # context (T, D), or text: {context, pooled (P,)}
         return item
 
     def __getstate__(self) -> dict:

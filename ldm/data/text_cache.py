@@ -1,11 +1,12 @@
 """Cached text embeddings: a frozen text encoder's context for every caption of a latent cache, computed once.
 
 Beside each latent shard ``<split>/shard-00000.*`` the cache holds ``<split>/text-00000.safetensors`` with
-``context`` (N, T, D) fp16, the captions' embeddings in the shard's order; the cache folder holds the empty caption's
-context once (``text_uncond.safetensors``, for CFG dropout) and the encoder's weights (``text_encoder.safetensors``,
-so a run's checkpoints keep them without building the encoder). ``meta.json``'s ``text`` entry names the encoder
-(its config node and weights hash): a cache made with another encoder is refused. Text shards are written atomically,
-one per latent shard, so an interrupted run resumes from its finished ones.
+``context`` (N, T, D) fp16, the captions' embeddings in the shard's order (and ``pooled`` (N, P) for a conditioner with
+a pooled output, SDXL's); the cache folder holds the empty caption's outputs once (``text_uncond.safetensors``, for
+CFG dropout) and the encoder's weights (``text_encoder.safetensors``, so a run's checkpoints keep them without
+building the encoder). ``meta.json``'s ``text`` entry names the encoder (its config node and weights hash, and the
+base file it came from): a cache made with another encoder is refused. Text shards are written atomically, one per
+latent shard, so an interrupted run resumes from its finished ones.
 """
 
 from __future__ import annotations
@@ -23,11 +24,19 @@ from ldm.data.text_shards import CONTEXT_DTYPE, CONTEXT_KEY, ENCODER_FILE, UNCON
 from ldm.io.checkpoints import save_file_atomic
 
 
+def text_outputs(encoder: nn.Module, captions: list[str]) -> dict[str, torch.Tensor]:
+    """What the cache stores of captions: the context ``(N, T, D)``, and the pooled embedding ``(N, P)`` of a
+    conditioner that gives one (SDXL's, by its ``text_outputs``)."""
+    if hasattr(encoder, "text_outputs"):
+        return dict(encoder.text_outputs(captions))
+    return {CONTEXT_KEY: encoder(captions)}
+
+
 @torch.inference_mode()
-def encode_captions(encoder: nn.Module, captions: list[str], batch_size: int) -> torch.Tensor:
-    """Context ``(N, T, D)`` fp16 of ``captions``, in batches."""
-    parts = [encoder(captions[i:i + batch_size]).to("cpu", CONTEXT_DTYPE) for i in range(0, len(captions), batch_size)]
-    return torch.cat(parts)  # (N, T, D)
+def encode_captions(encoder: nn.Module, captions: list[str], batch_size: int) -> dict[str, torch.Tensor]:
+    """The text outputs of ``captions`` in fp16, in batches: ``{"context": (N, T, D)[, "pooled": (N, P)]}``."""
+    parts = [text_outputs(encoder, captions[i:i + batch_size]) for i in range(0, len(captions), batch_size)]
+    return {key: torch.cat([p[key].to("cpu", CONTEXT_DTYPE) for p in parts]) for key in parts[0]}
 
 
 def encode_text_split(encoder: nn.Module, split_dir: Path, batch_size: int = 64, progress: bool = False) -> int:
@@ -41,7 +50,7 @@ def encode_text_split(encoder: nn.Module, split_dir: Path, batch_size: int = 64,
         if captions is None:
             raise CacheError(f"{index_path} holds no captions: cached text embeddings need a captioned dataset "
                              "(set cache.text_embeddings: false for labels or unconditional data)")
-        save_file_atomic({CONTEXT_KEY: encode_captions(encoder, list(captions), batch_size)}, out)
+        save_file_atomic(encode_captions(encoder, list(captions), batch_size), out)
         encoded += len(captions)
     return encoded
 
@@ -57,10 +66,11 @@ def build_text_cache(encoder: nn.Module, cache_dir: str | Path, encoder_info: di
     meta = json.loads(meta_path.read_text())
     check_encoder(meta, encoder_info, str(cache_dir))
     encoder.eval()
-    uncond = encode_captions(encoder, [""], 1)  # (1, T, D)
-    meta["text"] = {**encoder_info, "context_shape": list(uncond.shape[1:]), "complete": False}
+    uncond = encode_captions(encoder, [""], 1)  # context (1, T, D)[, pooled (1, P)]
+    shapes = {f"{key}_shape": list(value.shape[1:]) for key, value in uncond.items()}
+    meta["text"] = {**encoder_info, **shapes, "complete": False}
     write_json_atomic(meta, meta_path)
-    save_file_atomic({CONTEXT_KEY: uncond}, cache_dir / UNCOND_FILE)
+    save_file_atomic(uncond, cache_dir / UNCOND_FILE)
     save_file_atomic(encoder.state_dict(), cache_dir / ENCODER_FILE)
     counts = {split: encode_text_split(encoder, cache_dir / split, batch_size, progress) for split in meta["splits"]}
     meta["text"].update(complete=True, encoded=counts)
@@ -72,9 +82,11 @@ def check_encoder(meta: dict, encoder_info: dict, where: str) -> None:
     """Refuse a cache whose text embeddings another encoder (another weights hash) made."""
     cached = meta.get("text") or {}
     if cached and cached.get("hash") != encoder_info["hash"]:
+        theirs = f" from the base {cached['base']}" if cached.get("base") else ""
+        ours = f" from the base {encoder_info['base']}" if encoder_info.get("base") else ""
         raise CacheError(
-            f"{where} holds text embeddings of encoder {cached.get('encoder', {}).get('target')} (weights hash "
-            f"{cached.get('hash')}), not of this config's model.params.cond_stage (hash {encoder_info['hash']}); "
+            f"{where} holds text embeddings of encoder {cached.get('encoder', {}).get('target')}{theirs} (weights hash "
+            f"{cached.get('hash')}), not of this config's model.params.cond_stage{ours} (hash {encoder_info['hash']}); "
             f"delete {where}, or set cache.dir to another folder"
         )
 
@@ -84,10 +96,11 @@ def text_complete(meta: dict) -> bool:
     return bool((meta.get("text") or {}).get("complete"))
 
 
-def load_text_files(cache_dir: str | Path) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """The cached encoder weights (memory-mapped) and the unconditional context ``(1, T, D)``."""
+def load_text_files(cache_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The cached encoder weights (memory-mapped) and the empty caption's outputs: ``{"context": (1, T, D)[, "pooled":
+    (1, P)]}``."""
     cache_dir = Path(cache_dir)
     for name in (ENCODER_FILE, UNCOND_FILE):
         if not (cache_dir / name).is_file():
             raise CacheError(f"{cache_dir / name} is missing: run the caching command again with cache.text_embeddings")
-    return load_safetensors(str(cache_dir / ENCODER_FILE)), load_safetensors(str(cache_dir / UNCOND_FILE))[CONTEXT_KEY]
+    return load_safetensors(str(cache_dir / ENCODER_FILE)), load_safetensors(str(cache_dir / UNCOND_FILE))

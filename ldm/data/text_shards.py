@@ -1,5 +1,6 @@
 """Reading cached text embeddings: the text shard beside each latent shard, one memory-mapped handle per file
-(``ldm.data.text_cache`` writes them)."""
+(``ldm.data.text_cache`` writes them). An item carries its caption's ``context`` (T, D); from a cache of a conditioner
+with a pooled output too (SDXL's), both under ``text``: ``{"context": (T, D), "pooled": (P,)}``."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ TEXT_SHARD = "text-{:05d}.safetensors"
 UNCOND_FILE = "text_uncond.safetensors"
 ENCODER_FILE = "text_encoder.safetensors"
 CONTEXT_KEY = "context"
+POOLED_KEY = "pooled"  # a conditioner's pooled text embedding (SDXL's last tower), when it has one
+TEXT_FIELD = "text"  # the item field holding {context, pooled} of such a cache
 CONTEXT_DTYPE = torch.float16
 
 
@@ -39,11 +42,22 @@ class TextContexts:
         """The reader when the split has text shards, else None."""
         return cls(shards) if shards and text_shard_path(shards[0]).is_file() else None
 
-    def get(self, shard: int, row: int) -> torch.Tensor:
-        """The context of item ``row`` of latent shard ``shard`` ``(T, D)``."""
+    def _handle(self, shard: int) -> Any:
         if shard not in self._handles:
             self._handles[shard] = safe_open(str(self.files[shard]), framework="pt")
-        return self._handles[shard].get_slice(CONTEXT_KEY)[row].float()
+        return self._handles[shard]
+
+    def get(self, shard: int, row: int) -> torch.Tensor:
+        """The context of item ``row`` of latent shard ``shard`` ``(T, D)``."""
+        return self._handle(shard).get_slice(CONTEXT_KEY)[row].float()
+
+    def fields(self, shard: int, row: int) -> dict[str, Any]:
+        """What an item of latent shard ``shard`` carries: ``{"context": (T, D)}``, or with a pooled embedding
+        ``{"text": {"context": (T, D), "pooled": (P,)}}``; fp32."""
+        handle = self._handle(shard)
+        if POOLED_KEY not in handle.keys():
+            return {CONTEXT_KEY: self.get(shard, row)}
+        return {TEXT_FIELD: {key: handle.get_slice(key)[row].float() for key in (CONTEXT_KEY, POOLED_KEY)}}
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_handles": {}}  # file handles do not cross into worker processes

@@ -17,6 +17,7 @@ from __future__ import annotations
 from torch import nn
 
 from ldm.core.config import ConfigError
+from ldm.inference.base_text import with_cached_text
 from ldm.inference.loaders import RunSummary, build_system
 from ldm.inference.sd import load_sd_weights, read_sd_state
 from ldm.inference.source_checks import check_run_vae
@@ -37,7 +38,8 @@ def load_base(system: nn.Module, use_ema: bool = True) -> dict:
     if not ckpt:
         raise ConfigError("the model has no base to start from: set model.params.base_ckpt (a public SD file) and "
                           "model.params.base_config (its inference config)")
-    info = load_sd_weights(system, read_sd_state(ckpt), use_ema=use_ema, what=f"the base {ckpt}",
+    state = with_cached_text(system, read_sd_state(ckpt))  # a cached text stand-in keeps its own weights
+    info = load_sd_weights(system, state, use_ema=use_ema, what=f"the base {ckpt}",
                            hint=base_hint(config), consume=True)
     return {"checkpoint": str(ckpt), **info}
 

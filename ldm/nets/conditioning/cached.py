@@ -17,21 +17,17 @@ from torch import nn
 from ldm.nets.conditioning.base import Embedder
 
 
-class CachedTextEncoder(Embedder):
-    """Context from the batch; ``unconditional(n)`` from the cached empty caption; weights in state dicts only.
+class FrozenWeights(Embedder):
+    """What every stand-in for a frozen encoder shares: the encoder's weights in state dicts only (under their own
+    names), and the real encoder built on first use (``encoder()``) when captions must be encoded.
 
-    ``weights``: the frozen encoder's state dict (memory-mapped tensors); ``uncond``: its context for ``""``
-    ``(1, T, D)``; ``build_encoder``: makes the real encoder (loaded with ``weights``) when captions must be encoded.
+    ``weights``: the frozen encoder's state dict (memory-mapped tensors); ``build_encoder``: makes the real encoder
+    (``weights`` are loaded into it).
     """
 
-    def __init__(self, weights: dict[str, torch.Tensor], uncond: torch.Tensor, build_encoder: Callable[[], nn.Module],
-                 key: str = "caption"):
+    def __init__(self, weights: dict[str, torch.Tensor], build_encoder: Callable[[], nn.Module]):
         super().__init__()
-        if uncond.ndim != 3 or uncond.shape[0] != 1:
-            raise ValueError(f"uncond must be (1, T, D), got {tuple(uncond.shape)}")
-        self.key, self.context_dim = key, uncond.shape[-1]
         self.weights = weights
-        self.register_buffer("uncond_context", uncond.float(), persistent=False)  # (1, T, D)
         self._build_encoder = build_encoder
         self._encoder: list[nn.Module] = []  # a list: the built encoder is no registered child
         self.register_state_dict_post_hook(_add_weights)
@@ -41,28 +37,47 @@ class CachedTextEncoder(Embedder):
         """``n`` empty captions."""
         return [""] * n
 
+    def encoder(self) -> nn.Module:
+        """The real encoder with the cached weights, frozen, on this module's device (built once)."""
+        if not self._encoder:
+            encoder = self._build_encoder()
+            encoder.load_state_dict(self.weights)
+            self._encoder.append(encoder.eval().requires_grad_(False))
+        return self._encoder[0].to(self.device)
+
+
+class CachedTextEncoder(FrozenWeights):
+    """Context from the batch; ``unconditional(n)`` from the cached empty caption; weights in state dicts only.
+
+    ``weights``: the frozen encoder's state dict (memory-mapped tensors); ``uncond``: its context for ``""``
+    ``(1, T, D)``; ``build_encoder``: makes the real encoder (loaded with ``weights``) when captions must be encoded.
+    """
+
+    def __init__(self, weights: dict[str, torch.Tensor], uncond: torch.Tensor, build_encoder: Callable[[], nn.Module],
+                 key: str = "caption"):
+        super().__init__(weights, build_encoder)
+        if uncond.ndim != 3 or uncond.shape[0] != 1:
+            raise ValueError(f"uncond must be (1, T, D), got {tuple(uncond.shape)}")
+        self.key, self.context_dim = key, uncond.shape[-1]
+        self.register_buffer("uncond_context", uncond.float(), persistent=False)  # (1, T, D)
+
     def unconditional(self, n: int) -> torch.Tensor:
         """The cached unconditional context for ``n`` samples ``(n, T, D)``."""
         return self.uncond_context.expand(n, -1, -1)
 
     def forward(self, captions: Sequence[str]) -> torch.Tensor:
         """Captions → context ``(B, T, D)`` through the real encoder, built on first use (sampling only)."""
-        if not self._encoder:
-            encoder = self._build_encoder()
-            encoder.load_state_dict(self.weights)
-            self._encoder.append(encoder.eval().requires_grad_(False))
-        encoder = self._encoder[0].to(self.uncond_context.device)
         with torch.no_grad():
-            return encoder(list(captions)).to(self.uncond_context.dtype)
+            return self.encoder()(list(captions)).to(self.uncond_context.dtype)
 
 
-def _add_weights(module: CachedTextEncoder, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+def _add_weights(module: FrozenWeights, state_dict: dict, prefix: str, local_metadata: dict) -> None:
     """State-dict hook: the frozen encoder's weights under their own names (as the real encoder would give them)."""
     for name, tensor in module.weights.items():
         state_dict[prefix + name] = tensor
 
 
-def _take_weights(module: CachedTextEncoder, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+def _take_weights(module: FrozenWeights, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
                   missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
     """Load hook: take the encoder's entries out of a state dict; their shapes must match the cached encoder's."""
     for name, tensor in module.weights.items():

@@ -109,11 +109,16 @@ class SDXLConditioner(Embedder):
                      ) -> dict[str, Tensor]:
         """``{"context": (B, L, context_dim), "y": (B, adm_dim)}`` for captions and their sizes (one
         ``SizeConditioning`` for all, or ``{field: (B, 2)}`` per sample)."""
+        text = self.text_outputs(captions)
+        return {"context": text["context"], "y": self._vector(text["pooled"], sizes)}
+
+    def text_outputs(self, captions: Sequence[str]) -> dict[str, Tensor]:
+        """What the towers give for captions, before the sizes join: ``{"context": (B, L, context_dim), "pooled":
+        (B, P)}`` (what a text-embedding cache stores)."""
         captions = list(captions)
         contexts = [e(captions) for e in self.embedders[:-1]]  # (B, L, W_i)
         last, pooled = self.embedders[-1].encode_pooled(captions)  # (B, L, W), (B, P)
-        context = torch.cat([*contexts, last], dim=-1)  # (B, L, Σ W)
-        return {"context": context, "y": self._vector(pooled, sizes)}
+        return {"context": torch.cat([*contexts, last], dim=-1), "pooled": pooled}  # (B, L, Σ W), (B, P)
 
     def unconditional_conditioning(self, n: int, sizes: Mapping[str, Tensor] | SizeConditioning | None = None
                                    ) -> dict[str, Tensor]:
@@ -127,12 +132,18 @@ class SDXLConditioner(Embedder):
 
     def _vector(self, pooled: Tensor, sizes: Mapping[str, Tensor] | SizeConditioning | None) -> Tensor:
         """The ADM vector: pooled text (B, P) ++ size embeddings (B, 6·dim)."""
-        if sizes is None:
-            raise ValueError("SDXL needs its size conditioning (original size, crop top-left, target size): pass "
-                             "SizeConditioning.for_size(height, width)")
-        if isinstance(sizes, SizeConditioning):
-            sizes = sizes.batch(pooled.shape[0])
-        emb = size_embedding({k: torch.as_tensor(v).to(pooled.device) for k, v in sizes.items()}, self.size_embed_dim)
-        if emb.shape[0] != pooled.shape[0]:
-            raise ValueError(f"{emb.shape[0]} size rows for {pooled.shape[0]} captions")
-        return torch.cat([pooled, emb.to(pooled.dtype)], dim=1)  # (B, adm_dim)
+        return adm_vector(pooled, sizes, self.size_embed_dim)
+
+
+def adm_vector(pooled: Tensor, sizes: Mapping[str, Tensor] | SizeConditioning | None,
+               size_embed_dim: int = SIZE_EMBED_DIM) -> Tensor:
+    """SDXL's ADM vector ``y``: pooled text (B, P) ++ the size embeddings (B, 6·size_embed_dim)."""
+    if sizes is None:
+        raise ValueError("SDXL needs its size conditioning (original size, crop top-left, target size): pass "
+                         "SizeConditioning.for_size(height, width)")
+    if isinstance(sizes, SizeConditioning):
+        sizes = sizes.batch(pooled.shape[0])
+    emb = size_embedding({k: torch.as_tensor(v).to(pooled.device) for k, v in sizes.items()}, size_embed_dim)
+    if emb.shape[0] != pooled.shape[0]:
+        raise ValueError(f"{emb.shape[0]} size rows for {pooled.shape[0]} captions")
+    return torch.cat([pooled, emb.to(pooled.dtype)], dim=1)  # (B, adm_dim)

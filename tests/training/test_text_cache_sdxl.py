@@ -1,0 +1,72 @@
+"""Cached text embeddings of an SDXL base (a toy file in the public layout): the cache holds each caption's context
+and pooled embedding from both towers as loading the base gives them, and the stage-2 system trains on them through
+the cached stand-in, with the base's conditioner weights under their public names."""
+
+import pytest
+import torch
+
+from ldm.core.config import load_config
+from ldm.data.latents import LatentDataset
+from ldm.data.text_cache import load_text_files
+from ldm.inference.sd import load_sd
+from ldm.io.checkpoints import TEXT_PREFIX
+from ldm.nets.conditioning.cached_sdxl import CachedSDXLConditioner
+from ldm.nets.conditioning.sdxl import SizeConditioning
+from ldm.training.cache import make_cache
+from ldm.training.sd_finetune import complete_from_base, start_from_base
+from ldm.training.text_cache import build_stage2_system
+from tests.conftest import TINY
+from tests.sd_toy import write_image_folder
+from tests.sdxl_toy import PIXELS, write_xl_file
+
+FP16 = dict(rtol=2e-3, atol=2e-3)  # the cache stores fp16
+
+
+@pytest.fixture(scope="module")
+def xl(tmp_path_factory):
+    """(a completed fine-tune config over a toy SDXL file with cached text, the base loaded as sampling loads it)."""
+    folder = tmp_path_factory.mktemp("text-xl")
+    ckpt, config = write_xl_file(folder, seed=3)
+    images = write_image_folder(folder / "images", size=PIXELS)
+    cfg = load_config(TINY / "sd-finetune.yaml", [  # the SD 1.x recipe over an SDXL base: the model is the base's
+        f"model.params.base_ckpt={ckpt}", f"model.params.base_config={config}",
+        f"cache.data.train.params.root={images}", f"cache.dir={folder / 'cache'}", "cache.text_embeddings=true"])
+    complete_from_base(cfg)
+    make_cache(cfg, progress=False)
+    return cfg, load_sd(config, ckpt)
+
+
+def test_the_cache_holds_both_towers_context_and_the_pooled_embedding(xl):
+    cfg, base = xl
+    data = LatentDataset(cfg["cache"]["dir"], "train")
+    text = base.cond_stage_model.text_outputs([data[i]["caption"] for i in range(3)])
+    for i in range(3):
+        item = data[i]
+        assert "context" not in item and item["text"].keys() == {"context", "pooled"}
+        for key in ("context", "pooled"):
+            assert torch.allclose(item["text"][key], text[key][i], **FP16), key
+    assert data.meta["text"]["pooled_shape"] == [base.cond_stage_model.embedders[-1].model.text_projection.shape[-1]]
+    _, uncond = load_text_files(cfg["cache"]["dir"])
+    empty = base.cond_stage_model.text_outputs([""])
+    assert all(torch.allclose(uncond[k].float(), empty[k], **FP16) for k in ("context", "pooled"))
+
+
+def test_stage2_trains_on_the_cached_outputs_with_the_base_s_weights(xl):
+    cfg, base = xl
+    system = build_stage2_system(cfg)
+    stand_in = system.cond_stage_model
+    assert isinstance(stand_in, CachedSDXLConditioner) and not list(stand_in.parameters())
+    start_from_base(system, cfg)
+    state, want = system.state_dict(), base.state_dict()
+    assert all(torch.equal(state[k], want[k]) for k in want if k.startswith(TEXT_PREFIX))
+    data = LatentDataset(cfg["cache"]["dir"], "train")
+    batch = torch.utils.data.default_collate([data[i] for i in range(4)])
+    sizes = SizeConditioning.for_size(PIXELS, PIXELS).batch(4)
+    cond = stand_in.conditioning(batch[stand_in.key], sizes)
+    real = base.cond_stage_model.conditioning(batch["caption"], sizes)
+    assert all(torch.allclose(cond[k], real[k], **FP16) for k in real)
+    loss = system.train().objective(system.network(), system.latents(batch), cond)
+    loss.backward()
+    assert torch.isfinite(loss) and system.model.diffusion_model.label_emb[0][0].weight.grad.abs().sum() > 0
+    with pytest.raises(TypeError, match="conditioning"):  # the batch's outputs need their sizes
+        stand_in(batch[stand_in.key])
