@@ -82,6 +82,9 @@ def test_the_datamodule_draws_the_folder_caches_batches_and_resumes(caches):
                          val_fraction=0.0)
     resumed.resume_at(len(epochs["s"][0]) + 2)  # epoch 1, two batches in
     assert paths_of(resumed.train_dataloader()) == epochs["s"][1][2:]
+    workers = DataModule(StreamingBucketLatents(str(streamed_dir)), batch_size=3, drop_last=False, seed=7,
+                         val_fraction=0.0, num_workers=2)  # each loader worker opens its own litdata reader
+    assert paths_of(workers.train_dataloader()) == epochs["s"][0]
 
 
 def test_stage2_reads_a_bucketed_litdata_cache_through_the_bucket_reader(caches):
