@@ -150,6 +150,13 @@ def squarest(sizes: list[list[int]]) -> list[int]:
     return min(sizes, key=lambda s: (abs(math.log(s[1] / s[0])), -s[0] * s[1]))
 
 
+def bucket_shapes(sizes: list[list[int]], channels: int, factor: int | None) -> tuple[list[int], list[int]]:
+    """A bucketed cache's default latent shape (C, h, w) and image size (H, W): those of its squarest bucket."""
+    image_size = squarest(sizes)
+    factor = factor or 1
+    return [channels, image_size[0] // factor, image_size[1] // factor], image_size
+
+
 def _combine(stats: list[dict]) -> dict:
     """Mean and variance of z = mean + std·ε from per-shard sums: Var z = E[mean²] + E[std²] − E[mean]²."""
     count = sum(s["count"] for s in stats)
@@ -205,9 +212,7 @@ def build_cache(autoencoder: torch.nn.Module, datasets: Mapping[str, Dataset], c
     image_size = list(next(iter(datasets.values()))[0]["image"].shape[-2:])
     buckets = bucket_meta(datasets)
     if buckets is not None:  # the default size of a bucketed cache: its squarest bucket
-        image_size = squarest(buckets["sizes"])
-        factor = vae_info.get("downsampling_factor") or 1
-        latent_shape = [latent_shape[0], image_size[0] // factor, image_size[1] // factor]
+        latent_shape, image_size = bucket_shapes(buckets["sizes"], latent_shape[0], vae_info.get("downsampling_factor"))
         meta["buckets"] = buckets
     meta.update(
         splits=splits,

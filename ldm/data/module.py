@@ -8,38 +8,43 @@ from typing import Iterator
 import lightning as L
 import torch
 from litdata import StreamingDataLoader, StreamingDataset
-from torch.utils.data import DataLoader, Dataset, Sampler, random_split
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, random_split
 
 from ldm.data.bucket_sampler import BatchedView, BucketBatchSampler, dataset_buckets, unplaceable
 
 
-class ResumableRandomSampler(Sampler[int]):
-    """A seeded permutation per epoch (seed + epoch) that can start part-way through one.
+class ResumableRandomSampler(DistributedSampler):
+    """A seeded permutation per epoch (seed + epoch) that can start part-way through one, split over the ranks.
 
     Lightning calls ``set_epoch`` at each epoch start; ``start_at(epoch, n)`` makes that epoch's next
-    pass skip its first ``n`` indices, so a resumed run sees exactly the items it had not seen yet.
+    pass skip its first ``n`` indices (of all ranks together), so a resumed run sees exactly the items it had not
+    seen yet. ``shard(world_size, rank)`` gives rank r the permutation's items r, r + W, … (padded, as a
+    DistributedSampler pads, to a multiple of W). It is a DistributedSampler so that Lightning does not wrap it:
+    Lightning's wrapper sizes the epoch by ``len(sampler)`` but reads the shortened resumed pass (IndexError).
     """
 
     def __init__(self, length: int, seed: int = 0):
-        self.length, self.seed, self.epoch, self._skip = length, seed, 0, (None, 0)
+        super().__init__(range(length), num_replicas=1, rank=0, shuffle=True, seed=seed)
+        self.length, self._skip = length, (None, 0)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose permutation the next pass draws."""
-        self.epoch = epoch
+    def shard(self, world_size: int, rank: int) -> None:
+        """Draw rank ``rank``'s share of every epoch among ``world_size`` ranks."""
+        self.num_replicas, self.rank = world_size, rank
 
     def start_at(self, epoch: int, n: int) -> None:
         """Skip the first ``n`` indices of ``epoch``'s permutation (once)."""
         self._skip = (epoch, n)
 
     def __iter__(self) -> Iterator[int]:
-        order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        order += order[:len(self) * self.num_replicas - self.length]  # every rank the same count
         skip_epoch, n = self._skip
         if skip_epoch == self.epoch:
             order, self._skip = order[n:], (None, 0)
-        return iter(order.tolist())
+        return iter(order[self.rank::self.num_replicas])
 
     def __len__(self) -> int:
-        return self.length
+        return -(-self.length // self.num_replicas)  # the same every epoch: a resumed pass is shorter, not its epoch
 
 
 class PositionedDataLoader(DataLoader):
@@ -131,6 +136,7 @@ class DataModule(L.LightningDataModule):
         if bucket_ids is not None:
             return self._bucket_loader(self.train_dataset, bucket_ids, self.batch_size, train=True)
         drop_last = self.drop_last and len(self.train_dataset) >= self.batch_size
+        self.train_sampler.shard(*self._ranks())
         return self._loader(self.train_dataset, self.batch_size, self.train_sampler, drop_last=drop_last)
 
     def resume_at(self, batches_done: int, world_size: int = 1) -> None:
@@ -140,8 +146,8 @@ class DataModule(L.LightningDataModule):
             return
         self._resume_batches = batches_done
         drop_last = self.drop_last and len(self.train_dataset) >= self.batch_size
-        per_epoch = (len(self.train_dataset) // (self.batch_size * world_size) if drop_last
-                     else -(-len(self.train_dataset) // (self.batch_size * world_size)))
+        per_rank = -(-len(self.train_dataset) // world_size)  # the sampler's share of each rank
+        per_epoch = per_rank // self.batch_size if drop_last else -(-per_rank // self.batch_size)
         epoch, done = divmod(batches_done, max(per_epoch, 1))
         self.train_sampler.set_epoch(epoch)  # Lightning makes a resumed run's first iterator before it sets the epoch
         self.train_sampler.start_at(epoch, done * self.batch_size * world_size)

@@ -2,20 +2,22 @@
 
 Layout: the cache folder (local) keeps ``meta.json`` (as the folder cache's, plus ``format``, ``uri`` and the
 parts done) and the per-batch latent statistics; the shards live at ``uri`` (a local folder, ``s3://…`` or
-``gs://…``), one litdata dataset per split (``<uri>/<split>/index.json`` + ``chunk-*.bin``). An item holds ``index`` (its place in the
-source dataset), the posterior ``mean`` and ``std`` (C, h, w) fp16 — any shape, so buckets stream too —, the hint as
-uint8, and whatever the source gives of caption, label, path, ``original_size`` and ``crop``.
+``gs://…``), one litdata dataset per split (``<uri>/<split>/index.json`` + ``chunk-*.bin``). An item holds
+``index`` (its place in the source dataset), the posterior ``mean`` and ``std`` (C, h, w) fp16 — any shape, so
+buckets stream too —, the hint as uint8, and whatever the source gives of caption, label, path, ``original_size``
+and ``crop_top_left``.
 
-Writing goes part by part (``shard_size`` items each) through litdata's ``optimize`` (its workers in parallel), each
-part appended to the split's dataset and recorded in ``meta.json`` once it is complete: an interrupted build resumes at
-the first unfinished part, never re-encoding a finished one. ``StreamingLatents`` reads a split with litdata's
-``StreamingDataset`` (ranks and workers split the data; its loader's state rides in Lightning checkpoints).
+Writing goes part by part through litdata's ``optimize`` (its workers in parallel): the folder cache's shard plan,
+``shard_size`` items each, bucket by bucket for a bucketed dataset. Each part is appended to the split's dataset and
+recorded in ``meta.json`` once it is complete: an interrupted build resumes at the first unfinished part, never
+re-encoding a finished one. ``StreamingLatents`` reads a split with litdata's ``StreamingDataset`` (ranks and
+workers split the data; its loader's state rides in Lightning checkpoints); a bucketed split is read by
+``ldm.data.streaming_buckets.StreamingBucketLatents`` instead (bucket-homogeneous batches).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -26,14 +28,15 @@ import torch
 from litdata import StreamingDataset
 from torch.utils.data import Dataset, default_collate
 
-from ldm.data.latents import CACHE_VERSION, HINT_SCALE, META_FILE, CacheError, _combine, class_map, read_meta
-from ldm.data.latents import write_json_atomic
+from ldm.data.latents import CACHE_VERSION, HINT_SCALE, META_FILE, RECORD_KEYS, CacheError, _combine, bucket_meta
+from ldm.data.latents import bucket_shapes, class_map, read_meta, shard_plan, write_json_atomic
 from ldm.data.shard_check import INDEX_FILE, check_split, is_remote, local_path, probe_remote
 
 FORMAT = "litdata"
 STATS_DIR = "litdata-stats"
 DEFAULT_CHUNK_BYTES = "64MB"  # litdata's advice: chunks of tens of MB stream well from object storage
-PASSED_THROUGH = ("caption", "label", "path", "original_size", "crop")  # source fields an item keeps
+DEFAULT_MAX_CACHE = "50GB"  # chunks of remote shards kept on local disk per node
+PASSED_THROUGH = RECORD_KEYS  # the source fields an item keeps (caption, label, path, original size, crop)
 
 
 def split_uri(uri: str, split: str) -> str:
@@ -105,12 +108,13 @@ def build_streaming_cache(autoencoder: torch.nn.Module, datasets: Mapping[str, D
     for split, dataset in datasets.items():
         stats_dir = cache_dir / STATS_DIR / split
         stats_dir.mkdir(parents=True, exist_ok=True)
-        n_parts = math.ceil(len(dataset) / shard_size)
+        plan = shard_plan(dataset, shard_size)  # parts in stream order (a bucketed dataset's: one bucket each)
+        n_parts = len(plan)
         if meta["parts"].get(split, 0) < n_parts:
             trim_index(split_uri(uri, split), meta["chunks"].get(split, 0))
         for part in range(meta["parts"].get(split, 0), n_parts):
-            start, stop = part * shard_size, min((part + 1) * shard_size, len(dataset))
-            batches = [list(range(s, min(s + batch_size, stop))) for s in range(start, stop, batch_size)]
+            items = plan[part]
+            batches = [items[s:s + batch_size] for s in range(0, len(items), batch_size)]
             litdata.optimize(fn=EncodeBatches(autoencoder, dataset, stats_dir), inputs=batches,
                              output_dir=split_uri(uri, split), chunk_bytes=chunk_bytes, num_workers=max(num_workers, 1),
                              mode="append" if part else "overwrite", verbose=False)
@@ -118,14 +122,27 @@ def build_streaming_cache(autoencoder: torch.nn.Module, datasets: Mapping[str, D
             meta["chunks"][split] = count_chunks(split_uri(uri, split))
             write_json_atomic(meta, meta_path)
         splits[split] = split_stats(stats_dir, len(dataset)) | {"items": len(dataset), "shards": n_parts}
+        if getattr(dataset, "bucket_ids", None) is not None:
+            splits[split]["bucket_runs"] = bucket_runs(dataset.bucket_ids, plan)
     first = splits["train" if "train" in splits else next(iter(splits))]
+    latent_shape, image_size = first["latent_shape"], first["image_size"]
+    buckets = bucket_meta(datasets)
+    if buckets is not None:  # as the folder cache: the buckets, and the squarest one as the default size
+        meta["buckets"] = buckets
+        latent_shape, image_size = bucket_shapes(buckets["sizes"], latent_shape[0], vae_info.get("downsampling_factor"))
     meta.update(splits={k: {x: v for x, v in s.items() if x not in ("latent_shape", "image_size")}
                         for k, s in splits.items()},
-                latent_shape=first["latent_shape"], image_size=first["image_size"],
+                latent_shape=latent_shape, image_size=image_size,
                 downsampling_factor=vae_info.get("downsampling_factor"),
                 count=sum(s["items"] for s in splits.values()), scale_factor=1.0 / first["latent_std"], complete=True)
     write_json_atomic(meta, meta_path)
     return meta
+
+
+def bucket_runs(bucket_ids: list[int], plan: list[list[int]]) -> list[list[int]]:
+    """[bucket, items] of every part in stream order: each part is appended whole after the ones before it, so the
+    streamed item ``i`` lies in the run that covers ``i`` (``StreamingBucketLatents`` expands them)."""
+    return [[int(bucket_ids[part[0]]), len(part)] for part in plan]
 
 
 def count_chunks(uri: str) -> int | None:
@@ -154,10 +171,13 @@ def split_stats(stats_dir: Path, n_items: int) -> dict:
 
 
 def decode_item(item: dict) -> dict:
-    """A streamed item as the folder cache gives it: fp32 posterior, hint in [0, 1]."""
+    """A streamed item as the folder cache gives it: fp32 posterior, hint in [0, 1], sizes as (2,) tensors."""
     item["mean"], item["std"] = item["mean"].float(), item["std"].float()
     if "hint" in item:
         item["hint"] = item["hint"].float() / HINT_SCALE
+    for key, value in item.items():
+        if isinstance(value, list):
+            item[key] = torch.tensor(value)  # original_size, crop_top_left
     return item
 
 
@@ -166,12 +186,23 @@ class StreamingLatents(StreamingDataset):
     over ranks and workers by litdata; its shards are checked (index and chunk sizes) before anything reads them."""
 
     def __init__(self, cache_dir: str, split: str = "train", shuffle: bool | None = None, seed: int = 0,
-                 local_cache: str | None = None, max_cache_size: str = "50GB"):
-        self.meta = read_meta(cache_dir)
-        if self.meta.get("format") != FORMAT:
-            raise CacheError(f"{cache_dir} is a folder latent cache, not litdata shards: read it with "
-                             "ldm.data.latents.LatentDataset (or rebuild it with cache.format: litdata)")
-        uri = split_uri(self.meta["uri"], split)
-        check_split(uri, self.meta["splits"][split]["items"])
+                 local_cache: str | None = None, max_cache_size: str = DEFAULT_MAX_CACHE):
+        self.meta, uri = open_split(cache_dir, split)
+        if self.meta.get("buckets"):
+            raise CacheError(f"{cache_dir} holds aspect-ratio buckets: read it with "
+                             "ldm.data.streaming_buckets.StreamingBucketLatents (bucket-homogeneous batches)")
         super().__init__(uri, cache_dir=local_cache, shuffle=split == "train" if shuffle is None else shuffle,
                          seed=seed, max_cache_size=max_cache_size, transform=decode_item)
+
+
+def open_split(cache_dir: str, split: str) -> tuple[dict, str]:
+    """A litdata cache's meta.json and the URI of ``split``'s shards, checked (index and chunk sizes) first."""
+    meta = read_meta(cache_dir)
+    if meta.get("format") != FORMAT:
+        raise CacheError(f"{cache_dir} is a folder latent cache, not litdata shards: read it with "
+                         "ldm.data.latents.LatentDataset (or rebuild it with cache.format: litdata)")
+    if split not in meta["splits"]:
+        raise CacheError(f"the litdata cache {cache_dir} has no split {split!r} (it has {', '.join(meta['splits'])})")
+    uri = split_uri(meta["uri"], split)
+    check_split(uri, meta["splits"][split]["items"])
+    return meta, uri

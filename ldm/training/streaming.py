@@ -7,7 +7,8 @@
       num_workers: 2            # optimize's worker processes
 
 ``meta.json`` stays in ``cache.dir`` (local); stage 2's ``LatentDataset`` nodes are read as ``StreamingLatents`` of
-the same cache, so a config switches format with this section alone.
+the same cache (``StreamingBucketLatents`` when ``cache.data`` has buckets), so a config switches format with this
+section alone.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ldm.data.streaming import FORMAT, build_streaming_cache, split_uri
 FORMATS = ("folder", FORMAT)
 FOLDER_DATASET = "ldm.data.latents.LatentDataset"
 STREAMING_DATASET = "ldm.data.streaming.StreamingLatents"
+BUCKETED_DATASET = "ldm.data.streaming_buckets.StreamingBucketLatents"
 SHARDS_DIR = "shards"
 
 
@@ -72,15 +74,27 @@ def check_streaming(section: dict, meta: dict) -> None:
         return
     if meta["uri"] != shards_uri(section):
         raise CacheError(f"{section['dir']}'s shards are at {meta['uri']}, not at cache.uri {shards_uri(section)}")
+    if is_bucketed(section) and any("bucket_runs" not in counts for counts in meta["splits"].values()):
+        raise CacheError(f"{section['dir']} holds litdata shards without their bucket runs (built before buckets "
+                         f"streamed); delete {section['dir']} and its shards at {meta['uri']}, and build it again")
     for split, counts in meta["splits"].items():
         check_split(split_uri(meta["uri"], split), counts["items"])
 
 
+def is_bucketed(section: dict) -> bool:
+    """Whether the cache's datasets sort their images into aspect-ratio buckets (``params.buckets``)."""
+    return any(isinstance(((node or {}).get("params") or {}).get("buckets"), dict) for node in section["data"].values())
+
+
 def read_streamed(cfg: dict) -> None:
-    """Stage 2 reads a litdata cache's splits through ``StreamingLatents`` (the folder dataset nodes retargeted)."""
+    """Stage 2 reads a litdata cache's splits through ``StreamingLatents`` (the folder dataset nodes retargeted), or,
+    when the cache is bucketed, through ``StreamingBucketLatents`` (bucket-homogeneous batches, the bucket sampler's
+    order: the DataModule's seed, not litdata's shuffle)."""
+    bucketed = is_bucketed(cfg["cache"])
     params = (cfg.get("data") or {}).get("params") or {}
     for key in ("train", "val"):
         node = params.get(key)
         if isinstance(node, dict) and node.get("target") == FOLDER_DATASET:
-            node["target"] = STREAMING_DATASET
-            node.setdefault("params", {}).setdefault("seed", cfg.get("seed", 0))
+            node["target"] = BUCKETED_DATASET if bucketed else STREAMING_DATASET
+            if not bucketed:
+                node.setdefault("params", {}).setdefault("seed", cfg.get("seed", 0))
