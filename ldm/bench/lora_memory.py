@@ -32,7 +32,6 @@ from ldm.bench.memory import (
     to_fake,
 )
 from ldm.inference.sd import build_sd
-from ldm.io.checkpoints import params_on_meta
 from ldm.nets.conditioning.sdxl import SizeConditioning
 from ldm.nets.lora import UNET_ATTENTION, LoRA
 
@@ -66,9 +65,9 @@ def build(config: str | dict, setup: Setup) -> tuple[nn.Module, nn.Module | None
     """(U-Net with LoRA adapters, the text conditioner or None, their fake mode), every tensor fake: nothing
     allocated."""
     overrides = [f"model.params.unet.params.use_checkpoint={str(setup.checkpointing).lower()}"]
-    system = build_sd(config, overrides=overrides, on_meta=True)
-    unet = system.model.diffusion_model
-    with params_on_meta():
+    with torch.device("meta"):  # buffers too, and constructors never allocate a parameter before moving it
+        system = build_sd(config, overrides=overrides, on_meta=True)
+        unet = system.model.diffusion_model
         LoRA(rank=setup.rank, alpha=setup.rank, unet_targets=list(UNET_ATTENTION)).apply(unet, None)
     mode = fake_tensor_mode()
     frozen = DTYPES[setup.base]
