@@ -19,14 +19,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
-from ldm.bench.lora_memory import DTYPES, Setup, measure, memory_table
 from ldm.core.atomic import write_text_atomic
-from ldm.core.logging import setup_cli_logging
-from ldm.inference.sd import SD_CONFIG_DIR
 
-SDXL_CONFIG = SD_CONFIG_DIR / "xl-base-inference.yaml"
+SDXL_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sd" / "xl-base-inference.yaml"
+BASES = ("fp32", "bf16")  # the frozen weights' dtypes (ldm.bench.lora_memory.DTYPES)
 TEXT_PLACES = ("cached", "gpu")
 
 
@@ -37,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=1024, help="image side in pixels (latents: size / 8)")
     p.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes (default 1)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = rank)")
-    p.add_argument("--base", nargs="+", default=list(DTYPES), choices=list(DTYPES),
+    p.add_argument("--base", nargs="+", default=list(BASES), choices=BASES,
                    help="dtype of the frozen weights: fp32 (bf16-mixed) and/or bf16")
     p.add_argument("--text", nargs="+", default=list(TEXT_PLACES), choices=TEXT_PLACES,
                    help="text encoders on the GPU and/or cached embeddings")
@@ -48,11 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> str:
     """Count every configuration, write OUT/memory.md, return its text."""
-    setup_cli_logging()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     if args.size % 8 or args.size < 8:
         raise SystemExit(f"error: --size {args.size}: give a multiple of 8 pixels")
+    # deferred, so that --help and a bad argument answer at once: these import torch and Lightning (~10 s)
+    import torch
+
+    from ldm.bench.lora_memory import Setup, measure, memory_table
+    from ldm.core.logging import setup_cli_logging
+
+    setup_cli_logging()
     start, results = time.perf_counter(), []
     for base, text, ckpt, batch in itertools.product(args.base, args.text, args.checkpointing, args.batch):
         setup = Setup(batch=batch, checkpointing=ckpt == "on", base=base, text=text, rank=args.rank, size=args.size)

@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from ldm.bench.lora_memory import Setup, adamw_with_state, build, measure, memory_table
+from ldm.bench.lora_memory import DTYPES, Setup, adamw_with_state, build, measure, memory_table
 from ldm.bench.memory import (
     ACTIVATIONS,
     ADAPTERS,
@@ -208,6 +208,8 @@ def test_the_script_writes_a_table_with_one_row_per_configuration(tmp_path):
     assert memory_table([]).count("\n") == 1
 
 
-def test_bad_size_is_a_one_line_error(tmp_path):
+def test_bad_size_is_a_one_line_error_and_the_choices_are_the_library_s(tmp_path):
+    script = load_script("bench_memory")
     with pytest.raises(SystemExit, match="multiple of 8"):
-        load_script("bench_memory").main(["--size", "100", "--out", str(tmp_path)])
+        script.main(["--size", "100", "--out", str(tmp_path)])
+    assert set(script.BASES) == set(DTYPES) and script.SDXL_CONFIG == SDXL
