@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from ldm.bench.gpu_like import gpu_like
 from ldm.bench.memory import (
     ACTIVATIONS,
     ADAPTERS,
@@ -26,7 +27,6 @@ from ldm.bench.memory import (
     LiveBytes,
     MemoryPeak,
     fake_tensor_mode,
-    gpu_like,
     step_peak,
     tag_module,
     to_fake,

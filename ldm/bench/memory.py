@@ -2,36 +2,26 @@
 
 :class:`LiveBytes` is a ``TorchDispatchMode`` that sees every tensor an op makes, adds its storage's bytes, and
 takes them away when the storage dies (a weak reference's callback); its peak is the most bytes live after any op.
-Under torch's ``FakeTensorMode`` the same count runs on tensors without data, so a full-size model on a device this
-machine does not have (``cuda``) is counted on a CPU in seconds, nothing allocated. Each storage has a kind —
-frozen weights, trained adapters, optimiser state, gradients, activations (everything an op made: saved tensors,
-temporaries, outputs) — so the peak is broken down. torch's own ``MemTracker`` does the same count, but (torch 2.14)
-hooks every parameter's gradient and fails on frozen ones, as a LoRA fine-tune has.
-
-To count what a GPU would hold on a machine without one: the autograd engine of torch 2.14 needs a real device for
-a backward over fake CUDA tensors, so the tensors are fake CPU ones under CPU autocast, and :class:`GpuKernels` gives
-each op the dtypes CUDA's autocast would (norms and upsampling in fp32, which CPU autocast leaves in bf16) and runs
-attention as the flash kernel a GPU picks for bf16 heads; ``block`` rounds each storage as CUDA's caching allocator
-does.
+Under torch's ``FakeTensorMode`` (``to_fake``) the same count runs on tensors without data, so a full-size model is
+counted on a CPU in seconds with nothing allocated. Each storage has a kind — frozen weights, trained adapters,
+optimiser state, gradients, activations (everything an op made: saved tensors, temporaries, outputs) — so the peak
+is broken down. torch's own ``MemTracker`` does the same count, but (torch 2.14) hooks every parameter's gradient and
+fails on frozen ones, as a LoRA fine-tune has. ``block`` rounds each storage as CUDA's caching allocator does;
+``ldm.bench.gpu_like`` makes the ops take the dtypes and kernels a GPU would.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
-from unittest import mock
+from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.autograd.graph import _engine_run_backward
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 
 WEIGHTS, ADAPTERS, OPTIMIZER, GRADIENTS, ACTIVATIONS = "weights", "adapters", "optimizer", "gradients", "activations"
 KINDS = (WEIGHTS, ADAPTERS, OPTIMIZER, GRADIENTS, ACTIVATIONS)
@@ -65,16 +55,12 @@ class LiveBytes(TorchDispatchMode):
 
     @property
     def peak(self) -> MemoryPeak:
-        """The peak since the mode was made (or ``reset_peak``)."""
+        """The peak since the mode was made."""
         return self._peak
 
     def live_by_kind(self) -> dict[str, int]:
         """Bytes live now, by kind."""
         return dict(self._totals)
-
-    def reset_peak(self) -> None:
-        """Start a new peak from what is live now."""
-        self._peak = MemoryPeak(self.live, self.live_by_kind())
 
     def tag(self, tensor: Tensor, kind: str) -> None:
         """Count ``tensor``'s storage as ``kind`` (adding it if it is not counted yet)."""
@@ -116,85 +102,6 @@ class LiveBytes(TorchDispatchMode):
         live = self.live
         if live > self._peak.peak:
             self._peak = MemoryPeak(live, self.live_by_kind())
-
-
-LOW_PRECISION = (torch.float16, torch.bfloat16)
-FLASH_MAX_HEAD_DIM = 256  # torch's flash kernel takes heads up to this wide (sdp_utils)
-UPSAMPLE_MODES = ("nearest", "nearest-exact", "linear", "bilinear", "bicubic", "trilinear")
-# CUDA's autocast policy where it differs from the CPU's (ATen/autocast_mode.h: AT_FORALL_FP32,
-# AT_FORALL_FP32_SET_OPT_DTYPE, AT_FORALL_LOWER_PRECISION_FP against autocast_mode.cpp's AutocastCPU list), for the
-# functions these networks call: norms and upsampling run in fp32, reductions and softmax give fp32, einsum bf16.
-CUDA_FP32 = frozenset({F.group_norm, F.layer_norm, F.rms_norm, F.softplus, F.cosine_similarity, torch.exp, Tensor.exp,
-                       torch.log, Tensor.log, torch.rsqrt, Tensor.rsqrt, torch.pow, Tensor.pow, Tensor.__pow__,
-                       torch.logsumexp, Tensor.logsumexp})
-CUDA_FP32_OUTPUT = frozenset({F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, Tensor.softmax,
-                              Tensor.log_softmax, torch.sum, Tensor.sum, torch.cumsum, Tensor.cumsum, torch.prod,
-                              Tensor.prod})
-BACKWARD = frozenset({Tensor.backward, torch.autograd.backward})
-CUDA_LOWER = frozenset({torch.einsum, torch.mv, Tensor.mv, torch.addmv, torch.addr, torch.chain_matmul})
-
-
-class GpuKernels(TorchFunctionMode):
-    """Under CPU autocast, make each op take the dtypes CUDA's autocast would give it (``CUDA_FP32`` …), and run
-    ``scaled_dot_product_attention`` as a GPU's flash kernel does for 16-bit heads: the output and a (B, H, N)
-    log-sum-exp are kept for the backward, not the N×N scores (a CPU or a fake tensor would take another path)."""
-
-    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = dict(kwargs or {})
-        if func in BACKWARD:
-            return self._backward(args[0], **kwargs)
-        if not torch.is_autocast_enabled("cpu"):
-            return func(*args, **kwargs)
-        low = torch.get_autocast_dtype("cpu")
-        if func is F.scaled_dot_product_attention and kwargs.get("attn_mask") is None:
-            q, k, v = (_cast(t, low) for t in args[:3])
-            if q.shape[-1] <= FLASH_MAX_HEAD_DIM:
-                return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                    q, k, v, kwargs.get("dropout_p", 0.0), kwargs.get("is_causal", False),
-                    scale=kwargs.get("scale"))[0]  # (B, H, N, D)
-        if func is F.interpolate and kwargs.get("mode", args[3] if len(args) > 3 else "nearest") in UPSAMPLE_MODES:
-            return func(*_cast_all(args, torch.float32), **kwargs)
-        if func in CUDA_FP32:
-            return func(*_cast_all(args, torch.float32), **_cast_all(kwargs, torch.float32))
-        if func in CUDA_FP32_OUTPUT and kwargs.get("dtype") is None and _low(args[0]):
-            return func(*args, **{**kwargs, "dtype": torch.float32})
-        if func in CUDA_LOWER:
-            return func(*_cast_all(args, low), **_cast_all(kwargs, low))
-        return func(*args, **kwargs)
-
-    def _backward(self, loss: Tensor, **kwargs: Any) -> None:
-        """``loss.backward()`` with this mode on (a mode is off inside its own handler, and checkpointing recomputes
-        the forward during the backward): the autograd engine called as ``torch.autograd.backward`` calls it."""
-        if loss.numel() != 1 or any(kwargs.get(k) for k in ("gradient", "grad_tensors", "retain_graph", "create_graph",
-                                                             "inputs")):
-            raise ValueError("GpuKernels runs the backward of a scalar loss only, without extra arguments")
-        with self:
-            _engine_run_backward((loss,), (torch.ones_like(loss),), False, False, (), allow_unreachable=True,
-                                 accumulate_grad=True)
-
-
-def _low(t: Any) -> bool:
-    return isinstance(t, Tensor) and t.dtype in LOW_PRECISION
-
-
-def _cast(t: Any, dtype: torch.dtype) -> Any:
-    """A floating tensor (not fp64) in ``dtype``, as autocast casts an argument; anything else as it is."""
-    if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 and t.dtype != dtype:
-        return t.to(dtype)
-    return t
-
-
-def _cast_all(tree: Any, dtype: torch.dtype) -> Any:
-    return tree_map(lambda t: _cast(t, dtype), tree)
-
-
-@contextlib.contextmanager
-def gpu_like() -> Iterator[None]:
-    """Run the networks as a GPU would under bf16 autocast (``GpuKernels``), with the CPU-only fp32 upcast of
-    small attention products (``ldm.nets.unet.attention``) off: a GPU runs them in bf16."""
-    never = lambda q, k: False  # noqa: E731 (a plain function: a Mock would keep every q and k it was called with)
-    with mock.patch("ldm.nets.unet.attention._cpu_reduced_precision_training", new=never), GpuKernels():
-        yield
 
 
 def fake_tensor_mode() -> FakeTensorMode:
@@ -248,7 +155,7 @@ def tag_optimizer(tracker: LiveBytes, optimizer: torch.optim.Optimizer) -> None:
 
 
 def step_peak(step: Callable[[], None], optimizer: torch.optim.Optimizer, tracker: LiveBytes,
-              steps: int = 2) -> MemoryPeak:
+              steps: int = 1) -> MemoryPeak:
     """Peak of ``steps`` calls of ``step`` under ``tracker`` (weights already tagged); the optimiser's state is
     tagged before (when it exists) and after each step."""
     params = [p for group in optimizer.param_groups for p in group["params"]]

@@ -16,6 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from ldm.bench.gpu_like import gpu_like
 from ldm.bench.lora_memory import DTYPES, Setup, adamw_with_state, build, measure, memory_table
 from ldm.bench.memory import (
     ACTIVATIONS,
@@ -25,7 +26,6 @@ from ldm.bench.memory import (
     WEIGHTS,
     LiveBytes,
     fake_tensor_mode,
-    gpu_like,
     step_peak,
     tag_module,
     tag_optimizer,
