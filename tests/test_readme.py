@@ -65,6 +65,7 @@ SMOKE: dict[str, list[str]] = {
     "stages/train_ldm.py --cfg configs/ldm/shapes-lora.yaml": TRAIN_SMOKE + ["callbacks=[]"],
     "scripts/compare_lora.py": ["--steps", "2", "--n", "2"],
     "scripts/bench_lora.py": ["--quick", "--precision", "fp32"],
+    "scripts/bench_memory.py": ["--size", "64", "--base", "bf16", "--text", "cached", "--checkpointing", "on"],
     "scripts/bench_scale.py": ["--sizes", "30", "--workers", "1"],
     "scripts/bench_text_cache.py": ["--batch", "2"],
     "scripts/bench_threads.py": ["--stages", "vae", "--threads", "1", "--loads", "idle", "--steps", "3", "--limit", "300",
