@@ -167,7 +167,7 @@ def trained_lora(state: Mapping[str, Tensor], settings: LoRA, adapter: str = ADA
     """A LoRA system's adapters (its state dict or checkpoint: ``…<module>.lora_A.<adapter>.weight``) as LoraWeights;
     an SDXL conditioner's towers (``cond_stage_model.embedders.N.model.``) are the text encoders in file order."""
     weights = []
-    for component, prefix in {**PREFIXES, **SDXL_TEXT_PREFIXES}.items():
+    for component, prefix in [*PREFIXES.items(), *SDXL_TEXT_PREFIXES.items()]:
         suffix = f".lora_A.{adapter}.weight"
         for key in sorted(k for k in state if k.startswith(prefix) and k.endswith(suffix)):
             module = key[len(prefix):-len(suffix)]

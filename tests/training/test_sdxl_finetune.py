@@ -275,8 +275,7 @@ def _noise(seed: int, n: int) -> torch.Tensor:
 def test_a_stopped_sdxl_lora_run_resumes_to_the_uninterrupted_result(xl, tmp_path):
     steps = 6
     common = ["--cfg", str(LORA), *overrides(xl, "resume-cache"), TEXT, "model.params.lora.params.base_dtype=bf16",
-              f"trainer.max_steps={steps}",
-              "checkpoint.every_n_train_steps=3"]
+              f"trainer.max_steps={steps}", "checkpoint.every_n_train_steps=3"]
     ensure_cache(load_config(LORA, overrides(xl, "resume-cache")))
 
     def probed(name: str, sleep: float) -> list[str]:
