@@ -47,7 +47,7 @@ from ldm.io.checkpoints import (
 from ldm.io.hf_clip import openclip_to_hf
 from ldm.io.lora_layout import Layout
 from ldm.io.runs import checkpoint_for, resolve_run, run_config
-from ldm.io.sdxl_layout import model_to_sdxl
+from ldm.io.sdxl_layout import is_sdxl_state, model_to_sdxl
 
 EmaMode = Literal["keep", "only", "drop"]
 TextLayout = Literal["auto", "hf", "openclip", "sdxl"]
@@ -55,6 +55,7 @@ SCHEDULE_KEYS = ("betas", "alphas_cumprod")  # what tools reading SD files may l
 KEEP_FP32 = frozenset({"scale_factor", "model_ema.decay", *SCHEDULE_KEYS})  # never halved: precision matters
 FROZEN_OPENCLIP = "ldm.nets.conditioning.openclip.FrozenOpenCLIP"
 SDXL_CONDITIONER = "ldm.nets.conditioning.sdxl.SDXLConditioner"
+SDXL_EMBEDDERS = "cond_stage_model.embedders."  # where an SDXL conditioner's towers sit in a system's state dict
 
 
 def text_layout_for(node: Mapping) -> Literal["hf", "openclip", "sdxl"]:
@@ -90,7 +91,9 @@ def public_state_dict(state: Mapping[str, Tensor], ema: EmaMode = "keep", half: 
         tower = strip_prefix(state, OPENCLIP_TEXT_PREFIX)
         state = {k: v for k, v in state.items() if not k.startswith(OPENCLIP_TEXT_PREFIX)}
         state.update(add_prefix(openclip_to_hf(tower), HF_TEXT_PREFIX))
-    elif text_layout == "sdxl":
+    elif text_layout == "sdxl" and not is_sdxl_state(state):  # a public SDXL file re-exported is in it already
+        if not any(k.startswith(SDXL_EMBEDDERS) for k in state):
+            raise CheckpointError("--text-layout sdxl: the model has no SDXL conditioner (cond_stage_model.embedders.*)")
         state = model_to_sdxl(state)  # conditioner.embedders.*: embedder 0 in Hugging Face CLIP names
     for key, value in (schedule or {}).items():
         state[key] = value.float()

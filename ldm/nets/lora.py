@@ -20,8 +20,9 @@ two towers (``embedders.0``, ``embedders.1``): ``text_targets`` adapt both (``te
 ``base_dtype`` (as diffusers' LoRA scripts' ``weight_dtype`` + ``cast_training_params``): when training starts
 (``LatentDiffusion.configure_model``) every frozen weight of the U-Net and text encoders is cast to bf16 or fp16
 (``cast_frozen``), halving their memory, while the adapters — and so their gradients and AdamW state — stay fp32.
-Use it with a mixed-precision trainer (``precision: bf16-mixed``); null keeps the base as loaded. Loading a run to
-sample or export keeps the base file's weights as they are.
+It is meant for a mixed-precision trainer (``precision: bf16-mixed``), and runs under ``32-true`` too (the U-Net casts
+its inputs to its weights' dtype); null keeps the base as loaded. Loading a run to sample or export keeps the base
+file's weights as they are.
 """
 
 from __future__ import annotations

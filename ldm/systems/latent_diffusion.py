@@ -23,9 +23,9 @@ from ldm.nets.ema import EMA, ema_scope
 from ldm.nets.conditioning.cached import CachedTextEncoder
 from ldm.nets.lora import LoRA, cast_frozen, is_lora_key, merge_adapters, text_towers
 from ldm.systems.latents import adopt_cache_scale, cache_meta, cached_latents
-from ldm.systems.sizes import batch_sizes, drop_outputs
 from ldm.systems.optim import AdamW, total_steps
 from ldm.systems.sharding import resharded, shard_system
+from ldm.systems.sizes import batch_sizes, drop_outputs
 
 VAL_NOISE_SEED = 1234  # validation loss uses the same noise levels and ε every time, so curves are comparable
 SCALE_BUFFERS = ("scale_factor", "image_size")  # a LoRA checkpoint keeps them: a run samples at its own scale

@@ -14,11 +14,20 @@ from safetensors.torch import load_file as load_safetensors
 
 from ldm.core.config import instantiate_from_config, load_config
 from ldm.data.latents import LatentDataset
+from ldm.inference.export import export_checkpoint
 from ldm.inference.loaders import build_system
 from ldm.inference.lora_files import text_towers, trained_lora
 from ldm.inference.pipeline import Pipeline
 from ldm.inference.sd import load_sd
-from ldm.io.checkpoints import EMA_PREFIX, FILLED_KEYS, UNET_PREFIX, load_file, params_on_meta, state_dict_of
+from ldm.io.checkpoints import (
+    EMA_PREFIX,
+    FILLED_KEYS,
+    UNET_PREFIX,
+    CheckpointError,
+    load_file,
+    params_on_meta,
+    state_dict_of,
+)
 from ldm.io.runs import CHECKPOINT_DIR
 from ldm.io.sdxl_layout import model_to_sdxl
 from ldm.nets.conditioning.sdxl import size_embedding
@@ -33,6 +42,7 @@ from tests.faults import read_probe
 from tests.paths import REPO_ROOT
 from tests.procs import finish, launch, only_run, wait_until
 from tests.scripts import load_script
+from tests.sd_toy import write_sd_file
 from tests.sdxl_toy import diffusers_xl_pipeline, tiny_xl_config, write_xl_file
 from tests.nets.test_sd_configs import reference
 
@@ -115,15 +125,16 @@ def test_the_sizes_of_a_bucketed_batch_reach_the_conditioner(xl):
         out = system.conditioning(batch, drop=False)
     expected = {"original_size": batch["original_size"].float(), "crop_top_left": batch["crop_top_left"].float(),
                 "target_size": torch.tensor([[h * 2, w * 2]] * 4, dtype=torch.float32)}  # the toy VAE's f = 2
-    pooled = encoder.adm_dim - expected_width(encoder)
+    pooled = pooled_width(encoder)
     assert torch.equal(out["y"][:, pooled:], size_embedding(expected, encoder.size_embed_dim))
     with torch.no_grad():
         assert torch.equal(out["context"], encoder.conditioning(batch["caption"], expected)["context"])
     assert not torch.equal(batch["original_size"].float(), expected["target_size"])  # the item's own, not defaults
 
 
-def expected_width(encoder) -> int:
-    return 6 * encoder.size_embed_dim
+def pooled_width(encoder) -> int:
+    """Where ``y``'s size embeddings start: after the pooled text embedding."""
+    return encoder.embedders[-1].model.text_projection.shape[-1]
 
 
 def test_cfg_dropout_zeroes_the_text_and_keeps_the_sizes(xl):
@@ -132,7 +143,7 @@ def test_cfg_dropout_zeroes_the_text_and_keeps_the_sizes(xl):
     batch = bucket_batch(cfg)
     with torch.no_grad():
         kept, dropped = system.conditioning(batch, drop=False), system.conditioning(batch, drop=True)
-    pooled = system.cond_stage_model.adm_dim - expected_width(system.cond_stage_model)
+    pooled = pooled_width(system.cond_stage_model)
     assert kept["context"].abs().sum() > 0 and kept["y"][:, :pooled].abs().sum() > 0
     assert not dropped["context"].any() and not dropped["y"][:, :pooled].any()  # text: zeros
     assert torch.equal(dropped["y"][:, pooled:], kept["y"][:, pooled:])  # sizes: the batch's
@@ -202,6 +213,20 @@ def test_the_shipped_sdxl_configs_fine_tune_the_public_architecture(name, lora, 
         assert settings.unet_targets == ["to_q", "to_k", "to_v", "to_out.0"]
 
 
+def test_an_sdxl_file_reexports_to_its_own_layout_and_loads_back_strictly(xl, tmp_path):
+    out = tmp_path / "re-exported.safetensors"
+    export_checkpoint(xl[0], out, config=xl[1])
+    public, written = load_safetensors(str(xl[0])), load_safetensors(str(out))
+    assert set(written) - {"scale_factor", "image_size", "betas", "alphas_cumprod"} == set(public)
+    assert all(torch.equal(written[k].half(), v) for k, v in public.items() if v.is_floating_point())
+    a, b = load_sd(xl[1], xl[0]), load_sd(None, out)  # the config travels in the file
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    sd_ckpt, sd_config = write_sd_file(tmp_path, seed=1)
+    with pytest.raises(CheckpointError, match="no SDXL conditioner"):  # SD 1.x asked for SDXL's layout
+        export_checkpoint(sd_ckpt, tmp_path / "x.safetensors", config=sd_config, text_layout="sdxl")
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 
 
@@ -260,6 +285,11 @@ def test_an_sdxl_lora_on_both_towers_exports_kohya_and_loads_in_diffusers(xl, tm
         theirs = pipe(prompt=PROMPTS, height=16, width=16, num_inference_steps=DRAW["steps"],
                       guidance_scale=DRAW["guidance"], latents=_noise(DRAW["seed"], 2), output_type="pt").images
         torch.testing.assert_close(got, theirs, rtol=0, atol=1e-4)
+    merged = tmp_path / "merged.safetensors"  # the base with the adapters folded in: one SDXL file
+    assert export_main([str(run), "--out", str(merged), "--merge"]) == 0
+    assert any(k.startswith("conditioner.embedders.1.model.") for k in load_safetensors(str(merged)))
+    torch.testing.assert_close(torch.from_numpy(images(Pipeline.from_checkpoint(merged, merged.with_suffix(".yaml")))),
+                               torch.from_numpy(images(Pipeline.from_run(run, device="cpu"))), rtol=0, atol=1e-5)
     txt2img = load_script("txt2img")
     code = txt2img.main(["--ckpt", str(ckpt_path), "--config", str(config), "--lora", f"{out}:0.8", "--prompt",
                          PROMPTS[0], "--W", "16", "--H", "16", "--steps", "2", "--out", str(tmp_path / "png")])
