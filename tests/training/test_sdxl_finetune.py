@@ -280,6 +280,10 @@ def test_an_sdxl_lora_on_both_towers_exports_kohya_and_loads_in_diffusers(xl, tm
     for written in (out, tmp_path / "lora-diffusers.safetensors"):
         if written != out:
             assert export_main([str(run), "--out", str(written), "--lora-layout", "diffusers"]) == 0
+            assert {k.split(".")[0] for k in load_safetensors(str(written))} == {"unet", "text_encoder", "text_encoder_2"}
+            here = Pipeline.from_checkpoint(ckpt_path, config).with_lora(written)
+            torch.testing.assert_close(here.generate_tensors(PROMPTS, height=16, width=16, **DRAW) * 0.5 + 0.5, got,
+                                       rtol=0, atol=1e-5)  # both layouts load back equal here
         pipe = diffusers_xl_pipeline(load_safetensors(str(ckpt_path)), tiny_xl_config(), folder)
         pipe.load_lora_weights(str(written))
         theirs = pipe(prompt=PROMPTS, height=16, width=16, num_inference_steps=DRAW["steps"],
