@@ -31,7 +31,7 @@ from ldm.io.checkpoints import (
 from ldm.io.runs import CHECKPOINT_DIR
 from ldm.io.sdxl_layout import model_to_sdxl
 from ldm.nets.conditioning.sdxl import size_embedding
-from ldm.nets.lora import LoRA, is_lora_key
+from ldm.nets.lora import LoRA, LoRAError, is_lora_key
 from ldm.training.cache import ensure_cache
 from ldm.training.driver import train
 from ldm.training.sd_finetune import complete_from_base, start_from_base
@@ -91,6 +91,11 @@ def frozen(cfg: dict) -> list[bool]:
     return [e["params"]["freeze"] for e in cfg["model"]["params"]["cond_stage"]["params"]["embedders"]]
 
 
+def pooled_width(encoder) -> int:
+    """Where ``y``'s size embeddings start: after the pooled text embedding."""
+    return encoder.embedders[-1].model.text_projection.shape[-1]
+
+
 def step(system, batch: dict, seed: int = 0) -> torch.Tensor:
     torch.manual_seed(seed)
     with warnings.catch_warnings():
@@ -130,11 +135,6 @@ def test_the_sizes_of_a_bucketed_batch_reach_the_conditioner(xl):
     with torch.no_grad():
         assert torch.equal(out["context"], encoder.conditioning(batch["caption"], expected)["context"])
     assert not torch.equal(batch["original_size"].float(), expected["target_size"])  # the item's own, not defaults
-
-
-def pooled_width(encoder) -> int:
-    """Where ``y``'s size embeddings start: after the pooled text embedding."""
-    return encoder.embedders[-1].model.text_projection.shape[-1]
 
 
 def test_cfg_dropout_zeroes_the_text_and_keeps_the_sizes(xl):
@@ -177,7 +177,7 @@ def test_lora_adapts_both_text_towers_and_holds_the_frozen_base_in_bf16(xl):
     assert state and all(s["exp_avg"].dtype == torch.float32 for s in state)  # AdamW's moments stay fp32
     weights = trained_lora(system.state_dict(), system.lora)
     assert {w.component for w in weights} == {"unet", "text", "text2"}
-    with pytest.raises(Exception, match="base_dtype"):
+    with pytest.raises(LoRAError, match="base_dtype: 'fp8' is not one of null, bf16, fp16"):
         LoRA(base_dtype="fp8")
 
 
