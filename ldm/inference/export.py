@@ -93,7 +93,8 @@ def public_state_dict(state: Mapping[str, Tensor], ema: EmaMode = "keep", half: 
         state.update(add_prefix(openclip_to_hf(tower), HF_TEXT_PREFIX))
     elif text_layout == "sdxl" and not is_sdxl_state(state):  # a public SDXL file re-exported is in it already
         if not any(k.startswith(SDXL_EMBEDDERS) for k in state):
-            raise CheckpointError("--text-layout sdxl: the model has no SDXL conditioner (cond_stage_model.embedders.*)")
+            raise CheckpointError("--text-layout sdxl: the model has no SDXL conditioner "
+                                  "(cond_stage_model.embedders.*)")
         state = model_to_sdxl(state)  # conditioner.embedders.*: embedder 0 in Hugging Face CLIP names
     for key, value in (schedule or {}).items():
         state[key] = value.float()

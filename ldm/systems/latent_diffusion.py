@@ -249,7 +249,8 @@ class LatentDiffusion(L.LightningModule):
     def configure_model(self) -> None:
         """Lightning's hook before training starts or a checkpoint is restored: the LoRA adapters in place, and under
         Lightning's ModelParallelStrategy the networks sharded (``ldm.systems.sharding``). A LoRA run with
-        ``base_dtype`` holds its frozen base weights in that dtype from here on (training only: loaders keep the file's)."""
+        ``base_dtype`` holds its frozen base weights in that dtype from here on (training only; loaders keep the
+        file's)."""
         self.add_lora()
         if self.lora is not None and self.lora.base_dtype is not None:
             for network in (self.model.diffusion_model, self.cond_stage_model):

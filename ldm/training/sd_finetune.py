@@ -13,8 +13,8 @@
 text encoder, VAE, objective, scale factor, image size, whether the text encoder trains) under what the config sets
 itself (e.g. ``unet.params.use_checkpoint`` or the objective's ``min_snr_gamma``), so the run's saved config
 builds the model alone (each text encoder frozen unless it trains: ``cond_stage_trainable``, or LoRA ``text_targets``;
-SDXL's two towers each by its embedder's ``freeze``), and checks that the cache is the base's VAE's. ``start_from_base`` (its
-``init_weights``) loads the file into a new run's system.
+SDXL's two towers each by its embedder's ``freeze``), and checks that the cache is the base's VAE's.
+``start_from_base`` (its ``init_weights``) loads the file into a new run's system.
 """
 
 from __future__ import annotations

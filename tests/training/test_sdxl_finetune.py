@@ -234,6 +234,11 @@ def images(pipe, **options) -> np.ndarray:
     return pipe.generate_tensors(PROMPTS, height=16, width=16, **DRAW, **options).numpy()
 
 
+def drawn(pipe) -> torch.Tensor:
+    """The toy images in [0, 1] (as diffusers' ``output_type="pt"``)."""
+    return pipe.generate_tensors(PROMPTS, height=16, width=16, **DRAW) * 0.5 + 0.5
+
+
 @pytest.mark.slow
 def test_a_full_sdxl_fine_tune_exports_the_sdxl_layout_and_samples(xl, tmp_path, capsys):
     run = train("ldm", argv=["--cfg", str(FULL), "--runs-dir", str(tmp_path / "runs"), *overrides(xl, "e2e-cache")])
@@ -254,7 +259,8 @@ def test_a_full_sdxl_fine_tune_exports_the_sdxl_layout_and_samples(xl, tmp_path,
     np.testing.assert_array_equal(expected, images(Pipeline.from_checkpoint(out, out.with_suffix(".yaml"))))
     txt2img = load_script("txt2img")
     code = txt2img.main(["--ckpt", str(out), "--config", str(out.with_suffix(".yaml")), "--prompt", PROMPTS[0],
-                         "--W", "16", "--H", "16", "--steps", "2", "--sampler", "euler", "--out", str(tmp_path / "png")])
+                         "--W", "16", "--H", "16", "--steps", "2", "--sampler", "euler",
+                         "--out", str(tmp_path / "png")])
     assert code == 0, capsys.readouterr().err
     assert len(list((tmp_path / "png").glob("*.png"))) == 1
 
@@ -273,17 +279,16 @@ def test_an_sdxl_lora_on_both_towers_exports_kohya_and_loads_in_diffusers(xl, tm
     assert all(k.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_",
                              "lora_te1_text_model_", "lora_te2_text_model_")) for k in lora)
     ckpt_path, config, _, folder = xl
-    ours = Pipeline.from_checkpoint(ckpt_path, config).with_lora(out)
-    got = ours.generate_tensors(PROMPTS, height=16, width=16, **DRAW) * 0.5 + 0.5
-    base = Pipeline.from_checkpoint(ckpt_path, config).generate_tensors(PROMPTS, height=16, width=16, **DRAW) * 0.5 + 0.5
+    got = drawn(Pipeline.from_checkpoint(ckpt_path, config).with_lora(out))
+    base = drawn(Pipeline.from_checkpoint(ckpt_path, config))
     assert (got - base).abs().max() > 1e-3  # the trained adapters change the images
     for written in (out, tmp_path / "lora-diffusers.safetensors"):
         if written != out:
             assert export_main([str(run), "--out", str(written), "--lora-layout", "diffusers"]) == 0
-            assert {k.split(".")[0] for k in load_safetensors(str(written))} == {"unet", "text_encoder", "text_encoder_2"}
-            here = Pipeline.from_checkpoint(ckpt_path, config).with_lora(written)
-            torch.testing.assert_close(here.generate_tensors(PROMPTS, height=16, width=16, **DRAW) * 0.5 + 0.5, got,
-                                       rtol=0, atol=1e-5)  # both layouts load back equal here
+            parts = {k.split(".")[0] for k in load_safetensors(str(written))}
+            assert parts == {"unet", "text_encoder", "text_encoder_2"}
+            here = drawn(Pipeline.from_checkpoint(ckpt_path, config).with_lora(written))
+            torch.testing.assert_close(here, got, rtol=0, atol=1e-5)  # both layouts load back equal here
         pipe = diffusers_xl_pipeline(load_safetensors(str(ckpt_path)), tiny_xl_config(), folder)
         pipe.load_lora_weights(str(written))
         theirs = pipe(prompt=PROMPTS, height=16, width=16, num_inference_steps=DRAW["steps"],
