@@ -10,11 +10,12 @@
 SOURCE is a run directory (or a checkpoint inside one, whose config.yaml is used) or, with --config, any
 checkpoint. The file has `model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*` and, unless
 --no-ema / --ema-only, `model_ema.*`; --ema-only writes the EMA weights as the U-Net's own (SD's "-emaonly"
-files). Its inference config is written beside it (<out>.yaml) and into its metadata, so
+files); an SDXL model is written in Stability's SDXL layout (conditioner.embedders.*), as sd_xl_base_1.0 is.
+Its inference config is written beside it (<out>.yaml) and into its metadata, so
 `python scripts/txt2img.py --ckpt <out> --config <out>.yaml …` samples from it.
 --controlnet-only writes only `control_model.*` (a ControlNet file, as ControlNet v1.1 ships them).
 A LoRA run (configs/sd/finetune-*-lora.yaml) gives a LoRA file: kohya's layout (lora_unet_… / lora_te_… with .alpha,
-what AUTOMATIC1111 and ComfyUI load) or diffusers' (unet.… / text_encoder.… lora_A / lora_B, for load_lora_weights),
+what AUTOMATIC1111 and ComfyUI load; for SDXL lora_te1_ / lora_te2_ and generative-models' U-Net block names) or diffusers' (unet.… / text_encoder.… lora_A / lora_B, for load_lora_weights),
 the adapters' EMA when the run kept one (unless --no-ema), fp16 with --half; --merge writes its base with the adapters folded in, one SD
 file like a full fine-tune's. `txt2img.py --lora FILE[:SCALE]` loads such files.
 """
@@ -55,8 +56,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_threads_argument(p)
     p.add_argument("--half", action="store_true", help="fp16 weights (half the size)")
     p.add_argument("--controlnet-only", action="store_true", help="write only the ControlNet (control_model.*)")
-    p.add_argument("--text-layout", choices=["auto", "hf", "openclip"], default="auto",
-                   help="text-encoder key names: hf = SD1's CLIPTextModel, openclip = SD2's (default auto)")
+    p.add_argument("--text-layout", choices=["auto", "hf", "openclip", "sdxl"], default="auto",
+                   help="text-encoder key names: hf = SD1's CLIPTextModel, openclip = SD2's, sdxl = Stability's SDXL "
+                        "file (default auto: the model's own)")
     p.add_argument("--lora-layout", choices=["kohya", "diffusers"],
                    help="a LoRA run's file layout (default kohya: lora_unet_… / lora_te_… with .alpha)")
     p.add_argument("--merge", action="store_true", help="a LoRA run: its base with the adapters folded in, one SD file")

@@ -49,6 +49,13 @@ SMOKE: dict[str, list[str]] = {
     # SDXL: a toy file in the public layout under the public file's name, and its toy config (written when needed)
     "scripts/txt2img.py --ckpt sd_xl_base_1.0.safetensors": ["--steps", "2", "--n", "1", "--W", "16", "--H", "16",
                                                              "--config", "toy-sdxl.yaml"],
+    # SDXL fine-tune: the toy SDXL file and config, 16-px buckets of the <mixed> folder, CPU steps
+    "stages/train_ldm.py --cfg configs/sd/finetune-xl-lora.yaml": [
+        "model.params.base_config=toy-sdxl.yaml", "cache.data.train.params.size=16",
+        "cache.data.train.params.buckets.resolution=16", "cache.data.train.params.buckets.step=4",
+        "cache.data.train.params.captions=metadata", "cache.num_workers=0", "data.params.num_workers=0",
+        "data.params.batch_size=4", "trainer.max_steps=2", "trainer.accelerator=cpu", "trainer.precision=32-true",
+        "trainer.accumulate_grad_batches=1", "trainer.enable_progress_bar=false", "callbacks=[]"],
     "scripts/evaluate.py vae": ["--n", "4"],
     "scripts/evaluate.py classes": ["--n", "2", "--sampler", "ddim:2", "--threads", "1"],
     "scripts/evaluate.py adherence": ["--n", "2", "--samplers", "ddim:2", "--no-speed", "--threads", "1"],

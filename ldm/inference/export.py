@@ -1,6 +1,9 @@
 """Export a trained model to one `.safetensors` file in Stable Diffusion's public layout; a ControlNet to its own.
 
-The file holds ``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.*`` (an SD1-style
+An SDXL model (its conditioner, ``SDXLConditioner``) is written in Stability's SDXL layout instead
+(``ldm.io.sdxl_layout.model_to_sdxl``: ``conditioner.embedders.0.transformer.*`` in Hugging Face CLIP naming,
+``conditioner.embedders.1.model.*``), as ``sd_xl_base_1.0.safetensors`` holds it. Otherwise
+the file holds ``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.*`` (an SD1-style
 encoder — FrozenOpenCLIP, last layer, QuickGELU — in Hugging Face CLIP naming under
 ``cond_stage_model.transformer.``, any other as this project names it, which for an OpenCLIP tower is SD2's
 ``cond_stage_model.model.``), optionally ``model_ema.*`` (LitEma naming), the ``betas`` / ``alphas_cumprod``
@@ -44,28 +47,35 @@ from ldm.io.checkpoints import (
 from ldm.io.hf_clip import openclip_to_hf
 from ldm.io.lora_layout import Layout
 from ldm.io.runs import checkpoint_for, resolve_run, run_config
+from ldm.io.sdxl_layout import is_sdxl_state, model_to_sdxl
 
 EmaMode = Literal["keep", "only", "drop"]
-TextLayout = Literal["auto", "hf", "openclip"]
+TextLayout = Literal["auto", "hf", "openclip", "sdxl"]
 SCHEDULE_KEYS = ("betas", "alphas_cumprod")  # what tools reading SD files may look for; load_sd checks them
 KEEP_FP32 = frozenset({"scale_factor", "model_ema.decay", *SCHEDULE_KEYS})  # never halved: precision matters
 FROZEN_OPENCLIP = "ldm.nets.conditioning.openclip.FrozenOpenCLIP"
+SDXL_CONDITIONER = "ldm.nets.conditioning.sdxl.SDXLConditioner"
+SDXL_EMBEDDERS = "cond_stage_model.embedders."  # where an SDXL conditioner's towers sit in a system's state dict
 
 
-def text_layout_for(node: Mapping) -> Literal["hf", "openclip"]:
-    """"hf" for SD1's text encoder (FrozenOpenCLIP, last layer, QuickGELU: a CLIPTextModel), else "openclip"."""
+def text_layout_for(node: Mapping) -> Literal["hf", "openclip", "sdxl"]:
+    """"sdxl" for SDXL's conditioner (the whole file in Stability's SDXL layout), "hf" for SD1's text encoder
+    (FrozenOpenCLIP, last layer, QuickGELU: a CLIPTextModel), else "openclip"."""
     cond = (node.get("params") or {}).get("cond_stage") or {}
+    if cond.get("target") == SDXL_CONDITIONER:
+        return "sdxl"
     params = cond.get("params") or {}
     sd1 = cond.get("target") == FROZEN_OPENCLIP and params.get("layer") == "last" and params.get("quick_gelu")
     return "hf" if sd1 else "openclip"
 
 
 def public_state_dict(state: Mapping[str, Tensor], ema: EmaMode = "keep", half: bool = False,
-                      text_layout: Literal["hf", "openclip"] = "openclip",
+                      text_layout: Literal["hf", "openclip", "sdxl"] = "openclip",
                       schedule: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
     """A system's state dict (this project's keys) in the public SD layout.
 
-    ``ema``: keep ``model_ema.*``, write it as the U-Net's weights ("only"), or drop it. ``half``: fp16
+    ``ema``: keep ``model_ema.*``, write it as the U-Net's weights ("only"), or drop it. ``text_layout``: the text
+    encoder's names (SD1's "hf", SD2's "openclip"; "sdxl": the whole SDXL layout). ``half``: fp16
     (except ``KEEP_FP32``). ``schedule``: buffers to add (``betas``, ``alphas_cumprod``).
     """
     state = dict(state)
@@ -81,6 +91,11 @@ def public_state_dict(state: Mapping[str, Tensor], ema: EmaMode = "keep", half: 
         tower = strip_prefix(state, OPENCLIP_TEXT_PREFIX)
         state = {k: v for k, v in state.items() if not k.startswith(OPENCLIP_TEXT_PREFIX)}
         state.update(add_prefix(openclip_to_hf(tower), HF_TEXT_PREFIX))
+    elif text_layout == "sdxl" and not is_sdxl_state(state):  # a public SDXL file re-exported is in it already
+        if not any(k.startswith(SDXL_EMBEDDERS) for k in state):
+            raise CheckpointError("--text-layout sdxl: the model has no SDXL conditioner "
+                                  "(cond_stage_model.embedders.*)")
+        state = model_to_sdxl(state)  # conditioner.embedders.*: embedder 0 in Hugging Face CLIP names
     for key, value in (schedule or {}).items():
         state[key] = value.float()
     if half:

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Mapping, Sequence, Union
+from typing import Mapping
 
 import torch
 from torch import Tensor, nn
 
 from ldm.io.checkpoints import (
     OPENCLIP_TEXT_PREFIX,
+    TEXT_PREFIX,
     UNET_PREFIX,
     load_file,
     read_metadata,
@@ -38,6 +39,7 @@ from ldm.io.lora_layout import (
 from ldm.nets.lora import (
     ADAPTER,
     LoRA,
+    TextTowers,
     activate_all,
     adaptable_modules,
     add_adapter,
@@ -45,13 +47,15 @@ from ldm.nets.lora import (
     lora_update,
     own_layer,
     set_adapter_scale,
+    text_towers,  # noqa: F401  (re-exported: callers read a conditioning stage's towers from here too)
 )
 from ldm.nets.unet.blocks import Downsample, ResBlock, Upsample
 
 PREFIXES = {"unet": UNET_PREFIX, "text": OPENCLIP_TEXT_PREFIX}  # where a system's components sit in its state dict
+SDXL_TEXT_PREFIXES = {component: f"{TEXT_PREFIX}embedders.{n}.model."  # SDXL's conditioner: a tower per embedder
+                      for n, component in enumerate(TEXT_COMPONENTS)}
 REPORT_MODULES = 3
 LAYERS = (nn.Linear, nn.Conv2d)  # what a LoRA adapts
-TextTowers = Union[nn.Module, Sequence[nn.Module], None]  # one CLIP tower, SDXL's two (in file order), or none
 
 
 def lora_spec(spec: str) -> tuple[Path, float]:
@@ -71,13 +75,6 @@ def num_res_blocks(unet: nn.Module) -> int:
         raise LoraFileError(f"LoRA files name U-Net blocks by a fixed number of res-blocks per level; this U-Net has "
                             f"{count}")
     return int(counts.pop())
-
-
-def text_towers(cond_stage: nn.Module) -> TextTowers:
-    """The CLIP towers of a conditioning stage a LoRA file may adapt: ``model`` (SD), every embedder's (SDXL)."""
-    if hasattr(cond_stage, "embedders"):
-        return [getattr(e, "model", None) for e in cond_stage.embedders]
-    return getattr(cond_stage, "model", None)
 
 
 def conv_lora_modules(unet: nn.Module) -> list[str]:
@@ -167,9 +164,10 @@ def add_live_lora(weights: list[LoraWeight], unet: nn.Module, text_model: TextTo
 
 
 def trained_lora(state: Mapping[str, Tensor], settings: LoRA, adapter: str = ADAPTER) -> list[LoraWeight]:
-    """A LoRA system's adapters (its state dict or checkpoint: ``…<module>.lora_A.<adapter>.weight``) as LoraWeights."""
+    """A LoRA system's adapters (its state dict or checkpoint: ``…<module>.lora_A.<adapter>.weight``) as LoraWeights;
+    an SDXL conditioner's towers (``cond_stage_model.embedders.N.model.``) are the text encoders in file order."""
     weights = []
-    for component, prefix in PREFIXES.items():
+    for component, prefix in [*PREFIXES.items(), *SDXL_TEXT_PREFIXES.items()]:
         suffix = f".lora_A.{adapter}.weight"
         for key in sorted(k for k in state if k.startswith(prefix) and k.endswith(suffix)):
             module = key[len(prefix):-len(suffix)]

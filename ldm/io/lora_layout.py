@@ -152,8 +152,11 @@ def hf_text_path(path: str) -> str:
 
 
 def public_name(component: str, module: str, layout: Layout, num_res_blocks: int, text_encoders: int = 1) -> str:
-    """The name a layout gives one of our modules (without the down / up / alpha suffix); kohya names the first of two
-    text encoders (SDXL's) ``lora_te1_``."""
+    """The name a layout gives one of our modules (without the down / up / alpha suffix). Kohya's SDXL layout (two
+    text encoders) names them ``lora_te1_`` / ``lora_te2_`` and the U-Net's modules by generative-models' blocks
+    (``lora_unet_input_blocks_4_1_…``, ours), as sd-scripts' SDXL trainer writes them."""
+    if layout == "kohya" and component == "unet" and text_encoders > 1:
+        return KOHYA_PREFIXES["unet"] + module.replace(".", "_")
     path = diffusers_unet_path(module, num_res_blocks) if component == "unet" else hf_text_path(module)
     if layout == "kohya":
         prefix = KOHYA_TEXT1 if component == "text" and text_encoders > 1 else KOHYA_PREFIXES[component]

@@ -8,19 +8,28 @@
         dropout: 0.0
         unet_targets: [to_q, to_k, to_v, to_out.0]  # attention; + ff.net.0.proj, ff.net.2 (feed-forward), proj_in, proj_out
         text_targets: []                            # CLIP tower: attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj,
-                                                    # mlp.c_fc, mlp.c_proj
+                                                    # mlp.c_fc, mlp.c_proj (SDXL: on both of its towers)
+        base_dtype: null                            # null | bf16 | fp16: the frozen base weights' dtype in training
 
 Targets are module-name suffixes inside the U-Net's transformer blocks and the open_clip text tower's residual blocks
 (whose attention is ``ClipSelfAttention``: q, k, v and out as Linear layers, as Hugging Face's CLIP has them). peft
 wraps each target (``to_q`` → ``to_q.base_layer`` + ``to_q.lora_A.<adapter>`` / ``lora_B.<adapter>``), so adapters are
-added *after* a network's own weights are loaded. peft is imported when adapters are first made.
+added *after* a network's own weights are loaded. peft is imported when adapters are first made. SDXL's conditioner has
+two towers (``embedders.0``, ``embedders.1``): ``text_targets`` adapt both (``text_towers``).
+
+``base_dtype`` (as diffusers' LoRA scripts' ``weight_dtype`` + ``cast_training_params``): when training starts
+(``LatentDiffusion.configure_model``) every frozen weight of the U-Net and text encoders is cast to bf16 or fp16
+(``cast_frozen``), halving their memory, while the adapters — and so their gradients and AdamW state — stay fp32.
+It is meant for a mixed-precision trainer (``precision: bf16-mixed``), and runs under ``32-true`` too (the U-Net casts
+its inputs to its weights' dtype); null keeps the base as loaded. Loading a run to sample or export keeps the base
+file's weights as they are.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, Literal, Mapping
+from typing import Iterable, Literal, Mapping, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +48,8 @@ TEXT_SCOPE = "transformer.resblocks."  # a CLIP tower's residual blocks (U-Net t
 Component = Literal["unet", "text"]
 LORA_MARKERS = (".lora_A.", ".lora_B.")
 GAUSSIAN_INIT = "gaussian"  # A ~ N(0, 1/rank), B = 0 (diffusers' train_text_to_image_lora.py): starts as the base
+BASE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # base_dtype's values (besides null)
+TextTowers = Union[nn.Module, Sequence[nn.Module], None]  # one CLIP tower, SDXL's two (in file order), or none
 
 
 class LoRAError(ValueError):
@@ -64,6 +75,7 @@ class LoRA:
     dropout: float = 0.0
     unet_targets: list[str] = field(default_factory=lambda: list(UNET_ATTENTION))
     text_targets: list[str] = field(default_factory=list)
+    base_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -79,21 +91,31 @@ class LoRA:
                 raise LoRAError(f"lora {name}: unknown target {unknown[0]!r}; choose from {', '.join(allowed)}")
         if not self.unet_targets and not self.text_targets:
             raise LoRAError("lora: no targets (set unet_targets and/or text_targets)")
+        if self.base_dtype is not None and self.base_dtype not in BASE_DTYPES:
+            raise LoRAError(f"lora base_dtype: {self.base_dtype!r} is not one of null, {', '.join(BASE_DTYPES)}")
+
+    @property
+    def torch_base_dtype(self) -> torch.dtype | None:
+        """``base_dtype`` as a torch dtype (None: the base stays as loaded)."""
+        return BASE_DTYPES[self.base_dtype] if self.base_dtype is not None else None
 
     @property
     def scale(self) -> float:
         """alpha / rank, the factor of B·A."""
         return (self.alpha if self.alpha is not None else self.rank) / self.rank
 
-    def apply(self, unet: nn.Module, text_model: nn.Module | None) -> None:
-        """Add this adapter to the U-Net (and text tower) and make only adapter weights trainable (all in place)."""
+    def apply(self, unet: nn.Module, text_model: TextTowers) -> None:
+        """Add this adapter to the U-Net (and every text tower: one, or SDXL's two) and make only adapter weights
+        trainable (all in place)."""
         add_adapter(unet, target_modules(unet, self.unet_targets, "unet"), self.rank, self._alpha, self.dropout)
-        if self.text_targets:
-            if not is_clip_tower(text_model):
-                raise LoRAError("lora text_targets: the text encoder is not a CLIP text tower (FrozenOpenCLIP); "
-                                "LoRA on the text encoder is for Stable Diffusion's")
-            add_adapter(text_model, target_modules(text_model, self.text_targets, "text"), self.rank, self._alpha,
-                        self.dropout)
+        if not self.text_targets:
+            return
+        towers = list(text_model) if isinstance(text_model, (list, tuple)) else [text_model]
+        if not all(is_clip_tower(tower) for tower in towers):
+            raise LoRAError("lora text_targets: the text encoder is not a CLIP text tower (FrozenOpenCLIP); "
+                            "LoRA on the text encoder is for Stable Diffusion's")
+        for tower in towers:
+            add_adapter(tower, target_modules(tower, self.text_targets, "text"), self.rank, self._alpha, self.dropout)
 
     @property
     def _alpha(self) -> float:
@@ -103,6 +125,25 @@ class LoRA:
 def is_clip_tower(text_model: nn.Module | None) -> bool:
     """Whether a text encoder's ``model`` is an open_clip text tower (residual blocks a LoRA can adapt)."""
     return text_model is not None and hasattr(getattr(text_model, "transformer", None), "resblocks")
+
+
+def text_towers(cond_stage: nn.Module) -> TextTowers:
+    """The CLIP towers of a conditioning stage a LoRA may adapt: its ``model`` (SD), every embedder's (SDXL)."""
+    if hasattr(cond_stage, "embedders"):
+        return [getattr(e, "model", None) for e in cond_stage.embedders]
+    return getattr(cond_stage, "model", None)
+
+
+@torch.no_grad()
+def cast_frozen(network: nn.Module, dtype: torch.dtype) -> int:
+    """Cast every frozen (non-adapter) floating parameter of ``network`` to ``dtype`` in place, the adapters left as
+    they are; returns how many were cast."""
+    cast = 0
+    for name, param in network.named_parameters():
+        if not is_lora_key(name) and not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            cast += 1
+    return cast
 
 
 def adaptable_modules(network: nn.Module, component: Component) -> list[str]:

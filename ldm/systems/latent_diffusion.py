@@ -21,10 +21,11 @@ from ldm.nets.compile import Compile
 from ldm.nets.conditioning.base import ucg_dropout
 from ldm.nets.ema import EMA, ema_scope
 from ldm.nets.conditioning.cached import CachedTextEncoder
-from ldm.nets.lora import LoRA, is_lora_key, merge_adapters
+from ldm.nets.lora import LoRA, cast_frozen, is_lora_key, merge_adapters, text_towers
 from ldm.systems.latents import adopt_cache_scale, cache_meta, cached_latents
 from ldm.systems.optim import AdamW, total_steps
 from ldm.systems.sharding import resharded, shard_system
+from ldm.systems.sizes import batch_sizes, drop_outputs
 
 VAL_NOISE_SEED = 1234  # validation loss uses the same noise levels and ε every time, so curves are comparable
 SCALE_BUFFERS = ("scale_factor", "image_size")  # a LoRA checkpoint keeps them: a run samples at its own scale
@@ -142,7 +143,10 @@ class LatentDiffusion(L.LightningModule):
 
     def conditioning(self, batch: dict, drop: bool) -> dict:
         """The network's conditioning: cross-attention context (B, T, D), with CFG dropout when ``drop``; cached text
-        embeddings come with the batch, and dropout swaps in the cached unconditional context."""
+        embeddings come with the batch, and dropout swaps in the cached unconditional context. A conditioner that takes
+        sizes (SDXL's) gets the batch's (``ldm.systems.sizes``) and returns ``{"context", "y"}``."""
+        if getattr(self.cond_stage_model, "takes_sizes", False):
+            return self.sized_conditioning(batch, drop)
         if isinstance(self.cond_stage_model, CachedTextEncoder):
             context = batch["context"]  # (B, T, D)
             null = self.cond_stage_model.unconditional(len(context))
@@ -151,6 +155,24 @@ class LatentDiffusion(L.LightningModule):
         if drop and self.ucg_rate > 0:
             cond = ucg_dropout(cond, self.cond_stage_model.null_condition(len(cond)), self.ucg_rate)
         return {"context": self.cond_stage_model(cond)}
+
+    def sized_conditioning(self, batch: dict, drop: bool) -> dict:
+        """A size-taking conditioner's outputs for the batch's captions and sizes; CFG dropout swaps a sample's outputs
+        for the unconditional ones (zeroed text, the same sizes)."""
+        encoder = self.cond_stage_model
+        cond = batch[encoder.key]
+        sizes = batch_sizes(batch, self.vae_factor(), len(cond))  # {field: (B, 2)} in pixels
+        out = encoder.conditioning(cond, sizes)
+        if drop and self.ucg_rate > 0:
+            out = drop_outputs(out, encoder.unconditional_conditioning(len(cond), sizes), self.ucg_rate)
+        return out
+
+    def vae_factor(self) -> int:
+        """Pixels per latent cell (the VAE's downsampling factor), for the target size of a batch of latents."""
+        factor = getattr(self.first_stage_model, "downsampling_factor", None)
+        if factor is None:
+            raise ValueError("size conditioning needs the VAE's downsampling factor: the system has no first_stage")
+        return int(factor)
 
     def network(self) -> nn.Module:
         """The callable the objective trains: ``network(x_t, t, **conditioning)``."""
@@ -210,7 +232,7 @@ class LatentDiffusion(L.LightningModule):
         kept EMA tracks them alone."""
         if self.lora is None or self.lora_added:
             return
-        self.lora.apply(self.model.diffusion_model, getattr(self.cond_stage_model, "model", None))
+        self.lora.apply(self.model.diffusion_model, text_towers(self.cond_stage_model))
         for name, param in self.named_parameters():
             param.requires_grad_(is_lora_key(name))
         if self.ema is not None:
@@ -226,8 +248,13 @@ class LatentDiffusion(L.LightningModule):
 
     def configure_model(self) -> None:
         """Lightning's hook before training starts or a checkpoint is restored: the LoRA adapters in place, and under
-        Lightning's ModelParallelStrategy the networks sharded (``ldm.systems.sharding``)."""
+        Lightning's ModelParallelStrategy the networks sharded (``ldm.systems.sharding``). A LoRA run with
+        ``base_dtype`` holds its frozen base weights in that dtype from here on (training only; loaders keep the
+        file's)."""
         self.add_lora()
+        if self.lora is not None and self.lora.base_dtype is not None:
+            for network in (self.model.diffusion_model, self.cond_stage_model):
+                cast_frozen(network, self.lora.torch_base_dtype)
         if self.device_mesh is not None:
             shard_system(self, self.device_mesh["data_parallel"])
 

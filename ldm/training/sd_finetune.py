@@ -12,8 +12,9 @@
 ``complete_from_base`` (stage 2's ``complete``) fills in what the fine-tune takes from its base (``INHERITED``: U-Net,
 text encoder, VAE, objective, scale factor, image size, whether the text encoder trains) under what the config sets
 itself (e.g. ``unet.params.use_checkpoint`` or the objective's ``min_snr_gamma``), so the run's saved config
-builds the model alone, and checks that the cache is the base's VAE's. ``start_from_base`` (its
-``init_weights``) loads the file into a new run's system.
+builds the model alone (each text encoder frozen unless it trains: ``cond_stage_trainable``, or LoRA ``text_targets``;
+SDXL's two towers each by its embedder's ``freeze``), and checks that the cache is the base's VAE's.
+``start_from_base`` (its ``init_weights``) loads the file into a new run's system.
 """
 
 from __future__ import annotations
@@ -91,12 +92,20 @@ def complete_from_base(cfg: dict) -> dict:
     for key in INHERITED:
         if key in base or params.get(key) is not None:
             params[key] = merged(base.get(key), params.get(key))
-    text = params.get("cond_stage") or {}
-    if FROZEN_TEXT_PARAM in (text.get("params") or {}):  # a frozen encoder computes no gradients, even for adapters
-        lora_text = ((params.get("lora") or {}).get("params") or {}).get("text_targets")
-        text["params"][FROZEN_TEXT_PARAM] = not (params.get("cond_stage_trainable", False) or bool(lora_text))
+    lora_text = ((params.get("lora") or {}).get("params") or {}).get("text_targets")
+    frozen = not (params.get("cond_stage_trainable", False) or bool(lora_text))
+    for text in text_encoder_nodes(params.get("cond_stage") or {}):  # a frozen encoder computes no gradients, even
+        text["params"][FROZEN_TEXT_PARAM] = frozen                    # for adapters
     _check_cache(cfg, ckpt, config)
     return cfg
+
+
+def text_encoder_nodes(cond_stage: dict) -> list[dict]:
+    """The config nodes of the text encoders that have a ``freeze`` switch: the conditioning stage itself (SD), or each
+    of its ``embedders`` (SDXL's conditioner: ``cond_stage.params.embedders[i]``)."""
+    params = cond_stage.get("params") or {}
+    nodes = [cond_stage, *(e for e in params.get("embedders") or [] if isinstance(e, dict))]
+    return [node for node in nodes if FROZEN_TEXT_PARAM in (node.get("params") or {})]
 
 
 def start_from_base(system: nn.Module, cfg: dict | None = None) -> dict:

@@ -178,7 +178,8 @@ def test_readme_sdxl_command_and_size_options_on_the_command_line(xl, tmp_path, 
     from tests.test_readme import readme_commands, run_command, smoke_arguments
 
     ckpt, config, _, _ = xl
-    (command,) = [c for c in readme_commands() if "sd_xl_base_1.0.safetensors" in c]
+    (command,) = [c for c in readme_commands()  # the plain sampling command (not the LoRA one)
+                  if "txt2img.py --ckpt sd_xl_base_1.0.safetensors" in c and "--lora" not in c]
     monkeypatch.chdir(tmp_path)
     for name in ("configs", "scripts"):
         (tmp_path / name).symlink_to(REPO_ROOT / name)

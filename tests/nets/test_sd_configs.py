@@ -17,6 +17,7 @@ from tests.paths import REPO_ROOT
 CONFIGS = ["v1-inference", "v2-inference", "v2-inference-v", "controlnet-v1"]
 FINETUNE_CONFIGS = ["finetune-v1", "finetune-v1-lora", "finetune-v2-v", "finetune-v2-v-lora"]  # tests/training/test_sd_finetune.py
 XL_CONFIGS = ["xl-base-inference"]  # tests/inference/test_sdxl.py
+XL_FINETUNE_CONFIGS = ["finetune-xl", "finetune-xl-lora"]  # tests/training/test_sdxl_finetune.py
 INPAINTING_CONFIGS = ["v1-inpainting-inference"]  # tests/inference/test_inpainting_sd.py
 SD_SCALE_FACTOR = 0.18215
 LAYOUTS = {  # config → (U-Net reference, parameters)
@@ -73,7 +74,7 @@ def test_config_holds_only_name_and_model_and_passes_the_check(name):
 
 def test_every_sd_config_is_tested():
     assert sorted(p.stem for p in SD_CONFIG_DIR.glob("*.yaml")) == sorted(CONFIGS + FINETUNE_CONFIGS + XL_CONFIGS
-                                                                         + INPAINTING_CONFIGS)
+                                                                         + XL_FINETUNE_CONFIGS + INPAINTING_CONFIGS)
 
 
 def test_unet_and_vae_match_the_public_layouts(built):
