@@ -160,11 +160,11 @@ class LatentDiffusion(L.LightningModule):
         """A size-taking conditioner's outputs for the batch's captions and sizes; CFG dropout swaps a sample's outputs
         for the unconditional ones (zeroed text, the same sizes)."""
         encoder = self.cond_stage_model
-        cond = batch[encoder.key]
-        sizes = batch_sizes(batch, self.vae_factor(), len(cond))  # {field: (B, 2)} in pixels
-        out = encoder.conditioning(cond, sizes)
+        sizes = batch_sizes(batch, self.vae_factor())  # {field: (B, 2)} in pixels
+        out = encoder.conditioning(batch[encoder.key], sizes)  # captions, or a cache's text outputs {name: (B, …)}
         if drop and self.ucg_rate > 0:
-            out = drop_outputs(out, encoder.unconditional_conditioning(len(cond), sizes), self.ucg_rate)
+            n = len(sizes["target_size"])
+            out = drop_outputs(out, encoder.unconditional_conditioning(n, sizes), self.ucg_rate)
         return out
 
     def vae_factor(self) -> int:

@@ -27,16 +27,21 @@ from ldm.nets.conditioning.sdxl import NUMBERS_PER_FIELD
 LATENT_FIELDS = ("latent", "mean")  # where a batch carries its latents (B, C, h, w); "image" is in pixels already
 
 
-def target_size(batch: Mapping, factor: int) -> tuple[int, int]:
-    """The pixel size (h, w) a batch trains at: its latents' (h, w) × the VAE factor, or its images' own size."""
+def _sized_field(batch: Mapping) -> tuple[Tensor, int]:
+    """The batch's latents (B, C, h, w) and pixels per cell (the VAE factor), or its images (B, 3, H, W) and 1."""
     for key in LATENT_FIELDS:
         if key in batch:
-            h, w = batch[key].shape[-2:]  # (B, C, h, w)
-            return int(h) * factor, int(w) * factor
+            return batch[key], 0
     if "image" in batch:
-        h, w = batch["image"].shape[-2:]  # (B, 3, H, W)
-        return int(h), int(w)
+        return batch["image"], 1
     raise KeyError(f"the batch holds no latents ({', '.join(LATENT_FIELDS)}) nor images to size")
+
+
+def target_size(batch: Mapping, factor: int) -> tuple[int, int]:
+    """The pixel size (h, w) a batch trains at: its latents' (h, w) × the VAE factor, or its images' own size."""
+    field, scale = _sized_field(batch)
+    h, w = field.shape[-2:]
+    return int(h) * (scale or factor), int(w) * (scale or factor)
 
 
 def _rows(value: object, n: int, name: str) -> Tensor:
@@ -47,9 +52,11 @@ def _rows(value: object, n: int, name: str) -> Tensor:
     return rows
 
 
-def batch_sizes(batch: Mapping, factor: int, n: int) -> dict[str, Tensor]:
-    """``{original_size, crop_top_left, target_size: (n, 2)}`` in pixels for a batch of ``n`` (module docstring)."""
-    target = torch.tensor([target_size(batch, factor)] * n, dtype=torch.float32)  # (n, 2)
+def batch_sizes(batch: Mapping, factor: int) -> dict[str, Tensor]:
+    """``{original_size, crop_top_left, target_size: (B, 2)}`` in pixels for a batch of B latents or images (module
+    docstring)."""
+    n = len(_sized_field(batch)[0])
+    target = torch.tensor([target_size(batch, factor)] * n, dtype=torch.float32)  # (B, 2)
     original = _rows(batch["original_size"], n, "original_size") if "original_size" in batch else target.clone()
     crop = (_rows(batch["crop_top_left"], n, "crop_top_left") if "crop_top_left" in batch
             else torch.zeros(n, NUMBERS_PER_FIELD))

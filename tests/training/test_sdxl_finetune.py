@@ -49,6 +49,7 @@ from tests.nets.test_sd_configs import reference
 FULL, LORA = TINY / "sdxl-finetune.yaml", TINY / "sdxl-lora.yaml"
 SDXL_SCALE = 0.13025
 TEXT = "model.params.lora.params.text_targets=[attn.q_proj,attn.k_proj,attn.v_proj,attn.out_proj]"
+LIVE_TEXT = "cache.text_embeddings=false"  # adapted (or trained) text towers: no cached embeddings
 PROMPTS = ["a red block", "a green block"]
 DRAW = dict(steps=3, guidance=5.0, sampler="euler", seed=3)
 
@@ -206,7 +207,7 @@ def test_the_shipped_sdxl_configs_fine_tune_the_public_architecture(name, lora, 
     assert cfg["trainer"]["precision"] == "bf16-mixed" and cfg["model"]["params"]["unet"]["params"]["use_checkpoint"]
     buckets = cfg["cache"]["data"]["train"]["params"]["buckets"]
     assert buckets["resolution"] == 1024 and buckets["step"] % 32 == 0  # SDXL: VAE 8 × U-Net 4
-    assert "text_embeddings" not in cfg["cache"]
+    assert cfg["cache"]["text_embeddings"] is True  # both frozen towers' outputs cached: a step never runs them
     if lora:
         settings = system.lora
         assert (settings.rank, settings.scale, settings.base_dtype) == (16, 1.0, "bf16")
@@ -268,7 +269,7 @@ def test_a_full_sdxl_fine_tune_exports_the_sdxl_layout_and_samples(xl, tmp_path,
 @pytest.mark.slow
 def test_an_sdxl_lora_on_both_towers_exports_kohya_and_loads_in_diffusers(xl, tmp_path, capsys):
     run = train("ldm", argv=["--cfg", str(LORA), "--runs-dir", str(tmp_path / "runs"), *overrides(xl, "lora-cache"),
-                             TEXT, "model.params.lora.params.base_dtype=bf16"])
+                             TEXT, LIVE_TEXT, "model.params.lora.params.base_dtype=bf16"])
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     keys = set(ckpt["state_dict"])
     assert all(is_lora_key(k) or k.startswith(EMA_PREFIX) or k in ("scale_factor", "image_size") for k in keys)
@@ -313,9 +314,10 @@ def _noise(seed: int, n: int) -> torch.Tensor:
 @pytest.mark.slow
 def test_a_stopped_sdxl_lora_run_resumes_to_the_uninterrupted_result(xl, tmp_path):
     steps = 6
-    common = ["--cfg", str(LORA), *overrides(xl, "resume-cache"), TEXT, "model.params.lora.params.base_dtype=bf16",
-              f"trainer.max_steps={steps}", "checkpoint.every_n_train_steps=3"]
-    ensure_cache(load_config(LORA, overrides(xl, "resume-cache")))
+    common = ["--cfg", str(LORA), *overrides(xl, "resume-cache"), TEXT, LIVE_TEXT,
+              "model.params.lora.params.base_dtype=bf16", f"trainer.max_steps={steps}",
+              "checkpoint.every_n_train_steps=3"]
+    ensure_cache(load_config(LORA, overrides(xl, "resume-cache", LIVE_TEXT)))
 
     def probed(name: str, sleep: float) -> list[str]:
         return [f"callbacks=[{{target: tests.faults.StepProbe, params: {{out: {tmp_path / name}.jsonl, "
