@@ -1,6 +1,7 @@
 """Cached text embeddings in a litdata latent cache (local mode): every streamed item carries its caption's embedding as
 the folder cache's text shards hold it, the encoder's files sit beside meta.json, a cache of another encoder (or one
-built without embeddings) is refused, and stage 2 trains on it without building the text encoder."""
+built without embeddings) is refused, and stage 2 trains on it without building the text encoder; a bucketed one gives bucket-homogeneous batches with their
+contexts."""
 
 import json
 import shutil
@@ -12,12 +13,15 @@ import yaml
 
 from ldm.core.config import load_config
 from ldm.data.latents import CacheError, LatentDataset, read_meta
+from ldm.data.module import DataModule
 from ldm.data.streaming import StreamingLatents
+from ldm.data.streaming_buckets import StreamingBucketLatents
 from ldm.data.text_cache import load_text_files
 from ldm.nets.conditioning.cached import CachedTextEncoder
 from ldm.training.cache import ensure_cache, make_cache, prepare_stage2
 from ldm.training.driver import train
 from ldm.training.text_cache import build_stage2_system, build_text_encoder, ensure_text_cache
+from tests.aspect_folder import make_aspect_folder
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.slow  # litdata's optimize starts worker processes; stage-2 runs end to end
@@ -132,3 +136,20 @@ def test_stage2_trains_and_resumes_on_streamed_text_without_the_encoder(caches, 
         "StreamingLatents")
     train("ldm", cfg, ["--resume", str(run), "trainer.max_steps=5"])
     assert Conditioning.seen == {step: ("CachedTextEncoder", (8, 16, 32), False) for step in range(5)}
+
+
+def test_a_bucketed_litdata_cache_carries_text_in_bucket_homogeneous_batches(toy_vae_run, tmp_path):
+    folder = make_aspect_folder(tmp_path / "mixed", 12)
+    cfg = load_config(TINY / "ldm-buckets.yaml", [
+        f"cache.vae={toy_vae_run}", f"cache.dir={tmp_path / 'c'}", f"cache.data.train.params.root={folder}",
+        *STREAMED, *TEXT])
+    del cfg["cache"]["data"]["val"]  # one split: each bucket is a litdata part, each part a worker process
+    prepare_stage2(cfg)
+    encoder, _ = build_text_encoder(cfg)
+    data = StreamingBucketLatents(str(tmp_path / "c"), "train")
+    module = DataModule(data, batch_size=3, drop_last=False, seed=7, val_fraction=0.0)
+    batches = list(module.train_dataloader())
+    assert sum(len(batch["caption"]) for batch in batches) == len(data) and len({b["mean"].shape for b in batches}) > 1
+    for batch in batches:  # one latent shape per batch, each item with its caption's context
+        assert batch["context"].shape == (len(batch["caption"]), 16, 32)
+        assert torch.allclose(batch["context"], encoder(batch["caption"]), atol=5e-3)  # fp16 storage
