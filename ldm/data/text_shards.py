@@ -62,7 +62,8 @@ class TextContexts:
         """What an item of latent shard ``shard`` carries: ``{"context": (T, D)}``, or with a pooled embedding
         ``{"text": {"context": (T, D), "pooled": (P,)}}``; fp32."""
         handle = self._handle(shard)
-        return text_fields({key: handle.get_slice(key)[row] for key in (CONTEXT_KEY, POOLED_KEY) if key in handle.keys()})
+        keys = [key for key in (CONTEXT_KEY, POOLED_KEY) if key in handle.keys()]
+        return text_fields({key: handle.get_slice(key)[row] for key in keys})
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_handles": {}}  # file handles do not cross into worker processes

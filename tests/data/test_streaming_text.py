@@ -1,7 +1,7 @@
 """Cached text embeddings in a litdata latent cache (local mode): every streamed item carries its caption's embedding as
 the folder cache's text shards hold it, the encoder's files sit beside meta.json, a cache of another encoder (or one
-built without embeddings) is refused, and stage 2 trains on it without building the text encoder; a bucketed one gives bucket-homogeneous batches with their
-contexts."""
+built without embeddings) is refused, stage 2 trains on it without building the text encoder, and a bucketed one gives
+bucket-homogeneous batches with their contexts."""
 
 import json
 import shutil

@@ -1,6 +1,6 @@
-"""Cached text embeddings of an SDXL base (a toy file in the public layout) in a litdata latent cache: each streamed item
-carries both towers' context and the pooled embedding, grouped under ``text`` as the folder cache gives them, and the
-SDXL stand-in makes the U-Net's inputs from them as the base's conditioner does from the captions."""
+"""Cached text embeddings of an SDXL base (a toy file in the public layout) in a litdata latent cache: each streamed
+item carries both towers' context and the pooled embedding, grouped under ``text`` as the folder cache gives them, and
+the SDXL stand-in makes the U-Net's inputs from them as the base's conditioner does from the captions."""
 
 import pytest
 import torch
