@@ -128,6 +128,8 @@ def build_streaming_cache(autoencoder: torch.nn.Module, datasets: Mapping[str, D
     cache_dir.mkdir(parents=True, exist_ok=True)
     meta = {"version": CACHE_VERSION, "vae": vae_info, "format": FORMAT, "uri": uri, "complete": False,
             "classes": class_map(datasets), "parts": previous.get("parts", {}), "chunks": previous.get("chunks", {})}
+    if text is not None:
+        check_captions(datasets)
     text_entry = start_text(previous, text, cache_dir)
     if text_entry is not None:
         meta["text"] = text_entry
@@ -171,6 +173,13 @@ def build_streaming_cache(autoencoder: torch.nn.Module, datasets: Mapping[str, D
         meta["text"].update(complete=True, encoded={split: encoded.get(split, 0) for split in splits})
     write_json_atomic(meta, meta_path)
     return meta
+
+
+def check_captions(datasets: Mapping[str, Dataset]) -> None:
+    """Text embeddings need captions: a split whose first item has none is refused before anything is encoded."""
+    for split, dataset in datasets.items():
+        if len(dataset) and "caption" not in dataset[0]:
+            raise no_captions(f"cache.data.{split} ({type(dataset).__name__})")
 
 
 def start_text(previous: dict, text: TextEncoder | None, cache_dir: Path) -> dict | None:

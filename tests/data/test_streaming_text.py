@@ -14,9 +14,10 @@ import yaml
 from ldm.core.config import load_config
 from ldm.data.latents import CacheError, LatentDataset, read_meta
 from ldm.data.module import DataModule
-from ldm.data.streaming import StreamingLatents
+from ldm.data.streaming import StreamingLatents, build_streaming_cache
 from ldm.data.streaming_buckets import StreamingBucketLatents
 from ldm.data.text_cache import load_text_files
+from ldm.inference.loaders import load_autoencoder
 from ldm.nets.conditioning.cached import CachedTextEncoder
 from ldm.training.cache import ensure_cache, make_cache, prepare_stage2
 from ldm.training.driver import train
@@ -109,6 +110,25 @@ def test_another_encoder_or_a_cache_without_embeddings_is_refused(caches, toy_va
     assert json.loads((tmp_path / "plain-partial" / "meta.json").read_text())["parts"] == {"train": 1}
     without = load_config(CONFIG, [f"cache.vae={toy_vae_run}", f"cache.dir={streamed_dir}", *STREAMED])
     assert ensure_text_cache(without, ensure_cache(without))["splits"] == meta["splits"]  # asked for none: served
+
+
+class Uncaptioned(torch.utils.data.Dataset):
+    """Images without captions."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        return {"image": torch.zeros(3, 16, 16)}
+
+
+def test_data_without_captions_is_refused_before_encoding(toy_vae_run, tmp_path):
+    cfg = config(toy_vae_run, tmp_path / "c", *STREAMED)
+    vae, info = load_autoencoder(toy_vae_run)
+    with pytest.raises(CacheError, match=r"cache.data.train \(Uncaptioned\) holds no captions"):
+        build_streaming_cache(vae, {"train": Uncaptioned()}, tmp_path / "c", str(tmp_path / "shards"), info,
+                              text=build_text_encoder(cfg))
+    assert not (tmp_path / "shards").exists() and not (tmp_path / "c" / "meta.json").exists()
 
 
 class Conditioning(L.Callback):
