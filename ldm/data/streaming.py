@@ -4,8 +4,10 @@ Layout: the cache folder (local) keeps ``meta.json`` (as the folder cache's, plu
 parts done) and the per-batch latent statistics; the shards live at ``uri`` (a local folder, ``s3://…`` or
 ``gs://…``), one litdata dataset per split (``<uri>/<split>/index.json`` + ``chunk-*.bin``). An item holds
 ``index`` (its place in the source dataset), the posterior ``mean`` and ``std`` (C, h, w) fp16 — any shape, so
-buckets stream too —, the hint as uint8, and whatever the source gives of caption, label, path, ``original_size``
-and ``crop_top_left``.
+buckets stream too —, the hint as uint8, whatever the source gives of caption, label, path, ``original_size``
+and ``crop_top_left``, and with cached text embeddings (a frozen text encoder given to the build) its caption's
+``context`` (T, D) fp16 (and ``pooled`` (P,) for SDXL's conditioner); the empty caption's outputs and the encoder's
+weights are written once beside meta.json, as the folder cache keeps them (``ldm.data.text_cache``).
 
 Writing goes part by part through litdata's ``optimize`` (its workers in parallel): the folder cache's shard plan,
 ``shard_size`` items each, bucket by bucket for a bucketed dataset. Each part is appended to the split's dataset and
@@ -26,17 +28,22 @@ from typing import Any, Iterator, Mapping
 import litdata
 import torch
 from litdata import StreamingDataset
+from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from ldm.data.latents import CACHE_VERSION, HINT_SCALE, META_FILE, RECORD_KEYS, CacheError, _combine, bucket_meta
 from ldm.data.latents import bucket_shapes, class_map, read_meta, shard_plan, write_json_atomic
 from ldm.data.shard_check import INDEX_FILE, check_split, is_remote, local_path, probe_remote
+from ldm.data.text_cache import check_encoder, encode_captions, no_captions, write_text_files
+from ldm.data.text_shards import CONTEXT_KEY, ENCODER_FILE, POOLED_KEY, UNCOND_FILE, text_fields
 
 FORMAT = "litdata"
 STATS_DIR = "litdata-stats"
 DEFAULT_CHUNK_BYTES = "64MB"  # litdata's advice: chunks of tens of MB stream well from object storage
 DEFAULT_MAX_CACHE = "50GB"  # chunks of remote shards kept on local disk per node
 PASSED_THROUGH = RECORD_KEYS  # the source fields an item keeps (caption, label, path, original size, crop)
+TEXT_KEYS = (CONTEXT_KEY, POOLED_KEY)  # an item's cached text outputs, as encode_captions names them
+TextEncoder = tuple[nn.Module, dict]  # a frozen text encoder and its identity {"hash", "encoder"[, "base"]}
 
 
 def split_uri(uri: str, split: str) -> str:
@@ -45,11 +52,14 @@ def split_uri(uri: str, split: str) -> str:
 
 
 class EncodeBatches:
-    """``optimize``'s function: a batch of source indices → one item per image, encoded by the VAE in the worker;
-    writes the batch's latent statistics (for the scale factor) beside the cache's meta.json."""
+    """``optimize``'s function: a batch of source indices → one item per image, encoded by the VAE in the worker (its
+    caption by ``text_encoder`` too, when given); writes the batch's latent statistics (for the scale factor) beside
+    the cache's meta.json."""
 
-    def __init__(self, autoencoder: torch.nn.Module, dataset: Dataset, stats_dir: Path):
+    def __init__(self, autoencoder: torch.nn.Module, dataset: Dataset, stats_dir: Path,
+                 text_encoder: nn.Module | None = None):
         self.autoencoder, self.dataset, self.stats_dir = autoencoder, dataset, stats_dir
+        self.text_encoder = text_encoder
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     @torch.inference_mode()
@@ -60,6 +70,7 @@ class EncodeBatches:
         for i in indices:
             source = self.dataset[i]
             by_shape[tuple(source["image"].shape)].append((i, source))
+        text = self.encode_text(by_shape)
         stats = []
         for group in by_shape.values():
             batch = default_collate([source for _, source in group])
@@ -69,13 +80,27 @@ class EncodeBatches:
                           "sum_sq": mean.double().square().sum().item(), "sum_var": std.double().square().sum().item(),
                           "latent_shape": list(mean.shape[1:]), "image_size": list(batch["image"].shape[-2:])})
             for j, (index, source) in enumerate(group):
-                yield stream_item(index, mean[j], std[j], source)
+                yield stream_item(index, mean[j], std[j], source, text.get(index))
         write_json_atomic(stats, self.stats_dir / f"{indices[0]:010d}.json")
 
+    def encode_text(self, by_shape: Mapping[tuple, list[tuple[int, dict]]]) -> dict[int, dict[str, torch.Tensor]]:
+        """Each source index's cached text outputs (fp16, one encoder batch for the whole batch), or none without a
+        text encoder."""
+        if self.text_encoder is None:
+            return {}
+        sources = [pair for group in by_shape.values() for pair in group]
+        if any("caption" not in source for _, source in sources):
+            raise no_captions(f"{type(self.dataset).__name__} (cache.data)")
+        encoder = self.text_encoder.to(self.device).eval()
+        outputs = encode_captions(encoder, [source["caption"] for _, source in sources], len(sources))
+        return {index: {key: value[row] for key, value in outputs.items()} for row, (index, _) in enumerate(sources)}
 
-def stream_item(index: int, mean: torch.Tensor, std: torch.Tensor, source: Mapping[str, Any]) -> dict:
-    """One streamed item: fp16 posterior, uint8 hint, and the source's caption / label / path / size / crop."""
-    item = {"index": index, "mean": mean.half(), "std": std.half()}
+
+def stream_item(index: int, mean: torch.Tensor, std: torch.Tensor, source: Mapping[str, Any],
+                text: Mapping[str, torch.Tensor] | None = None) -> dict:
+    """One streamed item: fp16 posterior, uint8 hint, the source's caption / label / path / size / crop, and the
+    caption's cached text outputs (fp16 ``context`` (T, D)[, ``pooled`` (P,)]) when given."""
+    item = {"index": index, "mean": mean.half(), "std": std.half(), **(text or {})}
     if "hint" in source:
         item["hint"] = (source["hint"] * HINT_SCALE).round().to(torch.uint8)  # (3, H, W)
     for key in PASSED_THROUGH:
@@ -87,8 +112,10 @@ def stream_item(index: int, mean: torch.Tensor, std: torch.Tensor, source: Mappi
 
 def build_streaming_cache(autoencoder: torch.nn.Module, datasets: Mapping[str, Dataset], cache_dir: str | os.PathLike,
                           uri: str, vae_info: dict, batch_size: int = 64, shard_size: int = 4096, num_workers: int = 1,
-                          data_config: Mapping | None = None, chunk_bytes: str = DEFAULT_CHUNK_BYTES) -> dict:
-    """Encode every split into litdata shards at ``uri`` part by part (resuming after the last finished part)."""
+                          data_config: Mapping | None = None, chunk_bytes: str = DEFAULT_CHUNK_BYTES,
+                          text: TextEncoder | None = None) -> dict:
+    """Encode every split into litdata shards at ``uri`` part by part (resuming after the last finished part); with
+    ``text`` (a frozen encoder and its identity) each item keeps its caption's embeddings too."""
     if is_remote(uri):
         probe_remote(uri)  # one line now, not a stack trace from a worker later
     cache_dir = Path(cache_dir)
@@ -101,9 +128,15 @@ def build_streaming_cache(autoencoder: torch.nn.Module, datasets: Mapping[str, D
     cache_dir.mkdir(parents=True, exist_ok=True)
     meta = {"version": CACHE_VERSION, "vae": vae_info, "format": FORMAT, "uri": uri, "complete": False,
             "classes": class_map(datasets), "parts": previous.get("parts", {}), "chunks": previous.get("chunks", {})}
+    if text is not None:
+        check_captions(datasets)
+    text_entry = start_text(previous, text, cache_dir)
+    if text_entry is not None:
+        meta["text"] = text_entry
     if data_config is not None:
         meta["data"] = json.loads(json.dumps(data_config))
     write_json_atomic(meta, meta_path)
+    text_encoder, encoded = text[0] if text else None, {}  # items encoded by this run, per split
     splits = {}
     for split, dataset in datasets.items():
         stats_dir = cache_dir / STATS_DIR / split
@@ -115,9 +148,10 @@ def build_streaming_cache(autoencoder: torch.nn.Module, datasets: Mapping[str, D
         for part in range(meta["parts"].get(split, 0), n_parts):
             items = plan[part]
             batches = [items[s:s + batch_size] for s in range(0, len(items), batch_size)]
-            litdata.optimize(fn=EncodeBatches(autoencoder, dataset, stats_dir), inputs=batches,
+            litdata.optimize(fn=EncodeBatches(autoencoder, dataset, stats_dir, text_encoder), inputs=batches,
                              output_dir=split_uri(uri, split), chunk_bytes=chunk_bytes, num_workers=max(num_workers, 1),
                              mode="append" if part else "overwrite", verbose=False)
+            encoded[split] = encoded.get(split, 0) + len(items)
             meta["parts"][split] = part + 1
             meta["chunks"][split] = count_chunks(split_uri(uri, split))
             write_json_atomic(meta, meta_path)
@@ -135,8 +169,43 @@ def build_streaming_cache(autoencoder: torch.nn.Module, datasets: Mapping[str, D
                 latent_shape=latent_shape, image_size=image_size,
                 downsampling_factor=vae_info.get("downsampling_factor"),
                 count=sum(s["items"] for s in splits.values()), scale_factor=1.0 / first["latent_std"], complete=True)
+    if text is not None:
+        meta["text"].update(complete=True, encoded={split: encoded.get(split, 0) for split in splits})
     write_json_atomic(meta, meta_path)
     return meta
+
+
+def check_captions(datasets: Mapping[str, Dataset]) -> None:
+    """Text embeddings need captions: a split whose first item has none is refused before anything is encoded."""
+    for split, dataset in datasets.items():
+        if len(dataset) and "caption" not in dataset[0]:
+            raise no_captions(f"cache.data.{split} ({type(dataset).__name__})")
+
+
+def start_text(previous: dict, text: TextEncoder | None, cache_dir: Path) -> dict | None:
+    """meta.json's ``text`` entry for this build: the encoder's identity, its empty caption's outputs and weights
+    written beside meta.json. A resumed build is refused when another encoder, or none, encoded its finished parts
+    (an item cannot take its embeddings afterwards); a finished cache keeps its entry when rebuilt without one."""
+    cached = previous.get("text")
+    started = any(previous.get("parts", {}).values())
+    if text is None:
+        if cached and started and not previous.get("complete"):
+            raise CacheError(f"{cache_dir} holds a partial litdata cache with text embeddings: set "
+                             "cache.text_embeddings: true to finish it, or delete it (and its shards) to start again")
+        return cached
+    check_encoder(previous, text[1], str(cache_dir))
+    if started and not cached:
+        raise without_text(cache_dir, previous.get("uri"))
+    if cached and all((cache_dir / name).is_file() for name in (UNCOND_FILE, ENCODER_FILE)):
+        return cached  # the same encoder's files, written by the build this one resumes
+    return write_text_files(text[0], cache_dir, text[1])
+
+
+def without_text(cache_dir: str | os.PathLike, uri: str | None) -> CacheError:
+    """The error for a litdata cache built without the text embeddings a config asks for."""
+    return CacheError(f"{cache_dir} holds litdata shards without text embeddings (their items cannot take them "
+                      f"afterwards): delete {cache_dir} and its shards at {uri} to build it again with them, or set "
+                      "cache.text_embeddings: false")
 
 
 def bucket_runs(bucket_ids: list[int], plan: list[list[int]]) -> list[list[int]]:
@@ -171,8 +240,10 @@ def split_stats(stats_dir: Path, n_items: int) -> dict:
 
 
 def decode_item(item: dict) -> dict:
-    """A streamed item as the folder cache gives it: fp32 posterior, hint in [0, 1], sizes as (2,) tensors."""
+    """A streamed item as the folder cache gives it: fp32 posterior, hint in [0, 1], sizes as (2,) tensors, cached
+    text outputs as ``context`` (T, D), or SDXL's as ``text: {context, pooled}`` (fp32)."""
     item["mean"], item["std"] = item["mean"].float(), item["std"].float()
+    item.update(text_fields({key: item.pop(key) for key in TEXT_KEYS if key in item}))
     if "hint" in item:
         item["hint"] = item["hint"].float() / HINT_SCALE
     for key, value in item.items():

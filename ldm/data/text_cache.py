@@ -6,7 +6,8 @@ a pooled output, SDXL's); the cache folder holds the empty caption's outputs onc
 CFG dropout) and the encoder's weights (``text_encoder.safetensors``, so a run's checkpoints keep them without
 building the encoder). ``meta.json``'s ``text`` entry names the encoder (its config node and weights hash, and the
 base file it came from): a cache made with another encoder is refused. Text shards are written atomically, one per
-latent shard, so an interrupted run resumes from its finished ones.
+latent shard, so an interrupted run resumes from its finished ones. A litdata cache (``ldm.data.streaming``) keeps
+each caption's outputs in its streamed item instead, and the same two files and ``text`` entry beside its meta.json.
 """
 
 from __future__ import annotations
@@ -48,8 +49,7 @@ def encode_text_split(encoder: nn.Module, split_dir: Path, batch_size: int = 64,
             continue  # finished by an earlier run
         captions = json.loads(index_path.read_text()).get("caption")
         if captions is None:
-            raise CacheError(f"{index_path} holds no captions: cached text embeddings need a captioned dataset "
-                             "(set cache.text_embeddings: false for labels or unconditional data)")
+            raise no_captions(str(index_path))
         save_file_atomic(encode_captions(encoder, list(captions), batch_size), out)
         encoded += len(captions)
     return encoded
@@ -65,17 +65,29 @@ def build_text_cache(encoder: nn.Module, cache_dir: str | Path, encoder_info: di
     meta_path = cache_dir / META_FILE
     meta = json.loads(meta_path.read_text())
     check_encoder(meta, encoder_info, str(cache_dir))
-    encoder.eval()
-    uncond = encode_captions(encoder, [""], 1)  # context (1, T, D)[, pooled (1, P)]
-    shapes = {f"{key}_shape": list(value.shape[1:]) for key, value in uncond.items()}
-    meta["text"] = {**encoder_info, **shapes, "complete": False}
+    meta["text"] = write_text_files(encoder, cache_dir, encoder_info)
     write_json_atomic(meta, meta_path)
-    save_file_atomic(uncond, cache_dir / UNCOND_FILE)
-    save_file_atomic(encoder.state_dict(), cache_dir / ENCODER_FILE)
     counts = {split: encode_text_split(encoder, cache_dir / split, batch_size, progress) for split in meta["splits"]}
     meta["text"].update(complete=True, encoded=counts)
     write_json_atomic(meta, meta_path)
     return meta
+
+
+def write_text_files(encoder: nn.Module, cache_dir: Path, encoder_info: dict) -> dict:
+    """Write the empty caption's outputs and the encoder's weights beside ``meta.json``; returns meta's ``text`` entry
+    (the encoder's identity and the shapes of its outputs), unfinished."""
+    encoder.eval()
+    uncond = encode_captions(encoder, [""], 1)  # context (1, T, D)[, pooled (1, P)]
+    save_file_atomic(uncond, cache_dir / UNCOND_FILE)
+    save_file_atomic(encoder.state_dict(), cache_dir / ENCODER_FILE)
+    shapes = {f"{key}_shape": list(value.shape[1:]) for key, value in uncond.items()}
+    return {**encoder_info, **shapes, "complete": False}
+
+
+def no_captions(where: str) -> CacheError:
+    """The error for data without captions to embed."""
+    return CacheError(f"{where} holds no captions: cached text embeddings need a captioned dataset "
+                      "(set cache.text_embeddings: false for labels or unconditional data)")
 
 
 def check_encoder(meta: dict, encoder_info: dict, where: str) -> None:

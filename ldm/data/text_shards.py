@@ -5,7 +5,7 @@ with a pooled output too (SDXL's), both under ``text``: ``{"context": (T, D), "p
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from safetensors import safe_open
@@ -24,6 +24,13 @@ CONTEXT_DTYPE = torch.float16
 def text_shard_path(shard: Path) -> Path:
     """The text shard beside a latent shard (``shard-00003.safetensors`` → ``text-00003.safetensors``)."""
     return shard.with_name(TEXT_SHARD.format(int(shard.stem.split("-")[-1])))
+
+
+def text_fields(outputs: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """An item's fields from its caption's cached outputs, in fp32: ``{"context": (T, D)}``, or with a pooled embedding
+    ``{"text": {"context": (T, D), "pooled": (P,)}}``."""
+    fields = {key: value.float() for key, value in outputs.items()}
+    return {TEXT_FIELD: fields} if POOLED_KEY in fields else fields
 
 
 class TextContexts:
@@ -55,9 +62,8 @@ class TextContexts:
         """What an item of latent shard ``shard`` carries: ``{"context": (T, D)}``, or with a pooled embedding
         ``{"text": {"context": (T, D), "pooled": (P,)}}``; fp32."""
         handle = self._handle(shard)
-        if POOLED_KEY not in handle.keys():
-            return {CONTEXT_KEY: self.get(shard, row)}
-        return {TEXT_FIELD: {key: handle.get_slice(key)[row].float() for key in (CONTEXT_KEY, POOLED_KEY)}}
+        keys = [key for key in (CONTEXT_KEY, POOLED_KEY) if key in handle.keys()]
+        return text_fields({key: handle.get_slice(key)[row] for key in keys})
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_handles": {}}  # file handles do not cross into worker processes

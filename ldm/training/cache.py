@@ -28,7 +28,7 @@ from ldm.inference.loaders import load_autoencoder
 from ldm.nets.conditioning.embedders import ClassEmbedder
 from ldm.training.bucket_steps import open_bucket_steps, resolve_bucket_steps
 from ldm.training.streaming import check_format, check_streaming, is_streaming, make_streaming, probe, read_streamed
-from ldm.training.text_cache import ensure_text_cache
+from ldm.training.text_cache import encoder_to_cache, ensure_text_cache
 
 log = logging.getLogger(__name__)
 CACHE_DEFAULTS = {"batch_size": 64, "shard_size": 4096, "num_workers": 0, "vae_config": None, "text_embeddings": False,
@@ -63,7 +63,7 @@ def make_cache(cfg: dict, progress: bool | None = None, load_vae: LoadVae = load
     resolve_bucket_steps(cfg, section["data"], info.get("downsampling_factor"))
     datasets = {split: instantiate_from_config(node, f"cache.data.{split}") for split, node in section["data"].items()}
     if is_streaming(section):
-        meta = make_streaming(section, vae, info, datasets)
+        meta = make_streaming(section, vae, info, datasets, encoder_to_cache(cfg))
     else:
         meta = build_cache(vae, datasets, section["dir"], info, section["batch_size"], section["shard_size"],
                            section["num_workers"], progress, data_config=section["data"],

@@ -6,7 +6,8 @@
       chunk_bytes: 64MB         # litdata chunk size
       num_workers: 2            # optimize's worker processes
 
-``meta.json`` stays in ``cache.dir`` (local); stage 2's ``LatentDataset`` nodes are read as ``StreamingLatents`` of
+``meta.json`` stays in ``cache.dir`` (local), and with ``cache.text_embeddings`` the encoder's files beside it (the
+captions' embeddings ride in the shards' items); stage 2's ``LatentDataset`` nodes are read as ``StreamingLatents`` of
 the same cache (``StreamingBucketLatents`` when ``cache.data`` has buckets), so a config switches format with this
 section alone.
 """
@@ -22,7 +23,8 @@ from torch.utils.data import Dataset
 from ldm.core.config import ConfigError
 from ldm.data.latents import CacheError
 from ldm.data.shard_check import check_split, is_remote, probe_remote
-from ldm.data.streaming import FORMAT, build_streaming_cache, split_uri
+from ldm.data.streaming import FORMAT, TextEncoder, build_streaming_cache, split_uri, without_text
+from ldm.data.text_cache import text_complete
 
 FORMATS = ("folder", FORMAT)
 FOLDER_DATASET = "ldm.data.latents.LatentDataset"
@@ -54,14 +56,13 @@ def probe(section: dict) -> None:
         probe_remote(uri)
 
 
-def make_streaming(section: dict, vae: nn.Module, info: dict, datasets: Mapping[str, Dataset]) -> dict:
-    """Encode the datasets into litdata shards (resuming after the last finished part); returns meta."""
-    if section.get("text_embeddings"):
-        raise ConfigError("cache.text_embeddings with cache.format: litdata is not supported yet; use the folder "
-                          "format for cached text embeddings")
+def make_streaming(section: dict, vae: nn.Module, info: dict, datasets: Mapping[str, Dataset],
+                   text: TextEncoder | None = None) -> dict:
+    """Encode the datasets into litdata shards (resuming after the last finished part), each caption by ``text``'s
+    frozen encoder too when given (``cache.text_embeddings``); returns meta."""
     return build_streaming_cache(vae, datasets, section["dir"], shards_uri(section), info, section["batch_size"],
                                  section["shard_size"], section["num_workers"], section["data"],
-                                 section["chunk_bytes"])
+                                 section["chunk_bytes"], text)
 
 
 def check_streaming(section: dict, meta: dict) -> None:
@@ -74,6 +75,8 @@ def check_streaming(section: dict, meta: dict) -> None:
         return
     if meta["uri"] != shards_uri(section):
         raise CacheError(f"{section['dir']}'s shards are at {meta['uri']}, not at cache.uri {shards_uri(section)}")
+    if section.get("text_embeddings") and not text_complete(meta):
+        raise without_text(section["dir"], meta["uri"])
     if is_bucketed(section) and any("bucket_runs" not in counts for counts in meta["splits"].values()):
         raise CacheError(f"{section['dir']} holds litdata shards without their bucket runs (built before buckets "
                          f"streamed); delete {section['dir']} and its shards at {meta['uri']}, and build it again")

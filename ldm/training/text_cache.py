@@ -80,6 +80,12 @@ def build_text_encoder(cfg: dict) -> tuple[nn.Module, dict]:
     return encoder.eval().requires_grad_(False), {"hash": tensors_hash(encoder.state_dict()), "encoder": node}
 
 
+def encoder_to_cache(cfg: dict) -> tuple[nn.Module, dict] | None:
+    """With ``cache.text_embeddings``, the frozen encoder and its identity for a build that encodes the captions with
+    the images (a litdata cache's items hold both); else None."""
+    return build_text_encoder(cfg) if text_cache_on(cfg) else None
+
+
 def ensure_text_cache(cfg: dict, meta: dict, batch_size: int = 64, progress: bool = False) -> dict:
     """With ``cache.text_embeddings``: check the cache's text embeddings against the config's encoder, or encode the
     captions now (resuming finished shards); returns the cache's meta. The encoder is built only to encode."""
