@@ -24,6 +24,7 @@ bad file; an empty (or all-bad) folder raises ``ValueError`` naming the folder a
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import warnings
@@ -328,6 +329,15 @@ class ImageFolderDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def only(self, indices: list[int]) -> ImageFolderDataset:
+        """A copy holding the items ``indices`` alone, as positions 0…n-1 (what one cache part's workers receive)."""
+        part = copy.copy(self)
+        part.records = [self.records[i] for i in indices]
+        part.placements = [self.placements[i] for i in indices] if self.placements else None
+        part.bucket_ids = [self.bucket_ids[i] for i in indices] if self.bucket_ids else None
+        part._files, part.unseen, part.skipped, part.caption_issues, part._bad = None, [], [], [], set()
+        return part
 
     def __getitem__(self, index: int) -> dict:
         for attempt in range(min(len(self.records), MAX_LOAD_ATTEMPTS)):

@@ -51,6 +51,22 @@ def split_uri(uri: str, split: str) -> str:
     return f"{uri.rstrip('/')}/{split}"
 
 
+class PartOf(Dataset):
+    """The items ``indices`` of ``dataset``, read by their index in it: what one part's litdata workers receive, so a
+    dataset that can give a copy of some items alone (``only``, the image folder's) sends those, not its listing."""
+
+    def __init__(self, dataset: Dataset, indices: list[int]):
+        self.cut = hasattr(dataset, "only")  # else the whole dataset travels, read by its own indices
+        self.dataset = dataset.only(indices) if self.cut else dataset
+        self.position = {index: k for k, index in enumerate(indices)}  # index in dataset → position in the part
+
+    def __len__(self) -> int:
+        return len(self.position)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.dataset[self.position[index] if self.cut else index]
+
+
 class EncodeBatches:
     """``optimize``'s function: a batch of source indices → one item per image, encoded by the VAE in the worker (its
     caption by ``text_encoder`` too, when given); writes the batch's latent statistics (for the scale factor) beside
@@ -148,7 +164,8 @@ def build_streaming_cache(autoencoder: torch.nn.Module, datasets: Mapping[str, D
         for part in range(meta["parts"].get(split, 0), n_parts):
             items = plan[part]
             batches = [items[s:s + batch_size] for s in range(0, len(items), batch_size)]
-            litdata.optimize(fn=EncodeBatches(autoencoder, dataset, stats_dir, text_encoder), inputs=batches,
+            source = PartOf(dataset, items)  # the part's items alone travel to its workers
+            litdata.optimize(fn=EncodeBatches(autoencoder, source, stats_dir, text_encoder), inputs=batches,
                              output_dir=split_uri(uri, split), chunk_bytes=chunk_bytes, num_workers=max(num_workers, 1),
                              mode="append" if part else "overwrite", verbose=False)
             encoded[split] = encoded.get(split, 0) + len(items)
