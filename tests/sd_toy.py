@@ -8,6 +8,8 @@ hold it (HF-named SD1 text encoder, schedule buffers, an EMA copy, no ``scale_fa
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 
 import torch
@@ -47,9 +49,14 @@ def tiny_overrides(name: str) -> list[str]:
     return out
 
 
-def tiny_config(name: str) -> dict:
-    """``configs/sd/<name>.yaml`` at toy size, as a loaded config dict."""
+@functools.cache
+def _tiny_config(name: str) -> dict:
     return load_config(SD_CONFIG_DIR / f"{name}.yaml", tiny_overrides(name))
+
+
+def tiny_config(name: str) -> dict:
+    """``configs/sd/<name>.yaml`` at toy size, as a loaded config dict (a fresh copy each call)."""
+    return copy.deepcopy(_tiny_config(name))
 
 
 @torch.no_grad()

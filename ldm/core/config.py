@@ -10,7 +10,9 @@ the config path, e.g. ``model.params.unet.params.channel_mult``.
 from __future__ import annotations
 
 import collections.abc
+import copy
 import difflib
+import functools
 import importlib
 import inspect
 import os
@@ -32,6 +34,7 @@ from ldm.core.paths import config_path
 # (`LDM_ALLOW_TARGETS=mypkg.,other.` or `allow_targets("mypkg.")`): a config file is data, not code.
 DEFAULT_TARGET_PREFIXES = ("ldm.", "torch.", "lightning.")
 ALLOW_TARGETS_ENV = "LDM_ALLOW_TARGETS"
+PARSED_CACHE_SIZE = 256  # distinct YAML texts kept parsed (a config file is a few kB)
 _extra_prefixes: set[str] = set()
 # Inside the allowed packages, what would load or run code named by the config (unpickling, hub code,
 # compiled extensions, native libraries, Lightning's own class_path instantiation) is refused even so,
@@ -73,16 +76,19 @@ def allowed_prefixes() -> tuple[str, ...]:
 
 def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict:
     """Load a YAML file (following `base:` includes), apply ``key=value`` overrides, resolve, → dict."""
-    cfg = _load_with_bases(config_path(path), seen=())
+    container = _load_with_bases(config_path(path), seen=())
     overrides = list(overrides)
     bad = [o for o in overrides if "=" not in o or o.startswith("=")]
     if bad:
         raise ConfigError(f"override {bad[0]!r} is not of the form key=value (e.g. trainer.max_steps=500)")
-    try:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
-        container = OmegaConf.to_container(cfg, resolve=True)
-    except (OmegaConfBaseException, TypeError, ValueError) as e:  # e.g. `callbacks.0.x=1` on a list
-        raise ConfigError(f"{path}: cannot apply overrides {' '.join(overrides)}: {e}") from e
+    if overrides or _has_interpolation(container):  # else OmegaConf's merge and resolve would give it back as is
+        try:
+            cfg = OmegaConf.create(container)
+            if overrides:
+                cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+            container = OmegaConf.to_container(cfg, resolve=True)
+        except (OmegaConfBaseException, TypeError, ValueError) as e:  # e.g. `callbacks.0.x=1` on a list
+            raise ConfigError(f"{path}: cannot apply overrides {' '.join(overrides)}: {e}") from e
     container = upgrade_config(container, str(path))  # a config written before the layered package
     unknown = sorted(set(container) - TOP_LEVEL_KEYS)
     if unknown:
@@ -93,13 +99,29 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict:
     return container
 
 
-def _load_with_bases(path: Path, seen: tuple[Path, ...]):
+@functools.lru_cache(maxsize=PARSED_CACHE_SIZE)
+def _parse_yaml(text: str) -> Any:
+    """YAML text → plain containers, by OmegaConf's own YAML rules; kept per text (a run's config is read often)."""
+    return OmegaConf.to_container(OmegaConf.create(text), resolve=False)
+
+
+def _has_interpolation(node: Any) -> bool:
+    """Whether any key or string value holds an OmegaConf interpolation (``${…}``)."""
+    if isinstance(node, dict):
+        return any(_has_interpolation(k) or _has_interpolation(v) for k, v in node.items())
+    if isinstance(node, list):
+        return any(_has_interpolation(v) for v in node)
+    return isinstance(node, str) and "${" in node
+
+
+def _load_with_bases(path: Path, seen: tuple[Path, ...]) -> dict:
+    """One YAML file with its `base:` includes merged under it, unresolved, as plain containers."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     if path.resolve() in seen:
         raise ConfigError(f"{path}: circular `base:` include")
     try:
-        cfg = OmegaConf.load(path)
+        cfg = copy.deepcopy(_parse_yaml(path.read_text(encoding="utf-8")))
     except (OmegaConfBaseException, ValueError) as e:  # yaml.YAMLError derives from Exception only
         raise ConfigError(f"{path}: cannot parse YAML: {e}") from e
     except Exception as e:  # noqa: BLE001 - yaml's scanner errors
@@ -107,11 +129,13 @@ def _load_with_bases(path: Path, seen: tuple[Path, ...]):
     if not isinstance(cfg, collections.abc.Mapping):
         raise ConfigError(f"{path}: a config must be a mapping at the top level")
     bases = cfg.pop("base", None) or []
+    if not bases:
+        return cfg
     bases = [bases] if isinstance(bases, str) else list(bases)
     merged = OmegaConf.create({})
     for base in bases:
         merged = OmegaConf.merge(merged, _load_with_bases(path.parent / base, seen + (path.resolve(),)))
-    return OmegaConf.merge(merged, cfg)
+    return OmegaConf.to_container(OmegaConf.merge(merged, cfg), resolve=False)
 
 
 def save_config(cfg: dict, path: str | os.PathLike) -> None:

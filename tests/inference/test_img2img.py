@@ -39,8 +39,8 @@ def pictures(tmp_path_factory):
 
 
 @pytest.fixture(scope="module", params=["eps", "flow"])
-def pipe(request, tiny_ldm_run, tiny_flow_run):
-    return Pipeline.from_run(tiny_ldm_run if request.param == "eps" else tiny_flow_run, device="cpu")
+def pipe(request, toy_ldm_run, toy_flow_run):
+    return Pipeline.from_run(toy_ldm_run if request.param == "eps" else toy_flow_run, device="cpu")
 
 
 def reconstruction(pipe: Pipeline, path) -> torch.Tensor:

@@ -3,6 +3,8 @@ gives our outputs; a kohya-layout file written by hand in this test loads throug
 folded in by hand; unknown keys and misfit shapes are refused naming them; folding equals the live adapter; the module
 names match diffusers' own converter."""
 
+import copy
+import functools
 import json
 
 import numpy as np
@@ -36,6 +38,16 @@ def sd(tmp_path_factory):
     folder = tmp_path_factory.mktemp("lora-files")
     ckpt, config = write_sd_file(folder, seed=5)
     return ckpt, config, folder
+
+
+@functools.cache
+def _loaded(ckpt, config) -> Pipeline:
+    return Pipeline.from_checkpoint(ckpt, config, device="cpu")
+
+
+def loaded(sd) -> Pipeline:
+    """A copy of our Pipeline of the toy file (loaded once), no LoRA on it."""
+    return copy.deepcopy(_loaded(sd[0], sd[1]))
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +116,7 @@ def test_a_lora_exported_here_gives_our_output_in_diffusers_load_lora_weights(sd
     with torch.no_grad():
         their_context = pipe.text_encoder(tokens).last_hidden_state
         their_out = pipe.unet(x, t, encoder_hidden_states=their_context).sample
-    ours = Pipeline.from_checkpoint(sd[0], sd[1], device="cpu").with_lora(files[layout], live=True)
+    ours = loaded(sd).with_lora(files[layout], live=True)
     context, out = outputs(ours.model, ours.cond_stage_model, PROMPTS, x, t)
     trained_context, trained_out = outputs(system.model, system.cond_stage_model, PROMPTS, x, t)
     base_context, base_out = outputs(base.model, base.cond_stage_model, PROMPTS, x, t)
@@ -120,11 +132,11 @@ def test_folding_equals_the_live_adapters_and_several_files_add_up(sd, trained):
                            sd[2] / "negated.safetensors", "kohya", 1)
     results = {}
     for live in (False, True):
-        pipe = Pipeline.from_checkpoint(sd[0], sd[1], device="cpu")
+        pipe = loaded(sd)
         pipe.with_lora(files["kohya"], 0.7, live=live).with_lora(half, 0.2, live=live)
         results[live] = outputs(pipe.model, pipe.cond_stage_model, PROMPTS, x, t)
         assert len(pipe.source["lora"]) == 2
-    single = Pipeline.from_checkpoint(sd[0], sd[1], device="cpu").with_lora(files["diffusers"], 0.5)  # 0.7 − 0.2
+    single = loaded(sd).with_lora(files["diffusers"], 0.5)  # 0.7 − 0.2
     for a, b in zip(results[False], results[True]):
         assert (a - b).abs().max() <= TOLERANCE
     for a, b in zip(results[True], outputs(single.model, single.cond_stage_model, PROMPTS, x, t)):

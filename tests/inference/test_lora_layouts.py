@@ -4,6 +4,8 @@ and renamed into kohya's generative-models names, diffusers' training-script and
 gives through Pipeline.with_lora / txt2img --lora the images diffusers' load_lora_weights gives for the same file.
 Files for another model family are refused naming both families."""
 
+import copy
+import functools
 import re
 
 import pytest
@@ -74,6 +76,20 @@ def processor_key(key: str) -> str | None:
     return match and f"{match[1]}.processor.{match[2]}_lora.{'down' if match[3] == 'A' else 'up'}.weight"
 
 
+@functools.cache
+def _diffusers_base(ckpt, folder):
+    """diffusers' pipeline of the toy file, built once per file through its single-file converters."""
+    return diffusers_xl_pipeline(load_file(str(ckpt)), tiny_xl_config(), folder)
+
+
+def fresh_diffusers(ckpt, folder):
+    """A copy of diffusers' pipeline of the toy file, no adapter on it (its networks copied; tokenizers shared)."""
+    base = _diffusers_base(ckpt, folder)
+    return type(base)(**{name: copy.deepcopy(part) if isinstance(part, torch.nn.Module) else part
+                         for name, part in base.components.items()},
+                      force_zeros_for_empty_prompt=True, add_watermarker=False)
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """(toy SDXL file, config, folder, {layout: LoRA file}) — every file holding the same adapters."""
@@ -82,7 +98,7 @@ def files(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("sdxl-lora")
     ckpt, config = write_xl_file(folder, seed=2)
-    layers = peft_layers(diffusers_xl_pipeline(load_file(str(ckpt)), tiny_xl_config(), folder), ALPHA)
+    layers = peft_layers(fresh_diffusers(ckpt, folder), ALPHA)
     metadata = {f"{part}_lora_adapter_metadata": {"r": RANK, "lora_alpha": ALPHA, "target_modules": targets}
                 for part, targets in (("unet", UNET_TARGETS), ("text_encoder", TEXT_TARGETS),
                                       ("text_encoder_2", TEXT_TARGETS))}
@@ -110,15 +126,24 @@ def files(tmp_path_factory):
     return ckpt, config, folder, made
 
 
-def ours(ckpt, config, lora=None, **options):
-    pipe = Pipeline.from_checkpoint(ckpt, config)
+@functools.cache
+def _loaded(ckpt, config) -> Pipeline:
+    return Pipeline.from_checkpoint(ckpt, config)
+
+
+@functools.cache
+def ours(ckpt, config, lora=None, live=False):
+    """Our images with ``lora`` applied to a copy of the loaded file (drawn once per file and mode)."""
+    pipe = copy.deepcopy(_loaded(ckpt, config))
     if lora is not None:
-        pipe.with_lora(lora, **options)
+        pipe.with_lora(lora, live=live)
     return pipe.generate_tensors(PROMPTS, height=16, width=16, **DRAW) * 0.5 + 0.5  # (2, 3, 16, 16) in [0, 1]
 
 
+@functools.cache
 def theirs(ckpt, folder, lora):
-    pipe = diffusers_xl_pipeline(load_file(str(ckpt)), tiny_xl_config(), folder)
+    """diffusers' images with ``lora`` loaded by its load_lora_weights (drawn once per file)."""
+    pipe = fresh_diffusers(ckpt, folder)
     pipe.load_lora_weights(str(lora))
     return pipe(prompt=PROMPTS, height=16, width=16, num_inference_steps=DRAW["steps"], guidance_scale=DRAW["guidance"],
                 latents=_noise(DRAW["seed"], 2), output_type="pt").images
@@ -212,7 +237,7 @@ def test_locon_conv_layers_give_diffusers_images(files, layout):
     from peft.utils import get_peft_model_state_dict
 
     ckpt, config, folder, _ = files
-    pipe = diffusers_xl_pipeline(load_file(str(ckpt)), tiny_xl_config(), folder)
+    pipe = fresh_diffusers(ckpt, folder)
     torch.manual_seed(1)
     inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights=False,
                                        target_modules=UNET_TARGETS + CONV_TARGETS), pipe.unet)

@@ -3,6 +3,8 @@ toy SD 1.x file: each gives, through ``--lora`` / ``Pipeline.with_lora``, the ou
 (kohya's with LoCon convolutions and ``lora_te1_``, peft's with and without adapter metadata, diffusers' training-script
 and attention-processor layouts); files for another family or of another LoRA type are refused naming what they are."""
 
+import copy
+import functools
 import json
 
 import pytest
@@ -41,12 +43,29 @@ def sd(tmp_path_factory):
     return ckpt, config, folder
 
 
-def twins(sd):
-    """diffusers' U-Net and text encoder holding the toy file's weights, and our system loaded from it."""
-    base = load_sd(sd[1], sd[0])
+@functools.cache
+def _twins(ckpt, config):
+    base = load_sd(config, ckpt)
     params = tiny_config("v1-inference")["model"]["params"]["unet"]["params"]
     unet = diffusers_unet_like(base.model.diffusion_model, params).eval()
     return unet, diffusers_text_encoder_like(base.cond_stage_model).eval(), base
+
+
+def twins(sd):
+    """diffusers' U-Net and text encoder holding the toy file's weights (fresh copies, no adapter), and our system
+    loaded from it."""
+    unet, text, base = _twins(sd[0], sd[1])
+    return copy.deepcopy(unet), copy.deepcopy(text), base
+
+
+@functools.cache
+def _loaded(ckpt, config) -> Pipeline:
+    return Pipeline.from_checkpoint(ckpt, config, device="cpu")
+
+
+def loaded(sd) -> Pipeline:
+    """A copy of our Pipeline of the toy file (loaded once), no LoRA on it."""
+    return copy.deepcopy(_loaded(sd[0], sd[1]))
 
 
 @pytest.fixture(scope="module")
@@ -126,10 +145,10 @@ def test_every_layout_gives_the_output_diffusers_gives(sd, peft_lora, name):
     path = sd[2] / f"{name}.safetensors"
     save_file(tensors, str(path), metadata=metadata)
     theirs = diffusers_outputs(sd, path)
-    base = our_outputs(Pipeline.from_checkpoint(sd[0], sd[1], device="cpu"))
+    base = our_outputs(loaded(sd))
     assert (theirs[1] - base[1]).abs().max() > 0.05 and (theirs[0] - base[0]).abs().max() > 0.05  # the LoRA acts
     for live in (False, True):
-        ours = our_outputs(Pipeline.from_checkpoint(sd[0], sd[1], device="cpu").with_lora(path, live=live))
+        ours = our_outputs(loaded(sd).with_lora(path, live=live))
         for a, b in zip(ours, theirs):
             assert (a - b).abs().max() <= TOLERANCE, (name, live)
 

@@ -13,7 +13,7 @@ from ldm.io.runs import CHECKPOINT_DIR
 from ldm.training.cache import ensure_cache
 from tests.conftest import TINY
 from tests.procs import all_checkpoints_load, finish, launch, only_run, slow_checkpoint_renames, wait_until
-from tests.training.test_resume import assert_matches_reference, probed_config
+from tests.training.test_resume import assert_matches_reference, probed_config, reference_run
 
 pytestmark = pytest.mark.slow  # subprocesses / compiles / end-to-end: `pytest -m "not slow"` skips them
 
@@ -28,10 +28,10 @@ def cache_args(toy_vae_run, workdir):
     return args + ["callbacks=[]"]
 
 
-def test_ldm_sigkill_while_writing_a_checkpoint_resumes_exactly(tmp_path, cache_args):
+def test_ldm_sigkill_while_writing_a_checkpoint_resumes_exactly(tmp_path, cache_args, monkeypatch):
+    monkeypatch.setenv("LDM_ALLOW_TARGETS", "tests.")  # the probe callback the configs name
     ref_cfg = probed_config(tmp_path, "ldm-text.yaml", "ref", 0.0)
     run_cfg = probed_config(tmp_path, "ldm-text.yaml", "run", 0.0)
-    ref = launch("train_ldm", ["--cfg", ref_cfg, "--runs-dir", str(tmp_path / "ref"), *cache_args], tmp_path / "ref.log")
     log = tmp_path / "run.log"
     proc = launch("train_ldm", ["--cfg", run_cfg, "--runs-dir", str(tmp_path / "runs"), *cache_args], log,
                   **slow_checkpoint_renames(tmp_path / "inject", SAVE_DELAY_S))
@@ -49,7 +49,7 @@ def test_ldm_sigkill_while_writing_a_checkpoint_resumes_exactly(tmp_path, cache_
 
     finish(launch("train_ldm", ["--resume", str(run)], log), log)
     assert not list((run / CHECKPOINT_DIR).glob(".*"))  # the killed writer's temporary is cleaned up
-    finish(ref, tmp_path / "ref.log")
-    assert_matches_reference(run, only_run(tmp_path / "ref", "ldm"), tmp_path, "train/loss")
+    ref = reference_run("ldm", ref_cfg, tmp_path / "ref", *cache_args)
+    assert_matches_reference(run, ref, tmp_path, "train/loss")
     state = load_file(run / CHECKPOINT_DIR / "last.ckpt")["state_dict"]
     assert any(k.startswith("model_ema.") for k in state)  # the compared weights include the EMA
