@@ -6,10 +6,12 @@ the plan's own copy of the config.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from ldm.core.config import instantiate_from_config
 from ldm.data.latents import CacheError, class_map, read_meta
+from ldm.data.text_cache import text_complete
 from ldm.inference.loaders import sd_vae_node, vae_node
 from ldm.io.lineage import pin_paths, vae_hash_of
 from ldm.io.runs import checkpoint_for, run_config
@@ -22,6 +24,7 @@ from ldm.training.plan import Resolution
 from ldm.training.reflow import complete_reflow, reflow_section
 from ldm.training.sd_finetune import complete_from_base
 from ldm.training.streaming import is_streaming, read_streamed
+from ldm.training.text_cache import text_cache_on
 
 Lines = tuple[tuple[str, str], ...]
 
@@ -122,11 +125,30 @@ def resolve_stage2(cfg: dict, config_path: str) -> Resolution:
         depends = (("base (model.params.base_ckpt)", f"{params['base_ckpt']} with {params['base_config']}"),)
     first_stage = params.get("first_stage")
     cache = resolve_cache(cfg)
+    if params.get("scale_factor"):  # given (a fine-tune's base): the cache's measured one is not used
+        given = ("scale_factor", f"{params['scale_factor']} ({'the base' if params.get('base_ckpt') else 'set'}"
+                                 "'s; the cache's measured one is not used)")
+        cache = replace(cache, derived=tuple(given if what == "scale_factor" else (what, value)
+                                             for what, value in cache.derived))
     if is_streaming(cache_section(cfg)):
         read_streamed(cfg)  # stage 2 reads the litdata shards (its dataset nodes retargeted)
     if isinstance(first_stage, str) and first_stage != (cfg.get("cache") or {}).get("vae"):
         depends += (("VAE (model.params.first_stage)", vae_source(first_stage, None)),)
-    return _merge(Resolution(cfg, depends), cache, config=cfg)
+    return _merge(Resolution(cfg, depends), cache, _text_cache(cfg), config=cfg)
+
+
+def _text_cache(cfg: dict) -> Resolution:
+    """With ``cache.text_embeddings``: the captions encoded once into the cache (when not already), and training on a
+    stand-in for the frozen text encoder."""
+    if not text_cache_on(cfg):
+        return Resolution(cfg)
+    meta = _read_meta(cache_section(cfg)["dir"])
+    done = meta is not None and text_complete(meta)
+    encoder = cfg["model"]["params"]["cond_stage"]["target"]
+    return Resolution(cfg, derived=(("text conditioning", f"cached embeddings of {encoder} (not built for training "
+                                                          "steps)"),),
+                      prepare=(("check the cached caption embeddings against the frozen text encoder" if done else
+                                "encode every caption once with the frozen text encoder into the latent cache"),))
 
 
 def resolve_controlnet(cfg: dict, config_path: str) -> Resolution:

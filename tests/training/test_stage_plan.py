@@ -19,7 +19,9 @@ from ldm.training.cli import DEFAULT_CONFIGS, parse_args
 from ldm.training.driver import train, validate
 from ldm.training.plan import plan_stage
 from ldm.training.stages import STAGES
+from tests.aspect_folder import make_aspect_folder
 from tests.paths import REPO_ROOT, TINY
+from tests.sdxl_toy import write_xl_file
 
 STAGE_SCRIPTS = ("train_vae", "train_ldm", "train_controlnet", "train_classifier", "train_reflow", "cache_latents")
 HELP_SECONDS = 2.0
@@ -90,6 +92,21 @@ def test_a_stage2_plan_resolves_the_cache_and_the_run_reads_the_vae_once(tiny_va
     plan = plan_of("ldm", ["--resume", str(run)])
     assert "scale_factor: " in str(plan) and "check the latent cache" in str(plan)
     assert plan.config_dict() == load_config(run / CONFIG_FILE)  # the run saved the plan's config, unedited
+
+
+def test_a_fine_tune_plan_names_the_base_s_scale_and_the_cached_text(tmp_path, capsys):
+    ckpt, config = write_xl_file(tmp_path)
+    argv = ["--cfg", str(TINY / "sdxl-lora.yaml"), "--runs-dir", str(tmp_path / "runs"), "--dry-run",
+            f"model.params.base_ckpt={ckpt}", f"model.params.base_config={config}", f"cache.dir={tmp_path / 'cache'}",
+            f"cache.data.train.params.root={make_aspect_folder(tmp_path / 'mixed', n=5)}"]
+    train("ldm", argv=argv)
+    out = capsys.readouterr().out
+    assert "scale_factor: 0.13025 (the base's; the cache's measured one is not used)" in out
+    assert "measured when the cache is built" not in out
+    assert "text conditioning: cached embeddings of ldm.nets.conditioning.sdxl.SDXLConditioner" in out
+    assert "encode every caption once with the frozen text encoder into the latent cache" in out
+    train("ldm", argv=[*argv, "cache.text_embeddings=false"])
+    assert "text conditioning" not in capsys.readouterr().out
 
 
 @pytest.mark.slow
