@@ -62,17 +62,25 @@ def step_time(folder: Path, arch: str, batch: int, cached: bool, repeats: int = 
     torch.manual_seed(1)
     system = LatentDiffusion(UNetModel(**UNET, context_dim=cond.context_dim), cond, DiffusionObjective(VPSchedule()),
                              cond_stage_trainable=False, ema=None, scale_factor=1.0)
-    data = {"mean": torch.randn(batch, *LATENT), "std": torch.rand(batch, *LATENT), "caption": captions(batch)}
-    if cached:
-        data["context"] = load_safetensors(str(folder / CONTEXTS))["context"].float()  # (B, T, D), as a batch has it
-    opt = torch.optim.AdamW(system.model.parameters(), lr=1e-4)
+    return timed_steps(system, folder / CONTEXTS if cached else None, batch, LATENT, lr=1e-4, repeats=repeats)
+
+
+def timed_steps(system: LatentDiffusion, contexts: Path | None, batch: int, latent: tuple[int, ...], lr: float,
+                repeats: int) -> dict:
+    """Median seconds of ``system``'s training step (forward, backward, AdamW on the U-Net) on a batch of random
+    latents and captions (the text encoder runs), or with the cached contexts of the file ``contexts``; the first
+    step is warm-up."""
+    data = {"mean": torch.randn(batch, *latent), "std": torch.rand(batch, *latent), "caption": captions(batch)}
+    if contexts is not None:
+        data["context"] = load_safetensors(str(contexts))["context"].float()  # (B, T, D), as a batch has it
+    opt = torch.optim.AdamW(system.model.parameters(), lr=lr)
     times = []
-    for i in range(repeats + 1):  # the first is warm-up
+    for i in range(repeats + 1):
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         with quiet_lightning():
             system.training_step(data, i).backward()
         opt.step()
         times.append(time.perf_counter() - start)
-    text_params = sum(p.numel() for p in cond.parameters())
+    text_params = sum(p.numel() for p in system.cond_stage_model.parameters())
     return {"step_s": statistics.median(times[1:]), "text_params": text_params}

@@ -11,16 +11,13 @@ U-Net and VAE, so that a CPU can step it; the same functions take a real file.
 
 from __future__ import annotations
 
-import statistics
-import time
 from pathlib import Path
 
 import psutil
 import torch
-from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file
 
-from ldm.bench.steps import quiet_lightning
+from ldm.bench.text_cache import CONTEXTS, captions, timed_steps
 from ldm.core.config import instantiate_from_config, load_config, save_config
 from ldm.data.text_cache import encode_captions
 from ldm.data.text_shards import ENCODER_FILE, UNCOND_FILE
@@ -32,7 +29,6 @@ from ldm.io.checkpoints import FILLED_KEYS, params_on_meta
 from ldm.training.text_cache import cached_text_stage
 
 MIB = 2**20
-CONTEXTS = "contexts.safetensors"  # the batch's cached contexts (what a text shard holds for it)
 LATENT = (4, 16, 16)  # the small base's latents: 32 px images through its f = 2 VAE (any size trains the U-Net)
 SMALL_BASE = [  # configs/sd/v1-inference.yaml with a small U-Net and VAE; the text encoder stays SD 1.x's
     "model.params.unet.params.model_channels=64", "model.params.unet.params.channel_mult=[1,2]",
@@ -41,11 +37,6 @@ SMALL_BASE = [  # configs/sd/v1-inference.yaml with a small U-Net and VAE; the t
     "model.params.first_stage.params.ddconfig.ch_mult=[1,2]",
     "model.params.first_stage.params.ddconfig.num_res_blocks=1",
 ]
-
-
-def captions(batch: int) -> list[str]:
-    """A batch of distinct captions."""
-    return [f"a photograph of object number {i} on a table" for i in range(batch)]
 
 
 def write_small_base(folder: Path, seed: int = 0) -> tuple[Path, Path]:
@@ -82,18 +73,5 @@ def step_time(folder: Path, base: Path, config: Path, batch: int, cached: bool, 
         system = instantiate_from_config(node, "model", **extra)
     prepare_weights(system)  # the base's weights, as a new run starts (a cached stand-in keeps its own)
     system.train().cond_stage_model.eval()
-    data = {"mean": torch.randn(batch, *LATENT), "std": torch.rand(batch, *LATENT), "caption": captions(batch)}
-    if cached:
-        data["context"] = load_safetensors(str(folder / CONTEXTS))["context"].float()  # (B, T, D), as a batch has it
-    opt = torch.optim.AdamW(system.model.parameters(), lr=1e-5)
-    times = []
-    for i in range(repeats + 1):  # the first is warm-up
-        start = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        with quiet_lightning():
-            system.training_step(data, i).backward()
-        opt.step()
-        times.append(time.perf_counter() - start)
-    text_params = sum(p.numel() for p in system.cond_stage_model.parameters())
-    return {"step_s": statistics.median(times[1:]), "text_params": text_params,
-            "rss_after_mib": psutil.Process().memory_info().rss / MIB}
+    result = timed_steps(system, folder / CONTEXTS if cached else None, batch, LATENT, lr=1e-5, repeats=repeats)
+    return {**result, "rss_after_mib": psutil.Process().memory_info().rss / MIB}

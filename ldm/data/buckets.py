@@ -163,6 +163,15 @@ class Assignment:
     too_small: int  # images smaller than their bucket, left out (too_small: skip)
     beyond_aspect: int  # images more elongated than max_aspect, cropped to their bucket's aspect
 
+    def misfits(self, max_aspect: float) -> list[str]:
+        """One sentence for each kind of misfit there is (upscaled, cropped to the maximum aspect), counted."""
+        lines = [f"{self.upscaled} image(s) smaller than their bucket are upscaled (buckets.too_small: skip leaves "
+                 "them out)"] if self.upscaled else []
+        if self.beyond_aspect:
+            lines.append(f"{self.beyond_aspect} image(s) more elongated than buckets.max_aspect {max_aspect:g} are "
+                         "cropped to their bucket's aspect")
+        return lines
+
     def counts(self, sizes: Sequence[Size]) -> dict[str, int]:
         """Items per bucket, by ``"HxW"`` (every bucket listed)."""
         counts = {size_key(size): 0 for size in sizes}

@@ -36,7 +36,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ldm.core.images import from_pil
-from ldm.data.buckets import Assignment, BucketConfig, Placement, assign, describe, oriented_size
+from ldm.data.buckets import BucketConfig, Placement, assign, describe, oriented_size
 from ldm.data.edges import DEFAULT_CANNY_HIGH, DEFAULT_CANNY_LOW, edge_hint, hint_from_image
 from ldm.data.folder_layout import (  # noqa: F401  (IMAGE_EXTENSIONS, METADATA_FILE: re-exported)
     CAPTION_MODES,
@@ -155,16 +155,8 @@ class ImageFolderDataset(Dataset):
                          for r, p in zip(self.records, assignment.placements) if p is None]
         self.records, self.placements = [r for r, _ in kept], [p for _, p in kept]
         self.bucket_ids = [p.bucket for p in self.placements]
-        self._bucket_warnings(assignment)
-
-    def _bucket_warnings(self, assignment: Assignment) -> None:
-        if assignment.upscaled:
-            warnings.warn(f"{self.root}: {assignment.upscaled} image(s) smaller than their bucket are upscaled "
-                          "(buckets.too_small: skip leaves them out)", DataWarning, stacklevel=4)
-        if assignment.beyond_aspect:
-            warnings.warn(f"{self.root}: {assignment.beyond_aspect} image(s) more elongated than buckets.max_aspect "
-                          f"{self.bucket_config.max_aspect:g} are cropped to their bucket's aspect", DataWarning,
-                          stacklevel=4)
+        for misfit in assignment.misfits(self.bucket_config.max_aspect):
+            warnings.warn(f"{self.root}: {misfit}", DataWarning, stacklevel=3)
 
     # ------------------------------------------------------------------------------------- scanning
 
