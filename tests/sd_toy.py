@@ -19,6 +19,7 @@ from ldm.core.config import load_config, save_config
 from ldm.core.images import to_pil
 from ldm.data.shapes import ShapesDataset
 from ldm.inference.export import public_state_dict
+from ldm.inference.pipeline import Pipeline
 from ldm.inference.sd import SD_CONFIG_DIR, build_sd
 from ldm.io.checkpoints import UNET_PREFIX, ema_shadow_key
 
@@ -114,3 +115,13 @@ def write_image_folder(folder, count: int = 8, size: int = PIXELS, seed: int = 0
         lines.append(json.dumps({"file_name": f"{i:03d}.png", "text": item["caption"]}))
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return folder
+
+
+@functools.cache
+def _file_pipeline(ckpt, config) -> Pipeline:
+    return Pipeline.from_checkpoint(ckpt, config, device="cpu")
+
+
+def file_pipeline(ckpt, config) -> Pipeline:
+    """A copy of the Pipeline of an SD file and its config, loaded once per test process."""
+    return copy.deepcopy(_file_pipeline(ckpt, config))

@@ -3,8 +3,6 @@ gives our outputs; a kohya-layout file written by hand in this test loads throug
 folded in by hand; unknown keys and misfit shapes are refused naming them; folding equals the live adapter; the module
 names match diffusers' own converter."""
 
-import copy
-import functools
 import json
 
 import numpy as np
@@ -23,7 +21,7 @@ from ldm.io.lineage import lineage_hashes, read_lineage
 from ldm.io.lora_layout import LoraFileError, diffusers_unet_path, hf_text_path
 from ldm.nets.lora import UNET_TARGETS, LoRA, adaptable_modules
 from tests.scripts import load_script
-from tests.sd_toy import tiny_config, tiny_system, write_sd_file
+from tests.sd_toy import file_pipeline, tiny_config, tiny_system, write_sd_file
 
 ALL = LoRA(rank=4, alpha=8, unet_targets=list(UNET_TARGETS),
            text_targets=["attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", "mlp.c_fc", "mlp.c_proj"])
@@ -40,14 +38,9 @@ def sd(tmp_path_factory):
     return ckpt, config, folder
 
 
-@functools.cache
-def _loaded(ckpt, config) -> Pipeline:
-    return Pipeline.from_checkpoint(ckpt, config, device="cpu")
-
-
 def loaded(sd) -> Pipeline:
     """A copy of our Pipeline of the toy file (loaded once), no LoRA on it."""
-    return copy.deepcopy(_loaded(sd[0], sd[1]))
+    return file_pipeline(sd[0], sd[1])
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from ldm.inference.sd import load_sd
 from ldm.io.checkpoints import UNET_PREFIX
 from ldm.io.lora_layout import LoraFileError, diffusers_unet_path
 from ldm.inference.lora_files import conv_lora_modules
-from tests.sd_toy import tiny_config, tiny_system, write_sd_file
+from tests.sd_toy import file_pipeline, tiny_config, tiny_system, write_sd_file
 
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
@@ -58,14 +58,9 @@ def twins(sd):
     return copy.deepcopy(unet), copy.deepcopy(text), base
 
 
-@functools.cache
-def _loaded(ckpt, config) -> Pipeline:
-    return Pipeline.from_checkpoint(ckpt, config, device="cpu")
-
-
 def loaded(sd) -> Pipeline:
     """A copy of our Pipeline of the toy file (loaded once), no LoRA on it."""
-    return copy.deepcopy(_loaded(sd[0], sd[1]))
+    return file_pipeline(sd[0], sd[1])
 
 
 @pytest.fixture(scope="module")

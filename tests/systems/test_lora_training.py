@@ -3,24 +3,24 @@ checkpoints hold the adapters alone and a resumed run continues them bit for bit
 gradients, bf16 trains them, and bad settings are one-line errors."""
 
 import shutil
-import warnings
 
 import pytest
 import torch
 
 from ldm.core.config import ConfigError, instantiate_from_config, load_config
-from ldm.data.latents import LatentDataset
 from ldm.inference.loaders import build_system
 from ldm.inference.pipeline import Pipeline
 from ldm.inference.sd import load_sd
 from ldm.io.checkpoints import EMA_PREFIX, CheckpointError, tensors_hash
 from ldm.nets.lora import LoRA, LoRAError, is_lora_key
 from ldm.systems.latent_diffusion import LatentDiffusion
-from ldm.training.cache import ensure_cache
 from ldm.training.driver import train
-from ldm.training.sd_finetune import complete_from_base, start_from_base
+from ldm.training.sd_finetune import complete_from_base
 from tests.components import tiny_components
 from tests.conftest import TINY
+from tests.finetune_steps import cache_batch as batch_of
+from tests.finetune_steps import from_base as build
+from tests.finetune_steps import loss_step as step
 from tests.training.test_sd_finetune import base, overrides  # noqa: F401  (the toy SD file, its config and images)
 
 CFG = TINY / "sd-lora.yaml"
@@ -34,30 +34,9 @@ def lora_cfg(base, *extra: str) -> dict:  # noqa: F811
     return cfg
 
 
-def build(cfg: dict):
-    system = build_system(cfg["model"])
-    start_from_base(system, cfg)
-    return system
-
-
-def batch_of(cfg: dict, n: int = 4) -> dict:
-    ensure_cache(cfg)
-    data = LatentDataset(cfg["cache"]["dir"], "train")
-    return torch.utils.data.default_collate([data[i] for i in range(n)])
-
-
 def base_part(system) -> dict:
     """Everything that is not an adapter (nor the adapters' EMA)."""
     return {k: v for k, v in system.state_dict().items() if not is_lora_key(k) and not k.startswith(EMA_PREFIX)}
-
-
-def step(system, batch: dict, seed: int = 0) -> torch.Tensor:
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # self.log outside a Trainer
-        loss = system.training_step(batch, 0)
-    loss.backward()
-    return loss
 
 
 def test_only_the_adapters_train_and_the_base_s_hash_is_unchanged_after_a_step(base):  # noqa: F811

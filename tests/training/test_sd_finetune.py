@@ -2,7 +2,6 @@
 with the file's EMA weights, the cache encoded by the base's VAE (and refusing another), the base's scale factor,
 the shipped configs, and a full fine-tune end to end → export → txt2img --ckpt."""
 
-import warnings
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from ldm.core.config import ConfigError, instantiate_from_config, load_config
-from ldm.data.latents import CacheError, LatentDataset, read_meta
+from ldm.data.latents import CacheError, read_meta
 from ldm.inference.loaders import build_system, load_autoencoder
 from ldm.inference.pipeline import Pipeline
 from ldm.inference.sd import load_sd
@@ -31,6 +30,7 @@ from ldm.training.driver import train
 from ldm.training.sd_finetune import complete_from_base, start_from_base
 from scripts.export import main as export_main
 from tests.conftest import TINY
+from tests.finetune_steps import cache_batch, loss_step
 from tests.paths import REPO_ROOT
 from tests.scripts import load_script
 from tests.sd_toy import ema_unet_state, public_state, tiny_system, write_image_folder, write_sd_file
@@ -179,14 +179,7 @@ def test_a_full_fine_tune_trains_exports_and_loads_back(base, tmp_path, capsys):
 
 def train_step(system, cfg) -> torch.Tensor:
     """One loss + backward on a batch of the cache (built when missing)."""
-    ensure_cache(cfg)
-    data = LatentDataset(cfg["cache"]["dir"], "train")
-    batch = torch.utils.data.default_collate([data[i] for i in range(4)])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # self.log outside a Trainer
-        loss = system.training_step(batch, 0)
-    loss.backward()
-    return loss
+    return loss_step(system, cache_batch(cfg), seed=None)
 
 
 def test_a_trainable_text_encoder_gets_gradients_with_the_u_net(base):

@@ -5,7 +5,6 @@ and keeping the sizes, LoRA on both text towers with the frozen base held in bf1
 gives diffusers' images, and a stopped LoRA run resumes."""
 
 import signal
-import warnings
 
 import numpy as np
 import pytest
@@ -15,7 +14,6 @@ from safetensors.torch import load_file as load_safetensors
 from ldm.core.config import instantiate_from_config, load_config
 from ldm.data.latents import LatentDataset
 from ldm.inference.export import export_checkpoint
-from ldm.inference.loaders import build_system
 from ldm.inference.lora_files import text_towers, trained_lora
 from ldm.inference.pipeline import Pipeline
 from ldm.inference.sd import load_sd
@@ -34,11 +32,14 @@ from ldm.nets.conditioning.sdxl import size_embedding
 from ldm.nets.lora import LoRA, LoRAError, is_lora_key
 from ldm.training.cache import ensure_cache
 from ldm.training.driver import train
-from ldm.training.sd_finetune import complete_from_base, start_from_base
+from ldm.training.sd_finetune import complete_from_base
 from scripts.export import main as export_main
 from tests.aspect_folder import make_aspect_folder
 from tests.conftest import TINY
 from tests.faults import read_probe
+from tests.finetune_steps import cache_batch
+from tests.finetune_steps import from_base as built
+from tests.finetune_steps import loss_step as step
 from tests.paths import REPO_ROOT
 from tests.procs import finish, launch, only_run, wait_until
 from tests.scripts import load_script
@@ -74,18 +75,11 @@ def completed(xl, cfg_path=FULL, *extra: str) -> dict:
     return cfg
 
 
-def built(cfg: dict):
-    system = build_system(cfg["model"])
-    start_from_base(system, cfg)
-    return system
-
-
 def bucket_batch(cfg: dict, n: int = 4) -> dict:
     """``n`` items of the cache's first bucket, collated (sizes: (n, 2))."""
     ensure_cache(cfg)
     data = LatentDataset(cfg["cache"]["dir"], "train")
-    rows = [i for i in range(len(data)) if data.bucket_ids[i] == data.bucket_ids[0]][:n]
-    return torch.utils.data.default_collate([data[i] for i in rows])
+    return cache_batch(cfg, [i for i in range(len(data)) if data.bucket_ids[i] == data.bucket_ids[0]][:n])
 
 
 def frozen(cfg: dict) -> list[bool]:
@@ -95,15 +89,6 @@ def frozen(cfg: dict) -> list[bool]:
 def pooled_width(encoder) -> int:
     """Where ``y``'s size embeddings start: after the pooled text embedding."""
     return encoder.embedders[-1].model.text_projection.shape[-1]
-
-
-def step(system, batch: dict, seed: int = 0) -> torch.Tensor:
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # self.log outside a Trainer
-        loss = system.training_step(batch, 0)
-    loss.backward()
-    return loss
 
 
 def test_the_config_is_completed_from_the_sdxl_base_and_each_tower_frozen_by_config(xl):
