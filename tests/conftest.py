@@ -4,7 +4,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["OMP_NUM_THREADS"] = "1"  # what stages and scripts called in-process take for --threads (ldm.core.threads)
-os.environ.setdefault("LDM_RUNS_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), "ldm-test-runs"))
+# one runs folder per test process (pytest-xdist names its workers gw0, gw1, …)
+os.environ.setdefault("LDM_RUNS_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"),
+                                                   "ldm-test-runs-" + os.environ.get("PYTEST_XDIST_WORKER", "main")))
 
 import pytest
 import torch

@@ -142,7 +142,7 @@ def test_cfg_dropout_zeroes_the_text_and_keeps_the_sizes(xl):
 
 
 def test_lora_adapts_both_text_towers_and_holds_the_frozen_base_in_bf16(xl):
-    cfg = completed(xl, LORA, TEXT, "model.params.lora.params.base_dtype=bf16")
+    cfg = completed(xl, LORA, TEXT, LIVE_TEXT, "model.params.lora.params.base_dtype=bf16")
     system = built(cfg).train()
     system.configure_model()  # where training holds the base in base_dtype
     trainable = [n for n, p in system.named_parameters() if p.requires_grad]
