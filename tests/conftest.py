@@ -16,6 +16,15 @@ from tests.components import write_control_run, write_ldm_run, write_vae_run
 from tests.paths import REPO_ROOT, TINY  # noqa: F401  (TINY: imported by tests from here)
 
 
+WORKER_MEMORY_GIB = 3  # what one test process may reach (toy nets, diffusers twins, a 2-process DDP pair it starts)
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`pytest -n auto`: one test process per core this process may use, no more than memory holds."""
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return max(1, min(len(os.sched_getaffinity(0)), int(memory_gib // WORKER_MEMORY_GIB)))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():
     """Toy nets run thousands of tiny ops: on 2 cores (often shared) torch's second thread only adds

@@ -157,9 +157,16 @@ def make_photo_and_mask(root: Path) -> None:
     Image.fromarray(mask, mode="L").save(root / "mask.png")
 
 
-def test_readme_commands_run_in_order(tmp_path, monkeypatch):
-    commands = readme_commands()
-    assert any("stages/train_vae.py" == c.split()[1] for c in commands)  # the main job is there
+STANDALONE = "scripts/bench_"  # benchmarks read nothing earlier commands write: each runs as a test of its own
+
+
+def standalone(command: str) -> bool:
+    """Whether a README command reads nothing that earlier commands write (a benchmark)."""
+    return command.split()[1].startswith(STANDALONE)
+
+
+def scratch(tmp_path: Path, monkeypatch) -> None:
+    """A user's working folder: the repository's configs, stages and scripts, the placeholder folders, runs here."""
     for name in LINKED:
         (tmp_path / name).symlink_to(REPO_ROOT / name)
     make_folder(tmp_path / "images")
@@ -168,13 +175,32 @@ def test_readme_commands_run_in_order(tmp_path, monkeypatch):
     make_aspect_folder(tmp_path / "mixed", n=20, scale=2)  # 80×40 … 40×80 captioned images
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("LDM_RUNS_DIR", str(tmp_path / "runs"))
+
+
+def run_readme_command(command: str) -> None:
+    """One README command with its placeholders filled (and the files they name written) and smoke arguments."""
+    for placeholder, folder in FOLDERS.items():
+        command = command.replace(placeholder, folder)
+    words = shlex.split(command)[1:]
+    if "sd_xl_base_1.0.safetensors" in words and not Path("sd_xl_base_1.0.safetensors").exists():
+        write_xl_file(Path("."))[0].rename("sd_xl_base_1.0.safetensors")  # and toy-sdxl.yaml
+    if "photo.png" in words and not Path("photo.png").exists():
+        make_photo_and_mask(Path("."))
+    run_command(words + smoke_arguments(words))
+
+
+def test_readme_commands_run_in_order(tmp_path, monkeypatch):
+    commands = [c for c in readme_commands() if not standalone(c)]
+    assert any("stages/train_vae.py" == c.split()[1] for c in commands)  # the main job is there
+    scratch(tmp_path, monkeypatch)
     for command in commands:
-        for placeholder, folder in FOLDERS.items():
-            command = command.replace(placeholder, folder)
-        words = shlex.split(command)[1:]
-        if "sd_xl_base_1.0.safetensors" in words and not Path("sd_xl_base_1.0.safetensors").exists():
-            write_xl_file(Path("."))[0].rename("sd_xl_base_1.0.safetensors")  # and toy-sdxl.yaml
-        if "photo.png" in words and not Path("photo.png").exists():
-            make_photo_and_mask(Path("."))
-        run_command(words + smoke_arguments(words))
+        run_readme_command(command)
     assert (tmp_path / "runs" / "vae" / "latest").exists() and os.listdir(tmp_path / "outputs")
+
+
+@pytest.mark.parametrize("command", [c for c in readme_commands() if standalone(c)])
+def test_readme_benchmark_runs(command, tmp_path, monkeypatch):
+    scratch(tmp_path, monkeypatch)
+    run_readme_command(command)
+    out = shlex.split(command)[shlex.split(command).index("--out") + 1] if "--out" in command else None
+    assert out is None or os.listdir(tmp_path / out)  # the benchmark wrote its table where README says
