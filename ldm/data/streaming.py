@@ -20,8 +20,10 @@ workers split the data; its loader's state rides in Lightning checkpoints); a bu
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -165,9 +167,11 @@ def build_streaming_cache(autoencoder: torch.nn.Module, datasets: Mapping[str, D
             items = plan[part]
             batches = [items[s:s + batch_size] for s in range(0, len(items), batch_size)]
             source = PartOf(dataset, items)  # the part's items alone travel to its workers
-            litdata.optimize(fn=EncodeBatches(autoencoder, source, stats_dir, text_encoder), inputs=batches,
-                             output_dir=split_uri(uri, split), chunk_bytes=chunk_bytes, num_workers=max(num_workers, 1),
-                             mode="append" if part else "overwrite", verbose=False)
+            with optimize_start_method() as start_method:
+                litdata.optimize(fn=EncodeBatches(autoencoder, source, stats_dir, text_encoder), inputs=batches,
+                                 output_dir=split_uri(uri, split), chunk_bytes=chunk_bytes,
+                                 num_workers=max(num_workers, 1), mode="append" if part else "overwrite",
+                                 verbose=False, start_method=start_method)
             encoded[split] = encoded.get(split, 0) + len(items)
             meta["parts"][split] = part + 1
             meta["chunks"][split] = count_chunks(split_uri(uri, split))
@@ -190,6 +194,20 @@ def build_streaming_cache(autoencoder: torch.nn.Module, datasets: Mapping[str, D
         meta["text"].update(complete=True, encoded={split: encoded.get(split, 0) for split in splits})
     write_json_atomic(meta, meta_path)
     return meta
+
+
+@contextmanager
+def optimize_start_method() -> Iterator[str | None]:
+    """How ``optimize`` starts a part's workers: forked (nothing imported again, milliseconds a part instead of seconds)
+    where that is safe — the platform forks, CUDA is not initialised in this process, and torch runs one thread here
+    (a forked child entering a multi-threaded OpenMP region hangs) —, else litdata's default (spawn). litdata sets the
+    process-wide start method; the one before is put back afterwards, so later loaders start their workers as before."""
+    before = multiprocessing.get_start_method(allow_none=True)
+    safe = "fork" in multiprocessing.get_all_start_methods() and not torch.cuda.is_initialized()
+    try:
+        yield "fork" if safe and torch.get_num_threads() == 1 else None
+    finally:
+        multiprocessing.set_start_method(before, force=True)
 
 
 def check_captions(datasets: Mapping[str, Dataset]) -> None:
