@@ -101,6 +101,12 @@ def resolve_cache(cfg: dict, own_folder: bool = True) -> Resolution:
     return Resolution(cfg, depends, derived, prepare, writes, splits.get("train"))
 
 
+def given_scale(cache: Resolution, value: object, source: str) -> Resolution:
+    """``cache`` with its scale-factor line naming the scale the model is given instead of the cache's measured one."""
+    line = ("scale_factor", f"{value} ({source}; the cache's measured one is not used)")
+    return replace(cache, derived=tuple(line if what == "scale_factor" else (what, text) for what, text in cache.derived))
+
+
 def _merge(*parts: Resolution, config: dict) -> Resolution:
     items = [p.train_items for p in parts if p.train_items is not None]
     return Resolution(config, sum((p.depends for p in parts), ()), sum((p.derived for p in parts), ()),
@@ -126,10 +132,7 @@ def resolve_stage2(cfg: dict, config_path: str) -> Resolution:
     first_stage = params.get("first_stage")
     cache = resolve_cache(cfg)
     if params.get("scale_factor"):  # given (a fine-tune's base): the cache's measured one is not used
-        given = ("scale_factor", f"{params['scale_factor']} ({'the base' if params.get('base_ckpt') else 'set'}"
-                                 "'s; the cache's measured one is not used)")
-        cache = replace(cache, derived=tuple(given if what == "scale_factor" else (what, value)
-                                             for what, value in cache.derived))
+        cache = given_scale(cache, params["scale_factor"], "the base's" if params.get("base_ckpt") else "set")
     if is_streaming(cache_section(cfg)):
         read_streamed(cfg)  # stage 2 reads the litdata shards (its dataset nodes retargeted)
     if isinstance(first_stage, str) and first_stage != (cfg.get("cache") or {}).get("vae"):
@@ -170,7 +173,9 @@ def resolve_controlnet(cfg: dict, config_path: str) -> Resolution:
     parts = [Resolution(cfg, depends, derived)]
     if "cache" in cfg:
         parts.append(Resolution(cfg, prepare=("check that cache.vae is the base's VAE (weights hash)",)))
-        parts.append(resolve_cache(cfg))
+        scale = params.get("scale_factor")  # else the base checkpoint's buffer: the scale its U-Net learnt on
+        parts.append(given_scale(resolve_cache(cfg), *((scale, "the base's") if scale else
+                                                       ("the base's", "read from its checkpoint"))))
         parts.append(Resolution(cfg, prepare=("check that the latent cache carries hints (edge maps)",)))
     return _merge(*parts, config=cfg)
 

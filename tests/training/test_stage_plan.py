@@ -109,6 +109,16 @@ def test_a_fine_tune_plan_names_the_base_s_scale_and_the_cached_text(tmp_path, c
     assert "text conditioning" not in capsys.readouterr().out
 
 
+def test_a_controlnet_plan_names_its_base_s_scale_not_the_cache_s(toy_ldm_run, toy_vae_run, tmp_path, capsys):
+    argv = ["--cfg", str(TINY / "controlnet.yaml"), "--runs-dir", str(tmp_path / "runs"), "--dry-run",
+            f"model.params.base={toy_ldm_run}", f"cache.vae={toy_vae_run}", f"cache.dir={tmp_path / 'cache'}"]
+    train("controlnet", argv=argv)
+    out = capsys.readouterr().out
+    assert "scale_factor: the base's (read from its checkpoint; the cache's measured one is not used)" in out
+    assert "measured when the cache is built" not in out  # the base's U-Net learnt on its own scale (its buffer)
+    assert "check that the latent cache carries hints (edge maps)" in out and not (tmp_path / "cache").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("script", STAGE_SCRIPTS)
 def test_every_stage_answers_help_at_once_with_its_own_description(script):
