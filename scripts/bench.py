@@ -20,7 +20,6 @@ make every number 10× slower and the ratios meaningless.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.bench.report import Row, write_csv, write_markdown
+from ldm.bench.report import Row, cpu_name, write_csv, write_markdown
 from ldm.bench.sizes import DEFAULT, QUICK, BenchSizes
 from ldm.bench.steps import PRECISIONS, Options
 from ldm.core.logging import setup_cli_logging
@@ -75,12 +74,7 @@ def _choices(text: str, allowed: Sequence[str], what: str) -> list[str]:
 
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU's model name from /proc/cpuinfo (platform.processor() elsewhere)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return names[0] if names else platform.processor() or "CPU"
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
 def machine_lines(opts: Options, sizes: BenchSizes, args: argparse.Namespace, argv: Sequence[str]) -> list[str]:

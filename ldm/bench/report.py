@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -26,6 +27,14 @@ class Row:
     def ratio(self) -> float:
         """ours / theirs (nan when theirs is 0)."""
         return self.ours / self.theirs if self.theirs else math.nan
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform.processor() elsewhere)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or "CPU"
 
 
 def _fmt(value: float) -> str:

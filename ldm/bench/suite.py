@@ -1,0 +1,107 @@
+"""The test suite's own time, revision against revision: each revision checked out beside the repository, each tier
+run with the test command that revision's README gives, one after the other on the same machine.
+
+A tier is a pytest marker selection (``quick``: ``-m "not slow"``; ``whole``: everything). Wall time and pytest's
+own figure are read per run, and the CPU time of every process the run started (pytest, its workers and their
+subprocesses, as the kernel accounts them once they are waited for).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+TIERS = {"quick": ["-m", "not slow"], "whole": []}
+README_TEST_HEADING = "## Tests"
+SUMMARY = re.compile(r"^=* ?(?P<counts>(?:\d+ \w+(?:, )?)+|no tests ran) in (?P<seconds>[\d.]+)s", re.M)  # its last line
+COUNT = re.compile(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|deselected)")
+
+
+@dataclass(frozen=True)
+class TierRun:
+    """One tier of one revision: what ran, its counts and its times."""
+
+    revision: str
+    tier: str
+    command: str
+    counts: dict[str, int]
+    pytest_s: float
+    wall_s: float
+    cpu_s: float
+    exit_code: int
+
+
+def readme_test_command(tree: Path) -> list[str]:
+    """The test command a revision's README gives (the first ``pytest`` line under its Tests heading)."""
+    text = (tree / "README.md").read_text(encoding="utf-8")
+    section = text.split(README_TEST_HEADING, 1)[1] if README_TEST_HEADING in text else ""
+    for line in section.splitlines():
+        if re.match(r"^(python -m )?pytest\b", line.strip()):
+            return shlex.split(line.strip())
+    raise ValueError(f"{tree / 'README.md'} gives no pytest command under '{README_TEST_HEADING}'")
+
+
+def check_out(repo: Path, revision: str, dest: Path) -> Path:
+    """A detached worktree of ``revision`` at ``dest`` (made once; reused when it is there)."""
+    if not (dest / "README.md").exists():
+        subprocess.run(["git", "-C", str(repo), "worktree", "add", "--force", "--detach", str(dest), revision],
+                       check=True, capture_output=True, text=True)
+    return dest
+
+
+def remove_checkout(repo: Path, dest: Path) -> None:
+    """Drop a worktree made by ``check_out``."""
+    subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(dest)], check=False,
+                   capture_output=True)
+
+
+def parse_summary(output: str) -> tuple[dict[str, int], float]:
+    """Counts by outcome and seconds from pytest's summary line (empty and nan when there is none)."""
+    matches = list(SUMMARY.finditer(output))
+    if not matches:
+        return {}, float("nan")
+    last = matches[-1]
+    counts = {kind.rstrip("s") if kind.startswith("error") else kind: int(n)
+              for n, kind in COUNT.findall(last.group("counts"))}
+    return counts, float(last.group("seconds"))
+
+
+def run_tier(tree: Path, revision: str, tier: str, tests: Sequence[str] = (), log: Path | None = None) -> TierRun:
+    """Run one tier of the checked-out ``tree`` with its README's test command, one torch thread per process."""
+    command = [*readme_test_command(tree), *TIERS[tier], "-p", "no:cacheprovider", *tests]
+    if command[0] == "pytest":
+        command = [sys.executable, "-m", *command]
+    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    proc = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if log is not None:
+        log.write_text(proc.stdout + proc.stderr)
+    counts, seconds = parse_summary(proc.stdout)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    shown = " ".join(shlex.quote(w) for w in [*readme_test_command(tree), *TIERS[tier], *tests])
+    return TierRun(revision, tier, shown, counts, seconds, wall, cpu, proc.returncode)
+
+
+def markdown_rows(runs: Sequence[TierRun]) -> list[str]:
+    """The runs as a Markdown table, with each tier's times as a ratio of the first revision's."""
+    lines = ["| revision | tier | command | passed | failed | skipped | pytest (s) | wall (s) | CPU (s) "
+             "| wall / first | CPU / first |", "|" + "---|" * 11]
+    first = {}
+    for r in runs:
+        base = first.setdefault(r.tier, r)
+        lines.append(f"| {r.revision} | {r.tier} | `{r.command}` | {r.counts.get('passed', 0)} "
+                     f"| {r.counts.get('failed', 0) + r.counts.get('error', 0)} | {r.counts.get('skipped', 0)} "
+                     f"| {r.pytest_s:.1f} | {r.wall_s:.1f} | {r.cpu_s:.1f} | {r.wall_s / base.wall_s:.2f} "
+                     f"| {r.cpu_s / base.cpu_s:.2f} |")
+    return lines
