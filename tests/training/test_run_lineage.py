@@ -98,14 +98,24 @@ def test_a_resume_with_another_objective_is_refused_and_keeps_the_config(pinned_
     assert (run / CONFIG_FILE).read_bytes() == config_before
 
 
-def test_a_resume_after_the_vae_link_moved_is_refused_and_its_own_config_resumes_keeping_the_lineage(
-        two_vaes, tmp_path, caplog):
-    runs, a, make_b = two_vaes
-    run = train_ldm(runs, tmp_path / "cache")
+@pytest.fixture(scope="module")
+def moved_link(tmp_path_factory, tiny_vae_run):
+    """(runs, A, a stage-2 run pinned to A, its cache, its lineage.json as written) after runs/vae/latest moved on to
+    B (nudged weights): trained once for the test that resumes it and the one that builds a ControlNet on it (either
+    order holds: the ControlNet only reads the base, a resume keeps its lineage and VAE)."""
+    folder = tmp_path_factory.mktemp("moved-link")
+    runs, a, make_b = two_vaes_under(folder, tiny_vae_run)
+    run = train_ldm(runs, folder / "cache")
     lineage = (run / LINEAGE_FILE).read_bytes()
     make_b()
+    return runs, a, run, folder / "cache", lineage
+
+
+def test_a_resume_after_the_vae_link_moved_is_refused_and_its_own_config_resumes_keeping_the_lineage(
+        moved_link, caplog):
+    runs, a, run, cache, lineage = moved_link
     with pytest.raises(SystemExit):  # the recipe's spelling, runs/vae/latest, now names B
-        train_ldm(runs, tmp_path / "cache", "--resume", str(run))
+        train_ldm(runs, cache, "--resume", str(run))
     assert "lineage.json" in caplog.records[-1].getMessage() and str(a.resolve()) in caplog.records[-1].getMessage()
     train("ldm", None, ["--resume", str(run), "trainer.max_steps=3"])  # its own config: pinned to A, resumes
     assert load_file(run / CHECKPOINT_DIR / LAST_CHECKPOINT)["global_step"] == 3
@@ -146,12 +156,10 @@ def test_pinned_weights_hash_is_the_cache_s(tiny_vae_run):
     assert torch.is_tensor(next(iter(state_dict_of(load_file(ckpt)).values())))
 
 
-def test_a_controlnet_after_a_newer_vae_caches_with_its_base_s_vae(two_vaes, tmp_path, caplog):
+def test_a_controlnet_after_a_newer_vae_caches_with_its_base_s_vae(moved_link, tmp_path, caplog):
     """VAE A → stage 2 → VAE B becomes latest → ControlNet with the recipe's `cache.vae: runs/vae/latest`: its cache
     is encoded by A, whose weights the base holds, not by B."""
-    runs, a, make_b = two_vaes
-    base = train_ldm(runs, tmp_path / "cache")
-    make_b()
+    runs, a, base, _, _ = moved_link
     caplog.set_level(logging.INFO, logger="ldm")
     cfg = str(TINY / "controlnet.yaml")
     run = train("controlnet", cfg, ["--cfg", cfg, "--runs-dir", str(runs), *FAST,
