@@ -31,7 +31,7 @@ from ldm.bench.memory import (
     tag_module,
     to_fake,
 )
-from ldm.inference.sd import build_sd
+from ldm.inference.sd import build_sd, read_model_config
 from ldm.nets.conditioning.sdxl import SizeConditioning
 from ldm.nets.lora import UNET_ATTENTION, LoRA
 
@@ -64,9 +64,10 @@ class Setup:
 def build(config: str | dict, setup: Setup) -> tuple[nn.Module, nn.Module | None, FakeTensorMode]:
     """(U-Net with LoRA adapters, the text conditioner or None, their fake mode), every tensor fake: nothing
     allocated."""
-    overrides = [f"model.params.unet.params.use_checkpoint={str(setup.checkpointing).lower()}"]
+    node = read_model_config(config)  # a path or a dict alike (overrides would apply to a path only)
+    node["params"]["unet"]["params"]["use_checkpoint"] = setup.checkpointing
     with torch.device("meta"):  # buffers too, and constructors never allocate a parameter before moving it
-        system = build_sd(config, overrides=overrides, on_meta=True)
+        system = build_sd({"model": node}, on_meta=True)
         unet = system.model.diffusion_model
         LoRA(rank=setup.rank, alpha=setup.rank, unet_targets=list(UNET_ATTENTION)).apply(unet, None)
     mode = fake_tensor_mode()

@@ -21,16 +21,8 @@ from ldm.core.config import ConfigError, get_obj_from_str, instantiate_from_conf
 from ldm.core.errors import UserError
 from ldm.core.migrate import vae_network_node
 from ldm.diffusion.schedule import Schedule
-from ldm.io.checkpoints import (
-    VAE_PREFIX,
-    CheckpointError,
-    load_file,
-    load_prefixed,
-    load_strict,
-    state_dict_of,
-    strip_prefix,
-    tensors_hash,
-)
+from ldm.io.checkpoints import CheckpointError, load_file, load_strict, state_dict_of
+from ldm.io.lineage import VAE_TRAINING_ONLY, read_vae_state, vae_hash_from
 from ldm.io.runs import RunError, checkpoint_for, resolve_run, run_config
 from ldm.nets.autoencoder.model import AutoencoderKL, downsampling_factor
 from ldm.systems.classifier import NoisyClassifier
@@ -39,7 +31,6 @@ from ldm.systems.latent_diffusion import LatentDiffusion
 
 DEFAULT_RUN = "runs/ldm/latest"
 CONTROL_STAGE_PARAM = "control_stage"
-VAE_TRAINING_ONLY = ("loss.",)  # LPIPS and discriminator weights in a stage-1 checkpoint: not the autoencoder's
 
 
 class PipelineError(UserError, ValueError):
@@ -79,18 +70,20 @@ def load_autoencoder(spec: str | os.PathLike, config: str | os.PathLike | None =
 
     Returns the network and its identity: checkpoint path, hash of its weights, downsampling factor.
     """
-    if config is None:
+    public = config is not None
+    if not public:
         ckpt = checkpoint_for(spec)
-        node, state = vae_node(ckpt), state_dict_of(load_file(ckpt))
+        node = vae_node(ckpt)
     else:
         ckpt = Path(spec)
         if not ckpt.is_file():
             raise CheckpointError(f"checkpoint not found: {ckpt}")
-        node, state = sd_vae_node(config), strip_prefix(load_prefixed(ckpt, VAE_PREFIX), VAE_PREFIX)
+        node = sd_vae_node(config)
+    state = read_vae_state(ckpt, public)  # read once: the weights and their hash
     vae = instantiate_from_config(node, "first_stage")
     load_strict(vae, state, f"VAE checkpoint {ckpt}", ignore=VAE_TRAINING_ONLY)
     vae.eval().requires_grad_(False)
-    info = {"checkpoint": str(ckpt), "hash": tensors_hash(vae.state_dict()),
+    info = {"checkpoint": str(ckpt), "hash": vae_hash_from(ckpt, state, public),
             "downsampling_factor": vae.downsampling_factor, "embed_dim": vae.embed_dim}
     return vae, info
 

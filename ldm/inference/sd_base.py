@@ -78,10 +78,11 @@ def load_run_system(info: RunSummary, use_ema: bool = True) -> tuple[nn.Module, 
     a LoRA run from its base file plus the checkpoint's adapters. With ``use_ema`` the U-Net (a ControlNet, a LoRA
     run's adapters) take the EMA weights when the run kept them.
     """
-    check_run_vae(info.config, info.checkpoint, info.run_dir)  # a moved `runs/vae/latest`: refused or reported
+    state = state_dict_of(load_file(info.checkpoint))  # read once: the VAE check and the weights
+    check_run_vae(info.config, state, info.run_dir)  # a moved `runs/vae/latest`: refused or reported
     system = build_system(info.config["model"], load_first_stage=False)
     prepare_weights(system, resumed=True)
-    load_checkpoint(system, state_dict_of(load_file(info.checkpoint)), f"checkpoint {info.checkpoint}")
+    load_checkpoint(system, state, f"checkpoint {info.checkpoint}")
     emas = {name: target for name, target in EMA_SHADOWED.items() if getattr(system, name, None) is not None}
     if use_ema:
         for name, target in emas.items():

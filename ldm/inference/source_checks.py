@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
-from safetensors import safe_open
 
 from ldm.core.config import ConfigError, instantiate_from_config
 from ldm.core.errors import UserError
@@ -25,10 +24,9 @@ from ldm.io.checkpoints import (
     METADATA_CONFIG,
     VAE_PREFIX,
     file_hash,
-    load_file,
+    load_prefixed,
     params_on_meta,
     read_metadata,
-    state_dict_of,
 )
 from ldm.inference.loaders import vae_node
 from ldm.inference.sd import read_model_config
@@ -65,15 +63,17 @@ def check_carried_config(ckpt: str | os.PathLike, config: str | os.PathLike | No
                           f"{more}; drop --config (the file's own config is used)")
 
 
-def check_run_vae(config: Mapping, ckpt: str | os.PathLike, run: str | os.PathLike) -> None:
-    """A run's VAE named by path must have the architecture of the VAE weights its checkpoint holds; other weights
-    of the same shapes are reported once (sampling and export take the run's own weights from its checkpoint)."""
+def check_run_vae(config: Mapping, ckpt: str | os.PathLike | Mapping, run: str | os.PathLike) -> None:
+    """A run's VAE named by path must have the architecture of the VAE weights its checkpoint (a path, or its state
+    already loaded) holds; other weights of the same shapes are reported once (sampling and export take the run's
+    own weights from its checkpoint)."""
     first_stage = ((config.get("model") or {}).get("params") or {}).get("first_stage")
     if not isinstance(first_stage, (str, os.PathLike)) or not Path(first_stage).exists():
         return
     with params_on_meta():
         named = {k: tuple(v.shape) for k, v in instantiate_from_config(vae_node(first_stage, run)).state_dict().items()}
-    held = vae_weights(_vae_state(ckpt))
+    state = ckpt if isinstance(ckpt, Mapping) else load_prefixed(ckpt, VAE_PREFIX)
+    held = vae_weights({k: v for k, v in state.items() if k.startswith(VAE_PREFIX)})
     if not held:
         return
     shapes = {k: tuple(v.shape) for k, v in held.items()}
@@ -91,14 +91,6 @@ def check_run_vae(config: Mapping, ckpt: str | os.PathLike, run: str | os.PathLi
         _REPORTED.add(mark)
         log.warning("%s: model.params.first_stage %s now names %s, whose weights are not the VAE the run holds; "
                     "using the run's own VAE weights (from its checkpoint)", run, first_stage, where)
-
-
-def _vae_state(ckpt: str | os.PathLike) -> dict:
-    """The ``first_stage_model.*`` tensors of a checkpoint (read lazily from a .safetensors file)."""
-    if Path(ckpt).suffix == ".safetensors":
-        with safe_open(str(ckpt), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys() if k.startswith(VAE_PREFIX)}
-    return {k: v for k, v in state_dict_of(load_file(ckpt, mmap=True)).items() if k.startswith(VAE_PREFIX)}
 
 
 def _named_hash(first_stage: str | os.PathLike) -> str | None:

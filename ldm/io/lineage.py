@@ -117,14 +117,38 @@ def vae_weights(state: Mapping) -> dict:
     return {k: v for k, v in state.items() if not k.startswith(VAE_TRAINING_ONLY)}
 
 
+def read_vae_state(path: str | os.PathLike, public: bool = False) -> dict:
+    """The VAE weights a checkpoint holds, unprefixed (``vae_weights``); ``public``: a public SD file (only its
+    ``first_stage_model.*`` is read)."""
+    if public:
+        return strip_prefix(load_prefixed(path, VAE_PREFIX), VAE_PREFIX)
+    return vae_weights(state_dict_of(load_file(path, mmap=True)))
+
+
+_VAE_HASHES: dict[tuple, str] = {}  # (file, inode, size, mtime, public) → VAE hash: each file hashed once a process
+
+
+def _file_key(path: str | os.PathLike, public: bool) -> tuple:
+    stat = Path(path).stat()
+    return str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns, public
+
+
 def vae_hash_of(path: str | os.PathLike, public: bool = False) -> str:
     """The hash of the VAE weights a checkpoint holds (``tensors_hash``, as a latent cache's ``meta.json`` records);
-    ``public``: a public SD file (only its ``first_stage_model.*`` is read)."""
-    if public:
-        state = strip_prefix(load_prefixed(path, VAE_PREFIX), VAE_PREFIX)
-    else:
-        state = vae_weights(state_dict_of(load_file(path, mmap=True)))
-    return weights_hash(state)
+    ``public``: a public SD file. Read once per file (and not at all after ``vae_hash_from`` hashed its weights)."""
+    if not Path(path).is_file():
+        return weights_hash(read_vae_state(path, public))  # refused by the reader, naming what is there instead
+    key = _file_key(path, public)
+    if key not in _VAE_HASHES:
+        _VAE_HASHES[key] = weights_hash(read_vae_state(path, public))
+    return _VAE_HASHES[key]
+
+
+def vae_hash_from(path: str | os.PathLike, state: Mapping, public: bool = False) -> str:
+    """``vae_hash_of(path)`` from the weights ``read_vae_state(path, public)`` returned (the file is not read again)."""
+    digest = weights_hash(state)
+    _VAE_HASHES[_file_key(path, public)] = digest
+    return digest
 
 
 def weights_hash(state: Mapping) -> str:

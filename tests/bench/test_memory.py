@@ -44,9 +44,16 @@ SDXL = SD_CONFIG_DIR / "xl-base-inference.yaml"
 TOY_BATCH, TOY_SIDE, TOY_CONTEXT = 2, 32, 64  # tests/sdxl_toy's U-Net: 64-wide context
 
 
-def toy_unet(checkpointing: bool, fake: bool):
-    """tests/sdxl_toy's U-Net with rank-4 LoRA on its attention, frozen weights bf16: real, or fake from a meta build."""
+def toy_config() -> dict:
+    """tests/sdxl_toy's SDXL config with one transformer block per attention level: every kind of op, half as many."""
     cfg = tiny_xl_config()
+    cfg["model"]["params"]["unet"]["params"]["transformer_depth"] = [0, 1]
+    return cfg
+
+
+def toy_unet(checkpointing: bool, fake: bool):
+    """The toy U-Net with rank-4 LoRA on its attention, frozen weights bf16: real, or fake from a meta build."""
+    cfg = toy_config()
     cfg["model"]["params"]["unet"]["params"]["use_checkpoint"] = checkpointing
     torch.manual_seed(0)
     unet = build_sd(cfg, on_meta=fake).model.diffusion_model
@@ -133,7 +140,7 @@ class CudaFlash(TorchFunctionMode):
 
 def forward_ops(device: str) -> list:
     """The ops of a toy U-Net forward under bf16 autocast: CUDA's own (fake CUDA tensors), or ``gpu_like`` on CPU."""
-    unet = build_sd(tiny_xl_config(), on_meta=True).model.diffusion_model
+    unet = build_sd(toy_config(), on_meta=True).model.diffusion_model
     with params_on_meta():
         LoRA(rank=4, alpha=4).apply(unet, None)
     mode = fake_tensor_mode()
@@ -177,15 +184,15 @@ def test_the_sdxl_model_is_built_on_fake_tensors_without_allocating_and_has_the_
     assert {p.dtype for p in adapters} == {torch.float32}
 
 
-def toy_config(tmp_path):
+def toy_config_file(tmp_path):
     path = tmp_path / "toy-xl.yaml"
-    save_config(tiny_xl_config(), path)
+    save_config(toy_config(), path)
     return path
 
 
-def test_a_toy_step_splits_its_peak_by_kind_and_checkpointing_lowers_it(tmp_path):
-    config = toy_config(tmp_path)
-    setups = {ckpt: Setup(batch=2, checkpointing=ckpt, size=64, rank=4) for ckpt in (True, False)}
+def test_a_toy_step_splits_its_peak_by_kind_and_checkpointing_lowers_it():
+    config = toy_config()  # a config dict: checkpointing is set on it as on a file's (the SDXL test builds a file)
+    setups = {ckpt: Setup(batch=2, checkpointing=ckpt, size=32, rank=4) for ckpt in (True, False)}
     peaks = {ckpt: measure(config, setup) for ckpt, setup in setups.items()}
     adapters = [p for p in build(config, setups[True])[0].parameters() if p.requires_grad]
     for peak in peaks.values():
@@ -200,7 +207,7 @@ def test_a_toy_step_splits_its_peak_by_kind_and_checkpointing_lowers_it(tmp_path
 @pytest.mark.slow
 def test_the_script_writes_a_table_with_one_row_per_configuration(tmp_path):
     script = load_script("bench_memory")
-    text = script.main(["--config", str(toy_config(tmp_path)), "--size", "32", "--batch", "1", "--rank", "4",
+    text = script.main(["--config", str(toy_config_file(tmp_path)), "--size", "32", "--batch", "1", "--rank", "4",
                         "--out", str(tmp_path)])
     assert (tmp_path / "memory.md").read_text() == text
     rows = [line for line in text.splitlines() if line.startswith("| frozen")]

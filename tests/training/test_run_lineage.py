@@ -42,12 +42,18 @@ def copy_vae_run(source: Path, runs: Path, name: str, perturb: float = 0.0, wide
     return run
 
 
-@pytest.fixture
-def two_vaes(tmp_path, tiny_vae_run):
-    """runs/vae/A (the session's tiny VAE) as latest; a function that makes B (nudged weights) latest."""
-    runs = tmp_path / "runs"
+def two_vaes_under(folder: Path, tiny_vae_run) -> tuple:
+    """runs/vae/A (the session's tiny VAE) as latest under ``folder``; a function that makes B (nudged weights)
+    latest."""
+    runs = folder / "runs"
     a = copy_vae_run(Path(tiny_vae_run), runs, "A")
     return runs, a, lambda **kw: copy_vae_run(Path(tiny_vae_run), runs, "B", **({"perturb": 0.01} | kw))
+
+
+@pytest.fixture
+def two_vaes(tmp_path, tiny_vae_run):
+    """runs/vae/A as latest in this test's folder, and the function that makes B latest."""
+    return two_vaes_under(tmp_path, tiny_vae_run)
 
 
 def train_ldm(runs: Path, cache: Path, *extra: str) -> Path:
@@ -56,29 +62,33 @@ def train_ldm(runs: Path, cache: Path, *extra: str) -> Path:
                               f"cache.dir={cache}", *FAST, *extra])
 
 
-def test_a_run_pins_the_vae_and_records_its_lineage_once(two_vaes, tmp_path):
-    runs, a, _ = two_vaes
-    run = train_ldm(runs, tmp_path / "cache")
+@pytest.fixture(scope="module")
+def pinned_run(tmp_path_factory, tiny_vae_run):
+    """(runs, A, a stage-2 run on runs/vae/latest = A, its cache), trained once for the tests that only read it or
+    are refused before they write (a test that moves the link or resumes trains its own)."""
+    folder = tmp_path_factory.mktemp("lineage")
+    runs, a, _ = two_vaes_under(folder, tiny_vae_run)
+    return runs, a, train_ldm(runs, folder / "cache"), folder / "cache"
+
+
+def test_a_run_pins_the_vae_and_records_its_lineage(pinned_run):
+    runs, a, run, cache = pinned_run
     saved = load_config(run / CONFIG_FILE)
     pinned = str((a / CHECKPOINT_DIR / LAST_CHECKPOINT).resolve())
     assert saved["cache"]["vae"] == saved["model"]["params"]["first_stage"] == pinned
     assert saved["lineage"]["cache.vae"] == str(runs / "vae" / "latest")  # the user's spelling kept beside it
     record = read_lineage(run)
     vae = next(e for e in record["inputs"] if e["key"] == "cache.vae")
-    meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
+    meta = json.loads((cache / "meta.json").read_text())
     assert vae["path"] == pinned and vae["step"] == 6 and vae["vae_hash"] == meta["vae"]["hash"]
     assert record["latent_cache"]["vae_hash"] == meta["vae"]["hash"]
-    before = (run / LINEAGE_FILE).read_bytes()
-    train("ldm", None, ["--resume", str(run), "trainer.max_steps=3"])
-    assert (run / LINEAGE_FILE).read_bytes() == before  # never rewritten on resume
 
 
-def test_a_resume_with_another_objective_is_refused_and_keeps_the_config(two_vaes, tmp_path, caplog):
-    runs, _, _ = two_vaes
-    run = train_ldm(runs, tmp_path / "cache")
+def test_a_resume_with_another_objective_is_refused_and_keeps_the_config(pinned_run, caplog):
+    _, _, run, cache = pinned_run
     config_before = (run / CONFIG_FILE).read_bytes()
     for extra in (["model.params.objective.params.parameterization=v"],
-                  ["--cfg", str(TINY / "ldm-flow.yaml"), f"cache.dir={tmp_path / 'cache'}"]):
+                  ["--cfg", str(TINY / "ldm-flow.yaml"), f"cache.dir={cache}"]):
         caplog.clear()
         with pytest.raises(SystemExit) as e:
             train("ldm", None, ["--resume", str(run), *extra])
@@ -88,14 +98,28 @@ def test_a_resume_with_another_objective_is_refused_and_keeps_the_config(two_vae
     assert (run / CONFIG_FILE).read_bytes() == config_before
 
 
-def test_a_resume_after_the_vae_link_moved_is_refused(two_vaes, tmp_path, caplog):
-    runs, a, make_b = two_vaes
-    run = train_ldm(runs, tmp_path / "cache")
+@pytest.fixture(scope="module")
+def moved_link(tmp_path_factory, tiny_vae_run):
+    """(runs, A, a stage-2 run pinned to A, its cache, its lineage.json as written) after runs/vae/latest moved on to
+    B (nudged weights): trained once for the test that resumes it and the one that builds a ControlNet on it (either
+    order holds: the ControlNet only reads the base, a resume keeps its lineage and VAE)."""
+    folder = tmp_path_factory.mktemp("moved-link")
+    runs, a, make_b = two_vaes_under(folder, tiny_vae_run)
+    run = train_ldm(runs, folder / "cache")
+    lineage = (run / LINEAGE_FILE).read_bytes()
     make_b()
+    return runs, a, run, folder / "cache", lineage
+
+
+def test_a_resume_after_the_vae_link_moved_is_refused_and_its_own_config_resumes_keeping_the_lineage(
+        moved_link, caplog):
+    runs, a, run, cache, lineage = moved_link
     with pytest.raises(SystemExit):  # the recipe's spelling, runs/vae/latest, now names B
-        train_ldm(runs, tmp_path / "cache", "--resume", str(run))
+        train_ldm(runs, cache, "--resume", str(run))
     assert "lineage.json" in caplog.records[-1].getMessage() and str(a.resolve()) in caplog.records[-1].getMessage()
     train("ldm", None, ["--resume", str(run), "trainer.max_steps=3"])  # its own config: pinned to A, resumes
+    assert load_file(run / CHECKPOINT_DIR / LAST_CHECKPOINT)["global_step"] == 3
+    assert (run / LINEAGE_FILE).read_bytes() == lineage  # written once, never rewritten on resume
 
 
 def test_a_legacy_run_resumed_after_the_link_moved_and_the_cache_was_deleted_is_refused(two_vaes, tmp_path, caplog):
@@ -132,12 +156,10 @@ def test_pinned_weights_hash_is_the_cache_s(tiny_vae_run):
     assert torch.is_tensor(next(iter(state_dict_of(load_file(ckpt)).values())))
 
 
-def test_a_controlnet_after_a_newer_vae_caches_with_its_base_s_vae(two_vaes, tmp_path, caplog):
+def test_a_controlnet_after_a_newer_vae_caches_with_its_base_s_vae(moved_link, tmp_path, caplog):
     """VAE A → stage 2 → VAE B becomes latest → ControlNet with the recipe's `cache.vae: runs/vae/latest`: its cache
     is encoded by A, whose weights the base holds, not by B."""
-    runs, a, make_b = two_vaes
-    base = train_ldm(runs, tmp_path / "cache")
-    make_b()
+    runs, a, base, _, _ = moved_link
     caplog.set_level(logging.INFO, logger="ldm")
     cfg = str(TINY / "controlnet.yaml")
     run = train("controlnet", cfg, ["--cfg", cfg, "--runs-dir", str(runs), *FAST,

@@ -85,8 +85,9 @@ def test_a_stage2_plan_resolves_the_cache_and_the_run_reads_the_vae_once(tiny_va
     assert f"{cache}/ (latent shards, meta.json)" in out and not cache.exists()
 
     reads = []
-    real = ldm.inference.loaders.load_file
-    monkeypatch.setattr(ldm.inference.loaders, "load_file", lambda path, *a, **k: reads.append(path) or real(path, *a, **k))
+    real = ldm.inference.loaders.read_vae_state
+    monkeypatch.setattr(ldm.inference.loaders, "read_vae_state",
+                        lambda path, *a, **k: reads.append(path) or real(path, *a, **k))
     run = train("ldm", argv=argv)
     assert len([p for p in reads if "vae" in str(p)]) == 1, reads  # the cache's encoding and the system share it
     plan = plan_of("ldm", ["--resume", str(run)])
