@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--revisions", nargs="+", default=["HEAD"], help="git revisions, the first is the reference")
     p.add_argument("--tiers", nargs="+", choices=sorted(TIERS), default=["quick"])
     p.add_argument("--tests", nargs="*", default=[], help="test paths to run instead of the whole folder (a smoke)")
+    p.add_argument("--pytest-args", default="", help="more pytest arguments in one string, after the README's "
+                                                     "(e.g. '-n 0': one process)")
     p.add_argument("--out", type=Path, default=Path("results") / "tests")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -42,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             for tier in args.tiers:
                 for rev, tree in trees.items():
                     print(f"{rev} {tier} …", flush=True)
-                    run = run_tier(tree, rev, tier, args.tests, args.out / f"{tier}-{rev.replace('/', '_')}.log")
+                    run = run_tier(tree, rev, tier, [*shlex.split(args.pytest_args), *args.tests], args.out / f"{tier}-{rev.replace('/', '_')}.log")
                     print(f"  {run.counts} pytest {run.pytest_s:.1f} s, wall {run.wall_s:.1f} s, CPU {run.cpu_s:.1f} s",
                           flush=True)
                     runs.append(run)

@@ -74,9 +74,10 @@ def parse_summary(output: str) -> tuple[dict[str, int], float]:
     return counts, float(last.group("seconds"))
 
 
-def run_tier(tree: Path, revision: str, tier: str, tests: Sequence[str] = (), log: Path | None = None) -> TierRun:
-    """Run one tier of the checked-out ``tree`` with its README's test command, one torch thread per process."""
-    command = [*readme_test_command(tree), *TIERS[tier], "-p", "no:cacheprovider", *tests]
+def run_tier(tree: Path, revision: str, tier: str, extra: Sequence[str] = (), log: Path | None = None) -> TierRun:
+    """Run one tier of the checked-out ``tree`` with its README's test command (then ``extra`` arguments: options,
+    test paths), one torch thread per process."""
+    command = [*readme_test_command(tree), *TIERS[tier], "-p", "no:cacheprovider", *extra]
     if command[0] == "pytest":
         command = [sys.executable, "-m", *command]
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -89,7 +90,7 @@ def run_tier(tree: Path, revision: str, tier: str, tests: Sequence[str] = (), lo
         log.write_text(proc.stdout + proc.stderr)
     counts, seconds = parse_summary(proc.stdout)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    shown = " ".join(shlex.quote(w) for w in [*readme_test_command(tree), *TIERS[tier], *tests])
+    shown = " ".join(shlex.quote(w) for w in [*readme_test_command(tree), *TIERS[tier], *extra])
     return TierRun(revision, tier, shown, counts, seconds, wall, cpu, proc.returncode)
 
 

@@ -30,7 +30,7 @@ def test_the_command_is_the_readme_s_and_ratios_are_against_the_first_revision()
 def test_the_script_runs_a_revision_s_tier_and_writes_the_table(tmp_path):
     out = tmp_path / "out"
     code = load_script("bench_tests").main(["--revisions", "HEAD", "--tiers", "quick", "--tests",
-                                            "tests/core/test_colour.py", "--out", str(out)])
+                                            "tests/core/test_colour.py", "--pytest-args=-n 0", "--out", str(out)])
     assert code == 0
     table = (out / "tests.md").read_text()
     row = next(line for line in table.splitlines() if line.startswith("| HEAD | quick |"))
