@@ -37,9 +37,9 @@ MEASUREMENTS = ("unet", "checkpointing", "channels_last", "compiled_step", "opti
                 "stage2", "sampling")
 DEFAULT_WARMUP, DEFAULT_REPEATS = 2, 5
 QUICK_WARMUP, QUICK_REPEATS = 1, 2
-SPEED_GOAL = 1.2  # issue 7: ours ≥ 1.2× diffusers on the U-Net step and on sampling
-CACHE_GOAL = 3.0  # issue 7: cached latents ≥ 3× on-the-fly encoding at f = 8
-# Rows (by the start of their measurement name) that issue 7 sets a goal for, and the ratio to reach.
+SPEED_GOAL = 1.2  # goal: ours ≥ 1.2× diffusers on the U-Net step and on sampling
+CACHE_GOAL = 3.0  # goal: cached latents ≥ 3× on-the-fly encoding at f = 8
+# Rows (by the start of their measurement name) that have a goal, and the ratio to reach.
 GOALS = (("U-Net train step (fwd+bwd+AdamW), ours vs diffusers", SPEED_GOAL),
          ("sampling DPM-Solver++(2M)", SPEED_GOAL), ("stage-2 train step, cached latents", CACHE_GOAL))
 
@@ -93,7 +93,7 @@ def machine_lines(opts: Options, sizes: BenchSizes, args: argparse.Namespace, ar
 
 
 def goal_notes(rows: Sequence[Row]) -> list[str]:
-    """One line per goal of issue 7: met or not, per precision."""
+    """One line per goal: met or not, per precision."""
     notes = []
     for prefix, goal in GOALS:
         for r in rows:

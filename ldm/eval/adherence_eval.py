@@ -3,7 +3,7 @@
 Held-out prompts of the shapes vocabulary (``ldm.eval.heldout``) are drawn with each sampler / step count
 from the same seeds and read back analytically (``ldm.eval.shapes_reader``): adherence = all of shape
 kind, fill and background right; the per-factor shares follow. A last row times DPM-Solver++(2M) at
-20 steps on one batch of 8 after a warm-up, the sampling speed issue 4 asks for.
+20 steps on one batch of 8 after a warm-up, the sampling speed the README table reports.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ SATURATED = {"red": (255, 0, 0), "pink": (255, 105, 180), "orange": (255, 140, 0
 
 @pytest.mark.parametrize("suffix, tolerance", [(".png", 0), (".jpg", 1)])
 def test_saturated_colours_load_exactly(tmp_path, suffix, tolerance):
-    """The red → orange drift of issue 15 is not in loading: flat colours come back within JPEG's rounding."""
+    """A red → orange drift is not in loading: flat colours come back within JPEG's rounding."""
     for name, colour in SATURATED.items():
         Image.new("RGB", (90, 60), colour).save(tmp_path / f"{name}{suffix}", quality=90)
     ds = ImageFolderDataset(str(tmp_path), size=32, captions="none")
