@@ -25,6 +25,13 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return max(1, min(len(os.sched_getaffinity(0)), int(memory_gib // WORKER_MEMORY_GIB)))
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """In a pytest-xdist worker, the slow tests first (each group in its own order): the long ones start early, and
+    the run ends on short tests that both workers share out, not on one worker alone with a long test."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():
     """Toy nets run thousands of tiny ops: on 2 cores (often shared) torch's second thread only adds
