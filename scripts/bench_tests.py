@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
             for tier in args.tiers:
                 for rev, tree in trees.items():
                     print(f"{rev} {tier} …", flush=True)
-                    run = run_tier(tree, rev, tier, [*shlex.split(args.pytest_args), *args.tests], args.out / f"{tier}-{rev.replace('/', '_')}.log")
+                    log = args.out / f"{tier}-{rev.replace('/', '_')}.log"
+                    run = run_tier(tree, rev, tier, [*shlex.split(args.pytest_args), *args.tests], log)
                     print(f"  {run.counts} pytest {run.pytest_s:.1f} s, wall {run.wall_s:.1f} s, CPU {run.cpu_s:.1f} s",
                           flush=True)
                     runs.append(run)

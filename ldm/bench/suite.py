@@ -50,10 +50,9 @@ def readme_test_command(tree: Path) -> list[str]:
 
 
 def check_out(repo: Path, revision: str, dest: Path) -> Path:
-    """A detached worktree of ``revision`` at ``dest`` (made once; reused when it is there)."""
-    if not (dest / "README.md").exists():
-        subprocess.run(["git", "-C", str(repo), "worktree", "add", "--force", "--detach", str(dest), revision],
-                       check=True, capture_output=True, text=True)
+    """A detached worktree of ``revision`` at ``dest``."""
+    subprocess.run(["git", "-C", str(repo), "worktree", "add", "--force", "--detach", str(dest), revision],
+                   check=True, capture_output=True, text=True)
     return dest
 
 
@@ -77,7 +76,8 @@ def parse_summary(output: str) -> tuple[dict[str, int], float]:
 def run_tier(tree: Path, revision: str, tier: str, extra: Sequence[str] = (), log: Path | None = None) -> TierRun:
     """Run one tier of the checked-out ``tree`` with its README's test command (then ``extra`` arguments: options,
     test paths), one torch thread per process."""
-    command = [*readme_test_command(tree), *TIERS[tier], "-p", "no:cacheprovider", *extra]
+    shown = [*readme_test_command(tree), *TIERS[tier], *extra]
+    command = [*shown, "-p", "no:cacheprovider"]
     if command[0] == "pytest":
         command = [sys.executable, "-m", *command]
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -90,8 +90,7 @@ def run_tier(tree: Path, revision: str, tier: str, extra: Sequence[str] = (), lo
         log.write_text(proc.stdout + proc.stderr)
     counts, seconds = parse_summary(proc.stdout)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    shown = " ".join(shlex.quote(w) for w in [*readme_test_command(tree), *TIERS[tier], *extra])
-    return TierRun(revision, tier, shown, counts, seconds, wall, cpu, proc.returncode)
+    return TierRun(revision, tier, shlex.join(shown), counts, seconds, wall, cpu, proc.returncode)
 
 
 def markdown_rows(runs: Sequence[TierRun]) -> list[str]:
