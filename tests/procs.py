@@ -51,9 +51,9 @@ def slow_checkpoint_renames(folder: Path, delay_s: float) -> dict[str, str]:
 def launch(stage: str, args: list[str], log: Path, **extra_env: str) -> subprocess.Popen:
     """Start ``stages/<stage>.py args…`` with its output in ``log``."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    out = open(log, "w")
-    return subprocess.Popen([sys.executable, str(STAGES / f"{stage}.py"), *args], stdout=out, stderr=subprocess.STDOUT,
-                            cwd=REPO_ROOT, env=env(**extra_env))
+    with open(log, "w") as out:  # the child keeps its own descriptor
+        return subprocess.Popen([sys.executable, str(STAGES / f"{stage}.py"), *args], stdout=out,
+                                stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env(**extra_env))
 
 
 def finish(proc: subprocess.Popen, log: Path, code: int | None = 0, timeout: float = WAIT_S) -> str:

@@ -13,7 +13,7 @@ from ldm.io.runs import CHECKPOINT_DIR
 from ldm.training.cache import ensure_cache
 from tests.conftest import TINY
 from tests.procs import all_checkpoints_load, finish, launch, only_run, slow_checkpoint_renames, wait_until
-from tests.training.test_resume import assert_matches_reference, probed_config, reference_run
+from tests.training.test_resume import assert_matches_reference, probed_config, reference_run, resume_here
 
 pytestmark = pytest.mark.slow  # subprocesses / compiles / end-to-end: `pytest -m "not slow"` skips them
 
@@ -28,7 +28,7 @@ def cache_args(toy_vae_run, workdir):
     return args + ["callbacks=[]"]
 
 
-def test_ldm_sigkill_while_writing_a_checkpoint_resumes_exactly(tmp_path, cache_args, monkeypatch):
+def test_ldm_sigkill_while_writing_a_checkpoint_resumes_exactly(tmp_path, cache_args, monkeypatch, recwarn, capfd):
     monkeypatch.setenv("LDM_ALLOW_TARGETS", "tests.")  # the probe callback the configs name
     ref_cfg = probed_config(tmp_path, "ldm-text.yaml", "ref", 0.0)
     run_cfg = probed_config(tmp_path, "ldm-text.yaml", "run", 0.0)
@@ -47,7 +47,7 @@ def test_ldm_sigkill_while_writing_a_checkpoint_resumes_exactly(tmp_path, cache_
     run = only_run(tmp_path / "runs", "ldm")
     assert all_checkpoints_load(run / CHECKPOINT_DIR) == {"last.ckpt": 3, "step0000003.ckpt": 3}
 
-    finish(launch("train_ldm", ["--resume", str(run)], log), log)
+    resume_here("ldm", run, recwarn, capfd)
     assert not list((run / CHECKPOINT_DIR).glob(".*"))  # the killed writer's temporary is cleaned up
     ref = reference_run("ldm", ref_cfg, tmp_path / "ref", *cache_args)
     assert_matches_reference(run, ref, tmp_path, "train/loss")
