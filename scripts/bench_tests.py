@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ldm.bench.report import cpu_name
-from ldm.bench.suite import TIERS, check_out, markdown_rows, remove_checkout, run_tier
+from ldm.bench.suite import TIERS, check_out, markdown_rows, remove_checkout, run_tier, warm
 from ldm.core.atomic import write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-tests-") as scratch:
         trees = {rev: check_out(REPO, rev, Path(scratch) / f"tree-{k}") for k, rev in enumerate(args.revisions)}
         try:
+            for tree in trees.values():
+                warm(tree)
             for tier in args.tiers:
                 for rev, tree in trees.items():
                     print(f"{rev} {tier} …", flush=True)

@@ -73,6 +73,21 @@ def parse_summary(output: str) -> tuple[dict[str, int], float]:
     return counts, float(last.group("seconds"))
 
 
+def tree_env(tree: Path) -> dict[str, str]:
+    """The environment of a tree's test runs: its own package first, one torch thread, offline, and compiled modules
+    written (as a developer's machine does; ``PYTHONDONTWRITEBYTECODE`` would recompile them in every process)."""
+    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
+def warm(tree: Path) -> None:
+    """Collect a tree's tests once, untimed: its modules and pytest's rewritten test modules are compiled and cached
+    before the first timed tier, as they are on every run after a checkout's first."""
+    subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"], cwd=tree,
+                   env=tree_env(tree), capture_output=True, check=False)
+
+
 def run_tier(tree: Path, revision: str, tier: str, extra: Sequence[str] = (), log: Path | None = None) -> TierRun:
     """Run one tier of the checked-out ``tree`` with its README's test command (then ``extra`` arguments: options,
     test paths), one torch thread per process."""
@@ -80,7 +95,7 @@ def run_tier(tree: Path, revision: str, tier: str, extra: Sequence[str] = (), lo
     command = [*shown, "-p", "no:cacheprovider"]
     if command[0] == "pytest":
         command = [sys.executable, "-m", *command]
-    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = tree_env(tree)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, check=False)
