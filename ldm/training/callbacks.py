@@ -138,9 +138,11 @@ class GracefulStop(L.Callback):
         self._saved_step = trainer.global_step
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """A run that ends between periodic checkpoints still leaves its final state in ``last.ckpt``
-        (Lightning's ModelCheckpoint writes `last` at the end only if it never wrote it during the fit)."""
-        if trainer.global_step != self._saved_step:
+        """A run that ends between periodic checkpoints still leaves its final state in ``last.ckpt``. Lightning's
+        ModelCheckpoint (``save_last``) writes it at the end itself when the fit saved nothing (it runs after this
+        callback): then once is enough."""
+        checkpoint_writes_last = any(callback.save_last for callback in trainer.checkpoint_callbacks)
+        if trainer.global_step != self._saved_step and not (checkpoint_writes_last and self._saved_step < 0):
             trainer.save_checkpoint(self.last_checkpoint, weights_only=False)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
