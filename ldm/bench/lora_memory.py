@@ -64,8 +64,7 @@ class Setup:
 def build(config: str | dict, setup: Setup) -> tuple[nn.Module, nn.Module | None, FakeTensorMode]:
     """(U-Net with LoRA adapters, the text conditioner or None, their fake mode), every tensor fake: nothing
     allocated."""
-    node = read_model_config(config)  # a path or a dict alike (overrides would apply to a path only)
-    node["params"]["unet"]["params"]["use_checkpoint"] = setup.checkpointing
+    node = read_model_config(config, overrides=[f"model.params.unet.params.use_checkpoint={setup.checkpointing}"])
     with torch.device("meta"):  # buffers too, and constructors never allocate a parameter before moving it
         system = build_sd({"model": node}, on_meta=True)
         unet = system.model.diffusion_model

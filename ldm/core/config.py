@@ -76,19 +76,7 @@ def allowed_prefixes() -> tuple[str, ...]:
 
 def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict:
     """Load a YAML file (following `base:` includes), apply ``key=value`` overrides, resolve, → dict."""
-    container = _load_with_bases(config_path(path), seen=())
-    overrides = list(overrides)
-    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
-    if bad:
-        raise ConfigError(f"override {bad[0]!r} is not of the form key=value (e.g. trainer.max_steps=500)")
-    if overrides or _has_interpolation(container):  # else OmegaConf's merge and resolve would give it back as is
-        try:
-            cfg = OmegaConf.create(container)
-            if overrides:
-                cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
-            container = OmegaConf.to_container(cfg, resolve=True)
-        except (OmegaConfBaseException, TypeError, ValueError) as e:  # e.g. `callbacks.0.x=1` on a list
-            raise ConfigError(f"{path}: cannot apply overrides {' '.join(overrides)}: {e}") from e
+    container = apply_overrides(_load_with_bases(config_path(path), seen=()), overrides, str(path))
     container = upgrade_config(container, str(path))  # a config written before the layered package
     unknown = sorted(set(container) - TOP_LEVEL_KEYS)
     if unknown:
@@ -97,6 +85,23 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict:
             f"allowed: {', '.join(sorted(TOP_LEVEL_KEYS))}"
         )
     return container
+
+
+def apply_overrides(container: dict, overrides: Iterable[str], where: str) -> dict:
+    """``container`` with ``key=value`` overrides merged in and interpolations resolved (``where`` names it in errors)."""
+    overrides = list(overrides)
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} is not of the form key=value (e.g. trainer.max_steps=500)")
+    if not overrides and not _has_interpolation(container):  # OmegaConf's merge and resolve would give it back as is
+        return container
+    try:
+        cfg = OmegaConf.create(container)
+        if overrides:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+        return OmegaConf.to_container(cfg, resolve=True)
+    except (OmegaConfBaseException, TypeError, ValueError) as e:  # e.g. `callbacks.0.x=1` on a list
+        raise ConfigError(f"{where}: cannot apply overrides {' '.join(overrides)}: {e}") from e
 
 
 @functools.lru_cache(maxsize=PARSED_CACHE_SIZE)

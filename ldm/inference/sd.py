@@ -27,7 +27,7 @@ import yaml
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from ldm.core.config import ConfigError, instantiate_from_config, load_config
+from ldm.core.config import ConfigError, apply_overrides, instantiate_from_config, load_config
 from ldm.core.dtypes import resolve_dtype
 from ldm.core.migrate import upgrade_config
 from ldm.core.paths import config_dir
@@ -78,15 +78,16 @@ INPAINTING_IN_CHANNELS = 9  # noisy latents, mask, masked-image latents
 def read_model_config(config: str | os.PathLike | dict | None, ckpt_path: str | os.PathLike | None = None,
                       overrides: Sequence[str] = ()) -> dict:
     """The ``model`` node of an inference config: a YAML file, a loaded config dict, or (None) the config a
-    `.safetensors` file written by scripts/export.py carries in its metadata."""
+    `.safetensors` file written by scripts/export.py carries in its metadata; ``overrides`` apply to each alike."""
     if config is None:
         text = read_metadata(ckpt_path).get(METADATA_CONFIG) if ckpt_path is not None else None
         if not text:
             raise ConfigError(f"{ckpt_path} carries no config: give one (--config), e.g. one of "
                               f"{', '.join(sorted(p.name for p in SD_CONFIG_DIR.glob('*.yaml')))} in configs/sd/")
-        cfg = upgrade_config(yaml.safe_load(text), f"the config in {ckpt_path}")
+        where = f"the config in {ckpt_path}"
+        cfg = upgrade_config(apply_overrides(yaml.safe_load(text), overrides, where), where)
     elif isinstance(config, Mapping):
-        cfg = upgrade_config(copy.deepcopy(dict(config)))
+        cfg = upgrade_config(apply_overrides(copy.deepcopy(dict(config)), overrides, "the config given"))
     else:
         cfg = load_config(config, overrides)
     if "model" not in cfg:
