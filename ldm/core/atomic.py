@@ -2,7 +2,8 @@
 
 A kill at any moment leaves either the previous file or the new one, never a truncated one; a failed write
 (a full disk) removes its temporary and keeps the previous file. Checkpoints, cache shards, ``meta.json``,
-PNGs, CSVs and configs all go through ``write_atomic``.
+PNGs, CSVs and configs all go through ``write_atomic``; a second name for a file written already, through
+``link_atomic``.
 """
 
 from __future__ import annotations
@@ -42,12 +43,35 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return _rename_into_place(tmp, path)
+
+
+def _rename_into_place(tmp: Path, path: Path) -> Path:
+    """Rename the complete temporary over ``path`` and flush the folder; the temporary is removed if that fails."""
+    try:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
     return path
+
+
+def link_atomic(source: str | os.PathLike, path: str | os.PathLike) -> bool:
+    """Create or replace ``path`` as a hard link to ``source``, atomically (a temporary link renamed over it);
+    False, nothing changed, where the filesystem cannot link (the caller writes the file instead)."""
+    path = Path(path)
+    tmp = temporary_path(path)
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(source, tmp)
+    except OSError:
+        return False
+    _rename_into_place(tmp, path)
+    return True
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes | memoryview) -> Path:

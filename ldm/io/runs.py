@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -14,6 +15,8 @@ CONFIG_FILE = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
 SAMPLES_DIR = "samples"
 LAST_CHECKPOINT = "last.ckpt"
+PERIODIC_CHECKPOINT = "step{step:07d}"  # ModelCheckpoint's filename (``.ckpt`` added): step0000500.ckpt
+PERIODIC_CHECKPOINT_NAME = re.compile(r"step\d{7}\.ckpt")
 LATEST_LINK = "latest"
 RUNS_ROOT_ENV = "LDM_RUNS_DIR"
 DEFAULT_RUNS_ROOT = "runs"

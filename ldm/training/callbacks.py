@@ -19,7 +19,9 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from ldm.core.atomic import link_atomic
 from ldm.io.checkpoints import load_file, save_torch_atomic
+from ldm.io.runs import LAST_CHECKPOINT, PERIODIC_CHECKPOINT_NAME
 from ldm.training.csv_logger import RunCSVLogger
 
 RNG_STATES_KEY = "ldm_rng_states"
@@ -27,11 +29,26 @@ RNG_STATES_KEY = "ldm_rng_states"
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint through ``ldm.core.atomic``: a kill at any moment leaves the previous file or the
-    new one, never a truncated one; a failed write (a full disk) keeps the previous checkpoint."""
+    new one, never a truncated one; a failed write (a full disk) keeps the previous checkpoint.
+
+    ``last.ckpt`` asked for right after the periodic checkpoint of the same step (ModelCheckpoint writes the two
+    one after the other) becomes a hard link to that file: the state is serialised and stored once, not twice,
+    and ``last.ckpt`` outlives the periodic file when ``keep`` deletes it. Where links fail it is written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._previous: tuple[int, Path] | None = None  # (global step, file) of the checkpoint written last
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
-        """Save ``checkpoint`` to ``path`` atomically."""
-        save_torch_atomic(checkpoint, path)
+        """Save ``checkpoint`` to ``path`` atomically (or link it to the same step's periodic file)."""
+        path, step = Path(path), checkpoint.get("global_step")
+        previous, self._previous = self._previous, None
+        linked = (previous is not None and previous[0] == step and path.name == LAST_CHECKPOINT
+                  and previous[1].parent == path.parent and PERIODIC_CHECKPOINT_NAME.fullmatch(previous[1].name)
+                  and link_atomic(previous[1], path))
+        if not linked:
+            save_torch_atomic(checkpoint, path)
+        self._previous = (step, path)
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None) -> dict:
         """Load with the weights-only unpickler: a checkpoint that would run code is refused (CheckpointError)."""

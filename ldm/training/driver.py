@@ -43,6 +43,7 @@ from ldm.io.runs import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
     LAST_CHECKPOINT,
+    PERIODIC_CHECKPOINT,
     check_writable,
     create_run_dir,
 )
@@ -132,7 +133,7 @@ def _build_trainer(cfg: dict, run_dir: Path) -> L.Trainer:
     ckpt_cfg = {**CHECKPOINT_DEFAULTS, **(cfg.get("checkpoint") or {})}
     ckpt_dir = run_dir / CHECKPOINT_DIR
     periodic = ModelCheckpoint(
-        dirpath=ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False,
+        dirpath=ckpt_dir, filename=PERIODIC_CHECKPOINT, auto_insert_metric_name=False,
         every_n_train_steps=ckpt_cfg["every_n_train_steps"], save_last=True,
         monitor="step", mode="max", save_top_k=ckpt_cfg["keep"], enable_version_counter=False,
     )
