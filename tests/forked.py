@@ -99,6 +99,7 @@ def _run_child(script: Path, args: list[str], log: Path, extra_env: dict[str, st
     try:
         _as_fresh_process(log, extra_env)
         sys.argv = [str(script), *args]
+        sys.path.insert(0, str(script.parent))  # as a fresh interpreter started on the script has it
         runpy.run_path(str(script), run_name="__main__")
         code = 0
     except SystemExit as e:
