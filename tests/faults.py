@@ -30,14 +30,21 @@ class PoisonBatch(L.Callback):
                     value.fill_(float("nan"))
 
 
+HOLD_S = 180  # the longest a held step waits for the test's signal
+HOLD_POLL_S = 0.02
+
+
 class StepProbe(L.Callback):
     """Appends one JSON line per training batch (step, rank, item paths) and per checkpoint write (rank).
 
-    ``sleep`` slows each step so a test can pick the moment to kill the process.
+    ``sleep`` slows each step so a test can pick the moment to kill the process. ``hold_at``: at these global steps,
+    the first time this rank reaches one (no earlier record of it in ``out``: a run resumed after a kill passes),
+    the batch waits — after its record is written — until the process receives SIGTERM (or is killed), at most
+    HOLD_S: a test that sees the record signals a run standing exactly there, without slowing every step.
     """
 
-    def __init__(self, out: str, sleep: float = 0.0):
-        self.out, self.sleep = Path(out), sleep
+    def __init__(self, out: str, sleep: float = 0.0, hold_at: list[int] = ()):
+        self.out, self.sleep, self.hold_at = Path(out), sleep, set(hold_at)
 
     def _write(self, record: dict) -> None:
         self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -58,11 +65,17 @@ class StepProbe(L.Callback):
         io.save_checkpoint = recorded
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        """Record the step and the items of its batch, then wait ``sleep`` seconds."""
+        """Record the step and the items of its batch, then wait ``sleep`` seconds (and hold where asked)."""
+        step, rank = trainer.global_step, trainer.global_rank
+        hold = step in self.hold_at and not any(r["event"] == "batch" and (r["step"], r["rank"]) == (step, rank)
+                                                for r in read_probe(self.out))
         paths = list(batch["path"]) if "path" in batch else []
-        self._write({"event": "batch", "step": trainer.global_step, "rank": trainer.global_rank, "paths": paths})
+        self._write({"event": "batch", "step": step, "rank": rank, "paths": paths})
         if self.sleep:
             time.sleep(self.sleep)
+        deadline = time.monotonic() + HOLD_S
+        while hold and not trainer.received_sigterm and time.monotonic() < deadline:
+            time.sleep(HOLD_POLL_S)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Record a hash of this rank's weights and EMA weights."""

@@ -8,9 +8,6 @@ GPU command is in docs/scale.md. The comparison is with DDP, not with one proces
 so one process over the whole batch draws other noise (DDP equals one process up to that by Lightning's contract).
 """
 
-import subprocess
-import sys
-
 import pytest
 import torch
 import yaml
@@ -18,8 +15,10 @@ from safetensors.torch import load_file as load_safetensors
 
 from ldm.core.config import load_config
 from ldm.training.cache import ensure_cache
-from tests.conftest import REPO_ROOT, TINY
-from tests.procs import env, finish, launch
+from tests.conftest import TINY
+from tests.forked import launch_forked
+from tests.procs import finish
+from tests.scripts import load_script
 
 pytestmark = pytest.mark.slow
 MODEL_PARALLEL = {"target": "lightning.pytorch.strategies.ModelParallelStrategy",
@@ -54,8 +53,8 @@ def test_fsdp_two_cpu_processes_match_ddp_through_checkpoint_export_and_resume(t
     steps = 2 * STEPS_PER_EPOCH
     for name, strategy in (("ddp", "ddp"), ("fsdp", MODEL_PARALLEL)):
         log = tmp_path / f"{name}.log"
-        finish(launch("train_ldm", ["--cfg", two_process_config(tmp_path, strategy), "--runs-dir", str(runs),
-                                    "--name", name, *data, f"trainer.max_steps={steps}"], log), log)
+        finish(launch_forked("train_ldm", ["--cfg", two_process_config(tmp_path, strategy), "--runs-dir", str(runs),
+                                           "--name", name, *data, f"trainer.max_steps={steps}"], log), log)
     ddp_run, fsdp_run = next((runs / "ldm").glob("ddp-*")), next((runs / "ldm").glob("fsdp-*"))
     ddp, fsdp = state(ddp_run), state(fsdp_run)  # fsdp: one file, gathered from the shards
     assert ddp["global_step"] == fsdp["global_step"] == steps
@@ -64,16 +63,15 @@ def test_fsdp_two_cpu_processes_match_ddp_through_checkpoint_export_and_resume(t
         torch.testing.assert_close(fsdp["state_dict"][key], value, **ADAM_TOLERANCE, msg=key)
 
     out = tmp_path / "fsdp.safetensors"
-    subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "export.py"), str(fsdp_run), "--out", str(out)],
-                   check=True, cwd=REPO_ROOT, env=env(), capture_output=True)
+    assert load_script("export").main([str(fsdp_run), "--out", str(out)]) == 0  # the script's own entry, here
     exported = load_safetensors(str(out))
     unet = [k for k in fsdp["state_dict"] if k.startswith("model.diffusion_model.")]
     assert unet and all(torch.equal(exported[k], fsdp["state_dict"][k]) for k in unet)
 
     # resumed from its end-of-epoch checkpoint, the sharded run reaches its own uninterrupted weights
     log = tmp_path / "resume.log"
-    finish(launch("train_ldm", ["--resume", str(fsdp_run / "checkpoints" / f"step{STEPS_PER_EPOCH:07d}.ckpt"),
-                                f"trainer.max_steps={steps}"], log), log)
+    finish(launch_forked("train_ldm", ["--resume", str(fsdp_run / "checkpoints" / f"step{STEPS_PER_EPOCH:07d}.ckpt"),
+                                       f"trainer.max_steps={steps}"], log), log)
     resumed = state(fsdp_run)
     assert resumed["global_step"] == steps
     for key, value in fsdp["state_dict"].items():

@@ -18,13 +18,14 @@ from ldm.training.driver import train
 from tests.aspect_folder import make_aspect_folder
 from tests.conftest import TINY
 from tests.faults import read_probe
-from tests.procs import all_checkpoints_load, finish, launch, only_run, wait_until
+from tests.forked import launch_forked
+from tests.procs import all_checkpoints_load, finish, only_run, wait_until
 
 pytestmark = pytest.mark.slow  # subprocesses / compiles / end-to-end: `pytest -m "not slow"` skips them
 
 CONFIG = TINY / "ldm-buckets.yaml"
 BATCH = 4  # items per step, over all ranks
-STEP_SLEEP_S = 0.3
+SIGTERM_AT = 2  # mid-epoch 0
 DDP = ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
 
 
@@ -41,10 +42,18 @@ def bucket_run_args(tiny_vae_run, workdir, tmp_path_factory):
     return args, bucket_of
 
 
-def probed(tmp_path, name: str, steps: int, sleep: float) -> list[str]:
-    """Overrides: a StepProbe writing ``name``.jsonl, ``steps`` steps, a checkpoint every 3."""
-    probe = f"callbacks=[{{target: tests.faults.StepProbe, params: {{out: {tmp_path / name}.jsonl, sleep: {sleep}}}}}]"
+def probed(tmp_path, name: str, steps: int, hold_at: tuple[int, ...] = ()) -> list[str]:
+    """Overrides: a StepProbe writing ``name``.jsonl (holding at the steps ``hold_at`` for the test's signal, see
+    StepProbe), ``steps`` steps, a checkpoint every 3."""
+    probe = (f"callbacks=[{{target: tests.faults.StepProbe, params: {{out: {tmp_path / name}.jsonl, "
+             f"hold_at: {list(hold_at)}}}}}]")
     return [probe, f"trainer.max_steps={steps}", "checkpoint.every_n_train_steps=3", "trainer.val_check_interval=100"]
+
+
+def reached(probe, step: int, world: int = 1):
+    """A condition for ``wait_until``: every rank has recorded its batch of ``step`` (so each stands held in the
+    probe, none inside a collective that would wait for a rank the signal has not reached yet)."""
+    return lambda: len({r["rank"] for r in read_probe(probe) if r["event"] == "batch" and r["step"] == step}) == world
 
 
 def steps_by_rank(records: list[dict]) -> dict[tuple[int, int], list[str]]:
@@ -75,23 +84,23 @@ def test_one_process_sigterm_and_kill9_resume_each_epoch_exactly(tmp_path, bucke
     args, bucket_of = bucket_run_args
     per_epoch = epoch_length(bucket_of)
     steps = 2 * per_epoch
+    kill_at = per_epoch + 2  # mid-epoch 1, after the checkpoint of step 3k ≤ kill_at
     common = ["--cfg", str(CONFIG), *args, f"data.params.batch_size={BATCH}"]
     log, probe = tmp_path / "run.log", tmp_path / "run.jsonl"
-    proc = launch("train_ldm", [*common, "--runs-dir", str(tmp_path / "runs"),
-                                *probed(tmp_path, "run", steps, STEP_SLEEP_S)], log)
-    wait_until(lambda: any(r.get("step") == 2 for r in read_probe(probe)), proc, log)  # mid-epoch 0
+    proc = launch_forked("train_ldm", [*common, "--runs-dir", str(tmp_path / "runs"),
+                                       *probed(tmp_path, "run", steps, hold_at=(SIGTERM_AT, kill_at))], log)
+    wait_until(reached(probe, SIGTERM_AT), proc, log)
     proc.send_signal(signal.SIGTERM)
     finish(proc, log, code=143)
     run = only_run(tmp_path / "runs", "ldm")
-    proc = launch("train_ldm", ["--resume", str(run)], log)
-    kill_at = per_epoch + 2  # mid-epoch 1, after the checkpoint of step 3k ≤ kill_at
-    wait_until(lambda: any(r.get("step") == kill_at for r in read_probe(probe)), proc, log)
+    proc = launch_forked("train_ldm", ["--resume", str(run)], log)
+    wait_until(reached(probe, kill_at), proc, log)
     proc.send_signal(signal.SIGKILL)
     finish(proc, log, code=-signal.SIGKILL)
     assert max(all_checkpoints_load(run / CHECKPOINT_DIR).values()) < kill_at  # some steps are trained again
-    finish(launch("train_ldm", ["--resume", str(run)], log), log)
+    finish(launch_forked("train_ldm", ["--resume", str(run)], log), log)
     monkeypatch.setenv("LDM_ALLOW_TARGETS", "tests.")  # the probe callback, in this process
-    train("ldm", str(CONFIG), [*common, "--runs-dir", str(tmp_path / "ref"), *probed(tmp_path, "ref", steps, 0.0)])
+    train("ldm", str(CONFIG), [*common, "--runs-dir", str(tmp_path / "ref"), *probed(tmp_path, "ref", steps)])
     # (the uninterrupted reference: trained here, only the interrupted run needs a process to kill)
 
     resumed = steps_by_rank(read_probe(probe))
@@ -111,20 +120,21 @@ def test_two_processes_sigterm_and_kill9_resume_each_epoch_exactly(tmp_path, buc
     args, bucket_of = bucket_run_args
     per_epoch = epoch_length(bucket_of)
     steps = 2 * per_epoch
+    kill_at = per_epoch + 2
     log, probe = tmp_path / "ddp.log", tmp_path / "ddp.jsonl"
-    proc = launch("train_ldm", ["--cfg", str(CONFIG), *args, *DDP, f"data.params.batch_size={BATCH // 2}",
-                                "--runs-dir", str(tmp_path / "runs"), *probed(tmp_path, "ddp", steps, STEP_SLEEP_S)],
-                  log)
-    wait_until(lambda: any(r.get("step") == 2 for r in read_probe(probe)), proc, log)
+    proc = launch_forked("train_ldm", ["--cfg", str(CONFIG), *args, *DDP, f"data.params.batch_size={BATCH // 2}",
+                                       "--runs-dir", str(tmp_path / "runs"),
+                                       *probed(tmp_path, "ddp", steps, hold_at=(SIGTERM_AT, kill_at))], log)
+    wait_until(reached(probe, SIGTERM_AT, world=2), proc, log)
     proc.send_signal(signal.SIGTERM)
     finish(proc, log, code=143)
     run = only_run(tmp_path / "runs", "ldm")
-    proc = launch("train_ldm", ["--resume", str(run)], log)
-    kill_at = per_epoch + 2
-    wait_until(lambda: any(r.get("step") == kill_at for r in read_probe(probe)), proc, log)
+    proc = launch_forked("train_ldm", ["--resume", str(run)], log)
+    wait_until(reached(probe, kill_at, world=2), proc, log)
     kill_tree(proc)
     finish(proc, log, code=-signal.SIGKILL)
-    finish(launch("train_ldm", ["--resume", str(run)], log), log)
+    assert max(all_checkpoints_load(run / CHECKPOINT_DIR).values()) < kill_at  # some steps are trained again
+    finish(launch_forked("train_ldm", ["--resume", str(run)], log), log)
 
     batches = steps_by_rank(read_probe(probe))
     assert {rank for _, rank in batches} == {0, 1}

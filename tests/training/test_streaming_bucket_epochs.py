@@ -14,13 +14,22 @@ from ldm.training.cache import ensure_cache
 from tests.aspect_folder import make_aspect_folder
 from tests.conftest import TINY
 from tests.faults import read_probe
-from tests.procs import finish, launch, only_run, wait_until
-from tests.training.test_bucket_epochs import BATCH, DDP, assert_epochs_exact, epoch_length, probed, steps_by_rank
+from tests.forked import launch_forked
+from tests.procs import finish, only_run, wait_until
+from tests.training.test_bucket_epochs import (
+    BATCH,
+    DDP,
+    SIGTERM_AT,
+    assert_epochs_exact,
+    epoch_length,
+    probed,
+    reached,
+    steps_by_rank,
+)
 
 pytestmark = pytest.mark.slow  # subprocesses / end-to-end: `pytest -m "not slow"` skips them
 
 CONFIG = TINY / "ldm-buckets.yaml"
-STEP_SLEEP_S = 0.3
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +52,15 @@ def test_two_processes_resume_a_streamed_bucket_epoch_exactly(tmp_path, streamed
     per_epoch = epoch_length(bucket_of)
     steps = 2 * per_epoch
     log, probe = tmp_path / "ddp.log", tmp_path / "ddp.jsonl"
-    proc = launch("train_ldm", ["--cfg", str(CONFIG), *args, *DDP, f"data.params.batch_size={BATCH // 2}",
-                                "--runs-dir", str(tmp_path / "runs"), *probed(tmp_path, "ddp", steps, STEP_SLEEP_S)],
-                  log)
-    wait_until(lambda: any(r.get("step") == 2 for r in read_probe(probe)), proc, log)  # mid-epoch 0
+    proc = launch_forked("train_ldm", ["--cfg", str(CONFIG), *args, *DDP, f"data.params.batch_size={BATCH // 2}",
+                                       "--runs-dir", str(tmp_path / "runs"),
+                                       *probed(tmp_path, "ddp", steps, hold_at=(SIGTERM_AT,))], log)
+    wait_until(reached(probe, SIGTERM_AT, world=2), proc, log)  # mid-epoch 0
     proc.send_signal(signal.SIGTERM)
     finish(proc, log, code=143)
     run = only_run(tmp_path / "runs", "ldm")
     assert "StreamingBucketLatents" in (run / "config.yaml").read_text()
-    finish(launch("train_ldm", ["--resume", str(run)], log), log)
+    finish(launch_forked("train_ldm", ["--resume", str(run)], log), log)
 
     batches = steps_by_rank(read_probe(probe))
     assert {rank for _, rank in batches} == {0, 1}
