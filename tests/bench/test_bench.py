@@ -1,8 +1,8 @@
 """scripts/bench.py end to end at toy size (--quick): a well-formed Markdown table and CSV, checked twins."""
 
+import contextlib
 import csv
-import subprocess
-import sys
+import io
 
 import pytest
 import torch
@@ -13,7 +13,6 @@ from ldm.bench.mapping import (
     heads_per_level,
 )
 from ldm.bench.report import COLUMNS, Row, markdown_table
-from tests.paths import REPO_ROOT
 from tests.scripts import load_script
 
 pytestmark = pytest.mark.slow  # subprocesses / compiles / end-to-end: `pytest -m "not slow"` skips them
@@ -41,14 +40,17 @@ MEASUREMENTS = {  # row name prefix → unit, for every row the script writes
 
 @pytest.fixture(scope="module")
 def bench_out(tmp_path_factory):
-    """One --quick run of the whole benchmark (fp32 only, one thread: the test machine is shared)."""
+    """One --quick run of the whole benchmark (fp32 only, one thread: the test machine is shared), in this process:
+    its main() is the command line's (the imports of a second process would cost more than the toy measurements)."""
     pytest.importorskip("diffusers")
     out = tmp_path_factory.mktemp("bench")
-    cmd = [sys.executable, str(REPO_ROOT / "scripts" / "bench.py"), "--quick", "--precision", "fp32", "--threads", "1",
-           "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc.stdout
+    stdout, threads = io.StringIO(), torch.get_num_threads()
+    try:
+        with contextlib.redirect_stdout(stdout):
+            load_script("bench").main(["--quick", "--precision", "fp32", "--threads", "1", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    return out, stdout.getvalue()
 
 
 def test_csv_has_every_measurement_with_positive_values_and_consistent_ratios(bench_out):
