@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from tests.aspect_folder import make_aspect_folder
+from tests.bench.tables import TABLE_CHECKS
 from tests.paths import REPO_ROOT
 from tests.sdxl_toy import write_xl_file
 
@@ -199,8 +200,11 @@ def test_readme_commands_run_in_order(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("command", [c for c in readme_commands() if standalone(c)])
-def test_readme_benchmark_runs(command, tmp_path, monkeypatch):
+def test_readme_benchmark_runs(command, tmp_path, monkeypatch, capsys):
     scratch(tmp_path, monkeypatch)
     run_readme_command(command)
     out = shlex.split(command)[shlex.split(command).index("--out") + 1] if "--out" in command else None
     assert out is None or os.listdir(tmp_path / out)  # the benchmark wrote its table where README says
+    check = TABLE_CHECKS.get(shlex.split(command)[1])
+    if check is not None:  # the script's own table checks, on this one run of it
+        check(tmp_path / out, capsys.readouterr().out)
