@@ -113,6 +113,22 @@ def test_the_count_of_a_real_step_is_what_the_cpu_allocator_allocates_and_fake_t
     assert fake == pytest.approx(counted, rel=0.01)
 
 
+def test_to_fake_keeps_parameters_trainability_and_ties_with_the_dtypes_asked():
+    with torch.device("meta"):
+        net = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 10), torch.nn.BatchNorm1d(10))
+    net[1].weight = net[0].weight  # tied (a text model's embedding and its output layer)
+    net[2].requires_grad_(False)
+    to_fake(net, fake_tensor_mode(), torch.device("cpu"), torch.bfloat16)
+    params = dict(net.named_parameters())
+    assert set(params) == {"0.weight", "1.bias", "2.weight", "2.bias"} and net[1].weight is net[0].weight
+    assert all(isinstance(p, torch.nn.Parameter) and isinstance(p, FakeTensor) for p in params.values())
+    assert {n: (p.requires_grad, p.dtype) for n, p in params.items()} == {
+        "0.weight": (True, torch.float32), "1.bias": (True, torch.float32),
+        "2.weight": (False, torch.bfloat16), "2.bias": (False, torch.bfloat16)}
+    assert net[2].running_mean.dtype == torch.bfloat16 and net[2].num_batches_tracked.dtype == torch.int64
+    assert not net[2].running_mean.requires_grad and all(p.device.type == "cpu" for p in params.values())
+
+
 class OpLog(TorchDispatchMode):
     """Every op's name and its outputs' dtypes and shapes."""
 
