@@ -9,11 +9,11 @@ os.environ.setdefault("LDM_RUNS_DIR", os.path.join(os.environ.get("TMPDIR", "/tm
                                                    "ldm-test-runs-" + os.environ.get("PYTEST_XDIST_WORKER", "main")))
 
 import pytest
-import torch
 
-from ldm.training.driver import train
-from tests.components import write_control_run, write_ldm_run, write_vae_run
 from tests.paths import REPO_ROOT, TINY  # noqa: F401  (TINY: imported by tests from here)
+
+# torch, Lightning (the driver) and the toy components are imported inside the fixtures: under pytest-xdist the
+# controlling process loads this file too but runs no test, and those imports cost it seconds of CPU for nothing.
 
 
 WORKER_MEMORY_GIB = 3  # what one test process may reach (toy nets, diffusers twins, a 2-process DDP pair it starts)
@@ -36,6 +36,8 @@ def pytest_collection_modifyitems(config, items) -> None:
 def one_thread():
     """Toy nets run thousands of tiny ops: on 2 cores (often shared) torch's second thread only adds
     spin-waits at every op's barrier, so the suite runs on one; restored afterwards."""
+    import torch
+
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -51,6 +53,8 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_vae_run(workdir):
     """A stage-1 run of the tiny VAE config (6 steps), trained once per test session."""
+    from ldm.training.driver import train
+
     return train("vae", str(TINY / "vae.yaml"), ["--cfg", str(TINY / "vae.yaml"), "--runs-dir", str(workdir / "runs")])
 
 
@@ -58,6 +62,7 @@ def tiny_vae_run(workdir):
 def tiny_ldm_run(workdir, toy_vae_run):
     """A stage-2 text run of the tiny config on a cache of the toy VAE, trained once per test session."""
     from ldm.training.cache import ensure_cache
+    from ldm.training.driver import train
 
     cfg = str(TINY / "ldm-text.yaml")
     overrides = [f"cache.vae={toy_vae_run}", f"cache.dir={workdir / 'cache' / 'toy-text'}"]
@@ -67,6 +72,8 @@ def tiny_ldm_run(workdir, toy_vae_run):
 @pytest.fixture(scope="session")
 def tiny_flow_run(workdir, toy_vae_run):
     """A stage-2 rectified-flow run of the tiny config on the toy text cache, trained once per test session."""
+    from ldm.training.driver import train
+
     cfg = str(TINY / "ldm-flow.yaml")
     overrides = [f"cache.vae={toy_vae_run}", f"cache.dir={workdir / 'cache' / 'toy-text'}"]
     return train("ldm", cfg, ["--cfg", cfg, "--runs-dir", str(workdir / "runs"), "--name", "flow", *overrides])
@@ -77,6 +84,7 @@ def tiny_class_run(workdir, toy_vae_run):
     """A class-conditional stage-2 run (3 steps) on a cache of the toy VAE, trained once per test session: its latent
     scale is the one a cache of that VAE measures, as a classifier's trained on such a cache is."""
     from ldm.training.cache import ensure_cache
+    from ldm.training.driver import train
 
     cfg = str(TINY / "ldm-class.yaml")
     return train("ldm", cfg, ["--cfg", cfg, "--runs-dir", str(workdir / "class-runs"), "trainer.max_steps=3",
@@ -92,28 +100,38 @@ def tiny_class_run(workdir, toy_vae_run):
 @pytest.fixture(scope="session")
 def toy_vae_run(workdir):
     """A stage-1 run of configs/tiny/vae.yaml holding tests.components.tiny_vae() (untrained)."""
+    from tests.components import write_vae_run
+
     return write_vae_run(workdir / "toy-runs")
 
 
 @pytest.fixture(scope="session")
 def toy_ldm_run(workdir, toy_vae_run):
     """A stage-2 text run of configs/tiny/ldm-text.yaml on toy_vae_run holding tests.components.tiny_ldm("text")."""
+    from tests.components import write_ldm_run
+
     return write_ldm_run(workdir / "toy-runs", toy_vae_run, "text", cache_dir=workdir / "cache" / "toy-text")
 
 
 @pytest.fixture(scope="session")
 def toy_class_run(workdir, toy_vae_run):
     """A stage-2 class run of configs/tiny/ldm-class.yaml on toy_vae_run (168 classes), untrained."""
+    from tests.components import write_ldm_run
+
     return write_ldm_run(workdir / "toy-class-runs", toy_vae_run, "class", cache_dir=workdir / "cache" / "toy-class")
 
 
 @pytest.fixture(scope="session")
 def toy_flow_run(workdir, toy_vae_run):
     """A stage-2 rectified-flow run of configs/tiny/ldm-flow.yaml on toy_vae_run, untrained."""
+    from tests.components import write_ldm_run
+
     return write_ldm_run(workdir / "toy-flow-runs", toy_vae_run, "flow", cache_dir=workdir / "cache" / "toy-text")
 
 
 @pytest.fixture(scope="session")
 def toy_controlnet_run(workdir, toy_ldm_run, toy_vae_run):
     """A ControlNet run of configs/tiny/controlnet.yaml on toy_ldm_run, its zero convolutions nonzero (as trained)."""
+    from tests.components import write_control_run
+
     return write_control_run(workdir / "toy-runs", toy_ldm_run, toy_vae_run)

@@ -116,17 +116,19 @@ def to_fake(module: nn.Module, mode: FakeTensorMode, device: torch.device, froze
     Shared parameters stay shared; nothing is allocated. In place; returns ``module``."""
     made: dict[int, Tensor] = {}
 
-    def fake(t: Tensor, dtype: torch.dtype) -> Tensor:
+    def fake(t: Tensor, dtype: torch.dtype, param: bool = False) -> Tensor:
         if id(t) not in made:
             with mode:
-                made[id(t)] = torch.empty(t.shape, dtype=dtype if t.is_floating_point() else t.dtype, device=device)
+                made[id(t)] = torch.empty(t.shape, dtype=dtype if t.is_floating_point() else t.dtype, device=device,
+                                          requires_grad=param and t.requires_grad)
+            if param:  # what nn.Parameter makes of a tensor subclass, without its detach through the fake mode
+                made[id(t)]._is_param = True
         return made[id(t)]
 
     for sub in module.modules():
         for name, p in list(sub._parameters.items()):
             if p is not None:
-                dtype = trained_dtype if p.requires_grad else frozen_dtype
-                sub._parameters[name] = nn.Parameter(fake(p, dtype), requires_grad=p.requires_grad)
+                sub._parameters[name] = fake(p, trained_dtype if p.requires_grad else frozen_dtype, param=True)
         for name, b in list(sub._buffers.items()):
             if b is not None:
                 sub._buffers[name] = fake(b, frozen_dtype)

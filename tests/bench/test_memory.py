@@ -113,6 +113,22 @@ def test_the_count_of_a_real_step_is_what_the_cpu_allocator_allocates_and_fake_t
     assert fake == pytest.approx(counted, rel=0.01)
 
 
+def test_to_fake_keeps_parameters_trainability_and_ties_with_the_dtypes_asked():
+    with torch.device("meta"):
+        net = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 10), torch.nn.BatchNorm1d(10))
+    net[1].weight = net[0].weight  # tied (a text model's embedding and its output layer)
+    net[2].requires_grad_(False)
+    to_fake(net, fake_tensor_mode(), torch.device("cpu"), torch.bfloat16)
+    params = dict(net.named_parameters())
+    assert set(params) == {"0.weight", "1.bias", "2.weight", "2.bias"} and net[1].weight is net[0].weight
+    assert all(isinstance(p, torch.nn.Parameter) and isinstance(p, FakeTensor) for p in params.values())
+    assert {n: (p.requires_grad, p.dtype) for n, p in params.items()} == {
+        "0.weight": (True, torch.float32), "1.bias": (True, torch.float32),
+        "2.weight": (False, torch.bfloat16), "2.bias": (False, torch.bfloat16)}
+    assert net[2].running_mean.dtype == torch.bfloat16 and net[2].num_batches_tracked.dtype == torch.int64
+    assert not net[2].running_mean.requires_grad and all(p.device.type == "cpu" for p in params.values())
+
+
 class OpLog(TorchDispatchMode):
     """Every op's name and its outputs' dtypes and shapes."""
 
@@ -194,12 +210,14 @@ def test_a_toy_step_splits_its_peak_by_kind_and_checkpointing_lowers_it():
     config = toy_config()  # a config dict: checkpointing is set on it as on a file's (the SDXL test builds a file)
     setups = {ckpt: Setup(batch=2, checkpointing=ckpt, size=32, rank=4) for ckpt in (True, False)}
     peaks = {ckpt: measure(config, setup) for ckpt, setup in setups.items()}
-    adapters = [p for p in build(config, setups[True])[0].parameters() if p.requires_grad]
+    # rank 4 on q, k, v, out of 4 blocks 64 wide (one at level 2 in, middle, two out), context 64: r·(in + out) each
+    adapters = 4 * 4 * (8 * 64 + 4 * 64 + 2 * (TOY_CONTEXT + 64))
     for peak in peaks.values():
         assert sum(peak.by_kind.values()) == peak.peak
-        assert peak.by_kind[WEIGHTS] > 0 and peak.by_kind[ADAPTERS] == 4 * sum(p.numel() for p in adapters)
-        # AdamW: exp_avg and exp_avg_sq like each adapter, and its step count, one 512-byte block each (fused, on GPU)
-        assert peak.by_kind[OPTIMIZER] == 2 * peak.by_kind[ADAPTERS] + CUDA_BLOCK * len(adapters)
+        assert peak.by_kind[WEIGHTS] > 0 and peak.by_kind[ADAPTERS] == 4 * adapters  # fp32
+        # AdamW: exp_avg and exp_avg_sq like each adapter, and its step count, one 512-byte block each (fused, on GPU):
+        # 64 adapter tensors (A and B of 8 Linears in each of the 4 blocks)
+        assert peak.by_kind[OPTIMIZER] == 2 * peak.by_kind[ADAPTERS] + CUDA_BLOCK * 4 * 8 * 2
     assert peaks[True].peak < peaks[False].peak
     assert peaks[True].by_kind[WEIGHTS] == peaks[False].by_kind[WEIGHTS]
 

@@ -120,10 +120,10 @@ def test_init_image_sets_the_default_size(pipe, tmp_path):
     assert image.size == (24, 8)  # cut down to the VAE's grid (factor 2)
 
 
-def test_txt2img_init_and_mask(tiny_ldm_run, pictures, tmp_path, capsys):
+def test_txt2img_init_and_mask(toy_ldm_run, pictures, tmp_path, capsys):
     init, mask, small = pictures
     out = tmp_path / "out"
-    argv = ["--run", str(tiny_ldm_run), "--prompt", "a box", "--seed", "2", "--out", str(out), "--steps", "2",
+    argv = ["--run", str(toy_ldm_run), "--prompt", "a box", "--seed", "2", "--out", str(out), "--steps", "2",
             "--sampler", "euler", "--init", str(init)]
     assert txt2img.main(argv + ["--strength", "0.5"]) == 0
     assert txt2img.main(argv + ["--mask", str(mask)]) == 0

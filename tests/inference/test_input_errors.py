@@ -23,7 +23,7 @@ from ldm.io.runs import CONFIG_FILE
 from ldm.training.driver import train
 from tests.conftest import TINY
 from tests.scripts import load_script
-from tests.training.test_run_lineage import copy_vae_run
+from tests.training.test_run_lineage import FAST, copy_vae_run
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +32,25 @@ def txt2img():
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_ldm_run, tmp_path_factory):
+def stage2_run(toy_vae_run, workdir, tmp_path_factory):
+    """A stage-2 run the driver wrote (config, lineage.json, checkpoint) on the toy VAE: 2 steps, no sample grid."""
+    from ldm.training.cache import ensure_cache
+
+    cfg = str(TINY / "ldm-text.yaml")
+    return train("ldm", cfg, ["--cfg", cfg, "--runs-dir", str(tmp_path_factory.mktemp("input-errors")),
+                              f"cache.vae={toy_vae_run}", f"cache.dir={workdir / 'cache' / 'toy-text'}", *FAST],
+                 before_build=ensure_cache)
+
+
+@pytest.fixture(scope="module")
+def exported(stage2_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "tiny.safetensors"
-    assert load_script("export").main([str(tiny_ldm_run), "--out", str(out)]) == 0
+    assert load_script("export").main([str(stage2_run), "--out", str(out)]) == 0
     return out
 
 
-def test_a_size_the_unet_cannot_halve_names_the_multiple(tiny_ldm_run, txt2img, tmp_path, capsys):
-    code = txt2img.main(["--run", str(tiny_ldm_run), "--prompt", "a red circle", "--W", "18", "--H", "18",
+def test_a_size_the_unet_cannot_halve_names_the_multiple(stage2_run, txt2img, tmp_path, capsys):
+    code = txt2img.main(["--run", str(stage2_run), "--prompt", "a red circle", "--W", "18", "--H", "18",
                          "--steps", "1", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1
@@ -63,11 +74,11 @@ def test_another_config_for_a_file_that_carries_its_own_is_refused_naming_the_ke
         Pipeline.from_checkpoint(exported, tmp_path / "v.yaml", device="cpu")
 
 
-def test_exports_and_pngs_carry_the_lineage_hashes(tiny_ldm_run, exported, txt2img, tmp_path):
-    vae = next(e for e in read_lineage(tiny_ldm_run)["inputs"] if e["role"] == "vae")["vae_hash"]
+def test_exports_and_pngs_carry_the_lineage_hashes(stage2_run, exported, txt2img, tmp_path):
+    vae = next(e for e in read_lineage(stage2_run)["inputs"] if e["role"] == "vae")["vae_hash"]
     with safe_open(str(exported), framework="pt") as f:
         assert json.loads(f.metadata()["ldm.lineage"])["vae"] == vae
-    for source in (["--run", str(tiny_ldm_run)], ["--ckpt", str(exported)]):
+    for source in (["--run", str(stage2_run)], ["--ckpt", str(exported)]):
         out = tmp_path / source[0].strip("-")
         assert txt2img.main([*source, "--prompt", "a red circle", "--steps", "1", "--out", str(out), "--no-grid"]) == 0
         png = next(out.glob("*.png"))
@@ -99,13 +110,13 @@ def test_a_folder_of_images_smaller_than_the_recipe_s_is_one_line(tmp_path, capl
 
 
 @pytest.fixture
-def legacy_run(tiny_ldm_run, tiny_vae_run, tmp_path):
-    """A copy of the session's stage-2 run whose config names its VAE by `runs/vae/latest`, as runs did before they
+def legacy_run(stage2_run, tiny_vae_run, tmp_path):
+    """A copy of the module's stage-2 run whose config names its VAE by `runs/vae/latest`, as runs did before they
     pinned their inputs; the link at a copy of its VAE."""
     runs = tmp_path / "runs"
     copy_vae_run(Path(tiny_vae_run), runs, "A")
     run = runs / "ldm" / "legacy"
-    shutil.copytree(tiny_ldm_run, run)
+    shutil.copytree(stage2_run, run)
     cfg = load_config(run / CONFIG_FILE)
     cfg.pop("lineage", None)
     cfg["cache"]["vae"] = cfg["model"]["params"]["first_stage"] = str(runs / "vae" / "latest")

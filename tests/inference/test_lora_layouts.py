@@ -108,7 +108,7 @@ def files(tmp_path_factory):
     assert any(k.startswith("text_encoder_2.") for k in state)
     kohya = {k: v * (ALPHA / RANK) if k.endswith("lora_up.weight") else v  # its .alpha = rank: fold alpha/r in
              for k, v in convert_state_dict_to_kohya(state).items()}
-    unet = Pipeline.from_checkpoint(ckpt, config).model.diffusion_model
+    unet = _loaded(ckpt, config).model.diffusion_model  # read only: the loaded file every test draws from
     to_sgm = {diffusers_unet_path(m, num_res_blocks(unet)).replace(".", "_"): m.replace(".", "_")
               for m in adaptable_modules(unet, "unet")}
     scaled = {k: v * (ALPHA / RANK) if ".lora_B." in k else v for k, v in state.items()}  # no metadata: scale 1
@@ -172,7 +172,7 @@ def test_families_are_refused_by_name(files, tmp_path):
     sd1 = tiny_system("v1-inference")
     with pytest.raises(LoraFileError, match="no module of this SD 1.x / 2.x model has.*looks like kohya for SDXL"):
         read_lora_file(made["kohya"], sd1.model.diffusion_model, text_towers(sd1.cond_stage_model))
-    xl = Pipeline.from_checkpoint(ckpt, config)
+    xl = _loaded(ckpt, config)  # read only
     unet, towers = xl.model.diffusion_model, text_towers(xl.cond_stage_model)
     sd_file = tmp_path / "sd1.safetensors"
     save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32),
@@ -290,7 +290,7 @@ def test_an_sdxl_lora_written_here_loads_in_diffusers(files, layout):
     from ldm.inference.lora_files import write_lora_file
 
     ckpt, config, folder, made = files
-    xl = Pipeline.from_checkpoint(ckpt, config)
+    xl = _loaded(ckpt, config)  # read only
     unet = xl.model.diffusion_model
     weights = read_lora_file(made["peft"], unet, text_towers(xl.cond_stage_model))
     assert {w.component for w in weights} == {"unet", "text", "text2"}

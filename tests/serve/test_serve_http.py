@@ -25,8 +25,8 @@ FAST = {"steps": "2", "sampler": "ddim", "guidance": "3", "seed": "11"}
 
 
 @pytest.fixture(scope="module")
-def adapter(tiny_ldm_run):
-    return ModelAdapter(ModelSource(run=str(tiny_ldm_run), device="cpu"))
+def adapter(toy_ldm_run):
+    return ModelAdapter(ModelSource(run=str(toy_ldm_run), device="cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -65,17 +65,17 @@ def test_binds_localhost_by_default(server):
     assert DEFAULT_HOST == "127.0.0.1" and server.host == "127.0.0.1"
 
 
-def test_page_and_model_description(server, tiny_ldm_run):
+def test_page_and_model_description(server, toy_ldm_run):
     page = requests.get(server.url + "/", timeout=TIMEOUT_S)
     assert page.status_code == 200 and '<form id="request"' in page.text
     assert requests.get(server.url + "/static/page.js", timeout=TIMEOUT_S).status_code == 200
     info = requests.get(server.url + "/api/model", timeout=TIMEOUT_S).json()
     assert info["condition_key"] == "caption" and not info["controlnet"] and info["image_size"] == 16
     assert info["size_multiple"] == 4 and info["init_image"] and not info["inpainting"] and "dpmpp_2m" in info["samplers"] and info["loras"] == ["style.safetensors"]
-    assert info["limits"]["max_upload_bytes"] == UPLOAD_LIMIT and info["source"]["run"] == str(tiny_ldm_run.resolve())
+    assert info["limits"]["max_upload_bytes"] == UPLOAD_LIMIT and info["source"]["run"] == str(toy_ldm_run.resolve())
 
 
-def test_a_request_draws_what_the_pipeline_draws_with_its_parameters(server, tiny_ldm_run):
+def test_a_request_draws_what_the_pipeline_draws_with_its_parameters(server, toy_ldm_run):
     response = post(server, {"prompt": "a red circle", "negative_prompt": "blue", "n": "2", **FAST})
     assert response.status_code == 202, response.text
     state = wait(server, response.json()["job"])
@@ -86,7 +86,7 @@ def test_a_request_draws_what_the_pipeline_draws_with_its_parameters(server, tin
     assert [p["seed"] for p in params] == [11, 12] and params[0]["prompt"] == "a red circle"
     assert params[0]["negative_prompt"] == "blue" and params[0]["sampler"] == "ddim" and params[0]["steps"] == 2
     assert "Seed: 11" in images[0].text["parameters"] and "--seed 11" in state["images"][0]["command"]
-    pipe = Pipeline.from_run(tiny_ldm_run, device="cpu")
+    pipe = Pipeline.from_run(toy_ldm_run, device="cpu")
     for image, seed in zip(images, (11, 12)):
         expected = pipe(["a red circle"], steps=2, sampler="ddim", guidance=3.0, seed=seed, negative="blue")[0]
         assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(expected))
@@ -150,15 +150,15 @@ def test_a_full_queue_answers_busy_and_recovers(server):
     assert post(server, {"prompt": "a triangle", **FAST}).status_code == 202
 
 
-def test_the_command_line_checks_itself_and_refuses_bad_flags(tiny_ldm_run, tmp_path, capsys):
+def test_the_command_line_checks_itself_and_refuses_bad_flags(toy_ldm_run, tmp_path, capsys):
     from ldm.serve.cli import main
 
-    assert main(["--run", str(tiny_ldm_run), "--check", "--port", "0", "--out", str(tmp_path)]) == 0
+    assert main(["--run", str(toy_ldm_run), "--check", "--port", "0", "--out", str(tmp_path)]) == 0
     assert "check: 00000-s0-a-red-circle" in capsys.readouterr().out and any(tmp_path.glob("00000-*.png"))
     for argv, message in ((["--queue", "0"], "--queue must be positive"),
                           (["--run", "a", "--ckpt", "b"], "give --run or --ckpt, not both"),
                           (["--config", "c.yaml"], "--config and --controlnet go with --ckpt"),
-                          (["--run", str(tiny_ldm_run), "--lora-dir", str(tmp_path / "none")], "is not a folder"),
+                          (["--run", str(toy_ldm_run), "--lora-dir", str(tmp_path / "none")], "is not a folder"),
                           (["--run", str(tmp_path)], "error:")):
         assert main([*argv, "--check", "--port", "0"]) == 2
         err = capsys.readouterr().err
