@@ -13,12 +13,12 @@ from ldm.io.runs import CHECKPOINT_DIR
 from ldm.training.driver import train
 from tests.conftest import TINY
 from tests.faults import read_probe
+from tests.forked import launch_forked
 from tests.procs import (
     STAGES,
     all_checkpoints_load,
     assert_same,
     finish,
-    launch,
     logged,
     only_run,
     wait_until,
@@ -27,16 +27,16 @@ from tests.procs import (
 pytestmark = pytest.mark.slow  # subprocesses / compiles / end-to-end: `pytest -m "not slow"` skips them
 
 STEPS = 8
-STEP_SLEEP_S = 0.4  # slows the probed run so the test can pick its moment
+SIGTERM_AT, SIGKILL_AT = 1, 4  # the steps the probed run holds at, for the test to signal it there
 COMPARED = ("state_dict", "optimizer_states", "lr_schedulers", "global_step", "ldm_rng_states")
 
 
-def probed_config(tmp_path, base: str, probe: str, sleep: float) -> str:
-    """A config that includes ``base`` and adds a StepProbe writing to ``probe``."""
+def probed_config(tmp_path, base: str, probe: str, hold_at: tuple[int, ...] = ()) -> str:
+    """A config that includes ``base`` and adds a StepProbe writing to ``probe`` (holding at ``hold_at``)."""
     path = tmp_path / f"{probe}.yaml"
     path.write_text(f"base: {TINY / base}\ntrainer: {{max_steps: {STEPS}}}\n"
                     f"callbacks: [{{target: tests.faults.StepProbe, params: {{out: {tmp_path / probe}.jsonl, "
-                    f"sleep: {sleep}}}}}]\n")
+                    f"hold_at: {list(hold_at)}}}}}]\n")
     return str(path)
 
 
@@ -71,14 +71,14 @@ def reference_run(stage: str, config: str, runs, *overrides: str):
 
 def test_vae_sigterm_then_sigkill_mid_step_resumes_exactly(tmp_path, monkeypatch, recwarn, capfd):
     monkeypatch.setenv("LDM_ALLOW_TARGETS", "tests.")  # the probe callback the configs name
-    ref_cfg = probed_config(tmp_path, "vae.yaml", "ref", 0.0)
-    run_cfg = probed_config(tmp_path, "vae.yaml", "run", STEP_SLEEP_S)
+    ref_cfg = probed_config(tmp_path, "vae.yaml", "ref")
+    run_cfg = probed_config(tmp_path, "vae.yaml", "run", hold_at=(SIGTERM_AT, SIGKILL_AT))
     log = tmp_path / "run.log"
-    proc = launch("train_vae", ["--cfg", run_cfg, "--runs-dir", str(tmp_path / "runs")], log)
+    proc = launch_forked("train_vae", ["--cfg", run_cfg, "--runs-dir", str(tmp_path / "runs")], log)
     probe = tmp_path / "run.jsonl"
 
     # SIGTERM during step 1: the step finishes, last.ckpt is written, exit 143 with a resume hint.
-    wait_until(lambda: any(r.get("step") == 1 for r in read_probe(probe)), proc, log)
+    wait_until(lambda: any(r.get("step") == SIGTERM_AT for r in read_probe(probe)), proc, log)
     proc.send_signal(signal.SIGTERM)
     out = finish(proc, log, code=143)
     run = only_run(tmp_path / "runs", "vae")
@@ -87,8 +87,8 @@ def test_vae_sigterm_then_sigkill_mid_step_resumes_exactly(tmp_path, monkeypatch
     assert all_checkpoints_load(run / CHECKPOINT_DIR) == {"last.ckpt": 2}
 
     # Resume, then SIGKILL in step 4: the checkpoint of step 3 is the last good one.
-    proc = launch("train_vae", ["--resume", str(run)], log)
-    wait_until(lambda: any(r.get("step") == 4 for r in read_probe(probe)), proc, log)
+    proc = launch_forked("train_vae", ["--resume", str(run)], log)
+    wait_until(lambda: any(r.get("step") == SIGKILL_AT for r in read_probe(probe)), proc, log)
     proc.send_signal(signal.SIGKILL)
     finish(proc, log, code=-signal.SIGKILL)
     assert all_checkpoints_load(run / CHECKPOINT_DIR) == {"last.ckpt": 3, "step0000003.ckpt": 3}

@@ -30,8 +30,8 @@ def cache_args(toy_vae_run, workdir):
 
 def test_ldm_sigkill_while_writing_a_checkpoint_resumes_exactly(tmp_path, cache_args, monkeypatch, recwarn, capfd):
     monkeypatch.setenv("LDM_ALLOW_TARGETS", "tests.")  # the probe callback the configs name
-    ref_cfg = probed_config(tmp_path, "ldm-text.yaml", "ref", 0.0)
-    run_cfg = probed_config(tmp_path, "ldm-text.yaml", "run", 0.0)
+    ref_cfg = probed_config(tmp_path, "ldm-text.yaml", "ref")
+    run_cfg = probed_config(tmp_path, "ldm-text.yaml", "run")
     log = tmp_path / "run.log"
     proc = launch("train_ldm", ["--cfg", run_cfg, "--runs-dir", str(tmp_path / "runs"), *cache_args], log,
                   **slow_checkpoint_renames(tmp_path / "inject", SAVE_DELAY_S))
