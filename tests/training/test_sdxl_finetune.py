@@ -40,8 +40,9 @@ from tests.faults import read_probe
 from tests.finetune_steps import cache_batch
 from tests.finetune_steps import from_base as built
 from tests.finetune_steps import loss_step as step
+from tests.forked import launch_forked
 from tests.paths import REPO_ROOT
-from tests.procs import finish, launch, only_run, wait_until
+from tests.procs import finish, only_run, wait_until
 from tests.scripts import load_script
 from tests.sd_toy import write_sd_file
 from tests.sdxl_toy import diffusers_xl_pipeline, tiny_xl_config, write_xl_file
@@ -304,21 +305,21 @@ def test_a_stopped_sdxl_lora_run_resumes_to_the_uninterrupted_result(xl, tmp_pat
               "checkpoint.every_n_train_steps=3"]
     ensure_cache(load_config(LORA, overrides(xl, "resume-cache", LIVE_TEXT)))
 
-    def probed(name: str, sleep: float) -> list[str]:
+    def probed(name: str, hold_at: tuple[int, ...] = ()) -> list[str]:
         return [f"callbacks=[{{target: tests.faults.StepProbe, params: {{out: {tmp_path / name}.jsonl, "
-                f"sleep: {sleep}}}}}]", "--runs-dir", str(tmp_path / name)]
+                f"hold_at: {list(hold_at)}}}}}]", "--runs-dir", str(tmp_path / name)]
 
     log = tmp_path / "run.log"
-    proc = launch("train_ldm", [*common, *probed("run", 0.5)], log)
+    proc = launch_forked("train_ldm", [*common, *probed("run", hold_at=(1,))], log)
     wait_until(lambda: any(r.get("step") == 1 for r in read_probe(tmp_path / "run.jsonl")), proc, log)
     proc.send_signal(signal.SIGTERM)  # mid-run: the step finishes, last.ckpt is written, exit 143
     finish(proc, log, code=143)
     run = only_run(tmp_path / "run", "ldm")
     stopped = torch.load(run / CHECKPOINT_DIR / "last.ckpt", weights_only=True)["global_step"]
     assert 0 < stopped < steps
-    finish(launch("train_ldm", ["--resume", str(run)], log), log)
     monkeypatch.setenv("LDM_ALLOW_TARGETS", "tests.")  # the probe callback, in this process
-    train("ldm", str(LORA), [*common, *probed("ref", 0.0)])  # the uninterrupted reference, trained here
+    train("ldm", argv=["--resume", str(run)])  # resumed here, in another process than the stopped run's
+    train("ldm", str(LORA), [*common, *probed("ref")])  # the uninterrupted reference, trained here
     resumed = torch.load(run / CHECKPOINT_DIR / "last.ckpt", weights_only=True)
     expected = torch.load(only_run(tmp_path / "ref", "ldm") / CHECKPOINT_DIR / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == expected["global_step"] == steps
