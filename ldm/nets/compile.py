@@ -21,6 +21,7 @@ from torch import nn
 from ldm.core.errors import UserError
 from ldm.core.private_api import compiled_call, inductor_options, set_compiled_call
 
+INDUCTOR = "inductor"  # torch.compile's default backend, the one that generates kernels
 CPU_COMPILERS = ("g++", "c++", "clang++")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's modes  # Inductor's CPU backend builds C++ kernels with one of these
 # Weights become constants: only for modules whose weights stay fixed. Set around each call, not passed as
@@ -48,34 +49,41 @@ def compiler_problem(device: torch.device | str) -> str | None:
 @dataclass(frozen=True)
 class Compile:
     """How a training system compiles the networks it trains: ``torch.compile``'s ``mode`` (None: Inductor's
-    default), ``dynamic`` shapes (None: torch decides) and ``fullgraph`` (an error instead of graph breaks)."""
+    default), ``dynamic`` shapes (None: torch decides), ``fullgraph`` (an error instead of graph breaks) and
+    ``backend`` (Inductor; e.g. ``aot_eager`` traces and differentiates the graph without generating kernels: a
+    quick check that a network compiles, or a way around a kernel bug)."""
 
     mode: str | None = None
     dynamic: bool | None = None
     fullgraph: bool = False
+    backend: str = INDUCTOR
 
     def __post_init__(self) -> None:
         if self.mode is not None and self.mode not in COMPILE_MODES:
             raise ValueError(f"compile mode {self.mode!r} is not one of torch.compile's: {', '.join(COMPILE_MODES)}")
+        if self.mode is not None and self.backend != INDUCTOR:
+            raise ValueError(f"compile mode {self.mode!r} is Inductor's: leave it out with backend {self.backend!r}")
 
     def apply(self, module: nn.Module, device: torch.device | str) -> nn.Module:
         """Compile ``module`` in place for training on ``device`` (once; keys unchanged)."""
         if is_compiled(module):
             return module
-        return compile_network(module, device, mode=self.mode, dynamic=self.dynamic, fullgraph=self.fullgraph)
+        return compile_network(module, device, backend=self.backend, mode=self.mode, dynamic=self.dynamic,
+                               fullgraph=self.fullgraph)
 
 
-def compile_network(module: nn.Module, device: torch.device | str, inference: bool = False, **options) -> nn.Module:
-    """Compile ``module`` in place for ``device`` (keys unchanged); ``inference`` freezes its weights as constants;
-    ``options`` go to ``torch.compile`` (mode, dynamic, fullgraph).
+def compile_network(module: nn.Module, device: torch.device | str, inference: bool = False,
+                    backend: str = INDUCTOR, **options) -> nn.Module:
+    """Compile ``module`` in place for ``device`` (keys unchanged) with ``backend``; ``inference`` freezes its
+    weights as constants (Inductor); ``options`` go to ``torch.compile`` (mode, dynamic, fullgraph).
 
     A frozen module must not change its weights afterwards (no training, no EMA swaps, no ``.to(dtype)``):
     compile the modules of a finished pipeline, after moving them.
     """
-    problem = compiler_problem(device)
+    problem = compiler_problem(device) if backend == INDUCTOR else None  # other backends build no kernels
     if problem is not None:
         raise CompilerUnavailableError(problem)
-    module.compile(**options)
+    module.compile(backend=backend, **options)
     if inference:
         compiled = compiled_call(module)
 

@@ -22,13 +22,25 @@ def test_the_settings_reach_torch_compile_once_per_network(monkeypatch):
         system.compile_settings.apply(network, "cpu")
         system.compile_settings.apply(network, "cpu")  # a resumed fit does not compile twice
     assert [c[0] for c in calls] == [system.model.diffusion_model]
-    assert calls[0][1] == {"mode": "max-autotune-no-cudagraphs", "dynamic": False, "fullgraph": False}
+    assert calls[0][1] == {"mode": "max-autotune-no-cudagraphs", "dynamic": False, "fullgraph": False,
+                           "backend": "inductor"}
     assert is_compiled(system.model.diffusion_model)
 
 
 def test_an_unknown_mode_is_refused_naming_the_modes():
     with pytest.raises(ValueError, match="'fastest' is not one of torch.compile's: " + ", ".join(COMPILE_MODES)):
         Compile(mode="fastest")
+    with pytest.raises(ValueError, match="mode 'max-autotune' is Inductor's: leave it out with backend 'aot_eager'"):
+        Compile(mode="max-autotune", backend="aot_eager")
+
+
+def test_a_backend_that_builds_no_kernels_needs_no_cpu_compiler(monkeypatch):
+    monkeypatch.setattr("ldm.nets.compile.compiler_problem", lambda device: "no C++ compiler here")
+    layer = nn.Linear(4, 4)
+    Compile(backend="aot_eager").apply(layer, "cpu")
+    assert is_compiled(layer)
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler here"):
+        Compile().apply(nn.Linear(4, 4), "cpu")
 
 
 @pytest.mark.parametrize("value, expected", [("true", Compile()), ("false", None)])

@@ -88,11 +88,15 @@ def test_a_compiled_pipeline_draws_what_the_eager_one_draws(toy_ldm_run):
     assert np.abs(got - want).max() <= MAX_PIXEL_DIFFERENCE
 
 
-@needs_compiler
-def test_training_with_compile_true_writes_plain_checkpoints(workdir, toy_vae_run):
+AOT_EAGER = "{target: ldm.nets.compile.Compile, params: {backend: aot_eager}}"
+
+
+def test_a_compiled_training_run_writes_plain_checkpoints(workdir, toy_vae_run):
+    """Dynamo captures the U-Net and AOTAutograd differentiates it (``aot_eager``: Inductor's kernels for a training
+    step are built and checked by ``scripts/bench.py``'s compiled row, tests/bench/test_bench.py)."""
     cfg = str(TINY / "ldm-text.yaml")
     counters["stats"].clear()
-    argv = ["--cfg", cfg, "--runs-dir", str(workdir / "compiled-runs"), "model.params.compile=true",
+    argv = ["--cfg", cfg, "--runs-dir", str(workdir / "compiled-runs"), f"model.params.compile={AOT_EAGER}",
             "trainer.max_steps=2", "callbacks=[]",
             f"cache.vae={toy_vae_run}", f"cache.dir={workdir / 'cache' / 'toy-text'}"]
     run = train("ldm", cfg, argv, before_build=ensure_cache)
