@@ -73,10 +73,15 @@ def parse_summary(output: str) -> tuple[dict[str, int], float]:
     return counts, float(last.group("seconds"))
 
 
+INDUCTOR_CACHE = ".inductor-cache"  # a tree's own TorchInductor cache: each revision compiles its kernels cold
+
+
 def tree_env(tree: Path) -> dict[str, str]:
-    """The environment of a tree's test runs: its own package first, one torch thread, offline, and compiled modules
-    written (as a developer's machine does; ``PYTHONDONTWRITEBYTECODE`` would recompile them in every process)."""
-    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    """The environment of a tree's test runs: its own package first, one torch thread, offline, compiled modules
+    written (as a developer's machine does; ``PYTHONDONTWRITEBYTECODE`` would recompile them in every process), and
+    its own empty TorchInductor cache (kernels another revision or run compiled would make its compile tests cheap)."""
+    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TORCHINDUCTOR_CACHE_DIR": str(tree / INDUCTOR_CACHE)}
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     return env
 

@@ -8,6 +8,7 @@ def test_the_environment_writes_compiled_modules_and_puts_the_tree_first(tmp_pat
     env = tree_env(tmp_path)
     assert "PYTHONDONTWRITEBYTECODE" not in env
     assert env["PYTHONPATH"] == str(tmp_path) and env["OMP_NUM_THREADS"] == "1"
+    assert env["TORCHINDUCTOR_CACHE_DIR"].startswith(str(tmp_path))  # the tree's own kernels, compiled cold
 
 
 def test_warming_a_tree_caches_its_package_and_its_rewritten_tests(tmp_path, monkeypatch):
