@@ -37,10 +37,10 @@ def bucket_overrides(vae_run, folder, cache_dir) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def bucket_cache(tiny_vae_run, mixed, workdir):
-    args = bucket_overrides(tiny_vae_run, mixed, workdir / "cache" / "tiny-buckets")
+def bucket_cache(tiny_vae_run, mixed):
+    args = bucket_overrides(tiny_vae_run, mixed, mixed.parent / "cache")  # beside the data the fixture made
     meta = ensure_cache(load_config(CONFIG, args))
-    return workdir / "cache" / "tiny-buckets", meta, args
+    return mixed.parent / "cache", meta, args
 
 
 def test_shards_hold_one_shape_and_meta_counts_the_buckets(bucket_cache, mixed):
@@ -127,7 +127,7 @@ def test_controlnet_trains_on_bucketed_hints(bucket_run, tiny_vae_run, mixed, wo
     cfg = TINY / "controlnet.yaml"
     run = train("controlnet", str(cfg), ["--cfg", str(cfg), "--runs-dir", str(workdir / "runs"), "--data", str(mixed),
                                          "data.buckets.resolution=16", f"model.params.base={bucket_run}",
-                                         f"cache.vae={tiny_vae_run}", f"cache.dir={workdir / 'cache' / 'canny'}"],
+                                         f"cache.vae={tiny_vae_run}", f"cache.dir={mixed.parent / 'canny-cache'}"],
                 before_build=prepare_controlnet)
     cache = load_config(run / "config.yaml")["cache"]
     assert cache["data"]["train"]["params"]["buckets"] == {"resolution": 16, "step": 4}  # from the base's U-Net

@@ -28,15 +28,16 @@ STREAMED = ["cache.format=litdata", "cache.chunk_bytes=2KB", "cache.num_workers=
 
 
 @pytest.fixture(scope="module")
-def caches(tiny_vae_run, workdir, tmp_path_factory):
+def caches(tiny_vae_run, tmp_path_factory):
     """The same mixed-aspect folder cached as litdata shards and as a folder cache; the litdata config's overrides."""
     folder = make_aspect_folder(tmp_path_factory.mktemp("mixed") / "mixed", 30)
     common = [f"cache.vae={tiny_vae_run}", f"cache.data.train.params.root={folder}",
               f"cache.data.val.params.root={folder}", "cache.shard_size=8"]
-    streamed = [*common, f"cache.dir={workdir / 'cache' / 'tiny-buckets-litdata'}", *STREAMED]
+    litdata, plain = folder.parent / "litdata", folder.parent / "folder"  # beside the data the fixture made
+    streamed = [*common, f"cache.dir={litdata}", *STREAMED]
     ensure_cache(load_config(CONFIG, streamed))
-    ensure_cache(load_config(CONFIG, [*common, f"cache.dir={workdir / 'cache' / 'tiny-buckets-folder'}"]))
-    return workdir / "cache" / "tiny-buckets-litdata", workdir / "cache" / "tiny-buckets-folder", streamed
+    ensure_cache(load_config(CONFIG, [*common, f"cache.dir={plain}"]))
+    return litdata, plain, streamed
 
 
 def test_streamed_items_and_buckets_are_the_folder_caches(caches):

@@ -30,9 +30,9 @@ DDP = ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
 
 
 @pytest.fixture(scope="module")
-def bucket_run_args(tiny_vae_run, workdir, tmp_path_factory):
+def bucket_run_args(tiny_vae_run, tmp_path_factory):
     folder = make_aspect_folder(tmp_path_factory.mktemp("mixed") / "mixed", 30)
-    cache = workdir / "cache" / "tiny-buckets-epochs"
+    cache = folder.parent / "cache"  # beside its data: a re-run of this fixture builds from its own folder
     args = [f"cache.vae={tiny_vae_run}", f"cache.dir={cache}", f"cache.data.train.params.root={folder}",
             f"cache.data.val.params.root={folder}"]
     ensure_cache(load_config(CONFIG, args))

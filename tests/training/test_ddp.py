@@ -33,10 +33,10 @@ LOSS_TOLERANCE = 0.25  # relative difference of the mean training loss (ε-predi
 
 
 @pytest.fixture(scope="module")
-def square_run_args(tiny_vae_run, workdir, tmp_path_factory):
+def square_run_args(tiny_vae_run, tmp_path_factory):
     """Overrides for a square cache of 24 captioned training images (an even count: no rank is padded), its paths."""
     folder = make_aspect_folder(tmp_path_factory.mktemp("square") / "square", 27)
-    cache = workdir / "cache" / "tiny-square-ddp"
+    cache = folder.parent / "cache"  # beside its data: a re-run of this fixture builds from its own folder
     args = [f"cache.vae={tiny_vae_run}", f"cache.dir={cache}", f"cache.data.train.params.root={folder}",
             f"cache.data.val.params.root={folder}", "cache.data.train.params.buckets=null",
             "cache.data.val.params.buckets=null"]

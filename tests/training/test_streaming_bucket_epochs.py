@@ -33,10 +33,10 @@ CONFIG = TINY / "ldm-buckets.yaml"
 
 
 @pytest.fixture(scope="module")
-def streamed_run_args(tiny_vae_run, workdir, tmp_path_factory):
+def streamed_run_args(tiny_vae_run, tmp_path_factory):
     """Overrides for a bucketed litdata cache of 30 mixed-aspect images, and each training item's bucket by path."""
     folder = make_aspect_folder(tmp_path_factory.mktemp("mixed") / "mixed", 30)
-    cache = workdir / "cache" / "tiny-buckets-streamed-epochs"
+    cache = folder.parent / "cache"  # beside its data: a re-run of this fixture builds from its own folder
     args = [f"cache.vae={tiny_vae_run}", f"cache.dir={cache}", f"cache.data.train.params.root={folder}",
             f"cache.data.val.params.root={folder}", "cache.format=litdata", "cache.chunk_bytes=4KB",
             "cache.num_workers=1"]
