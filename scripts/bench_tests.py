@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         trees = {rev: check_out(REPO, rev, Path(scratch) / f"tree-{k}") for k, rev in enumerate(args.revisions)}
         try:
             for tree in trees.values():
-                warm(tree)
+                warm(tree, args.tests)
             for tier in args.tiers:
                 for rev, tree in trees.items():
                     print(f"{rev} {tier} …", flush=True)

@@ -86,11 +86,11 @@ def tree_env(tree: Path) -> dict[str, str]:
     return env
 
 
-def warm(tree: Path) -> None:
-    """Collect a tree's tests once, untimed: its modules and pytest's rewritten test modules are compiled and cached
-    before the first timed tier, as they are on every run after a checkout's first."""
-    subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"], cwd=tree,
-                   env=tree_env(tree), capture_output=True, check=False)
+def warm(tree: Path, tests: Sequence[str] = ()) -> None:
+    """Collect a tree's tests (or only ``tests``) once, untimed: its modules and pytest's rewritten test modules are
+    compiled and cached before the first timed tier, as they are on every run after a checkout's first."""
+    subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *tests],
+                   cwd=tree, env=tree_env(tree), capture_output=True, check=False)
 
 
 def run_tier(tree: Path, revision: str, tier: str, extra: Sequence[str] = (), log: Path | None = None) -> TierRun:
