@@ -4,6 +4,15 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+TOY_CONFIG = """
+name: toy
+seed: 0
+model: {target: tests.toy.ToyRegression, params: {learning_rate: 0.1}}
+data: {target: tests.toy.ToyData, params: {n: 64, batch_size: 8}}
+trainer: {max_steps: 6, accelerator: cpu, devices: 1, enable_model_summary: false, log_every_n_steps: 1, enable_progress_bar: false}
+checkpoint: {every_n_train_steps: 2, keep: 2}
+"""  # a run config of the two classes below (targets under tests.: LDM_ALLOW_TARGETS=tests. lets a run build them)
+
 
 class ToyRegression(L.LightningModule):
     """Fits y = 3x + 1 with one linear layer."""

@@ -6,6 +6,7 @@ uninterrupted run batch for batch."""
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 import psutil
 import pytest
@@ -54,6 +55,20 @@ def reached(probe, step: int, world: int = 1):
     """A condition for ``wait_until``: every rank has recorded its batch of ``step`` (so each stands held in the
     probe, none inside a collective that would wait for a rank the signal has not reached yet)."""
     return lambda: len({r["rank"] for r in read_probe(probe) if r["event"] == "batch" and r["step"] == step}) == world
+
+
+def sigterm_two_processes(tmp_path, args: list[str], batch: int, steps: int,
+                          hold_at: tuple[int, ...] = ()) -> tuple[Path, Path, Path]:
+    """Start a two-process run of ``steps`` held at SIGTERM_AT (and ``hold_at``), stop it there with SIGTERM
+    (exit 143); (its run folder, its log, its probe)."""
+    log, probe = tmp_path / "ddp.log", tmp_path / "ddp.jsonl"
+    proc = launch_forked("train_ldm", ["--cfg", str(CONFIG), *args, *DDP, f"data.params.batch_size={batch}",
+                                       "--runs-dir", str(tmp_path / "runs"),
+                                       *probed(tmp_path, "ddp", steps, hold_at=(SIGTERM_AT, *hold_at))], log)
+    wait_until(reached(probe, SIGTERM_AT, world=2), proc, log)  # mid-epoch 0
+    proc.send_signal(signal.SIGTERM)
+    finish(proc, log, code=143)
+    return only_run(tmp_path / "runs", "ldm"), log, probe
 
 
 def steps_by_rank(records: list[dict]) -> dict[tuple[int, int], list[str]]:
@@ -121,14 +136,7 @@ def test_two_processes_sigterm_and_kill9_resume_each_epoch_exactly(tmp_path, buc
     per_epoch = epoch_length(bucket_of)
     steps = 2 * per_epoch
     kill_at = per_epoch + 2
-    log, probe = tmp_path / "ddp.log", tmp_path / "ddp.jsonl"
-    proc = launch_forked("train_ldm", ["--cfg", str(CONFIG), *args, *DDP, f"data.params.batch_size={BATCH // 2}",
-                                       "--runs-dir", str(tmp_path / "runs"),
-                                       *probed(tmp_path, "ddp", steps, hold_at=(SIGTERM_AT, kill_at))], log)
-    wait_until(reached(probe, SIGTERM_AT, world=2), proc, log)
-    proc.send_signal(signal.SIGTERM)
-    finish(proc, log, code=143)
-    run = only_run(tmp_path / "runs", "ldm")
+    run, log, probe = sigterm_two_processes(tmp_path, args, BATCH // 2, steps, hold_at=(kill_at,))
     proc = launch_forked("train_ldm", ["--resume", str(run)], log)
     wait_until(reached(probe, kill_at, world=2), proc, log)
     kill_tree(proc)

@@ -7,7 +7,6 @@ draws the batches the uninterrupted run draws and ends on its weights."""
 
 from __future__ import annotations
 
-import signal
 import statistics
 
 import pytest
@@ -22,8 +21,8 @@ from tests.aspect_folder import make_aspect_folder
 from tests.conftest import TINY
 from tests.faults import read_probe
 from tests.forked import launch_forked
-from tests.procs import finish, logged, only_run, wait_until
-from tests.training.test_bucket_epochs import DDP, SIGTERM_AT, probed, reached, steps_by_rank
+from tests.procs import finish, logged, only_run
+from tests.training.test_bucket_epochs import DDP, probed, sigterm_two_processes, steps_by_rank
 
 pytestmark = pytest.mark.slow  # subprocesses / end-to-end: `pytest -m "not slow"` skips them
 
@@ -96,14 +95,8 @@ def test_two_processes_resume_a_plain_epoch_exactly(tmp_path, square_run_args, u
     args, paths = square_run_args
     per_epoch = epoch_steps(paths)
     steps = 2 * per_epoch
-    log, probe = tmp_path / "ddp.log", tmp_path / "ddp.jsonl"
-    proc = launch_forked("train_ldm", ["--cfg", str(CONFIG), *args, *DDP, f"data.params.batch_size={RANK_BATCH}",
-                                       "--runs-dir", str(tmp_path / "runs"),
-                                       *probed(tmp_path, "ddp", steps, hold_at=(SIGTERM_AT,))], log)
-    wait_until(reached(probe, SIGTERM_AT, world=2), proc, log)  # mid-epoch 0
-    proc.send_signal(signal.SIGTERM)
-    finish(proc, log, code=143)
-    finish(launch_forked("train_ldm", ["--resume", str(only_run(tmp_path / "runs", "ldm"))], log), log)
+    run, log, probe = sigterm_two_processes(tmp_path, args, RANK_BATCH, steps)
+    finish(launch_forked("train_ldm", ["--resume", str(run)], log), log)
 
     batches = steps_by_rank(read_probe(probe))
     assert sorted(batches) == [(step, rank) for step in range(steps) for rank in (0, 1)]

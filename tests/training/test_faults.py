@@ -21,7 +21,7 @@ from ldm.training.driver import EXIT_BAD_INPUT, EXIT_NONFINITE, train
 from ldm.training.guards import SKIPPED_METRIC
 from tests.conftest import TINY
 from tests.procs import logged
-from tests.training.test_train_driver import TOY_CONFIG
+from tests.toy import TOY_CONFIG
 
 POISON = "callbacks=[{{target: tests.faults.PoisonBatch, params: {{at_steps: [{}]}}}}]"
 

@@ -3,21 +3,13 @@ step; at a periodic step ``last.ckpt`` is a hard link to that step's file, not a
 
 import os
 
+import lightning.pytorch as L
 import pytest
 import torch
-import lightning.pytorch as L
 
 from ldm.training.driver import train
 
-TOY_CONFIG = """
-name: toy
-seed: 0
-model: {target: tests.toy.ToyRegression, params: {learning_rate: 0.1}}
-data: {target: tests.toy.ToyData, params: {n: 64, batch_size: 8}}
-trainer: {max_steps: 6, accelerator: cpu, devices: 1, enable_model_summary: false, log_every_n_steps: 1, enable_progress_bar: false}
-checkpoint: {every_n_train_steps: 4, keep: 2}
-callbacks: [{target: tests.training.test_final_checkpoint.CountSaves}]
-"""
+EVERY_4 = ["checkpoint.every_n_train_steps=4", "callbacks=[{target: tests.training.test_final_checkpoint.CountSaves}]"]
 SAVES: list[int] = []  # the step of every checkpoint written, in order (CountSaves appends)
 
 
@@ -28,27 +20,23 @@ class CountSaves(L.Callback):
         SAVES.append(trainer.global_step)
 
 
-@pytest.fixture
-def toy_cfg(tmp_path, monkeypatch):
-    monkeypatch.setenv("LDM_ALLOW_TARGETS", "tests.")
-    cfg = tmp_path / "toy.yaml"
-    cfg.write_text(TOY_CONFIG)
-    return cfg
+def toy_run(toy_cfg, *overrides: str):
+    """A run of tests.toy's config (``toy_cfg``; checkpoints every 4 steps, saves counted) in a new runs folder."""
+    return train("toy", str(toy_cfg), ["--cfg", str(toy_cfg), "--runs-dir", str(toy_cfg.parent / "runs"), *EVERY_4,
+                                       *overrides])
 
 
 @pytest.mark.parametrize("steps, saves", [(2, [2]), (4, [4, 4]), (6, [4, 4, 6])])  # [4, 4]: step0000004 and last
 def test_the_last_step_is_saved_once(toy_cfg, steps, saves):
     SAVES.clear()
-    run = train("toy", str(toy_cfg), ["--cfg", str(toy_cfg), "--runs-dir", str(toy_cfg.parent / "runs"),
-                                      f"trainer.max_steps={steps}"])
+    run = toy_run(toy_cfg, f"trainer.max_steps={steps}")
     assert SAVES == saves  # checkpoints Lightning asked for (a linked one counts: its state was gathered)
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == steps
 
 
 def test_last_is_a_hard_link_to_the_periodic_file_of_its_step_and_outlives_it(toy_cfg):
-    SAVES.clear()  # every_n_train_steps 4, keep 2 (the config above); 10 steps: periodic files at 4 and 8
-    run = train("toy", str(toy_cfg), ["--cfg", str(toy_cfg), "--runs-dir", str(toy_cfg.parent / "runs"),
-                                      "trainer.max_steps=10", "checkpoint.keep=1"])
+    SAVES.clear()  # every_n_train_steps 4 (EVERY_4), keep 2 (the config); 10 steps: periodic files at 4 and 8
+    run = toy_run(toy_cfg, "trainer.max_steps=10", "checkpoint.keep=1")
     ckpts = run / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step0000008.ckpt"]  # step 4's removed by keep
     assert not (ckpts / "last.ckpt").is_symlink() and (ckpts / "last.ckpt").stat().st_nlink == 1  # written at 10
@@ -65,8 +53,7 @@ def test_where_links_fail_last_is_written(toy_cfg, monkeypatch):
         raise OSError("this filesystem has no hard links")
 
     monkeypatch.setattr("os.link", no_links)
-    run = train("toy", str(toy_cfg), ["--cfg", str(toy_cfg), "--runs-dir", str(toy_cfg.parent / "runs"),
-                                      "trainer.max_steps=4"])
+    run = toy_run(toy_cfg, "trainer.max_steps=4")
     last, periodic = run / "checkpoints" / "last.ckpt", run / "checkpoints" / "step0000004.ckpt"
     assert not os.path.samefile(last, periodic)
     written, linked_to = (torch.load(p, weights_only=True) for p in (last, periodic))

@@ -4,8 +4,6 @@ cached item is trained on exactly once — the guarantees of the bucketed folder
 
 from __future__ import annotations
 
-import signal
-
 import pytest
 
 from ldm.core.config import load_config
@@ -15,15 +13,12 @@ from tests.aspect_folder import make_aspect_folder
 from tests.conftest import TINY
 from tests.faults import read_probe
 from tests.forked import launch_forked
-from tests.procs import finish, only_run, wait_until
+from tests.procs import finish
 from tests.training.test_bucket_epochs import (
     BATCH,
-    DDP,
-    SIGTERM_AT,
     assert_epochs_exact,
     epoch_length,
-    probed,
-    reached,
+    sigterm_two_processes,
     steps_by_rank,
 )
 
@@ -51,14 +46,7 @@ def test_two_processes_resume_a_streamed_bucket_epoch_exactly(tmp_path, streamed
     args, bucket_of = streamed_run_args
     per_epoch = epoch_length(bucket_of)
     steps = 2 * per_epoch
-    log, probe = tmp_path / "ddp.log", tmp_path / "ddp.jsonl"
-    proc = launch_forked("train_ldm", ["--cfg", str(CONFIG), *args, *DDP, f"data.params.batch_size={BATCH // 2}",
-                                       "--runs-dir", str(tmp_path / "runs"),
-                                       *probed(tmp_path, "ddp", steps, hold_at=(SIGTERM_AT,))], log)
-    wait_until(reached(probe, SIGTERM_AT, world=2), proc, log)  # mid-epoch 0
-    proc.send_signal(signal.SIGTERM)
-    finish(proc, log, code=143)
-    run = only_run(tmp_path / "runs", "ldm")
+    run, log, probe = sigterm_two_processes(tmp_path, args, BATCH // 2, steps)
     assert "StreamingBucketLatents" in (run / "config.yaml").read_text()
     finish(launch_forked("train_ldm", ["--resume", str(run)], log), log)
 

@@ -8,23 +8,6 @@ import torch
 from ldm.training.callbacks import AtomicCheckpointIO
 from ldm.training.driver import train
 
-TOY_CONFIG = """
-name: toy
-seed: 0
-model: {target: tests.toy.ToyRegression, params: {learning_rate: 0.1}}
-data: {target: tests.toy.ToyData, params: {n: 64, batch_size: 8}}
-trainer: {max_steps: 6, accelerator: cpu, devices: 1, enable_model_summary: false, log_every_n_steps: 1, enable_progress_bar: false}
-checkpoint: {every_n_train_steps: 2, keep: 2}
-"""
-
-
-@pytest.fixture
-def toy_cfg(tmp_path, monkeypatch):
-    monkeypatch.setenv("LDM_ALLOW_TARGETS", "tests.")
-    path = tmp_path / "toy.yaml"
-    path.write_text(TOY_CONFIG)
-    return path
-
 
 def steps_logged(run):
     with open(run / "metrics.csv") as f:
