@@ -1,14 +1,28 @@
 """Config loading and strict instantiate_from_config."""
 
+import glob
+from pathlib import Path
+
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from ldm.core.config import (
     ConfigError,
     check_config,
     instantiate_from_config,
     load_config,
+    merge_plain,
 )
+from ldm.core.migrate import upgrade_config
+from tests.paths import REPO_ROOT
+
+# (dest, src) pairs on which OmegaConf.merge's rules differ from a naive update
+MERGE_CASES = [({"a": 1}, {"a": "???"}), ({}, {"a": "???"}), ({"a": {"x": 1}}, {"a": "???"}),
+               ({"a": {"x": 1}}, {"a": None}), ({"a": None}, {"a": {"x": 1}}), ({"a": "s"}, {"a": {"x": 1}}),
+               ({"a": {"x": 1}}, {"a": 5}), ({"a": [1, 2]}, {"a": [3]}), ({"a": {"x": 1}}, {"a": {}}),
+               ({"a": {"x": 1, "y": 2}}, {"a": {"x": "${b}"}}), ({"a": [{"x": 1}]}, {"a": [{"y": 1}]}),
+               ({"a": {"b": {"c": 1, "d": [1]}}}, {"a": {"b": {"d": [2], "e": None}}})]
 
 
 def write(tmp_path, name, text):
@@ -23,6 +37,45 @@ def test_load_applies_bases_and_overrides(tmp_path):
     cfg = load_config(child, ["trainer.precision=bf16-mixed", "seed=3"])
     assert cfg == {"seed": 3, "name": "x", "trainer": {"max_steps": 20, "precision": "bf16-mixed"}}
     assert isinstance(cfg["trainer"], dict)  # plain containers, not OmegaConf
+
+
+@pytest.mark.parametrize("dest, src", MERGE_CASES)
+def test_plain_merge_follows_omegaconf_and_leaves_its_inputs_alone(dest, src):
+    before = repr((dest, src))
+    merged = merge_plain(dest, src)
+    assert merged == OmegaConf.to_container(OmegaConf.merge(dest, src), resolve=False)
+    assert repr((dest, src)) == before
+
+
+def test_plain_merge_refuses_a_list_meeting_a_mapping_as_omegaconf_does():
+    for dest, src in (({"a": {"x": 1}}, {"a": [1]}), ({"a": [1, 2]}, {"a": {"0": 5}})):
+        with pytest.raises(TypeError):
+            OmegaConf.merge(dest, src)
+        with pytest.raises(TypeError, match="cannot merge"):
+            merge_plain(dest, src)
+    with pytest.raises(ConfigError, match="cannot apply overrides"):
+        load_config(REPO_ROOT / "configs" / "tiny" / "vae.yaml", ["callbacks.0.x=1"])
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(str(REPO_ROOT / "configs" / "**" / "*.yaml"), recursive=True)))
+def test_every_shipped_config_loads_as_omegaconf_merges_and_resolves_it(path):
+    overrides = ["trainer.max_steps=3", "seed=7"]
+    expected = OmegaConf.create({})
+    for text in yaml_chain(path):
+        expected = OmegaConf.merge(expected, text)
+    expected = OmegaConf.merge(expected, OmegaConf.from_dotlist(overrides))
+    expected.pop("base", None)
+    assert load_config(path, overrides) == upgrade_config(OmegaConf.to_container(expected, resolve=True), path)
+
+
+def yaml_chain(path: str) -> list:
+    """A config file's `base:` files (depth first, in order) and then the file itself, each parsed by OmegaConf."""
+    cfg = OmegaConf.load(path)
+    bases = cfg.pop("base", None) or []
+    chain = []
+    for base in [bases] if isinstance(bases, str) else bases:
+        chain += yaml_chain(str(Path(path).parent / base))
+    return chain + [cfg]
 
 
 def test_load_rejects_unknown_top_level_key_and_bad_override(tmp_path):
