@@ -40,7 +40,8 @@ SMOKE: dict[str, list[str]] = {
     "stages/train_vae.py --resume": ["trainer.max_steps=3"],
     "stages/cache_latents.py": CACHE_SMOKE,
     "stages/train_ldm.py": TRAIN_SMOKE + CACHE_SMOKE + ["callbacks=[]"],
-    "stages/train_ldm.py --cfg configs/ldm/shapes-text.yaml --resume": ["trainer.max_steps=3"] + CACHE_SMOKE,
+    "stages/train_ldm.py --cfg configs/ldm/shapes-text.yaml --resume": ["trainer.max_steps=3",  # its sample grid
+                                                                        "callbacks.0.params.steps=2"] + CACHE_SMOKE,
     "stages/train_controlnet.py": TRAIN_SMOKE + CACHE_SMOKE + ["callbacks=[]"],
     "stages/train_ldm.py --cfg configs/ldm/folder-class.yaml": TRAIN_SMOKE + ["callbacks=[]"],  # small folders:
     "stages/train_ldm.py --cfg configs/ldm/folder-text.yaml": TRAIN_SMOKE + ["callbacks=[]"],  # no lengths
@@ -197,6 +198,7 @@ def test_readme_commands_run_in_order(tmp_path, monkeypatch):
     for command in commands:
         run_readme_command(command)
     assert (tmp_path / "runs" / "vae" / "latest").exists() and os.listdir(tmp_path / "outputs")
+    assert list((tmp_path / "runs" / "ldm").glob("shapes-text-*/samples/*.png"))  # the resumed run's sample grid
 
 
 @pytest.mark.parametrize("command", [c for c in readme_commands() if standalone(c)])

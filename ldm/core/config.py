@@ -95,13 +95,49 @@ def apply_overrides(container: dict, overrides: Iterable[str], where: str) -> di
     if bad:
         raise ConfigError(f"override {bad[0]!r} is not of the form key=value (e.g. trainer.max_steps=500)")
     try:
-        if overrides:  # values typed as OmegaConf types them (1 → int, [a,b] → list, null → None)
-            container = merge_plain(container, OmegaConf.to_container(OmegaConf.from_dotlist(overrides)))
+        if overrides:
+            container = copy.deepcopy(container)
+        for override in overrides:
+            key = override.split("=", 1)[0]
+            _override(container, key.split("."), _override_value(override))
         if not _has_interpolation(container):  # OmegaConf's resolve would give it back as is
             return container
         return OmegaConf.to_container(OmegaConf.create(container), resolve=True)
-    except (OmegaConfBaseException, TypeError, ValueError) as e:  # e.g. `callbacks.0.x=1` on a list
+    except (OmegaConfBaseException, TypeError, ValueError) as e:  # e.g. `callbacks.5.x=1` on a list of one
         raise ConfigError(f"{where}: cannot apply overrides {' '.join(overrides)}: {e}") from e
+
+
+def _override_value(override: str) -> Any:
+    """The value of one ``key=value`` override, typed as OmegaConf types it (1 → int, [a,b] → list, null → None)."""
+    value: Any = OmegaConf.to_container(OmegaConf.from_dotlist([override]))
+    for part in override.split("=", 1)[0].split("."):
+        value = value[part]
+    return value
+
+
+def _override(node: dict | list, parts: list[str], value: Any) -> None:
+    """Set the dotted key ``parts`` under ``node`` to ``value`` by ``OmegaConf.merge``'s rules, stepping into lists
+    by index (``callbacks.0.params.steps=2``) as ``OmegaConf.update`` does."""
+    part, rest = parts[0], parts[1:]
+    if isinstance(node, list):
+        if not (part.isdigit() and int(part) < len(node)):
+            raise ValueError(f"{part!r} is not an index of the list there (it has {len(node)} item"
+                             f"{'' if len(node) == 1 else 's'})")
+        if rest and isinstance(node[int(part)], (dict, list)):
+            _override(node[int(part)], rest, value)
+        else:
+            node[int(part)] = _merge_into({"item": node[int(part)]}, {"item": _nest(rest, value)})["item"]
+    elif rest and isinstance(node.get(part), (dict, list)):
+        _override(node[part], rest, value)
+    else:
+        _merge_into(node, {part: _nest(rest, value)})
+
+
+def _nest(parts: list[str], value: Any) -> Any:
+    """``value`` under the dotted key ``parts`` (``["a", "b"]`` → ``{"a": {"b": value}}``)."""
+    for part in reversed(parts):
+        value = {part: value}
+    return value
 
 
 def merge_plain(dest: dict, src: dict) -> dict:

@@ -156,12 +156,14 @@ def weights_hash(state: Mapping) -> str:
     return tensors_hash({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
 
 
-def checkpoint_step(path: str | os.PathLike) -> int | None:
-    """The training step a Lightning checkpoint was saved at (None for a plain weights file)."""
+def vae_hash_and_step(path: str | os.PathLike) -> tuple[str, int | None]:
+    """The hash of the VAE weights a run's checkpoint holds and the training step it was saved at (None for a plain
+    weights file), from one read of the file (the VAE's hash is then known to ``vae_hash_of`` too)."""
     if Path(path).suffix == ".safetensors":
-        return None
-    step = load_file(path, mmap=True).get("global_step")
-    return int(step) if step is not None else None
+        return vae_hash_of(path), None
+    checkpoint = load_file(path, mmap=True)
+    step = checkpoint.get("global_step")
+    return vae_hash_from(path, vae_weights(state_dict_of(checkpoint))), int(step) if step is not None else None
 
 
 _IDENTITIES: dict[tuple, tuple] = {}  # (path, size, mtime, role) → (step, file hash, VAE hash): each file read once
@@ -178,8 +180,10 @@ def identify(key: str, role: str, as_given: str, path: str | os.PathLike, public
         step = vae = None
         if role in WEIGHT_ROLES:
             try:
-                vae = vae_hash_of(path, public=public_vae or role == "base_file")
-                step = None if public_vae or role == "base_file" else checkpoint_step(path)
+                if public_vae or role == "base_file":  # a public file: its VAE, no training step
+                    vae = vae_hash_of(path, public=True)
+                else:
+                    vae, step = vae_hash_and_step(path)
             except UserError:
                 pass  # a file this stage cannot read as it is (e.g. pickled): its bytes still identify it
         _IDENTITIES[memo] = (step, file_hash(path), vae)

@@ -53,8 +53,18 @@ def test_plain_merge_refuses_a_list_meeting_a_mapping_as_omegaconf_does():
             OmegaConf.merge(dest, src)
         with pytest.raises(TypeError, match="cannot merge"):
             merge_plain(dest, src)
-    with pytest.raises(ConfigError, match="cannot apply overrides"):
-        load_config(REPO_ROOT / "configs" / "tiny" / "vae.yaml", ["callbacks.0.x=1"])
+
+
+def test_an_override_steps_into_a_list_by_index_as_omegaconf_update_does():
+    path = REPO_ROOT / "configs" / "ldm" / "shapes-text.yaml"
+    overrides = ["callbacks.0.params.steps=2", "callbacks.0.params.conditions.1=a zorb", "callbacks.0.params.x.y=1"]
+    expected = OmegaConf.create(load_config(path))
+    for override in overrides:
+        key, value = override.split("=")
+        OmegaConf.update(expected, key, OmegaConf.from_dotlist([f"v={value}"]).v, merge=True)
+    assert load_config(path, overrides) == OmegaConf.to_container(expected)
+    with pytest.raises(ConfigError, match=r"callbacks.3.params.steps=2: '3' is not an index of the list there \(it has 1 item\)"):
+        load_config(path, ["callbacks.3.params.steps=2"])
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(str(REPO_ROOT / "configs" / "**" / "*.yaml"), recursive=True)))

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from ldm.inference.loaders import load_autoencoder
 from ldm.inference.pipeline import Pipeline
 from ldm.io.checkpoints import VAE_PREFIX, load_file, save_torch_atomic, state_dict_of, strip_prefix, tensors_hash
-from ldm.io.lineage import read_vae_state, vae_hash_of, vae_weights, weights_hash
+from ldm.io.lineage import identify, read_vae_state, vae_hash_of, vae_weights, weights_hash
 from ldm.io.runs import CHECKPOINT_DIR, LAST_CHECKPOINT, checkpoint_for
 from tests.sd_toy import write_sd_file
 
@@ -79,3 +79,11 @@ def test_a_run_loads_reading_its_checkpoint_once_and_holds_its_vae_s_hash(toy_ld
     reads.clear()
     Pipeline.from_run(toy_ldm_run)
     assert reads == [ckpt]  # the VAE run's hash is remembered
+
+
+def test_a_run_checkpoint_s_identity_is_read_from_it_once(toy_ldm_run, tmp_path, reads):
+    ckpt = tmp_path / "copy.ckpt"  # a file this process has not identified or hashed yet
+    shutil.copy(checkpoint_for(toy_ldm_run), ckpt)
+    found = identify("model.params.first_stage", "vae", str(ckpt), ckpt)
+    assert reads == [ckpt.resolve()]  # the VAE's hash and the step from one read
+    assert found.step == int(load_file(ckpt)["global_step"]) and found.vae_hash == hash_on_disk(ckpt)

@@ -177,11 +177,13 @@ def test_resume_with_another_architecture_names_the_keys(toy_cfg, tmp_path, caps
     assert (run / "config.yaml").read_text() == before  # the run is left as it was
 
 
-def test_an_override_into_a_list_is_a_config_error(tmp_path):
+def test_an_override_sets_a_list_item_by_index_and_past_the_end_is_a_config_error(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("name: x\ncallbacks: [{target: ldm.training.guards.NonFiniteGuard}]\n")
-    with pytest.raises(ConfigError, match=r"cannot apply overrides callbacks.0.params.mode=skip"):
-        load_config(path, ["callbacks.0.params.mode=skip"])
+    cfg = load_config(path, ["callbacks.0.params.mode=skip"])
+    assert cfg["callbacks"] == [{"target": "ldm.training.guards.NonFiniteGuard", "params": {"mode": "skip"}}]
+    with pytest.raises(ConfigError, match=r"cannot apply overrides callbacks.1.params.mode=skip: '1' is not an index"):
+        load_config(path, ["callbacks.1.params.mode=skip"])
 
 
 def png_header_only(width: int, height: int) -> bytes:
