@@ -16,6 +16,7 @@ import functools
 import importlib
 import inspect
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -54,6 +55,7 @@ TOP_LEVEL_KEYS = frozenset(
      "threads", "folder_epochs", "lineage"}
 )
 NODE_KEYS = frozenset({"target", "params"})
+PLAIN_INTERPOLATION = re.compile(r"\$\{([A-Za-z_][\w-]*(?:\.[A-Za-z_][\w-]*)*)\}")  # ${cache.dir}
 MISSING_VALUE = "???"  # OmegaConf's mark of a value still to be given: merging it keeps the value there
 
 
@@ -102,7 +104,7 @@ def apply_overrides(container: dict, overrides: Iterable[str], where: str) -> di
             _override(container, key.split("."), _override_value(override))
         if not _has_interpolation(container):  # OmegaConf's resolve would give it back as is
             return container
-        return OmegaConf.to_container(OmegaConf.create(container), resolve=True)
+        return _resolve(container)
     except (OmegaConfBaseException, TypeError, ValueError) as e:  # e.g. `callbacks.5.x=1` on a list of one
         raise ConfigError(f"{where}: cannot apply overrides {' '.join(overrides)}: {e}") from e
 
@@ -165,6 +167,50 @@ def _merge_into(dest: dict, src: dict) -> dict:
 def _parse_yaml(text: str) -> Any:
     """YAML text → plain containers, by OmegaConf's own YAML rules; kept per text (a run's config is read often)."""
     return OmegaConf.to_container(OmegaConf.create(text), resolve=False)
+
+
+class _NotPlain(Exception):
+    """An interpolation beyond ``${dotted.key}`` to a key that holds a value (OmegaConf resolves it, or says why not)."""
+
+
+def _resolve(container: dict) -> dict:
+    """``container`` with its interpolations resolved as OmegaConf resolves them: the common ``${dotted.key}`` form
+    here (a config loads in a few ms), any other (resolvers, relative keys, escapes, a missing key) by OmegaConf."""
+    try:
+        return _resolve_plain(container, container, ())
+    except _NotPlain:
+        return OmegaConf.to_container(OmegaConf.create(container), resolve=True)
+
+
+def _resolve_plain(node: Any, root: dict, chain: tuple[str, ...]) -> Any:
+    if isinstance(node, dict):
+        if any(isinstance(k, str) and "${" in k for k in node):
+            raise _NotPlain
+        return {k: _resolve_plain(v, root, chain) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_resolve_plain(v, root, chain) for v in node]
+    if not (isinstance(node, str) and "${" in node):
+        return node
+    whole = PLAIN_INTERPOLATION.fullmatch(node)
+    if whole:
+        return _lookup(whole.group(1), root, chain)
+    parts = PLAIN_INTERPOLATION.split(node)  # text, key, text, key, …, text
+    values = [_lookup(key, root, chain) for key in parts[1::2]]
+    if "${" in "".join(parts[0::2]) or "\\" in node or not all(type(v) in (str, int) for v in values):
+        raise _NotPlain  # another form, an escape, or a value OmegaConf would format its own way
+    return "".join(text + str(value) for text, value in zip(parts[0::2], values + [""]))
+
+
+def _lookup(key: str, root: dict, chain: tuple[str, ...]) -> Any:
+    """The resolved value at the dotted ``key`` of ``root`` (``chain``: the keys being resolved, for cycles)."""
+    node: Any = root
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise _NotPlain
+        node = node[part]
+    if key in chain or isinstance(node, (dict, list)) or node == MISSING_VALUE:
+        raise _NotPlain
+    return _resolve_plain(node, root, chain + (key,))
 
 
 def _has_interpolation(node: Any) -> bool:

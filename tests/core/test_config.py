@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 from ldm.core.config import (
     ConfigError,
+    apply_overrides,
     check_config,
     instantiate_from_config,
     load_config,
@@ -65,6 +66,23 @@ def test_an_override_steps_into_a_list_by_index_as_omegaconf_update_does():
     assert load_config(path, overrides) == OmegaConf.to_container(expected)
     with pytest.raises(ConfigError, match=r"callbacks.3.params.steps=2: '3' is not an index of the list there \(it has 1 item\)"):
         load_config(path, ["callbacks.3.params.steps=2"])
+
+
+INTERPOLATION_CASES = [{"a": {"b": 3}, "c": "${a.b}"}, {"a": "x", "c": "p/${a}/q-${a}"}, {"a": "${b}", "b": "${d.e}", "d": {"e": 1}},
+                       {"a": None, "c": "${a}"}, {"a": 0.5, "c": "lr${a}"}, {"a": True, "c": "on=${a}"},
+                       {"a": {"b": 1}, "c": "${a}"}, {"a": [1, 2], "c": "${a}"}, {"a": 1, "c": "\\${a}"},
+                       {"a": {"b": 1, "c": "${.b}"}}, {"a": "x", "c": ["${a}", {"d": "${a}"}]}, {"a-b": {"c_d": 2}, "e": "${a-b.c_d}"}]
+
+
+@pytest.mark.parametrize("container", INTERPOLATION_CASES)
+def test_interpolations_resolve_as_omegaconf_resolves_them(container):
+    assert apply_overrides(container, [], "test") == OmegaConf.to_container(OmegaConf.create(container), resolve=True)
+
+
+@pytest.mark.parametrize("container", [{"c": "${a.b}"}, {"a": "${c}", "c": "${a}"}, {"a": "???", "c": "${a}"}])
+def test_an_interpolation_omegaconf_cannot_resolve_is_a_config_error(container):
+    with pytest.raises(ConfigError, match="test: cannot apply overrides"):
+        apply_overrides(container, [], "test")
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(str(REPO_ROOT / "configs" / "**" / "*.yaml"), recursive=True)))
