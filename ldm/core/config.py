@@ -388,9 +388,8 @@ def check_arguments(obj: Any, kwargs: dict, where: str) -> None:
 
 
 def _check_call(obj: Any, params: dict, where: str) -> None:
-    try:
-        sig = inspect.signature(obj)
-    except (TypeError, ValueError):
+    sig = _signature(obj)
+    if sig is None:
         return  # builtins without a signature: let the call itself complain
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
     named = {
@@ -420,7 +419,18 @@ def _qualname(obj: Any) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
 
 
+@functools.lru_cache(maxsize=None)
+def _signature(obj: Any) -> inspect.Signature | None:
+    """``inspect.signature(obj)`` (None for builtins without one), once per target."""
+    try:
+        return inspect.signature(obj)
+    except (TypeError, ValueError):
+        return None
+
+
+@functools.lru_cache(maxsize=None)
 def _type_hints(obj: Any) -> dict:
+    """The evaluated annotations of a target's parameters, once per target."""
     func = obj.__init__ if inspect.isclass(obj) else obj
     try:
         return typing.get_type_hints(func)
