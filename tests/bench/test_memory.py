@@ -208,8 +208,8 @@ def test_a_toy_step_splits_its_peak_by_kind_and_checkpointing_lowers_it():
     assert peaks[True].by_kind[WEIGHTS] == peaks[False].by_kind[WEIGHTS]
 
 
-# scripts/bench_memory.py's table (one row per configuration, all 8 by default): tests/bench/tables.py, checked on the one
-# run of README's command (tests/test_readme.py::test_readme_benchmark_runs, on tests/sdxl_toy's config).
+# scripts/bench_memory.py's table (one row per configuration, all 8 by default): tests/bench/tables.py, checked on the
+# one run of README's command (tests/test_readme.py::test_readme_benchmark_runs, on tests/bench/memory_toy's config).
 
 
 def test_bad_size_is_a_one_line_error_and_the_choices_are_the_library_s(tmp_path):
