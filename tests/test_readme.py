@@ -20,7 +20,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ldm.core.config import save_config
 from tests.aspect_folder import make_aspect_folder
+from tests.bench.memory_toy import toy_config as memory_toy_config
 from tests.bench.tables import TABLE_CHECKS
 from tests.paths import REPO_ROOT
 from tests.sdxl_toy import write_xl_file
@@ -33,6 +35,7 @@ FOLDERS = {"<folder>": "images", "<classes>": "classes", "<captioned>": "caption
 TRAIN_SMOKE = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
                "trainer.enable_progress_bar=false", "trainer.precision=32-true", "data.params.batch_size=4"]
 CACHE_SMOKE = ["cache.data.train.params.length=16", "cache.data.val.params.length=4"]
+TOY_XL_MEMORY = "toy-sdxl-memory.yaml"  # tests/bench/memory_toy's config, written where a smoke argument names it
 # The smoke arguments of each command, by the first words of the command (longest prefix wins).
 SMOKE: dict[str, list[str]] = {
     "stages/train_vae.py": TRAIN_SMOKE + ["data.params.train.params.length=8", "data.params.val.params.length=4",
@@ -74,7 +77,8 @@ SMOKE: dict[str, list[str]] = {
     "stages/train_ldm.py --cfg configs/ldm/shapes-lora.yaml": TRAIN_SMOKE + ["callbacks=[]"],
     "scripts/compare_lora.py": ["--steps", "2", "--n", "2"],
     "scripts/bench_lora.py": ["--quick", "--precision", "fp32"],
-    "scripts/bench_memory.py": ["--size", "64", "--base", "bf16", "--text", "cached", "--checkpointing", "on"],
+    # every configuration, counted on a toy SDXL (SDXL's modules, a toy's op count) instead of SDXL's 70 blocks
+    "scripts/bench_memory.py": ["--config", TOY_XL_MEMORY, "--size", "32", "--batch", "1", "--rank", "4"],
     "scripts/bench_scale.py": ["--sizes", "30", "--workers", "1"],
     "scripts/bench_text_cache.py": ["--batch", "2"],
     "scripts/bench_threads.py": ["--stages", "vae", "--threads", "1", "--loads", "idle", "--steps", "3", "--limit", "300",
@@ -204,6 +208,8 @@ def test_readme_commands_run_in_order(tmp_path, monkeypatch):
 @pytest.mark.parametrize("command", [c for c in readme_commands() if standalone(c)])
 def test_readme_benchmark_runs(command, tmp_path, monkeypatch, capsys):
     scratch(tmp_path, monkeypatch)
+    if TOY_XL_MEMORY in smoke_arguments(shlex.split(command)[1:]):
+        save_config(memory_toy_config(), tmp_path / TOY_XL_MEMORY)
     run_readme_command(command)
     out = shlex.split(command)[shlex.split(command).index("--out") + 1] if "--out" in command else None
     assert out is None or os.listdir(tmp_path / out)  # the benchmark wrote its table where README says

@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import csv
+import itertools
 from pathlib import Path
 from typing import Callable
+
+from ldm.bench.lora_memory import DTYPES, Setup, memory_table
 
 SD15_UNET_PARAMETERS = 859_520_964
 SD15_LORA_R4_ATTENTION = 797_184  # rank 4 on q, k, v, out of SD 1.5's attention: diffusers' LoRA example's count
@@ -23,5 +26,18 @@ def check_lora_table(out: Path, printed: str) -> None:
     assert int(rows["sd15/full fine-tune"][2]) == SD15_UNET_PARAMETERS
 
 
+def check_memory_table(out: Path, printed: str) -> None:
+    """scripts/bench_memory.py counts every configuration asked (by default all 8: frozen fp32 / bf16 × text cached /
+    on the GPU × checkpointing on / off), one row each; memory.md is what it printed."""
+    text = (out / "memory.md").read_text()
+    assert text in printed
+    rows = [line for line in text.splitlines() if line.startswith("| frozen")]
+    assert [row.split("|")[1].strip() for row in rows] == [
+        Setup(batch=1, checkpointing=ckpt == "on", base=base, text=place).describe()
+        for base, place, ckpt in itertools.product(DTYPES, ("cached", "gpu"), ("on", "off"))]
+    assert memory_table([]).count("\n") == 1  # the header alone
+
+
 # script → check of its output folder (given what the command printed)
-TABLE_CHECKS: dict[str, Callable[[Path, str], None]] = {"scripts/bench_lora.py": check_lora_table}
+TABLE_CHECKS: dict[str, Callable[[Path, str], None]] = {"scripts/bench_lora.py": check_lora_table,
+                                                        "scripts/bench_memory.py": check_memory_table}

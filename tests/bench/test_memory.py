@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from ldm.bench.gpu_like import gpu_like
-from ldm.bench.lora_memory import DTYPES, Setup, adamw_with_state, build, measure, memory_table
+from ldm.bench.lora_memory import DTYPES, Setup, adamw_with_state, build, measure
 from ldm.bench.memory import (
     ACTIVATIONS,
     ADAPTERS,
@@ -32,23 +32,15 @@ from ldm.bench.memory import (
     to_fake,
 )
 from ldm.bench.timing import MEMORY_EVENT
-from ldm.core.config import save_config
 from ldm.inference.sd import SD_CONFIG_DIR, build_sd
 from ldm.io.checkpoints import params_on_meta
 from ldm.nets.lora import LoRA
+from tests.bench.memory_toy import toy_config
 from tests.paths import REPO_ROOT
 from tests.scripts import load_script
-from tests.sdxl_toy import tiny_xl_config
 
 SDXL = SD_CONFIG_DIR / "xl-base-inference.yaml"
 TOY_BATCH, TOY_SIDE, TOY_CONTEXT = 2, 32, 64  # tests/sdxl_toy's U-Net: 64-wide context
-
-
-def toy_config() -> dict:
-    """tests/sdxl_toy's SDXL config with one transformer block per attention level: every kind of op, half as many."""
-    cfg = tiny_xl_config()
-    cfg["model"]["params"]["unet"]["params"]["transformer_depth"] = [0, 1]
-    return cfg
 
 
 def toy_unet(checkpointing: bool, fake: bool):
@@ -200,12 +192,6 @@ def test_the_sdxl_model_is_built_on_fake_tensors_without_allocating_and_has_the_
     assert {p.dtype for p in adapters} == {torch.float32}
 
 
-def toy_config_file(tmp_path):
-    path = tmp_path / "toy-xl.yaml"
-    save_config(toy_config(), path)
-    return path
-
-
 def test_a_toy_step_splits_its_peak_by_kind_and_checkpointing_lowers_it():
     config = toy_config()  # a config dict: checkpointing is set on it as on a file's (the SDXL test builds a file)
     setups = {ckpt: Setup(batch=2, checkpointing=ckpt, size=32, rank=4) for ckpt in (True, False)}
@@ -222,15 +208,8 @@ def test_a_toy_step_splits_its_peak_by_kind_and_checkpointing_lowers_it():
     assert peaks[True].by_kind[WEIGHTS] == peaks[False].by_kind[WEIGHTS]
 
 
-@pytest.mark.slow
-def test_the_script_writes_a_table_with_one_row_per_configuration(tmp_path):
-    script = load_script("bench_memory")
-    text = script.main(["--config", str(toy_config_file(tmp_path)), "--size", "32", "--batch", "1", "--rank", "4",
-                        "--out", str(tmp_path)])
-    assert (tmp_path / "memory.md").read_text() == text
-    rows = [line for line in text.splitlines() if line.startswith("| frozen")]
-    assert len(rows) == 8  # fp32 / bf16 × text cached / on GPU × checkpointing on / off
-    assert memory_table([]).count("\n") == 1
+# scripts/bench_memory.py's table (one row per configuration, all 8 by default): tests/bench/tables.py, checked on the
+# one run of README's command (tests/test_readme.py::test_readme_benchmark_runs, on tests/bench/memory_toy's config).
 
 
 def test_bad_size_is_a_one_line_error_and_the_choices_are_the_library_s(tmp_path):
