@@ -82,13 +82,16 @@ def _exit_code(e: SystemExit) -> int:
     return 1
 
 
-def _as_fresh_process(log: Path, extra_env: dict[str, str]) -> None:
-    """In the child: output to ``log``, the launch environment, default signals, no inherited exit handlers or
-    logging handlers (pytest's)."""
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
+def _as_fresh_process(logs: tuple[Path, Path], extra_env: dict[str, str]) -> None:
+    """In the child: stdout and stderr to ``logs`` (the same file or two), the launch environment, default signals,
+    no inherited exit handlers or logging handlers (pytest's)."""
+    for target, log in zip((1, 2), logs):
+        if target == 1 or log != logs[0]:
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(fd, target)
+            os.close(fd)
+        else:
+            os.dup2(1, 2)
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
     sys.stdin = open(os.devnull)
@@ -180,12 +183,12 @@ def _as_rank(request: dict) -> list[str]:
     return request["argv"]
 
 
-def _run_child(script: Path, args: list[str], log: Path, extra_env: dict[str, str], ranks: int,
+def _run_child(script: Path, args: list[str], logs: tuple[Path, Path], extra_env: dict[str, str], ranks: int,
                before: Callable[[], None] | None) -> None:
     """The child's whole life: run the script as ``__main__``, exit with its status (never returns)."""
     code, forked_ranks = 1, None
     try:
-        _as_fresh_process(log, extra_env)
+        _as_fresh_process(logs, extra_env)
         if before is not None:
             before()
         waiting, request = _fork_waiting_ranks(ranks - 1)
@@ -213,16 +216,16 @@ def _run_child(script: Path, args: list[str], log: Path, extra_env: dict[str, st
 
 
 def fork_script(script: Path, args: list[str], log: Path, ranks: int = 2, fresh_ranks: bool = False,
-                before: Callable[[], None] | None = None, **extra_env: str) -> ForkedProcess:
-    """Start ``python script args…`` in a forked child with its output in ``log`` (as ``tests.procs.launch``); up to
-    ``ranks`` ranks of a distributed run forked too (see above), or, ``fresh_ranks``, Lightning's own; ``before``
-    runs in the child (in every rank) before the script."""
+                before: Callable[[], None] | None = None, err: Path | None = None, **extra_env: str) -> ForkedProcess:
+    """Start ``python script args…`` in a forked child with its output in ``log`` (as ``tests.procs.launch``; its
+    stderr in ``err`` if given); up to ``ranks`` ranks of a distributed run forked too (see above), or,
+    ``fresh_ranks``, Lightning's own; ``before`` runs in the child (in every rank) before the script."""
     log.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
-        _run_child(script, args, log, extra_env, 1 if fresh_ranks else ranks, before)
+        _run_child(script, args, (log, err or log), extra_env, 1 if fresh_ranks else ranks, before)
     return ForkedProcess(pid)
 
 
