@@ -96,8 +96,9 @@ def _as_fresh_process(logs: tuple[Path, Path], extra_env: dict[str, str]) -> Non
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
     sys.stdin = open(os.devnull)
     os.chdir(REPO_ROOT)
+    launch_env = env(**extra_env)  # read before clearing: the test process's environment and the launch's additions
     os.environ.clear()
-    os.environ.update(env(**extra_env))
+    os.environ.update(launch_env)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
     atexit._clear()
