@@ -136,10 +136,11 @@ class _ForkedRanks:
         return self.started[-1]
 
     def release(self, code: int) -> int:
-        """Wait for the started ranks (the unstarted ones end at their pipe's end); the exit code of the whole run:
-        ``code``, or 1 if the launching rank succeeded and another did not."""
-        for _, fd in self.waiting:
+        """Wait for the started ranks and the unstarted children (which end at their pipe's end); the exit code of
+        the whole run: ``code``, or 1 if the launching rank succeeded and another did not."""
+        for pid, fd in self.waiting:
             os.close(fd)
+            os.waitpid(pid, 0)
         for proc in self.started:
             try:
                 proc.wait(timeout=WAIT_RANKS_S if code == 0 else RANK_GRACE_S)
