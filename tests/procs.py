@@ -26,26 +26,18 @@ def env(**extra: str) -> dict:
             "PYTHONUNBUFFERED": "1", **extra}
 
 
-SLOW_RENAME = """
-import os, time
-_replace = os.replace
+def slow_checkpoint_renames(delay_s: float) -> None:
+    """In this process (a forked child's ``before``): each checkpoint rename waits ``delay_s`` after the temporary file
+    is complete (``os.replace`` wrapped), so a test can kill the process inside that window. The production save has
+    no hook for this."""
+    replace = os.replace
 
-def _slow_replace(src, dst, *args, **kwargs):
-    if str(dst).endswith(".ckpt"):
-        time.sleep({delay})
-    return _replace(src, dst, *args, **kwargs)
+    def slow_replace(src, dst, *args, **kwargs):
+        if str(dst).endswith(".ckpt"):
+            time.sleep(delay_s)
+        return replace(src, dst, *args, **kwargs)
 
-os.replace = _slow_replace
-"""
-
-
-def slow_checkpoint_renames(folder: Path, delay_s: float) -> dict[str, str]:
-    """Environment for a subprocess whose checkpoint renames wait ``delay_s`` after the temporary file is complete
-    (a ``sitecustomize`` on its path wraps ``os.replace``), so a test can kill it inside that window. The
-    production save has no hook for this."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "sitecustomize.py").write_text(SLOW_RENAME.format(delay=delay_s))
-    return {"PYTHONPATH": f"{folder}{os.pathsep}{REPO_ROOT}"}
+    os.replace = slow_replace
 
 
 def launch(stage: str, args: list[str], log: Path, **extra_env: str) -> subprocess.Popen:

@@ -2,8 +2,6 @@
 
 import csv
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,8 @@ from PIL import Image
 
 from ldm.data.edges import canny
 from ldm.data.shapes import ShapesDataset
+from tests.forked import fork_script
+from tests.procs import finish
 from tests.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[2]
@@ -169,10 +169,12 @@ def test_evaluate_vae_end_to_end(vae_run, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_evaluate_cli_exit_code_without_traceback(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "evaluate.py"), "vae", "--run", str(tmp_path / "x")],
-                            capture_output=True, text=True, cwd=tmp_path)
-    assert result.returncode == 2
-    assert result.stderr.strip().startswith("error: run not found") and "Traceback" not in result.stderr
+    """The script's own exit (``python scripts/evaluate.py …`` as ``__main__``), in a child forked from here."""
+    log, err = tmp_path / "evaluate.log", tmp_path / "evaluate.err"
+    finish(fork_script(REPO / "scripts" / "evaluate.py", ["vae", "--run", str(tmp_path / "x")], log, err=err), log,
+           code=2)
+    stderr = err.read_text()
+    assert stderr.strip().startswith("error: run not found") and "Traceback" not in stderr
 
 
 def test_csv_rows_with_new_columns_keep_the_old_ones(tmp_path):

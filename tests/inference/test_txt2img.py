@@ -9,7 +9,9 @@ import sys
 import pytest
 from PIL import Image
 
+from tests.forked import fork_script
 from tests.paths import REPO_ROOT
+from tests.procs import finish
 from tests.scripts import load_script
 
 SCRIPT = REPO_ROOT / "scripts" / "txt2img.py"
@@ -130,9 +132,10 @@ def test_command_line_in_a_subprocess(toy_ldm_run, tmp_path):
     assert pngs(tmp_path / "out") == ["00000-s3-a-red-circle.png"]
     assert "seeds: 3..3 (1 image)" in done.stdout
 
-    bad = subprocess.run(command + ["--steps", "0"], capture_output=True, text=True, cwd=REPO_ROOT, env=env,
-                         timeout=300)
-    assert bad.returncode == 2 and bad.stderr == "error: --steps must be at least 1, got 0\n"
+    # bad input through the script's own exit, in a child forked from here (the fresh start is proven above)
+    log, err = tmp_path / "bad.log", tmp_path / "bad.err"
+    finish(fork_script(SCRIPT, command[2:] + ["--steps", "0"], log, err=err), log, code=2)
+    assert err.read_text() == "error: --steps must be at least 1, got 0\n"
 
 
 def test_default_run_is_runs_ldm_latest(toy_ldm_run, tmp_path, monkeypatch, capsys):

@@ -53,13 +53,15 @@ def epoch_steps(paths: list[str]) -> int:
 
 @pytest.fixture(scope="module")
 def uninterrupted(square_run_args, tmp_path_factory):
-    """Two epochs in two gloo processes, probed, without a stop: (its run directory, the probe's records)."""
+    """Two epochs in two gloo processes, probed, without a stop: (its run directory, the probe's records). Its second
+    rank is the fresh interpreter Lightning's own launcher starts, as in production (every other multi-process run in
+    the tests forks its ranks, tests.forked): the resumed run, whose ranks are forked, must end on its weights."""
     args, paths = square_run_args
     out = tmp_path_factory.mktemp("uninterrupted")
     log = out / "ref.log"
     finish(launch_forked("train_ldm", ["--cfg", str(CONFIG), *args, *DDP, f"data.params.batch_size={RANK_BATCH}",
                                        "--runs-dir", str(out / "runs"),
-                                       *probed(out, "ref", 2 * epoch_steps(paths))], log), log)
+                                       *probed(out, "ref", 2 * epoch_steps(paths))], log, fresh_ranks=True), log)
     return only_run(out / "runs", "ldm"), read_probe(out / "ref.jsonl")
 
 

@@ -12,7 +12,8 @@ from ldm.io.checkpoints import load_file
 from ldm.io.runs import CHECKPOINT_DIR
 from ldm.training.cache import ensure_cache
 from tests.conftest import TINY
-from tests.procs import all_checkpoints_load, finish, launch, only_run, slow_checkpoint_renames, wait_until
+from tests.forked import launch_forked
+from tests.procs import all_checkpoints_load, finish, only_run, slow_checkpoint_renames, wait_until
 from tests.training.test_resume import assert_matches_reference, probed_config, reference_run, resume_here
 
 pytestmark = pytest.mark.slow  # subprocesses / compiles / end-to-end: `pytest -m "not slow"` skips them
@@ -33,8 +34,8 @@ def test_ldm_sigkill_while_writing_a_checkpoint_resumes_exactly(tmp_path, cache_
     ref_cfg = probed_config(tmp_path, "ldm-text.yaml", "ref")
     run_cfg = probed_config(tmp_path, "ldm-text.yaml", "run")
     log = tmp_path / "run.log"
-    proc = launch("train_ldm", ["--cfg", run_cfg, "--runs-dir", str(tmp_path / "runs"), *cache_args], log,
-                  **slow_checkpoint_renames(tmp_path / "inject", SAVE_DELAY_S))
+    proc = launch_forked("train_ldm", ["--cfg", run_cfg, "--runs-dir", str(tmp_path / "runs"), *cache_args], log,
+                         before=lambda: slow_checkpoint_renames(SAVE_DELAY_S))
 
     # Kill while step 6's checkpoint sits complete-but-unrenamed in its temporary file.
     def writing_step6() -> bool:
