@@ -76,7 +76,7 @@ def tiny_system(name: str = "v1-inference", seed: int = 0, control: bool = False
 
 @functools.cache
 def shared_tiny_system(name: str = "v1-inference", seed: int = 0):
-    """``tiny_system(name, seed)`` built once per test process, for tests that only read its modules (never change it)."""
+    """``tiny_system(name, seed)`` built once per test process, for tests that only read it (never change it)."""
     return tiny_system(name, seed)
 
 

@@ -43,8 +43,8 @@ def copy_vae_run(source: Path, runs: Path, name: str, perturb: float = 0.0, wide
 
 
 def two_vaes_under(folder: Path, toy_vae_run) -> tuple:
-    """runs/vae/A (the session's toy VAE run, untrained) as latest under ``folder``; a function that makes B (nudged weights)
-    latest."""
+    """runs/vae/A (the session's toy VAE run: written, untrained) as latest under ``folder``; a function that makes B
+    (nudged weights) latest."""
     runs = folder / "runs"
     a = copy_vae_run(Path(toy_vae_run), runs, "A")
     return runs, a, lambda **kw: copy_vae_run(Path(toy_vae_run), runs, "B", **({"perturb": 0.01} | kw))
