@@ -74,6 +74,19 @@ def tiny_system(name: str = "v1-inference", seed: int = 0, control: bool = False
     return randomize(build_sd(tiny_config(name), control=control), seed)
 
 
+@functools.cache
+def shared_tiny_system(name: str = "v1-inference", seed: int = 0):
+    """``tiny_system(name, seed)`` built once per test process, for tests that only read it (never change it)."""
+    return tiny_system(name, seed)
+
+
+@functools.cache
+def shared_file_pipeline(ckpt, config) -> Pipeline:
+    """The Pipeline of an SD file and its config, loaded once per test process and shared: for tests that only draw
+    with it (``file_pipeline`` gives a copy to change)."""
+    return _file_pipeline(ckpt, config)
+
+
 def public_state(system, ema_seed: int | None = 1, hf_text: bool = True) -> dict[str, torch.Tensor]:
     """``system``'s weights as a public SD file holds them; with ``ema_seed`` an EMA copy that differs."""
     state = {k: v.clone() for k, v in system.state_dict().items() if k not in ("scale_factor", "image_size")}

@@ -37,8 +37,8 @@ def bucket_overrides(vae_run, folder, cache_dir) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def bucket_cache(tiny_vae_run, mixed):
-    args = bucket_overrides(tiny_vae_run, mixed, mixed.parent / "cache")  # beside the data the fixture made
+def bucket_cache(toy_vae_run, mixed):
+    args = bucket_overrides(toy_vae_run, mixed, mixed.parent / "cache")  # beside the data the fixture made
     meta = ensure_cache(load_config(CONFIG, args))
     return mixed.parent / "cache", meta, args
 
@@ -90,8 +90,8 @@ def test_batches_hold_one_bucket(bucket_cache):
     assert len(seen) == len(dm.train_dataset) + len(dm.val_dataset) == 30
 
 
-def test_a_step_off_the_model_grid_is_refused(tiny_vae_run, mixed, tmp_path):
-    args = bucket_overrides(tiny_vae_run, mixed, tmp_path / "cache")
+def test_a_step_off_the_model_grid_is_refused(toy_vae_run, mixed, tmp_path):
+    args = bucket_overrides(toy_vae_run, mixed, tmp_path / "cache")
     with pytest.raises(ConfigError, match="buckets.step: 6 is not a multiple of 4 .*factor 2 .*downsampling 2"):
         ensure_cache(load_config(CONFIG, args + ["cache.data.train.params.buckets.step=6"]))
     with pytest.raises(ConfigError, match="resolution 2 gives no bucket .* step 4"):
@@ -121,13 +121,13 @@ def test_stage2_trains_on_buckets_and_draws_each_aspect(bucket_run, workdir):
     assert Image.open(image).size == (20, 12)
 
 
-def test_controlnet_trains_on_bucketed_hints(bucket_run, tiny_vae_run, mixed, workdir):
+def test_controlnet_trains_on_bucketed_hints(bucket_run, toy_vae_run, mixed, workdir):
     """Stage 3 on a bucketed folder (--data, Canny hints of each bucket crop): hints and latents of the same bucket
     in every cached item, grids drawn at the batch's bucket size."""
     cfg = TINY / "controlnet.yaml"
     run = train("controlnet", str(cfg), ["--cfg", str(cfg), "--runs-dir", str(workdir / "runs"), "--data", str(mixed),
                                          "data.buckets.resolution=16", f"model.params.base={bucket_run}",
-                                         f"cache.vae={tiny_vae_run}", f"cache.dir={mixed.parent / 'canny-cache'}"],
+                                         f"cache.vae={toy_vae_run}", f"cache.dir={mixed.parent / 'canny-cache'}"],
                 before_build=prepare_controlnet)
     cache = load_config(run / "config.yaml")["cache"]
     assert cache["data"]["train"]["params"]["buckets"] == {"resolution": 16, "step": 4}  # from the base's U-Net

@@ -15,6 +15,7 @@ from PIL import Image
 from ldm.data.shapes import COLORS, SHAPES
 from ldm.eval.edges_eval import takes_control
 from ldm.eval.heldout import balanced_classes, held_out
+from ldm.eval.report import append_csv, markdown_table
 from ldm.eval.sampled import parse_samplers
 from ldm.eval.shapes_reader import adherence
 from tests.scripts import load_script
@@ -122,8 +123,11 @@ def test_all_gathers_one_table(toy_vae_run, toy_ldm_run, toy_class_run, tmp_path
     argv = ["all", "--vae", str(toy_vae_run), "--ldm", str(toy_ldm_run), "--class-run", str(toy_class_run),
             "--n", "4", "--samplers", "ddim:2", "--sampler", "ddim:3", "--quick", "--classifier-cache", str(CLASSIFIER_CACHE), "--grids",
             "--out", str(out)]
-    evaluate.main(argv)
-    rows = evaluate.main(argv)  # a second run rewrites the table, it does not append
+    stale = {"time": "2000-01-01 00:00:00", "section": "vae", "run": "old", "setting": "old", "measure": "PSNR (dB)",
+             "value": 0.0}
+    append_csv(out / "eval.csv", stale)  # what an earlier `all` left: rewritten, not appended to
+    (out / "eval.md").write_text(markdown_table([stale]) + "\n")
+    rows = evaluate.main(argv)
     capsys.readouterr()
     assert {r["section"] for r in rows} == {"vae", "adherence", "fid", "classes"}
     measures = {(r["section"], r["measure"]) for r in rows}
@@ -133,5 +137,6 @@ def test_all_gathers_one_table(toy_vae_run, toy_ldm_run, toy_class_run, tmp_path
     table = _table((out / "eval.md").read_text())
     assert table[0] == ["section", "run", "setting", "measure", "value"] and len(table) == len(rows) + 1
     with open(out / "eval.csv") as f:
-        assert len(list(csv.DictReader(f))) == len(rows)
+        written = list(csv.DictReader(f))
+    assert len(written) == len(rows) and "old" not in {r["run"] for r in written}
     assert {p.name for p in out.glob("*.png")} == {"vae.png", "adherence.png", "fid.png", "classes.png"}

@@ -3,6 +3,7 @@ gives our outputs; a kohya-layout file written by hand in this test loads throug
 folded in by hand; unknown keys and misfit shapes are refused naming them; folding equals the live adapter; the module
 names match diffusers' own converter."""
 
+import functools
 import json
 
 import numpy as np
@@ -21,7 +22,7 @@ from ldm.io.lineage import lineage_hashes, read_lineage
 from ldm.io.lora_layout import LoraFileError, diffusers_unet_path, hf_text_path
 from ldm.nets.lora import UNET_TARGETS, LoRA, adaptable_modules
 from tests.scripts import load_script
-from tests.sd_toy import file_pipeline, tiny_config, tiny_system, write_sd_file
+from tests.sd_toy import file_pipeline, shared_tiny_system, tiny_config, write_sd_file
 
 ALL = LoRA(rank=4, alpha=8, unet_targets=list(UNET_TARGETS),
            text_targets=["attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", "mlp.c_fc", "mlp.c_proj"])
@@ -59,6 +60,12 @@ def trained(sd):
     return system.eval(), weights, files
 
 
+@functools.cache
+def _base(ckpt, config):
+    """Our system of the toy file without a LoRA, loaded once for the tests that only read it."""
+    return load_sd(config, ckpt)
+
+
 def inputs(seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([20, 700])
@@ -74,7 +81,7 @@ def outputs(unet, text, tokens_or_prompts, x, t):
 def test_module_names_match_diffusers_own_converter():
     single_file = pytest.importorskip("diffusers.loaders.single_file_utils")
     for name in ("v1-inference", "v2-inference"):
-        unet = tiny_system(name).model.diffusion_model
+        unet = shared_tiny_system(name).model.diffusion_model  # read only
         params = load_config_params(name)
         state = {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
         converted = single_file.convert_ldm_unet_checkpoint(state, diffusers_unet_config(params))
@@ -97,7 +104,7 @@ def test_a_lora_exported_here_gives_our_output_in_diffusers_load_lora_weights(sd
     diffusers = pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
     system, weights, files = trained
-    base = load_sd(sd[1], sd[0])
+    base = _base(sd[0], sd[1])  # read only
     unet = diffusers_unet_like(base.model.diffusion_model, load_config_params("v1-inference")).eval()
     pipe = diffusers.StableDiffusionPipeline(
         vae=diffusers.AutoencoderKL(), text_encoder=diffusers_text_encoder_like(base.cond_stage_model).eval(),
@@ -210,7 +217,7 @@ def test_a_file_with_a_wrong_key_or_shape_is_refused_naming_it(sd, tmp_path, cap
                          "--out", str(tmp_path / "out"), *FAST])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and message in err, err
-    model = tiny_system()
+    model = shared_tiny_system()  # read only
     with pytest.raises(LoraFileError, match="key|shape|down and an up"):
         read_lora_file(path, model.model.diffusion_model, model.cond_stage_model.model)
     assert txt2img.main(["--ckpt", str(sd[0]), "--lora", str(tmp_path / "none.safetensors:0.5"), "--prompt", "x",

@@ -7,6 +7,7 @@ Files for another model family are refused naming both families."""
 import copy
 import functools
 import re
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -26,6 +27,14 @@ RANK, ALPHA = 4, 8  # alpha ≠ rank: only a file's metadata (or kohya's .alpha)
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 DRAW = dict(steps=3, guidance=5.0, sampler="euler", seed=3)
+
+
+@functools.cache
+def _sd1():
+    """A toy SD 1.x system, built once for the tests that only read its modules."""
+    from tests.sd_toy import tiny_system
+
+    return tiny_system("v1-inference")
 
 
 def _noise(seed: int, n: int) -> torch.Tensor:
@@ -132,21 +141,51 @@ def _loaded(ckpt, config) -> Pipeline:
 
 
 @functools.cache
-def ours(ckpt, config, lora=None, live=False):
-    """Our images with ``lora`` applied to a copy of the loaded file (drawn once per file and mode)."""
-    pipe = copy.deepcopy(_loaded(ckpt, config))
-    if lora is not None:
-        pipe.with_lora(lora, live=live)
+def _pristine(ckpt, config) -> dict[str, dict[str, torch.Tensor]]:
+    """The loaded file's U-Net and text weights before any LoRA is folded into them."""
+    pipe = _loaded(ckpt, config)
+    return {"model": {k: v.clone() for k, v in pipe.model.state_dict().items()},
+            "cond_stage_model": {k: v.clone() for k, v in pipe.cond_stage_model.state_dict().items()}}
+
+
+@contextmanager
+def folded(ckpt, config, lora):
+    """The loaded file's Pipeline with ``lora`` folded into its weights; its own weights (and source) put back after."""
+    pipe, pristine = _loaded(ckpt, config), _pristine(ckpt, config)
+    source = copy.deepcopy(pipe.source)
+    try:
+        yield pipe.with_lora(lora) if lora is not None else pipe
+    finally:
+        for name, state in pristine.items():
+            getattr(pipe, name).load_state_dict(state, strict=True)
+        pipe.source = source
+
+
+def _draw(pipe) -> torch.Tensor:
     return pipe.generate_tensors(PROMPTS, height=16, width=16, **DRAW) * 0.5 + 0.5  # (2, 3, 16, 16) in [0, 1]
 
 
 @functools.cache
+def ours(ckpt, config, lora=None, live=False):
+    """Our images with ``lora`` applied to the loaded file (drawn once per file and mode): folded into the shared
+    Pipeline's weights and taken out again, or as live peft adapters on a copy of it."""
+    if live:
+        return _draw(copy.deepcopy(_loaded(ckpt, config)).with_lora(lora, live=True))
+    with folded(ckpt, config, lora) as pipe:
+        return _draw(pipe)
+
+
+@functools.cache
 def theirs(ckpt, folder, lora):
-    """diffusers' images with ``lora`` loaded by its load_lora_weights (drawn once per file)."""
-    pipe = fresh_diffusers(ckpt, folder)
+    """diffusers' images with ``lora`` loaded by its load_lora_weights into the shared pipeline of the toy file, and
+    unloaded again by its unload_lora_weights (which puts its original layers back) — drawn once per file."""
+    pipe = _diffusers_base(ckpt, folder)
     pipe.load_lora_weights(str(lora))
-    return pipe(prompt=PROMPTS, height=16, width=16, num_inference_steps=DRAW["steps"], guidance_scale=DRAW["guidance"],
-                latents=_noise(DRAW["seed"], 2), output_type="pt").images
+    try:
+        return pipe(prompt=PROMPTS, height=16, width=16, num_inference_steps=DRAW["steps"],
+                    guidance_scale=DRAW["guidance"], latents=_noise(DRAW["seed"], 2), output_type="pt").images
+    finally:
+        pipe.unload_lora_weights()
 
 
 @pytest.mark.parametrize("layout", ["peft", "kohya", "kohya_sgm", "peft_no_metadata", "training_script"])
@@ -166,10 +205,8 @@ def test_attention_processor_layout_and_live_adapters(files):
 
 
 def test_families_are_refused_by_name(files, tmp_path):
-    from tests.sd_toy import tiny_system
-
     ckpt, config, _, made = files
-    sd1 = tiny_system("v1-inference")
+    sd1 = _sd1()  # read only
     with pytest.raises(LoraFileError, match="no module of this SD 1.x / 2.x model has.*looks like kohya for SDXL"):
         read_lora_file(made["kohya"], sd1.model.diffusion_model, text_towers(sd1.cond_stage_model))
     xl = _loaded(ckpt, config)  # read only
@@ -187,9 +224,7 @@ def test_families_are_refused_by_name(files, tmp_path):
 
 def test_kohya_te1_on_a_one_encoder_model_is_its_encoder(tmp_path):
     """diffusers' convert_state_dict_to_kohya names SD 1.x's text encoder lora_te1_: the same as lora_te_."""
-    from tests.sd_toy import tiny_system
-
-    system = tiny_system("v1-inference")
+    system = _sd1()  # read only
     unet, text = system.model.diffusion_model, text_towers(system.cond_stage_model)
     g = torch.Generator().manual_seed(1)
     names = ["text_model_encoder_layers_1_self_attn_v_proj", "text_model_encoder_layers_0_mlp_fc1"]
@@ -266,10 +301,10 @@ def test_conv_layer_names_match_diffusers_own_converter():
     from ldm.bench.mapping import diffusers_unet_config
     from ldm.inference.lora_files import conv_lora_modules
     from ldm.io.checkpoints import UNET_PREFIX
-    from tests.sd_toy import tiny_config, tiny_system
+    from tests.sd_toy import tiny_config
     from tests.sdxl_toy import tiny_xl_system
 
-    for system, config in ((tiny_system("v1-inference"), tiny_config("v1-inference")),
+    for system, config in ((_sd1(), tiny_config("v1-inference")),
                            (tiny_xl_system(), tiny_xl_config())):
         unet = system.model.diffusion_model
         state = {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}

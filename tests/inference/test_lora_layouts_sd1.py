@@ -17,7 +17,7 @@ from ldm.inference.sd import load_sd
 from ldm.io.checkpoints import UNET_PREFIX
 from ldm.io.lora_layout import LoraFileError, diffusers_unet_path
 from ldm.inference.lora_files import conv_lora_modules
-from tests.sd_toy import file_pipeline, tiny_config, tiny_system, write_sd_file
+from tests.sd_toy import file_pipeline, shared_file_pipeline, shared_tiny_system, tiny_config, write_sd_file
 
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
@@ -109,17 +109,27 @@ def layout(state: dict, name: str) -> tuple[dict, dict]:
     return old, {}
 
 
-def diffusers_outputs(sd, path):
-    """(text context, U-Net output) of diffusers' pipeline with the file loaded by its load_lora_weights."""
-    unet, text, base = twins(sd)
-    pipe = diffusers.StableDiffusionPipeline(
+@functools.cache
+def _diffusers_pipeline(ckpt, config):
+    """diffusers' pipeline over the twins of the toy file, built once (a LoRA is loaded into it and unloaded again)."""
+    unet, text, _ = _twins(ckpt, config)
+    return diffusers.StableDiffusionPipeline(
         vae=diffusers.AutoencoderKL(), text_encoder=text, tokenizer=None, unet=unet,
         scheduler=diffusers.DDIMScheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def diffusers_outputs(sd, path):
+    """(text context, U-Net output) of diffusers' pipeline with the file loaded by its load_lora_weights (and taken
+    out after by its unload_lora_weights, which puts the twins' own layers back)."""
+    pipe, base = _diffusers_pipeline(sd[0], sd[1]), _twins(sd[0], sd[1])[2]
     pipe.load_lora_weights(str(path))
     x, t = inputs()
-    with torch.no_grad():
-        context = pipe.text_encoder(base.cond_stage_model.tokenizer(PROMPTS)).last_hidden_state
-        return context, pipe.unet(x, t, encoder_hidden_states=context).sample
+    try:
+        with torch.no_grad():
+            context = pipe.text_encoder(base.cond_stage_model.tokenizer(PROMPTS)).last_hidden_state
+            return context, pipe.unet(x, t, encoder_hidden_states=context).sample
+    finally:
+        pipe.unload_lora_weights()
 
 
 def inputs():
@@ -140,7 +150,7 @@ def test_every_layout_gives_the_output_diffusers_gives(sd, peft_lora, name):
     path = sd[2] / f"{name}.safetensors"
     save_file(tensors, str(path), metadata=metadata)
     theirs = diffusers_outputs(sd, path)
-    base = our_outputs(loaded(sd))
+    base = our_outputs(shared_file_pipeline(sd[0], sd[1]))  # read only
     assert (theirs[1] - base[1]).abs().max() > 0.05 and (theirs[0] - base[0]).abs().max() > 0.05  # the LoRA acts
     for live in (False, True):
         ours = our_outputs(loaded(sd).with_lora(path, live=live))
@@ -153,7 +163,7 @@ def test_alpha_is_read_from_the_metadata_and_is_the_rank_without_it(sd, peft_lor
     for name in ("peft", "peft-no-metadata"):
         tensors, metadata = layout(peft_lora, name)
         save_file(tensors, str(sd[2] / f"alpha-{name}.safetensors"), metadata=metadata)
-        system = tiny_system(seed=7)
+        system = shared_tiny_system()  # read only: the scales read from the file
         weights = read_lora_file(sd[2] / f"alpha-{name}.safetensors", system.model.diffusion_model,
                                  system.cond_stage_model.model)
         outputs[name] = {w.scale for w in weights}
@@ -162,7 +172,7 @@ def test_alpha_is_read_from_the_metadata_and_is_the_rank_without_it(sd, peft_lor
 
 def test_locon_module_names_match_diffusers_own_converter():
     single_file = pytest.importorskip("diffusers.loaders.single_file_utils")
-    unet = tiny_system("v1-inference").model.diffusion_model
+    unet = shared_tiny_system("v1-inference").model.diffusion_model  # read only
     params = tiny_config("v1-inference")["model"]["params"]["unet"]["params"]
     state = {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
     converted = single_file.convert_ldm_unet_checkpoint(state, diffusers_unet_config(params))
@@ -190,7 +200,7 @@ def test_locon_module_names_match_diffusers_own_converter():
 def test_a_file_for_another_family_or_of_another_type_is_refused_naming_it(tmp_path, keys, message):
     path = tmp_path / "other.safetensors"
     save_file({k: torch.zeros(shape) for k, shape in keys.items()}, str(path))
-    system = tiny_system()
+    system = shared_tiny_system()  # read only
     with pytest.raises(LoraFileError) as refused:
         read_lora_file(path, system.model.diffusion_model, system.cond_stage_model.model)
     assert message in str(refused.value) and "\n" not in str(refused.value)

@@ -19,7 +19,7 @@ from ldm.eval.fid import frechet_distance
 from ldm.eval.measures import class_accuracy, fid
 
 # A small, quickly trained classifier for the mechanics (16 px, a few seconds).
-FAST = dict(n_train=1500, epochs=5, batch_size=32, lr=1e-2, n_val=500)
+FAST = dict(n_train=1500, epochs=4, batch_size=32, lr=1e-2, n_val=200)  # 99 % on the 300 test images below
 # The default classifier at 32 px is trained once and kept between test sessions, as evaluate.py keeps it.
 SHARED_CACHE = Path(os.environ.get("TMPDIR", "/tmp")) / "ldm-test-cache" / "classifier"
 

@@ -42,18 +42,18 @@ def copy_vae_run(source: Path, runs: Path, name: str, perturb: float = 0.0, wide
     return run
 
 
-def two_vaes_under(folder: Path, tiny_vae_run) -> tuple:
-    """runs/vae/A (the session's tiny VAE) as latest under ``folder``; a function that makes B (nudged weights)
-    latest."""
+def two_vaes_under(folder: Path, toy_vae_run) -> tuple:
+    """runs/vae/A (the session's toy VAE run: written, untrained) as latest under ``folder``; a function that makes B
+    (nudged weights) latest."""
     runs = folder / "runs"
-    a = copy_vae_run(Path(tiny_vae_run), runs, "A")
-    return runs, a, lambda **kw: copy_vae_run(Path(tiny_vae_run), runs, "B", **({"perturb": 0.01} | kw))
+    a = copy_vae_run(Path(toy_vae_run), runs, "A")
+    return runs, a, lambda **kw: copy_vae_run(Path(toy_vae_run), runs, "B", **({"perturb": 0.01} | kw))
 
 
 @pytest.fixture
-def two_vaes(tmp_path, tiny_vae_run):
+def two_vaes(tmp_path, toy_vae_run):
     """runs/vae/A as latest in this test's folder, and the function that makes B latest."""
-    return two_vaes_under(tmp_path, tiny_vae_run)
+    return two_vaes_under(tmp_path, toy_vae_run)
 
 
 def train_ldm(runs: Path, cache: Path, *extra: str) -> Path:
@@ -63,11 +63,11 @@ def train_ldm(runs: Path, cache: Path, *extra: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def pinned_run(tmp_path_factory, tiny_vae_run):
+def pinned_run(tmp_path_factory, toy_vae_run):
     """(runs, A, a stage-2 run on runs/vae/latest = A, its cache), trained once for the tests that only read it or
     are refused before they write (a test that moves the link or resumes trains its own)."""
     folder = tmp_path_factory.mktemp("lineage")
-    runs, a, _ = two_vaes_under(folder, tiny_vae_run)
+    runs, a, _ = two_vaes_under(folder, toy_vae_run)
     return runs, a, train_ldm(runs, folder / "cache"), folder / "cache"
 
 
@@ -99,12 +99,12 @@ def test_a_resume_with_another_objective_is_refused_and_keeps_the_config(pinned_
 
 
 @pytest.fixture(scope="module")
-def moved_link(tmp_path_factory, tiny_vae_run):
+def moved_link(tmp_path_factory, toy_vae_run):
     """(runs, A, a stage-2 run pinned to A, its cache, its lineage.json as written) after runs/vae/latest moved on to
     B (nudged weights): trained once for the test that resumes it and the one that builds a ControlNet on it (either
     order holds: the ControlNet only reads the base, a resume keeps its lineage and VAE)."""
     folder = tmp_path_factory.mktemp("moved-link")
-    runs, a, make_b = two_vaes_under(folder, tiny_vae_run)
+    runs, a, make_b = two_vaes_under(folder, toy_vae_run)
     run = train_ldm(runs, folder / "cache")
     lineage = (run / LINEAGE_FILE).read_bytes()
     make_b()
@@ -147,12 +147,12 @@ def test_resuming_a_vae_run_as_stage_2_names_the_right_script(two_vaes, caplog):
     assert "is a vae run" in line and "train_vae.py --resume" in line and "cache:" not in line
 
 
-def test_pinned_weights_hash_is_the_cache_s(tiny_vae_run):
+def test_pinned_weights_hash_is_the_cache_s(toy_vae_run):
     from ldm.inference.loaders import load_autoencoder
     from ldm.io.lineage import vae_hash_of
 
-    ckpt = Path(tiny_vae_run) / CHECKPOINT_DIR / LAST_CHECKPOINT
-    assert vae_hash_of(ckpt) == load_autoencoder(tiny_vae_run)[1]["hash"]
+    ckpt = Path(toy_vae_run) / CHECKPOINT_DIR / LAST_CHECKPOINT
+    assert vae_hash_of(ckpt) == load_autoencoder(toy_vae_run)[1]["hash"]
     assert torch.is_tensor(next(iter(state_dict_of(load_file(ckpt)).values())))
 
 
