@@ -16,7 +16,6 @@ import functools
 import importlib
 import inspect
 import os
-import re
 import types
 import typing
 from pathlib import Path
@@ -27,6 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ldm.core.aliases import resolve_alias
 from ldm.core.atomic import write_text_atomic
+from ldm.core.config_merge import has_interpolation, merge_plain, override_value, resolve, set_override
 from ldm.core.errors import UserError
 from ldm.core.migrate import upgrade_config
 from ldm.core.paths import config_path
@@ -55,8 +55,6 @@ TOP_LEVEL_KEYS = frozenset(
      "threads", "folder_epochs", "lineage"}
 )
 NODE_KEYS = frozenset({"target", "params"})
-PLAIN_INTERPOLATION = re.compile(r"\$\{([A-Za-z_][\w-]*(?:\.[A-Za-z_][\w-]*)*)\}")  # ${cache.dir}
-MISSING_VALUE = "???"  # OmegaConf's mark of a value still to be given: merging it keeps the value there
 
 
 class ConfigError(UserError, ValueError):
@@ -101,125 +99,16 @@ def apply_overrides(container: dict, overrides: Iterable[str], where: str) -> di
             container = copy.deepcopy(container)
         for override in overrides:
             key = override.split("=", 1)[0]
-            _override(container, key.split("."), _override_value(override))
-        if not _has_interpolation(container):  # OmegaConf's resolve would give it back as is
-            return container
-        return _resolve(container)
+            set_override(container, key.split("."), override_value(key, override))
+        return resolve(container) if has_interpolation(container) else container
     except (OmegaConfBaseException, TypeError, ValueError) as e:  # e.g. `callbacks.5.x=1` on a list of one
         raise ConfigError(f"{where}: cannot apply overrides {' '.join(overrides)}: {e}") from e
-
-
-def _override_value(override: str) -> Any:
-    """The value of one ``key=value`` override, typed as OmegaConf types it (1 → int, [a,b] → list, null → None)."""
-    value: Any = OmegaConf.to_container(OmegaConf.from_dotlist([override]))
-    for part in override.split("=", 1)[0].split("."):
-        value = value[part]
-    return value
-
-
-def _override(node: dict | list, parts: list[str], value: Any) -> None:
-    """Set the dotted key ``parts`` under ``node`` to ``value`` by ``OmegaConf.merge``'s rules, stepping into lists
-    by index (``callbacks.0.params.steps=2``) as ``OmegaConf.update`` does."""
-    part, rest = parts[0], parts[1:]
-    if isinstance(node, list):
-        if not (part.isdigit() and int(part) < len(node)):
-            raise ValueError(f"{part!r} is not an index of the list there (it has {len(node)} item"
-                             f"{'' if len(node) == 1 else 's'})")
-        if rest and isinstance(node[int(part)], (dict, list)):
-            _override(node[int(part)], rest, value)
-        else:
-            node[int(part)] = _merge_into({"item": node[int(part)]}, {"item": _nest(rest, value)})["item"]
-    elif rest and isinstance(node.get(part), (dict, list)):
-        _override(node[part], rest, value)
-    else:
-        _merge_into(node, {part: _nest(rest, value)})
-
-
-def _nest(parts: list[str], value: Any) -> Any:
-    """``value`` under the dotted key ``parts`` (``["a", "b"]`` → ``{"a": {"b": value}}``)."""
-    for part in reversed(parts):
-        value = {part: value}
-    return value
-
-
-def merge_plain(dest: dict, src: dict) -> dict:
-    """``src`` merged over a copy of ``dest`` by ``OmegaConf.merge``'s rules, on plain containers (tens of times
-    faster): mappings merge key by key, anything else replaces, ``???`` (missing) keeps what was there, and a list
-    meeting a mapping is an error."""
-    return _merge_into(copy.deepcopy(dest), src)
-
-
-def _merge_into(dest: dict, src: dict) -> dict:
-    for key, value in src.items():
-        old = dest.get(key)
-        if isinstance(value, str) and value == MISSING_VALUE and key in dest:
-            continue
-        if isinstance(value, dict) and isinstance(old, dict):
-            _merge_into(old, value)
-        elif isinstance(value, (dict, list)) and isinstance(old, (dict, list)) and type(value) is not type(old):
-            raise TypeError(f"cannot merge a {type(value).__name__} into the {type(old).__name__} at {key!r}")
-        else:
-            dest[key] = copy.deepcopy(value)
-    return dest
 
 
 @functools.lru_cache(maxsize=PARSED_CACHE_SIZE)
 def _parse_yaml(text: str) -> Any:
     """YAML text → plain containers, by OmegaConf's own YAML rules; kept per text (a run's config is read often)."""
     return OmegaConf.to_container(OmegaConf.create(text), resolve=False)
-
-
-class _NotPlain(Exception):
-    """An interpolation beyond ``${dotted.key}`` to a key that holds a value (OmegaConf resolves it, or says why not)."""
-
-
-def _resolve(container: dict) -> dict:
-    """``container`` with its interpolations resolved as OmegaConf resolves them: the common ``${dotted.key}`` form
-    here (a config loads in a few ms), any other (resolvers, relative keys, escapes, a missing key) by OmegaConf."""
-    try:
-        return _resolve_plain(container, container, ())
-    except _NotPlain:
-        return OmegaConf.to_container(OmegaConf.create(container), resolve=True)
-
-
-def _resolve_plain(node: Any, root: dict, chain: tuple[str, ...]) -> Any:
-    if isinstance(node, dict):
-        if any(isinstance(k, str) and "${" in k for k in node):
-            raise _NotPlain
-        return {k: _resolve_plain(v, root, chain) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_resolve_plain(v, root, chain) for v in node]
-    if not (isinstance(node, str) and "${" in node):
-        return node
-    whole = PLAIN_INTERPOLATION.fullmatch(node)
-    if whole:
-        return _lookup(whole.group(1), root, chain)
-    parts = PLAIN_INTERPOLATION.split(node)  # text, key, text, key, …, text
-    values = [_lookup(key, root, chain) for key in parts[1::2]]
-    if "${" in "".join(parts[0::2]) or "\\" in node or not all(type(v) in (str, int) for v in values):
-        raise _NotPlain  # another form, an escape, or a value OmegaConf would format its own way
-    return "".join(text + str(value) for text, value in zip(parts[0::2], values + [""]))
-
-
-def _lookup(key: str, root: dict, chain: tuple[str, ...]) -> Any:
-    """The resolved value at the dotted ``key`` of ``root`` (``chain``: the keys being resolved, for cycles)."""
-    node: Any = root
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            raise _NotPlain
-        node = node[part]
-    if key in chain or isinstance(node, (dict, list)) or node == MISSING_VALUE:
-        raise _NotPlain
-    return _resolve_plain(node, root, chain + (key,))
-
-
-def _has_interpolation(node: Any) -> bool:
-    """Whether any key or string value holds an OmegaConf interpolation (``${…}``)."""
-    if isinstance(node, dict):
-        return any(_has_interpolation(k) or _has_interpolation(v) for k, v in node.items())
-    if isinstance(node, list):
-        return any(_has_interpolation(v) for v in node)
-    return isinstance(node, str) and "${" in node
 
 
 def _load_with_bases(path: Path, seen: tuple[Path, ...]) -> dict:

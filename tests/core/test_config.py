@@ -13,8 +13,8 @@ from ldm.core.config import (
     check_config,
     instantiate_from_config,
     load_config,
-    merge_plain,
 )
+from ldm.core.config_merge import merge_plain
 from ldm.core.migrate import upgrade_config
 from tests.paths import REPO_ROOT
 
