@@ -1,5 +1,6 @@
 """Shared test set-up: offline, toy sizes, runs written under a temporary folder."""
 
+import gc
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,6 +24,24 @@ def pytest_xdist_auto_num_workers(config) -> int:
     """`pytest -n auto`: one test process per core this process may use, no more than memory holds."""
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return max(1, min(len(os.sched_getaffinity(0)), int(memory_gib // WORKER_MEMORY_GIB)))
+
+
+GC_THRESHOLDS = (50_000, 20, 100)  # young objects between collections, and the older generations' counts (default 700, 10, 10)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection(session):
+    """Collect with the garbage collector off, then freeze what collection imported: the libraries' ~600k objects
+    (torch, Lightning, transformers, diffusers) are never traced again, and tests run with fewer, younger
+    collections (measured: GC time 2.2 → 0.6 CPU-s on tests/inference/test_pipeline.py tests/diffusion tests/nets)."""
+    gc.disable()
+    try:
+        return (yield)
+    finally:
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
+        gc.enable()
 
 
 def pytest_collection_modifyitems(config, items) -> None:
