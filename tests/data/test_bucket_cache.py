@@ -106,6 +106,7 @@ def bucket_run(bucket_cache, workdir):
                                       "buckets", *args, "trainer.max_steps=4"], before_build=ensure_cache)
 
 
+@pytest.mark.slow
 def test_stage2_trains_on_buckets_and_draws_each_aspect(bucket_run, workdir):
     run = bucket_run
     grid = run / SAMPLES_DIR / "ldm-step0000004.png"
@@ -121,6 +122,7 @@ def test_stage2_trains_on_buckets_and_draws_each_aspect(bucket_run, workdir):
     assert Image.open(image).size == (20, 12)
 
 
+@pytest.mark.slow
 def test_controlnet_trains_on_bucketed_hints(bucket_run, toy_vae_run, mixed, workdir):
     """Stage 3 on a bucketed folder (--data, Canny hints of each bucket crop): hints and latents of the same bucket
     in every cached item, grids drawn at the batch's bucket size."""
@@ -140,6 +142,7 @@ def test_controlnet_trains_on_bucketed_hints(bucket_run, toy_vae_run, mixed, wor
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
 
 
+@pytest.mark.slow
 def test_vae_trains_on_buckets_with_its_own_factor(mixed, workdir):
     """Stage 1 on a bucketed folder: the step is the VAE's factor, batches one bucket each, the grid drawn."""
     cfg = TINY / "vae.yaml"

@@ -52,52 +52,52 @@ def test_identity_is_a_function_of_a_plain_dict():
     assert cache_identity(spec) != cache_identity({**spec, "buckets": [[16, 16]]})  # a new field changes it
 
 
-def test_added_images_and_edited_captions_give_a_new_cache(tmp_path, tiny_vae_run, caplog):
+def test_added_images_and_edited_captions_give_a_new_cache(tmp_path, toy_vae_run, caplog):
     root = tmp_path / "captioned"
     draw(root, [f"img{i}" for i in range(12)])
-    cfg = folder_cfg(root, tiny_vae_run, tmp_path)
+    cfg = folder_cfg(root, toy_vae_run, tmp_path)
     first = ensure_cache(cfg)
     first_dir = cfg["cache"]["dir"]
     draw(root, ["img12", "img13", "img14"], seed=1)
     caplog.set_level(logging.INFO, logger="ldm")
-    cfg = folder_cfg(root, tiny_vae_run, tmp_path)
+    cfg = folder_cfg(root, toy_vae_run, tmp_path)
     second = ensure_cache(cfg)
     assert cfg["cache"]["dir"] != first_dir and second["count"] == first["count"] + 3
     assert "was built from other sources" in caplog.text and "items" in caplog.text
     assert cfg["data"]["params"]["train"]["params"]["cache_dir"] == cfg["cache"]["dir"]  # the run reads the new one
     (root / "img3.txt").write_text("an edited caption")
     os.utime(root / "img3.txt", ns=(1, 1))
-    cfg = folder_cfg(root, tiny_vae_run, tmp_path)
+    cfg = folder_cfg(root, toy_vae_run, tmp_path)
     third = ensure_cache(cfg)
     captions = [item["caption"] for split in ("train", "val") for item in LatentDataset(cfg["cache"]["dir"], split)]
     assert third["identity"] != second["identity"] and "an edited caption" in captions
     caplog.clear()
-    again = folder_cfg(root, tiny_vae_run, tmp_path)
+    again = folder_cfg(root, toy_vae_run, tmp_path)
     assert ensure_cache(again)["identity"] == third["identity"] and again["cache"]["dir"] == cfg["cache"]["dir"]
     assert "caching" not in caplog.text
 
 
-def test_a_finished_cache_is_not_relabelled_as_another_folder_s(tmp_path, tiny_vae_run, capsys):
+def test_a_finished_cache_is_not_relabelled_as_another_folder_s(tmp_path, toy_vae_run, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     draw(a, [f"img{i}" for i in range(8)])
     draw(b, [f"pic{i}" for i in range(8)], seed=3)
-    cfg = folder_cfg(a, tiny_vae_run, tmp_path)
+    cfg = folder_cfg(a, toy_vae_run, tmp_path)
     ensure_cache(cfg)
     spec = importlib.util.spec_from_file_location("cache_latents_script", REPO_ROOT / "stages" / "cache_latents.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     with pytest.raises(SystemExit) as e:
-        script.main(["--cfg", str(TINY / "ldm-text.yaml"), "--vae", str(tiny_vae_run), "--data", str(b),
+        script.main(["--cfg", str(TINY / "ldm-text.yaml"), "--vae", str(toy_vae_run), "--data", str(b),
                      "--out", cfg["cache"]["dir"]])
     assert e.value.code == 2
     assert "holds a finished cache of other sources" in capsys.readouterr().err
     assert all(p.startswith("img") for p in cached_paths(cfg["cache"]["dir"]))
 
 
-def test_an_interrupted_cache_resumed_after_images_were_added_holds_each_image_once(tmp_path, tiny_vae_run):
+def test_an_interrupted_cache_resumed_after_images_were_added_holds_each_image_once(tmp_path, toy_vae_run):
     root = tmp_path / "captioned"
     draw(root, [f"img{i}" for i in range(14)])
-    cfg = folder_cfg(root, tiny_vae_run, tmp_path, "cache.shard_size=4")
+    cfg = folder_cfg(root, toy_vae_run, tmp_path, "cache.shard_size=4")
     make_cache(cfg)
     cache = Path(cfg["cache"]["dir"])
     meta = json.loads((cache / "meta.json").read_text())
@@ -105,7 +105,7 @@ def test_an_interrupted_cache_resumed_after_images_were_added_holds_each_image_o
     for last in sorted((cache / "train").glob("shard-*"))[-2:]:
         last.unlink()
     draw(root, ["a0", "a1", "a2"], seed=5)  # sorted first: every later image moves
-    cfg = folder_cfg(root, tiny_vae_run, tmp_path, "cache.shard_size=4")
+    cfg = folder_cfg(root, toy_vae_run, tmp_path, "cache.shard_size=4")
     cfg["cache"]["dir"] = str(cache)
     meta = make_cache(cfg)
     paths = cached_paths(str(cache))
@@ -114,10 +114,10 @@ def test_an_interrupted_cache_resumed_after_images_were_added_holds_each_image_o
     assert added & set(paths + cached_paths(str(cache), "val")) == added
 
 
-def test_a_damaged_cache_is_refused(tmp_path, tiny_vae_run):
+def test_a_damaged_cache_is_refused(tmp_path, toy_vae_run):
     root = tmp_path / "captioned"
     draw(root, [f"img{i}" for i in range(14)])
-    cfg = folder_cfg(root, tiny_vae_run, tmp_path, "cache.shard_size=4")
+    cfg = folder_cfg(root, toy_vae_run, tmp_path, "cache.shard_size=4")
     ensure_cache(cfg)
     sorted(Path(cfg["cache"]["dir"], "train").glob("shard-*.safetensors"))[-1].unlink()
     with pytest.raises(CacheError, match="is damaged: meta.json records 1[0-9] train items, its shards hold"):

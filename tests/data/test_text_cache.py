@@ -22,8 +22,8 @@ def text_config(vae_run, cache_dir, *extra):
     return load_config(TINY / "ldm-text.yaml", [f"cache.vae={vae_run}", f"cache.dir={cache_dir}", *FROZEN, *extra])
 
 
-def test_cache_holds_each_captions_embedding_and_resumes(tiny_vae_run, tmp_path):
-    cfg = text_config(tiny_vae_run, tmp_path / "c")
+def test_cache_holds_each_captions_embedding_and_resumes(toy_vae_run, tmp_path):
+    cfg = text_config(toy_vae_run, tmp_path / "c")
     meta = make_cache(cfg, progress=False)
     assert meta["text"]["complete"] and meta["text"]["context_shape"] == [16, 32]
     encoder, info = build_text_encoder(cfg)
@@ -47,18 +47,18 @@ def test_cache_holds_each_captions_embedding_and_resumes(tiny_vae_run, tmp_path)
     assert second.is_file() and first.stat().st_mtime_ns == stamp and again["text"]["encoded"]["train"] == 24
 
 
-def test_text_cache_of_another_encoder_or_a_trainable_one_is_refused(tiny_vae_run, tmp_path):
-    make_cache(text_config(tiny_vae_run, tmp_path / "c"), progress=False)
-    other = text_config(tiny_vae_run, tmp_path / "c", "seed=1")  # other random weights: another encoder
+def test_text_cache_of_another_encoder_or_a_trainable_one_is_refused(toy_vae_run, tmp_path):
+    make_cache(text_config(toy_vae_run, tmp_path / "c"), progress=False)
+    other = text_config(toy_vae_run, tmp_path / "c", "seed=1")  # other random weights: another encoder
     with pytest.raises(CacheError, match="holds text embeddings of encoder .*hash"):
         ensure_text_cache(other, read_meta(tmp_path / "c"))
-    trainable = text_config(tiny_vae_run, tmp_path / "c", "model.params.cond_stage_trainable=true")
+    trainable = text_config(toy_vae_run, tmp_path / "c", "model.params.cond_stage_trainable=true")
     with pytest.raises(ConfigError, match="cond_stage_trainable: false"):
         ensure_text_cache(trainable, read_meta(tmp_path / "c"))
 
 
-def test_system_takes_cached_context_and_drops_to_the_cached_unconditional(tiny_vae_run, tmp_path):
-    cfg = text_config(tiny_vae_run, tmp_path / "c", "model.params.ucg_rate=1.0")
+def test_system_takes_cached_context_and_drops_to_the_cached_unconditional(toy_vae_run, tmp_path):
+    cfg = text_config(toy_vae_run, tmp_path / "c", "model.params.ucg_rate=1.0")
     ensure_text_cache(cfg, ensure_cache(cfg))
     system = build_stage2_system(cfg)
     assert isinstance(system.cond_stage_model, CachedTextEncoder)
@@ -75,9 +75,9 @@ def test_system_takes_cached_context_and_drops_to_the_cached_unconditional(tiny_
 
 
 @pytest.mark.slow
-def test_stage2_trains_resumes_and_samples_on_cached_text(tiny_vae_run, tmp_path):
+def test_stage2_trains_resumes_and_samples_on_cached_text(toy_vae_run, tmp_path):
     cfg = str(TINY / "ldm-text.yaml")
-    overrides = [f"cache.vae={tiny_vae_run}", f"cache.dir={tmp_path / 'c'}", *FROZEN]
+    overrides = [f"cache.vae={toy_vae_run}", f"cache.dir={tmp_path / 'c'}", *FROZEN]
     run = train("ldm", cfg, ["--cfg", cfg, "--runs-dir", str(tmp_path / "runs"), *overrides, "trainer.max_steps=4"])
     assert list((run / "samples").glob("ldm-step*.png"))  # the grid built the real encoder for its prompts
     train("ldm", cfg, ["--resume", str(run), "trainer.max_steps=6"])

@@ -87,10 +87,10 @@ def test_exports_and_pngs_carry_the_lineage_hashes(stage2_run, exported, txt2img
             assert f"VAE hash: {vae}" in image.text["parameters"]
 
 
-def test_a_vae_run_as_reflow_source_is_named(tiny_vae_run, tmp_path, caplog):
+def test_a_vae_run_as_reflow_source_is_named(toy_vae_run, tmp_path, caplog):
     cfg = str(TINY / "ldm-reflow.yaml")
     with pytest.raises(SystemExit) as e:
-        train("reflow", cfg, ["--cfg", cfg, "--runs-dir", str(tmp_path), f"reflow.source={tiny_vae_run}"])
+        train("reflow", cfg, ["--cfg", cfg, "--runs-dir", str(tmp_path), f"reflow.source={toy_vae_run}"])
     assert e.value.code == 2
     line = caplog.records[-1].getMessage()
     assert "is not a stage-2 (latent diffusion) run" in line and "runs/ldm/" in line and "unet" not in line
@@ -110,11 +110,11 @@ def test_a_folder_of_images_smaller_than_the_recipe_s_is_one_line(tmp_path, capl
 
 
 @pytest.fixture
-def legacy_run(stage2_run, tiny_vae_run, tmp_path):
+def legacy_run(stage2_run, toy_vae_run, tmp_path):
     """A copy of the module's stage-2 run whose config names its VAE by `runs/vae/latest`, as runs did before they
     pinned their inputs; the link at a copy of its VAE."""
     runs = tmp_path / "runs"
-    copy_vae_run(Path(tiny_vae_run), runs, "A")
+    copy_vae_run(Path(toy_vae_run), runs, "A")
     run = runs / "ldm" / "legacy"
     shutil.copytree(stage2_run, run)
     cfg = load_config(run / CONFIG_FILE)
@@ -125,10 +125,10 @@ def legacy_run(stage2_run, tiny_vae_run, tmp_path):
     return runs, run
 
 
-def test_a_legacy_run_samples_after_its_vae_link_moved_reported_once(legacy_run, tiny_vae_run, txt2img, tmp_path,
+def test_a_legacy_run_samples_after_its_vae_link_moved_reported_once(legacy_run, toy_vae_run, txt2img, tmp_path,
                                                                     caplog):
     runs, run = legacy_run
-    copy_vae_run(Path(tiny_vae_run), runs, "B", perturb=0.01)
+    copy_vae_run(Path(toy_vae_run), runs, "B", perturb=0.01)
     caplog.set_level(logging.WARNING)
     for i in range(2):
         assert txt2img.main(["--run", str(run), "--prompt", "a red circle", "--steps", "1",
@@ -138,9 +138,9 @@ def test_a_legacy_run_samples_after_its_vae_link_moved_reported_once(legacy_run,
 
 
 def test_sampling_or_exporting_a_legacy_run_after_its_link_moved_to_another_architecture_names_the_link(
-        legacy_run, tiny_vae_run, txt2img, tmp_path, capsys):
+        legacy_run, toy_vae_run, txt2img, tmp_path, capsys):
     runs, run = legacy_run
-    copy_vae_run(Path(tiny_vae_run), runs, "B", widen=True)
+    copy_vae_run(Path(toy_vae_run), runs, "B", widen=True)
     code = txt2img.main(["--run", str(run), "--prompt", "a red circle", "--steps", "1", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and "first_stage" in err and "vae/latest now names" in err and "another architecture" in err

@@ -16,6 +16,8 @@ from tests.procs import logged
 
 STEPS = 4
 
+pytestmark = pytest.mark.slow  # end-to-end: six trainings through the driver, to disk
+
 
 @pytest.fixture(scope="module")
 def ldm_args(toy_vae_run, workdir):

@@ -62,6 +62,7 @@ def one_error_line(err: str) -> str:
 # ---------------------------------------------------------------------------------------- non-finite
 
 
+@pytest.mark.slow
 def test_vae_nan_stops_naming_the_step_and_last_good_checkpoint(tmp_path, capsys):
     vae = str(TINY / "vae.yaml")
     code, run = run_stage("vae", vae, tmp_path, POISON.format(4))
@@ -72,6 +73,7 @@ def test_vae_nan_stops_naming_the_step_and_last_good_checkpoint(tmp_path, capsys
     assert_finite_checkpoints(run, {"last.ckpt": 3, "step0000003.ckpt": 3})
 
 
+@pytest.mark.slow
 def test_vae_nan_skip_drops_the_update_and_counts_it(tmp_path):
     vae = str(TINY / "vae.yaml")
     code, run = run_stage("vae", vae, tmp_path, POISON.format(1), "guard.nonfinite=skip", "trainer.max_steps=4")
@@ -105,6 +107,7 @@ def ldm_args(toy_vae_run, workdir):
 Case = namedtuple("Case", "mode code steps")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", [Case("stop", EXIT_NONFINITE, {"last.ckpt": 3, "step0000003.ckpt": 3}),
                                   Case("skip", 0, {"last.ckpt": 4, "step0000003.ckpt": 3})], ids=["stop", "skip"])
 def test_ldm_nan_at_step_3(tmp_path, ldm_args, case):

@@ -53,13 +53,13 @@ def test_the_model_summary_has_no_flops_column(caplog):
     assert "Trainable params" in caplog.text
 
 
-def test_export_of_a_vae_run_says_plainly_what_it_is(tiny_vae_run, tmp_path, capsys):
+def test_export_of_a_vae_run_says_plainly_what_it_is(toy_vae_run, tmp_path, capsys):
     from tests.scripts import load_script
 
     export = load_script("export")
-    assert export.main([str(tiny_vae_run), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert export.main([str(toy_vae_run), "--out", str(tmp_path / "x.safetensors")]) == 2
     captured = capsys.readouterr()
-    assert captured.err.startswith(f"error: {tiny_vae_run} is not a stage-2 (latent diffusion) run: its model is "
+    assert captured.err.startswith(f"error: {toy_vae_run} is not a stage-2 (latent diffusion) run: its model is "
                                    "ldm.systems.autoencoder.AutoencoderKLSystem")
     assert "threads:" not in captured.out and captured.err.count("\n") == 1  # the error stands alone
 
@@ -85,7 +85,7 @@ def test_few_steps_default_to_ddim_on_the_command_line():
     assert txt2img.parse_args(["--prompt", "x", "--steps", "4", "--sampler", "dpmpp_2m"]).sampler == "dpmpp_2m"
 
 
-def test_a_folder_recipe_is_sized_by_epochs_of_its_data(tiny_vae_run, tmp_path):
+def test_a_folder_recipe_is_sized_by_epochs_of_its_data(toy_vae_run, tmp_path):
     from PIL import Image
 
     from tests.training.test_stage_plan import plan_of
@@ -94,7 +94,7 @@ def test_a_folder_recipe_is_sized_by_epochs_of_its_data(tiny_vae_run, tmp_path):
         (tmp_path / "digits" / name).mkdir(parents=True)
         for i in range(40):
             Image.new("L", (20, 20), 60 * k + i).save(tmp_path / "digits" / name / f"{i}.png")
-    argv = ["--cfg", "configs/ldm/folder-class.yaml", "--data", str(tmp_path / "digits"), f"cache.vae={tiny_vae_run}",
+    argv = ["--cfg", "configs/ldm/folder-class.yaml", "--data", str(tmp_path / "digits"), f"cache.vae={toy_vae_run}",
             f"cache.dir={tmp_path / 'cache'}", "data.params.batch_size=16"]
     plan = plan_of("ldm", argv)
     items = int(dict(plan.derived)["training items"])

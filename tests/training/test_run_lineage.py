@@ -71,6 +71,7 @@ def pinned_run(tmp_path_factory, toy_vae_run):
     return runs, a, train_ldm(runs, folder / "cache"), folder / "cache"
 
 
+@pytest.mark.slow
 def test_a_run_pins_the_vae_and_records_its_lineage(pinned_run):
     runs, a, run, cache = pinned_run
     saved = load_config(run / CONFIG_FILE)
@@ -84,6 +85,7 @@ def test_a_run_pins_the_vae_and_records_its_lineage(pinned_run):
     assert record["latent_cache"]["vae_hash"] == meta["vae"]["hash"]
 
 
+@pytest.mark.slow
 def test_a_resume_with_another_objective_is_refused_and_keeps_the_config(pinned_run, caplog):
     _, _, run, cache = pinned_run
     config_before = (run / CONFIG_FILE).read_bytes()
@@ -111,6 +113,7 @@ def moved_link(tmp_path_factory, toy_vae_run):
     return runs, a, run, folder / "cache", lineage
 
 
+@pytest.mark.slow
 def test_a_resume_after_the_vae_link_moved_is_refused_and_its_own_config_resumes_keeping_the_lineage(
         moved_link, caplog):
     runs, a, run, cache, lineage = moved_link
@@ -122,6 +125,7 @@ def test_a_resume_after_the_vae_link_moved_is_refused_and_its_own_config_resumes
     assert (run / LINEAGE_FILE).read_bytes() == lineage  # written once, never rewritten on resume
 
 
+@pytest.mark.slow
 def test_a_legacy_run_resumed_after_the_link_moved_and_the_cache_was_deleted_is_refused(two_vaes, tmp_path, caplog):
     runs, _, make_b = two_vaes
     run = train_ldm(runs, tmp_path / "cache")
@@ -156,6 +160,7 @@ def test_pinned_weights_hash_is_the_cache_s(toy_vae_run):
     assert torch.is_tensor(next(iter(state_dict_of(load_file(ckpt)).values())))
 
 
+@pytest.mark.slow
 def test_a_controlnet_after_a_newer_vae_caches_with_its_base_s_vae(moved_link, tmp_path, caplog):
     """VAE A → stage 2 → VAE B becomes latest → ControlNet with the recipe's `cache.vae: runs/vae/latest`: its cache
     is encoded by A, whose weights the base holds, not by B."""

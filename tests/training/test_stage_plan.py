@@ -73,13 +73,13 @@ def test_a_bad_config_fails_in_the_plan_before_the_threads_line(tmp_path, capsys
     assert captured.err.strip().count("\n") == 0 and "embed_dimm" in captured.err
 
 
-def test_a_stage2_plan_resolves_the_cache_and_the_run_reads_the_vae_once(tiny_vae_run, tmp_path, monkeypatch, capsys):
+def test_a_stage2_plan_resolves_the_cache_and_the_run_reads_the_vae_once(toy_vae_run, tmp_path, monkeypatch, capsys):
     cache = tmp_path / "cache"
-    argv = ["--cfg", str(TINY / "ldm-class.yaml"), "--runs-dir", str(tmp_path / "runs"), f"cache.vae={tiny_vae_run}",
+    argv = ["--cfg", str(TINY / "ldm-class.yaml"), "--runs-dir", str(tmp_path / "runs"), f"cache.vae={toy_vae_run}",
             f"cache.dir={cache}", "trainer.max_steps=1", "callbacks=[]"]
     train("ldm", argv=[*argv, "--dry-run"])
     out = capsys.readouterr().out
-    assert f"VAE (cache.vae): {tiny_vae_run}/checkpoints/last.ckpt" in out
+    assert f"VAE (cache.vae): {toy_vae_run}/checkpoints/last.ckpt" in out
     assert f"latent cache: {cache}: missing; train 48, val 8 images to encode" in out
     assert "scale_factor: measured when the cache is built" in out and "n_classes: 168" in out
     assert f"{cache}/ (latent shards, meta.json)" in out and not cache.exists()
