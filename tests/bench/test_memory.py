@@ -1,5 +1,6 @@
 """The memory count of a training step (ldm.bench.memory) against the CPU allocator and against CUDA's own autocast,
-and the SDXL build on fake tensors (ldm.bench.lora_memory) that allocates nothing."""
+and the SDXL build on fake tensors (ldm.bench.lora_memory) that allocates nothing. The checks that step or build
+models are in the slow tier, with the benchmark they measure for."""
 
 from __future__ import annotations
 
@@ -95,7 +96,8 @@ def toy_step_peak(checkpointing: bool, fake: bool) -> tuple[int, int | None]:
     return counted, allocated
 
 
-@pytest.mark.parametrize("checkpointing, tolerance", [(False, 0.02), pytest.param(True, 0.15, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing, tolerance", [(False, 0.02), (True, 0.15)])
 def test_the_count_of_a_real_step_is_what_the_cpu_allocator_allocates_and_fake_tensors_count_the_same(
         checkpointing, tolerance):
     counted, allocated = toy_step_peak(checkpointing, fake=False)
@@ -168,12 +170,14 @@ def forward_ops(device: str) -> list:
     return log.ops
 
 
+@pytest.mark.slow
 def test_gpu_like_gives_every_op_the_dtype_cudas_own_autocast_gives_it():
     cuda, emulated = forward_ops("cuda"), forward_ops("cpu")
     assert any(name == "native_group_norm" and outs[0][0] == torch.float32 for name, outs in cuda)  # fp32 norms
     assert emulated == cuda
 
 
+@pytest.mark.slow
 def test_the_sdxl_model_is_built_on_fake_tensors_without_allocating_and_has_the_public_parameter_count():
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         unet, text, _ = build(SDXL, Setup(text="gpu", base="bf16", rank=16))
@@ -192,6 +196,7 @@ def test_the_sdxl_model_is_built_on_fake_tensors_without_allocating_and_has_the_
     assert {p.dtype for p in adapters} == {torch.float32}
 
 
+@pytest.mark.slow
 def test_a_toy_step_splits_its_peak_by_kind_and_checkpointing_lowers_it():
     config = toy_config()  # a config dict: checkpointing is set on it as on a file's (the SDXL test builds a file)
     setups = {ckpt: Setup(batch=2, checkpointing=ckpt, size=32, rank=4) for ckpt in (True, False)}
