@@ -200,13 +200,18 @@ def _listing(groups: Iterable[tuple[str, list[str]]]) -> str:
 
 
 def load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], what: str,
-                ignore: Iterable[str] = ()) -> None:
+                ignore: Iterable[str] = (), assign: bool = False) -> None:
     """Load every parameter and buffer of ``module`` or raise a report of what does not fit.
 
-    ``ignore`` lists key prefixes of the file that are expected and skipped (e.g. ``loss.``).
+    ``ignore`` lists key prefixes of the file that are expected and skipped (e.g. ``loss.``). ``assign``: the module
+    was built with ``params_on_meta`` (a finished run's weights, no random init): it takes the file's tensors, each
+    in the dtype it was built with (``load_assign`` + ``built_dtypes``), as loading into a built module gives them.
     """
     ignore = tuple(ignore)
     state_dict = {k: v for k, v in state_dict.items() if not (ignore and k.startswith(ignore))}
+    if assign:
+        load_assign(module, state_dict, what, dtype_for=built_dtypes(module))
+        return
     fit_report({k: v.shape for k, v in module.state_dict().items()}, state_dict, what)
     module.load_state_dict(state_dict, strict=True)
 
@@ -214,22 +219,31 @@ def load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
 DtypeRule = Callable[[str, torch.Tensor], "torch.dtype | None"]
 
 
+def built_dtypes(module: torch.nn.Module) -> DtypeRule:
+    """A ``load_assign`` rule: each tensor in the dtype of the module's own (meta) tensor of that name, as
+    ``load_state_dict`` copying into a built module casts it (a bf16 file into an fp32 model gives fp32)."""
+    dtypes = {k: v.dtype for k, v in module.state_dict(keep_vars=True).items()}
+    return lambda key, tensor: dtypes.get(key)
+
+
 def load_assign(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], what: str,
                 device: str | torch.device | None = None, dtype_for: DtypeRule | None = None,
-                hint: str = "") -> None:
+                hint: str = "", entries: Mapping[str, torch.Tensor] | None = None) -> None:
     """Strictly load ``state_dict`` into a module built with ``params_on_meta`` (or any), without a second copy.
 
     After the report, each tensor is moved to ``device`` and cast to ``dtype_for(key, tensor)`` (None: keep)
     and the module takes it as its own (``assign=True``). Entries are popped from ``state_dict`` as they go,
-    so the file's copy of a tensor is freed as soon as its converted copy exists.
+    so the file's copy of a tensor is freed as soon as its converted copy exists. ``entries``: the state entries
+    the file must hold when it holds only some of the module's (a LoRA run's adapters; the rest already loaded).
     """
-    fit_report({k: v.shape for k, v in module.state_dict().items()}, state_dict, what, hint)
+    own = module.state_dict() if entries is None else entries
+    fit_report({k: v.shape for k, v in own.items()}, state_dict, what, hint)
     converted = {}
     for key in list(state_dict):
         tensor = state_dict.pop(key)
         dtype = dtype_for(key, tensor) if dtype_for is not None else None
         converted[key] = tensor.to(device=device, dtype=dtype) if (device is not None or dtype is not None) else tensor
-    module.load_state_dict(converted, strict=True, assign=True)
+    module.load_state_dict(converted, strict=entries is None, assign=True)
     left = meta_tensor_names(module)
     if left:
         raise CheckpointError(f"{what}: {len(left)} tensor(s) of the model were never given values — "
