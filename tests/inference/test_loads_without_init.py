@@ -9,8 +9,7 @@ The "before" of each loader is written out here (``old_*``): the module built wi
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import pytest
 import torch
@@ -34,36 +33,13 @@ from ldm.io.runs import checkpoint_for, run_config
 from ldm.nets.lora import is_lora_key
 from ldm.training.sd_finetune import complete_from_base, start_from_base
 from tests.components import seeded, write_run
+from tests.init_guard import no_random_init
 from tests.paths import TINY
 from tests.sd_toy import randomize, write_sd_file
 
-INIT_FUNCTIONS = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
 PROMPTS = ["a red circle on a blue background", "a green square"]
 DRAW = dict(steps=2, sampler="euler", guidance=3.0, seed=3)
 TEXT_LORA = "model.params.lora.params.text_targets=[attn.q_proj,attn.v_proj]"
-
-
-@contextmanager
-def no_random_init() -> Iterator[list]:
-    """Records every ``torch.nn.init`` call on a real (non-meta) tensor inside: a random init that costs time and
-    memory (on a meta tensor the call is free). Yields the list of ``(function, shape)`` records."""
-    touched: list[tuple[str, tuple]] = []
-    originals = {name: getattr(torch.nn.init, name) for name in INIT_FUNCTIONS}
-
-    def guarded(name, function):
-        def call(tensor, *args, **kwargs):
-            if not tensor.is_meta:
-                touched.append((name, tuple(tensor.shape)))
-            return function(tensor, *args, **kwargs)
-        return call
-
-    for name, function in originals.items():
-        setattr(torch.nn.init, name, guarded(name, function))
-    try:
-        yield touched
-    finally:
-        for name, function in originals.items():
-            setattr(torch.nn.init, name, function)
 
 
 def assert_same_modules(new: torch.nn.Module, old: torch.nn.Module, unless: Mapping[str, torch.Tensor] = {}) -> None:
