@@ -8,7 +8,7 @@ from typing import Iterator
 
 import torch
 
-INIT_FUNCTIONS = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]  # kaiming_uniform_, …
+from ldm.io.checkpoints import INIT_FUNCTIONS
 
 
 @contextmanager

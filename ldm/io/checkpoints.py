@@ -12,6 +12,7 @@ lack that the config provides.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import pickle
@@ -35,6 +36,7 @@ METADATA_SOURCE = "ldm.source"  # the checkpoint it was exported from
 METADATA_EMA = "ldm.ema"  # keep | only | drop
 HASH_CHUNK = 2**20
 REPORT_MAX_KEYS = 8
+INIT_FUNCTIONS = tuple(n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_"))  # normal_, …
 
 # ------------------------------------------------------------------------------ the public key layout
 UNET_PREFIX = "model.diffusion_model."
@@ -256,9 +258,12 @@ def params_on_meta() -> Iterator[None]:
 
     Non-persistent buffers (causal masks, noise-schedule tables) are computed in constructors and never
     stored in checkpoints, so they must be real; parameters come later from the checkpoint via
-    ``load_assign``. Not thread-safe: it swaps ``nn.Module.register_parameter`` while active.
+    ``load_assign``. An initialiser (``torch.nn.init``) given a meta tensor returns it at once, so building costs
+    less than building with random weights even at toy size (a meta kernel per init is not free). Not thread-safe:
+    it swaps ``nn.Module.register_parameter`` and the ``torch.nn.init`` functions while active.
     """
     original = torch.nn.Module.register_parameter
+    initialisers = {name: getattr(torch.nn.init, name) for name in INIT_FUNCTIONS}
 
     def register_on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
         if param is not None and param.device.type != "meta":
@@ -266,10 +271,24 @@ def params_on_meta() -> Iterator[None]:
         original(module, name, param)
 
     torch.nn.Module.register_parameter = register_on_meta
+    for name, initialiser in initialisers.items():
+        setattr(torch.nn.init, name, _skipped_on_meta(initialiser))
     try:
         yield
     finally:
         torch.nn.Module.register_parameter = original
+        for name, initialiser in initialisers.items():
+            setattr(torch.nn.init, name, initialiser)
+
+
+def _skipped_on_meta(initialiser: Callable) -> Callable:
+    """``initialiser`` (e.g. ``torch.nn.init.kaiming_uniform_``), returning a meta tensor untouched."""
+
+    @functools.wraps(initialiser)
+    def init(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return tensor if tensor.is_meta else initialiser(tensor, *args, **kwargs)
+
+    return init
 
 
 def meta_tensor_names(module: torch.nn.Module) -> list[str]:
