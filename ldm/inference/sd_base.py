@@ -85,7 +85,7 @@ def load_run_system(info: RunSummary, use_ema: bool = True) -> tuple[nn.Module, 
     a LoRA run from its base file plus the checkpoint's adapters. With ``use_ema`` the U-Net (a ControlNet, a LoRA
     run's adapters) take the EMA weights when the run kept them.
     """
-    state = state_dict_of(load_file(info.checkpoint))  # read once: the VAE check and the weights
+    state = state_dict_of(load_file(info.checkpoint, mmap=True))  # read once (mapped): the VAE check and the weights
     check_run_vae(info.config, state, info.run_dir)  # a moved `runs/vae/latest`: refused or reported
     with params_on_meta():  # every weight comes from the checkpoint (a LoRA run's base from its file): no random init
         system = build_system(info.config["model"], load_first_stage=False)
