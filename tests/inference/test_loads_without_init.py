@@ -160,6 +160,15 @@ def test_a_vae_run_loads_without_random_init_as_before(toy_vae_run, tmp_path):
     assert "missing: decoder.conv_out.weight" in one_line(error)
 
 
+def test_a_bf16_checkpoint_loads_in_the_dtypes_the_modules_are_built_with(toy_vae_run, tmp_path):
+    state = {k: v.bfloat16() if v.is_floating_point() else v
+             for k, v in state_dict_of(load_file(checkpoint_for(toy_vae_run))).items()}
+    half = write_run(tmp_path, "vae", run_config(toy_vae_run), state)
+    vae, _ = load_autoencoder(half)
+    assert {t.dtype for t in vae.state_dict().values()} == {torch.float32}  # as copying into a built VAE gives
+    assert_same_modules(vae, old_autoencoder(half))
+
+
 def test_a_public_sd_file_s_vae_loads_without_random_init_as_before(sd_file):
     with no_random_init() as touched:
         vae, _ = load_autoencoder(*sd_file)
