@@ -29,7 +29,7 @@ from torch import nn
 
 from ldm.core.images import from_pil
 from ldm.data.shapes import COLORS, NUM_CLASSES, SHAPES, ShapesDataset, class_factors
-from ldm.io.checkpoints import CheckpointError, load_file, save_file_atomic
+from ldm.io.checkpoints import CheckpointError, load_file, load_strict, params_on_meta, save_file_atomic
 
 ARCH_VERSION = 1  # bump when the network or the training recipe changes: old cache files stop matching
 TARGET_ACCURACY = 0.98  # val accuracy a default-settings classifier reaches; below it, a warning
@@ -158,9 +158,10 @@ def get_classifier(size: int = 32, cache_dir: str | os.PathLike = DEFAULT_CACHE_
     path = cache_path(settings, cache_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if path.is_file():
-        model = ShapesClassifier(settings.width, settings.size)
+        with params_on_meta():  # every weight comes from the cached file
+            model = ShapesClassifier(settings.width, settings.size)
         try:
-            model.load_state_dict(load_file(path))
+            load_strict(model, load_file(path), f"classifier cache {path}", assign=True)
             return model.eval().requires_grad_(False)
         except (CheckpointError, RuntimeError) as e:  # truncated or stale file: train a fresh one over it
             warnings.warn(f"ignoring unreadable classifier cache {path} ({e}); retraining", stacklevel=2)

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ldm.eval.classifier import DEFAULT_CACHE_DIR, FULL_STRIDE_MIN_SIZE, _conv, fit
-from ldm.io.checkpoints import CheckpointError, load_file, save_file_atomic
+from ldm.io.checkpoints import CheckpointError, load_file, load_strict, params_on_meta, save_file_atomic
 
 ARCH_VERSION = 1
 MAX_SHIFT = 2  # pixels of random translation in training
@@ -99,9 +99,10 @@ def get_folder_classifier(train: Dataset, n_classes: int, cache_dir: str | os.Pa
     paths = [str(Path(train.root) / r.rel) for r in train.records]
     path = Path(cache_dir) / f"folder-{data_key(paths, train.size, n_classes, settings)}.safetensors"
     if path.is_file():
-        model = FolderClassifier(n_classes, settings.width, train.size)
+        with params_on_meta():  # every weight comes from the cached file
+            model = FolderClassifier(n_classes, settings.width, train.size)
         try:
-            model.load_state_dict(load_file(path))
+            load_strict(model, load_file(path), f"classifier cache {path}", assign=True)
             return model.eval().requires_grad_(False)
         except (CheckpointError, RuntimeError):
             pass  # unreadable or stale: train over it

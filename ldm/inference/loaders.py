@@ -21,7 +21,7 @@ from ldm.core.config import ConfigError, get_obj_from_str, instantiate_from_conf
 from ldm.core.errors import UserError
 from ldm.core.migrate import vae_network_node
 from ldm.diffusion.schedule import Schedule
-from ldm.io.checkpoints import CheckpointError, load_file, load_strict, state_dict_of
+from ldm.io.checkpoints import CheckpointError, load_file, load_strict, params_on_meta, state_dict_of
 from ldm.io.lineage import VAE_TRAINING_ONLY, read_vae_state, vae_hash_from
 from ldm.io.runs import RunError, checkpoint_for, resolve_run, run_config
 from ldm.nets.autoencoder.model import AutoencoderKL, downsampling_factor
@@ -80,8 +80,9 @@ def load_autoencoder(spec: str | os.PathLike, config: str | os.PathLike | None =
             raise CheckpointError(f"checkpoint not found: {ckpt}")
         node = sd_vae_node(config)
     state = read_vae_state(ckpt, public)  # read once: the weights and their hash
-    vae = instantiate_from_config(node, "first_stage")
-    load_strict(vae, state, f"VAE checkpoint {ckpt}", ignore=VAE_TRAINING_ONLY)
+    with params_on_meta():  # every weight comes from the file: no random init, no second copy
+        vae = instantiate_from_config(node, "first_stage")
+    load_strict(vae, state, f"VAE checkpoint {ckpt}", ignore=VAE_TRAINING_ONLY, assign=True)
     vae.eval().requires_grad_(False)
     info = {"checkpoint": str(ckpt), "hash": vae_hash_from(ckpt, state, public),
             "downsampling_factor": vae.downsampling_factor, "embed_dim": vae.embed_dim}
@@ -92,7 +93,8 @@ def build_system(node: Mapping, path: str = "model", load_first_stage: bool = Tr
                  load_vae: Callable[..., tuple] = load_autoencoder) -> nn.Module:
     """A system from its model node. A ``first_stage`` named by run path is loaded with its weights (by
     ``load_vae``, as ``load_autoencoder``), or with ``load_first_stage=False`` built from the run's config alone (its
-    weights then come from a checkpoint)."""
+    weights then come from a checkpoint: build it under ``ldm.io.checkpoints.params_on_meta``, as
+    ``ldm.inference.sd_base.load_run_system`` does)."""
     first_stage = (node.get("params") or {}).get("first_stage")
     if not isinstance(first_stage, (str, os.PathLike)):
         return instantiate_from_config(node, path)
@@ -190,8 +192,9 @@ def load_classifier(run: str | os.PathLike) -> tuple[nn.Module, Schedule, float]
     if not is_subclass(node.get("target", ""), NoisyClassifier):
         raise NotAnLDMRunError(f"{run} is not a classifier run (stages/train_classifier.py): its model is "
                                f"{node.get('target', 'missing')}")
-    system = instantiate_from_config(node, "model")
-    load_strict(system, state_dict_of(load_file(ckpt)), f"checkpoint {ckpt}")
+    with params_on_meta():  # every weight comes from the checkpoint
+        system = instantiate_from_config(node, "model")
+    load_strict(system, state_dict_of(load_file(ckpt)), f"checkpoint {ckpt}", assign=True)
     return system.classifier.eval().requires_grad_(False), system.schedule, float(system.scale_factor)
 
 

@@ -9,10 +9,14 @@ EMA starts it from the loaded U-Net.
 
 ``prepare_weights`` is what a system needs before its checkpoint (if any) is loaded: a new run's base; for a LoRA
 system the base whatever happens (its checkpoints hold only the adapters) and then the adapters. ``load_run_system``
-builds a run's system that way and loads its checkpoint strictly (all of it, or exactly the adapters).
+builds a run's system that way and loads its checkpoint strictly (all of it, or exactly the adapters): its modules (and
+a LoRA run's adapters) are built without weights (``params_on_meta``) and take the file's tensors, so nothing is
+randomly initialised and no weight is held twice.
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 from torch import nn
 
@@ -21,7 +25,7 @@ from ldm.inference.base_text import with_cached_text
 from ldm.inference.loaders import RunSummary, build_system
 from ldm.inference.sd import load_sd_weights, read_sd_state
 from ldm.inference.source_checks import check_run_vae
-from ldm.io.checkpoints import EMA_SHADOWED, fit_report, load_file, state_dict_of
+from ldm.io.checkpoints import EMA_SHADOWED, built_dtypes, load_assign, load_file, params_on_meta, state_dict_of
 
 
 def base_hint(config: str | None) -> str:
@@ -49,13 +53,15 @@ def has_base(system: nn.Module) -> bool:
     return bool((getattr(system, "base_source", None) or {}).get("base_ckpt"))
 
 
-def prepare_weights(system: nn.Module, resumed: bool = False) -> dict:
+def prepare_weights(system: nn.Module, resumed: bool = False, adapters_on_meta: bool = False) -> dict:
     """Before a checkpoint is loaded (``resumed``) or a new run starts: the base's weights when the checkpoint will not
-    hold them, then a LoRA system's adapters. Returns what ``load_base`` did (empty when nothing was loaded)."""
+    hold them, then a LoRA system's adapters (``adapters_on_meta``: without weights, for ``load_checkpoint`` to give
+    them the checkpoint's). Returns what ``load_base`` did (empty when nothing was loaded)."""
     lora = getattr(system, "lora", None) is not None
     info = load_base(system) if has_base(system) and (lora or not resumed) else {}
     if lora:
-        system.add_lora()
+        with params_on_meta() if adapters_on_meta else nullcontext():
+            system.add_lora()
     return info
 
 
@@ -66,9 +72,10 @@ def checkpoint_state_of(system: nn.Module) -> dict:
 
 
 def load_checkpoint(system: nn.Module, state: dict, what: str, hint: str = "") -> None:
-    """Load a checkpoint's state into a prepared system: names and shapes exactly the system's checkpointed ones."""
-    fit_report({k: v.shape for k, v in checkpoint_state_of(system).items()}, state, what, hint)
-    system.load_state_dict(state, strict=getattr(system, "lora", None) is None)
+    """Give a prepared system a checkpoint's tensors (``load_assign``: the system may be built with ``params_on_meta``),
+    in the dtypes it was built with: names and shapes exactly the system's checkpointed ones, nothing left without a
+    value. ``state``'s entries are taken from it as they go."""
+    load_assign(system, state, what, dtype_for=built_dtypes(system), hint=hint, entries=checkpoint_state_of(system))
 
 
 def load_run_system(info: RunSummary, use_ema: bool = True) -> tuple[nn.Module, bool]:
@@ -78,10 +85,11 @@ def load_run_system(info: RunSummary, use_ema: bool = True) -> tuple[nn.Module, 
     a LoRA run from its base file plus the checkpoint's adapters. With ``use_ema`` the U-Net (a ControlNet, a LoRA
     run's adapters) take the EMA weights when the run kept them.
     """
-    state = state_dict_of(load_file(info.checkpoint))  # read once: the VAE check and the weights
+    state = state_dict_of(load_file(info.checkpoint, mmap=True))  # read once (mapped): the VAE check and the weights
     check_run_vae(info.config, state, info.run_dir)  # a moved `runs/vae/latest`: refused or reported
-    system = build_system(info.config["model"], load_first_stage=False)
-    prepare_weights(system, resumed=True)
+    with params_on_meta():  # every weight comes from the checkpoint (a LoRA run's base from its file): no random init
+        system = build_system(info.config["model"], load_first_stage=False)
+    prepare_weights(system, resumed=True, adapters_on_meta=True)
     load_checkpoint(system, state, f"checkpoint {info.checkpoint}")
     emas = {name: target for name, target in EMA_SHADOWED.items() if getattr(system, name, None) is not None}
     if use_ema:

@@ -1,11 +1,13 @@
 """Shapes classifier (training, cache, prediction), Fréchet distance closed forms, class accuracy and FID."""
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from ldm.data.shapes import NUM_CLASSES, ShapesDataset
 from ldm.eval.classifier import (
@@ -17,6 +19,7 @@ from ldm.eval.classifier import (
 )
 from ldm.eval.fid import frechet_distance
 from ldm.eval.measures import class_accuracy, fid
+from tests.init_guard import no_random_init
 
 # A small, quickly trained classifier for the mechanics (16 px, a few seconds).
 FAST = dict(n_train=1500, epochs=4, batch_size=32, lr=1e-2, n_val=200)  # 99 % on the 300 test images below
@@ -75,8 +78,9 @@ def test_classifier_trains_caches_and_reloads(fast_cache):
     x, y = _val(300, 16, seed=1)
     assert (predict(model, x) == y).float().mean() >= 0.9
     mtime = path.stat().st_mtime_ns
-    again = get_classifier(16, fast_cache, **FAST)  # loaded, not retrained
-    assert path.stat().st_mtime_ns == mtime
+    with no_random_init() as touched:  # built without weights: every one comes from the file
+        again = get_classifier(16, fast_cache, **FAST)  # loaded, not retrained
+    assert path.stat().st_mtime_ns == mtime and touched == []
     for (k, v), w in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(v, w), k
     other = cache_path(ClassifierSettings(size=16, **{**FAST, "epochs": 7}), fast_cache)
@@ -90,6 +94,10 @@ def test_corrupt_cache_file_is_retrained(tmp_path):
     with pytest.warns(UserWarning, match="retraining"):
         model = get_classifier(8, tmp_path, **settings)
     assert path.stat().st_size > 1000 and predict(model, _val(4, 8)[0]).shape == (4,)
+    state = model.state_dict()
+    save_file({k: v for k, v in list(state.items())[1:]}, str(path))  # stale: one tensor short
+    with pytest.warns(UserWarning, match=rf"missing: {re.escape(next(iter(state)))}\).*retraining"):
+        get_classifier(8, tmp_path, **settings)
 
 
 def test_predict_and_features_accept_pil_tensors_and_other_sizes(fast_cache):

@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from ldm.io.checkpoints import load_strict, params_on_meta
 from ldm.nets.conditioning.base import Embedder
 
 
@@ -38,10 +39,12 @@ class FrozenWeights(Embedder):
         return [""] * n
 
     def encoder(self) -> nn.Module:
-        """The real encoder with the cached weights, frozen, on this module's device (built once)."""
+        """The real encoder with the cached weights, frozen, on this module's device (built once, without random
+        init: its parameters are the cached tensors)."""
         if not self._encoder:
-            encoder = self._build_encoder()
-            encoder.load_state_dict(self.weights)
+            with params_on_meta():
+                encoder = self._build_encoder()
+            load_strict(encoder, self.weights, "the cached text encoder's weights", assign=True)
             self._encoder.append(encoder.eval().requires_grad_(False))
         return self._encoder[0].to(self.device)
 
