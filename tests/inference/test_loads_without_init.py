@@ -184,12 +184,7 @@ def test_a_run_loads_without_random_init_as_before(request, name, use_ema):
         system, ema = load_run_system(describe_run(run), use_ema)
     assert touched == [] and ema == (use_ema and any(getattr(system, n, None) is not None for n in EMA_SHADOWED))
     old = old_run_system(run, use_ema)
-    assert_same_modules(system, old)
-    conditions = [3, 150] if name == "toy_class_run" else PROMPTS
-    hint = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(1))  # a ControlNet run's control image
-    control = {"control": hint} if "controlnet" in name else {}
-    drawn = [Pipeline.from_system(s).to("cpu").generate_tensors(conditions, **DRAW, **control) for s in (system, old)]
-    assert torch.equal(*drawn)
+    assert_same_modules(system, old)  # every weight and buffer, bit for bit: the same images (drawn in the LoRA test)
     with no_random_init() as touched:
         Pipeline.from_run(run, device="cpu", use_ema=use_ema)
     assert touched == []
