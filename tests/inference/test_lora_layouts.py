@@ -30,12 +30,11 @@ TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 DRAW = dict(steps=3, guidance=5.0, sampler="euler", seed=3)
 
 
-@functools.cache
 def _sd1():
-    """A toy SD 1.x system, built once for the tests that only read its modules."""
-    from tests.sd_toy import tiny_system
+    """A toy SD 1.x system, built once per test process for the tests that only read its modules."""
+    from tests.sd_toy import shared_tiny_system
 
-    return tiny_system("v1-inference")
+    return shared_tiny_system("v1-inference")
 
 
 def _noise(seed: int, n: int) -> torch.Tensor:
