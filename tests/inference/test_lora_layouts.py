@@ -178,7 +178,7 @@ def theirs(ckpt, folder, lora):
     """diffusers' images with ``lora`` loaded by its load_lora_weights into the shared pipeline of the toy file, and
     unloaded again by its unload_lora_weights (which puts its original layers back) — drawn once per file."""
     pipe = _diffusers_base(ckpt, folder)
-    pipe.load_lora_weights(str(lora), low_cpu_mem_usage=True)  # no random init of the layers it then loads
+    pipe.load_lora_weights(str(lora))
     try:
         return pipe(prompt=PROMPTS, height=16, width=16, num_inference_steps=DRAW["steps"],
                     guidance_scale=DRAW["guidance"], latents=_noise(DRAW["seed"], 2), output_type="pt").images

@@ -142,7 +142,7 @@ def diffusers_outputs(sd, path):
     """(text context, U-Net output) of diffusers' pipeline with the file loaded by its load_lora_weights (and taken
     out after by its unload_lora_weights, which puts the twins' own layers back)."""
     pipe, base = _diffusers_pipeline(sd[0], sd[1]), _twins(sd[0], sd[1])[2]
-    pipe.load_lora_weights(str(path), low_cpu_mem_usage=True)  # no random init of the layers it then loads
+    pipe.load_lora_weights(str(path))
     x, t = inputs()
     try:
         with torch.no_grad():
