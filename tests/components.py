@@ -126,6 +126,13 @@ def tiny_control_ldm(seed: int = 0, trained: bool = False) -> ControlLDM:
     return system.eval()
 
 
+@lru_cache(maxsize=None)
+def shared_run_pipeline(run: Path) -> Pipeline:
+    """``Pipeline.from_run(run, device="cpu")`` loaded once per test process and shared: for tests that only draw with
+    it or read it (never change its weights, modules or ``source``)."""
+    return Pipeline.from_run(run, device="cpu")
+
+
 def tiny_pipeline(kind: str = "text", seed: int = 0, **system_options) -> Pipeline:
     """A ``Pipeline`` sharing the modules of ``tiny_ldm`` (the EMA weights swapped in, as ``from_run`` loads them)."""
     system = tiny_ldm(kind, seed, **system_options)

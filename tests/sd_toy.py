@@ -109,10 +109,16 @@ def ema_unet_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k[len(UNET_PREFIX):]: state[ema_shadow_key(k)] for k in state if k.startswith(UNET_PREFIX)}
 
 
+@functools.cache
+def _public_sd_state(name: str, seed: int, ema_seed: int | None) -> dict[str, torch.Tensor]:
+    """``public_state`` of ``tiny_system(name, seed)``, made once per test process (only ever saved, never changed)."""
+    return public_state(tiny_system(name, seed), ema_seed, hf_text=name.startswith("v1"))  # SD 2: open_clip
+
+
 def write_sd_file(folder, name: str = "v1-inference", seed: int = 0, ema_seed: int | None = 1) -> tuple:
     """A toy SD file in the public layout and its inference config, written under ``folder``: (ckpt, config)."""
     ckpt, config = folder / f"toy-{name}-{seed}.safetensors", folder / f"toy-{name}.yaml"
-    save_file(public_state(tiny_system(name, seed), ema_seed, hf_text=name.startswith("v1")), str(ckpt))  # SD 2: open_clip
+    save_file(_public_sd_state(name, seed, ema_seed), str(ckpt))
     save_config(tiny_config(name), config)
     return ckpt, config
 

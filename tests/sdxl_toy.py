@@ -4,6 +4,7 @@ diffusers' own single-file converters, for equality tests."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import torch
@@ -51,10 +52,16 @@ def public_xl_state(system, half: bool = True) -> dict[str, torch.Tensor]:
     return {k: v.half() if half and v.is_floating_point() else v for k, v in state.items()}
 
 
+@functools.cache
+def _public_xl_state(seed: int) -> dict[str, torch.Tensor]:
+    """``public_xl_state`` of ``tiny_xl_system(seed)``, made once per test process (only ever saved, never changed)."""
+    return public_xl_state(tiny_xl_system(seed))
+
+
 def write_xl_file(folder, seed: int = 0) -> tuple:
     """A toy SDXL file in the public layout and its inference config, under ``folder``: (ckpt, config)."""
     ckpt, config = folder / f"toy-sdxl-{seed}.safetensors", folder / "toy-sdxl.yaml"
-    save_file(public_xl_state(tiny_xl_system(seed)), str(ckpt))
+    save_file(_public_xl_state(seed), str(ckpt))
     save_config(tiny_xl_config(), config)
     return ckpt, config
 

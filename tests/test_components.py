@@ -19,6 +19,7 @@ from ldm.systems.latent_diffusion import LatentDiffusion
 from tests.components import (
     PIXELS,
     SCALE_FACTOR,
+    shared_run_pipeline,
     tiny_components,
     tiny_yaml,
     tiny_control_ldm,
@@ -116,7 +117,7 @@ def test_written_runs_hold_the_in_memory_systems(toy_ldm_run, toy_vae_run, toy_c
     state = state_dict_of(load_file(toy_ldm_run / "checkpoints" / "last.ckpt"))
     memory = tiny_ldm("text").state_dict()
     assert state.keys() == memory.keys() and all(torch.equal(state[k], memory[k]) for k in memory)
-    loaded = Pipeline.from_run(toy_ldm_run, device="cpu")
+    loaded = shared_run_pipeline(toy_ldm_run)  # read only
     drawn = tiny_pipeline("text").generate_tensors(PROMPTS, **FAST)
     assert torch.equal(loaded.generate_tensors(PROMPTS, **FAST), drawn)
     control = Pipeline.from_run(toy_controlnet_run, device="cpu")

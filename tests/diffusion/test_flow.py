@@ -11,8 +11,7 @@ from ldm.diffusion.denoiser import Denoiser, append_dims
 from ldm.diffusion.flow import shift_t
 from ldm.diffusion.parameterization import PARAMETERIZATIONS
 from ldm.diffusion.sampling import sample_euler
-from ldm.inference.pipeline import Pipeline
-from tests.components import tiny_pipeline
+from tests.components import shared_run_pipeline, tiny_pipeline
 from tests.gaussian_data import MEAN, STD, channel_stats, ideal_model_fn, ideal_x0, sample_data
 
 SCHEDULE = FlowSchedule()
@@ -136,7 +135,7 @@ def test_flow_target_and_min_snr_weight_on_the_flow_path():
 
 def test_a_flow_run_loads_as_flow_and_the_pipeline_samples_it_on_its_own_path(toy_flow_run):
     """(Training a flow model through the driver: test_reflow.py's reflow stage, slow tier.)"""
-    loaded = Pipeline.from_run(toy_flow_run, device="cpu")
+    loaded = shared_run_pipeline(toy_flow_run)  # read only
     assert isinstance(loaded.schedule, FlowSchedule) and loaded.parameterization == "flow"
     pipe = tiny_pipeline("flow")  # what the run holds, in memory
     assert isinstance(pipe.schedule, FlowSchedule) and pipe.parameterization == "flow"

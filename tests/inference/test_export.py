@@ -21,6 +21,7 @@ from ldm.io.checkpoints import (
 )
 from ldm.io.runs import checkpoint_for
 from scripts.export import main as export_main
+from tests.components import shared_run_pipeline
 from tests.sd_toy import public_state, tiny_config, tiny_system
 
 PROMPTS = ["a red circle on a blue background", "a green square on a white background"]
@@ -37,7 +38,7 @@ def run_state(toy_ldm_run):
 @pytest.fixture(scope="module")
 def reference_images(toy_ldm_run):
     """What the run draws when loaded the project's own way (EMA weights)."""
-    return np.stack([np.asarray(im) for im in Pipeline.from_run(toy_ldm_run, device="cpu")(PROMPTS, **DRAW)])
+    return np.stack([np.asarray(im) for im in shared_run_pipeline(toy_ldm_run)(PROMPTS, **DRAW)])
 
 
 def draw(system) -> np.ndarray:

@@ -15,6 +15,7 @@ from ldm.core.images import from_pil
 from ldm.inference.draw import draw_latents
 from ldm.inference.edit_images import EditImageError
 from ldm.inference.pipeline import GenerationRequest, Pipeline, PipelineError
+from tests.components import shared_run_pipeline
 from tests.scripts import load_script
 from tests.inference.test_pipeline_control import edges, runs  # noqa: F401  (module fixtures shared)
 from tests.inference.test_txt2img import pngs
@@ -40,7 +41,7 @@ def pictures(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=["eps", "flow"])
 def pipe(request, toy_ldm_run, toy_flow_run):
-    return Pipeline.from_run(toy_ldm_run if request.param == "eps" else toy_flow_run, device="cpu")
+    return shared_run_pipeline(toy_ldm_run if request.param == "eps" else toy_flow_run)  # read only
 
 
 def reconstruction(pipe: Pipeline, path) -> torch.Tensor:
@@ -93,7 +94,7 @@ def test_inpainting_keeps_the_unmasked_region_within_decoder_error(pipe, picture
 
 def test_inpainting_with_a_controlnet_run(runs, edges, pictures):  # noqa: F811
     init, mask, _ = pictures
-    pipe = Pipeline.from_run(runs[1], device="cpu")
+    pipe = shared_run_pipeline(runs[1])  # read only
     plan = pipe.check(GenerationRequest([PROMPT], control=edges, init_image=init, mask=mask, **FAST))
     latents = draw_latents(pipe, plan, plan.conditions, None, plan.control, plan.edit, 0, None)
     with torch.no_grad():

@@ -12,7 +12,7 @@ from ldm.core.config import save_config
 from ldm.inference.pipeline import Pipeline
 from ldm.inference.sd import CONTEXT_KEY, INPUT_KEY, SD_CONFIG_DIR, guess_sd_config
 from ldm.io.checkpoints import CheckpointError
-from tests.sd_toy import PIXELS, public_state, randomize, tiny_config, tiny_system
+from tests.sd_toy import PIXELS, public_state, randomize, shared_file_pipeline, tiny_config, tiny_system
 
 NAME = "v1-inpainting-inference"
 PROMPT = "a red box"
@@ -63,7 +63,7 @@ def test_the_config_builds_the_sd15_layout_with_nine_input_channels():
 
 def test_the_file_loads_strictly_and_declares_inpainting(files):
     ckpt, config, *_ = files
-    pipe = Pipeline.from_checkpoint(ckpt, config, device="cpu")
+    pipe = shared_file_pipeline(ckpt, config)  # read only
     assert pipe.capabilities.inpainting and pipe.capabilities.latent_channels == 4
     plain = tiny_config("v1-inference")
     with pytest.raises(CheckpointError, match="v1-inpainting-inference.yaml"):
@@ -83,7 +83,7 @@ def test_inpainting_equals_diffusers_inpaint_pipeline(files):
     from ldm.bench.twins import diffusers_text_encoder_like, diffusers_unet_like, diffusers_vae_like
 
     ckpt, config, _, init, mask = files
-    pipe = Pipeline.from_checkpoint(ckpt, config, device="cpu")
+    pipe = shared_file_pipeline(ckpt, config)  # read only
     params = tiny_config(NAME)["model"]["params"]
     vae_params = params["first_stage"]["params"]
     theirs = diffusers.StableDiffusionInpaintPipeline(
@@ -116,6 +116,6 @@ def test_an_inpainting_file_with_a_controlnet(files):
     settings = dict(steps=2, sampler="euler", guidance=GUIDANCE, seed=0, init_image=init, mask=mask)
     off = pipe.generate_tensors([PROMPT], control=init, control_scale=0.0, **settings)
     on = pipe.generate_tensors([PROMPT], control=init, control_scale=1.0, **settings)
-    plain = Pipeline.from_checkpoint(ckpt, config, device="cpu").generate_tensors([PROMPT], **settings)
+    plain = shared_file_pipeline(ckpt, config).generate_tensors([PROMPT], **settings)
     torch.testing.assert_close(off, plain, atol=1e-5, rtol=0)
     assert (on - off).abs().amax() > 0.01

@@ -8,6 +8,7 @@ import copy
 import functools
 import re
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -29,12 +30,11 @@ TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 DRAW = dict(steps=3, guidance=5.0, sampler="euler", seed=3)
 
 
-@functools.cache
 def _sd1():
-    """A toy SD 1.x system, built once for the tests that only read its modules."""
-    from tests.sd_toy import tiny_system
+    """A toy SD 1.x system, built once per test process for the tests that only read its modules."""
+    from tests.sd_toy import shared_tiny_system
 
-    return tiny_system("v1-inference")
+    return shared_tiny_system("v1-inference")
 
 
 def _noise(seed: int, n: int) -> torch.Tensor:
@@ -91,12 +91,10 @@ def _diffusers_base(ckpt, folder):
     return diffusers_xl_pipeline(load_file(str(ckpt)), tiny_xl_config(), folder)
 
 
-def fresh_diffusers(ckpt, folder):
-    """A copy of diffusers' pipeline of the toy file, no adapter on it (its networks copied; tokenizers shared)."""
+def fresh_diffusers(ckpt, folder, parts=("unet", "text_encoder", "text_encoder_2")) -> SimpleNamespace:
+    """Copies of diffusers' networks ``parts`` of the toy file, no adapter on them (the ones adapters are made on)."""
     base = _diffusers_base(ckpt, folder)
-    return type(base)(**{name: copy.deepcopy(part) if isinstance(part, torch.nn.Module) else part
-                         for name, part in base.components.items()},
-                      force_zeros_for_empty_prompt=True, add_watermarker=False)
+    return SimpleNamespace(**{name: copy.deepcopy(getattr(base, name)) for name in parts})
 
 
 @pytest.fixture(scope="module")
@@ -262,32 +260,41 @@ def test_txt2img_lora_on_sdxl_draws_diffusers_image(files, tmp_path, capsys):
 CONV_TARGETS = ["conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv"]
 
 
+@functools.cache
+def locon_peft_file(ckpt, folder):
+    """A LoCon file made with peft on diffusers' U-Net of the toy file (attention and convolution adapters), saved by
+    diffusers' save_lora_weights — made once, for both layouts."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    unet = fresh_diffusers(ckpt, folder, parts=("unet",)).unet
+    torch.manual_seed(1)
+    inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights=False,
+                                       target_modules=UNET_TARGETS + CONV_TARGETS), unet)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_" in name:
+                param.mul_(0.2)
+    layers = get_peft_model_state_dict(unet)
+    assert any(v.ndim == 4 and v.shape[-1] == 3 for v in layers.values())  # 3×3 conv adapters
+    StableDiffusionXLPipeline.save_lora_weights(str(folder), weight_name="locon-peft.safetensors",
+                                                unet_lora_layers=layers)
+    return folder / "locon-peft.safetensors"
+
+
 @pytest.mark.parametrize("layout", ["kohya", "peft"])
 def test_locon_conv_layers_give_diffusers_images(files, layout):
     """kohya's LoCon: the res-blocks' 3×3 convolutions (down (r, in, 3, 3), up (out, r, 1, 1)), their time
     projections and the samplers' convolutions, beside the attention."""
-    from diffusers import StableDiffusionXLPipeline
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
-    from peft import LoraConfig, inject_adapter_in_model
-    from peft.utils import get_peft_model_state_dict
 
     ckpt, config, folder, _ = files
-    pipe = fresh_diffusers(ckpt, folder)
-    torch.manual_seed(1)
-    inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights=False,
-                                       target_modules=UNET_TARGETS + CONV_TARGETS), pipe.unet)
-    with torch.no_grad():
-        for name, param in pipe.unet.named_parameters():
-            if "lora_" in name:
-                param.mul_(0.2)
-    layers = get_peft_model_state_dict(pipe.unet)
-    assert any(v.ndim == 4 and v.shape[-1] == 3 for v in layers.values())  # 3×3 conv adapters
-    StableDiffusionXLPipeline.save_lora_weights(str(folder), weight_name="locon-peft.safetensors",
-                                                unet_lora_layers=layers)
-    path = folder / f"locon-{layout}.safetensors"
+    path = locon_peft_file(ckpt, folder)
     if layout == "kohya":
-        kohya = convert_state_dict_to_kohya(load_file(str(folder / "locon-peft.safetensors")))
+        kohya = convert_state_dict_to_kohya(load_file(str(path)))
         assert any("resnets_0_conv1.lora_down" in k for k in kohya)
+        path = folder / "locon-kohya.safetensors"
         save_file(kohya, str(path))
     got = ours(ckpt, config, path)
     assert (got - ours(ckpt, config)).abs().max() > 0.03

@@ -19,7 +19,7 @@ from ldm.inference.pipeline import (
 )
 from ldm.io.checkpoints import CheckpointError
 from ldm.io.runs import RunError
-from tests.components import tiny_pipeline
+from tests.components import shared_run_pipeline, tiny_pipeline
 
 PROMPTS = ["a red circle on a blue background", "a green square on a white background"]
 FAST = dict(steps=3, sampler="euler")
@@ -33,7 +33,7 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def loaded(toy_ldm_run):
-    return Pipeline.from_run(toy_ldm_run, device="cpu")
+    return shared_run_pipeline(toy_ldm_run)  # read only
 
 
 def arrays(images):

@@ -14,7 +14,7 @@ from ldm.inference.control_image import ControlImageError, prepare_hints
 from ldm.inference.pipeline import Pipeline, PipelineError, describe_run
 from ldm.io.checkpoints import CONTROL_PREFIX
 from tests.components import wake_zero_convs as wake_control
-from tests.components import write_control_run
+from tests.components import shared_run_pipeline, write_control_run
 from tests.sd_toy import public_state, randomize, tiny_config, tiny_system
 
 PROMPTS = ["a red circle on a blue background", "a green square on a white background"]
@@ -32,12 +32,12 @@ def runs(toy_ldm_run, toy_vae_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base(runs):
-    return Pipeline.from_run(runs[0], device="cpu")
+    return shared_run_pipeline(runs[0])  # read only
 
 
 @pytest.fixture(scope="module")
 def controlled(runs):
-    return Pipeline.from_run(runs[1], device="cpu")
+    return shared_run_pipeline(runs[1])  # read only
 
 
 @pytest.fixture(scope="module")

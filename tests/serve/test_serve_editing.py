@@ -12,10 +12,11 @@ import pytest
 import requests
 from PIL import Image
 
-from ldm.inference.pipeline import GenerationRequest, Pipeline, PipelineError
+from ldm.inference.pipeline import GenerationRequest, PipelineError
 from ldm.serve.adapter import DEFAULT_STRENGTH, ModelAdapter, ModelSource
 from ldm.serve.app import create_app
 from ldm.serve.server import Server
+from tests.components import shared_run_pipeline
 from tests.scripts import load_script
 from tests.serve.client import TIMEOUT_S, wait
 
@@ -32,7 +33,7 @@ def served(toy_ldm_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipe(toy_ldm_run):
-    return Pipeline.from_run(toy_ldm_run, device="cpu")
+    return shared_run_pipeline(toy_ldm_run)  # read only
 
 
 def png(image: Image.Image) -> bytes:

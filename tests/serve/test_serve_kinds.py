@@ -12,10 +12,10 @@ import pytest
 import requests
 from PIL import Image
 
-from ldm.inference.pipeline import Pipeline
 from ldm.serve.adapter import ModelAdapter, ModelSource
 from ldm.serve.app import create_app
 from ldm.serve.server import Server
+from tests.components import shared_run_pipeline
 from tests.scripts import load_script
 from tests.serve.client import TIMEOUT_S, wait
 
@@ -56,7 +56,7 @@ def test_a_class_run_offers_its_classes_and_draws_one(class_server, toy_class_ru
     state = finished(class_server, submit(class_server, {"class": "3", **FAST}))
     image = fetch(class_server, state["images"][0])
     assert json.loads(image.text["ldm"])["class"] == 3 and "--class 3" in state["images"][0]["command"]
-    expected = Pipeline.from_run(toy_class_run, device="cpu")([3], steps=2, sampler="ddim", guidance=3.0, seed=9)[0]
+    expected = shared_run_pipeline(toy_class_run)([3], steps=2, sampler="ddim", guidance=3.0, seed=9)[0]
     assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(expected))
 
 

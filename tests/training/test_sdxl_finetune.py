@@ -37,7 +37,6 @@ from scripts.export import main as export_main
 from tests.aspect_folder import make_aspect_folder
 from tests.conftest import TINY
 from tests.faults import read_probe
-from tests.finetune_steps import cache_batch
 from tests.finetune_steps import from_base as built
 from tests.finetune_steps import loss_step as step
 from tests.forked import launch_forked
@@ -80,7 +79,15 @@ def bucket_batch(cfg: dict, n: int = 4) -> dict:
     """``n`` items of the cache's first bucket, collated (sizes: (n, 2))."""
     ensure_cache(cfg)
     data = LatentDataset(cfg["cache"]["dir"], "train")
-    return cache_batch(cfg, [i for i in range(len(data)) if data.bucket_ids[i] == data.bucket_ids[0]][:n])
+    rows = [i for i in range(len(data)) if data.bucket_ids[i] == data.bucket_ids[0]][:n]
+    return torch.utils.data.default_collate([data[i] for i in rows])  # the cache checked once
+
+
+@pytest.fixture(scope="module")
+def full(xl) -> tuple[dict, torch.nn.Module]:
+    """(the completed full fine-tune config, its system from the base file), for the tests that only read it."""
+    cfg = completed(xl)
+    return cfg, built(cfg)
 
 
 def frozen(cfg: dict) -> list[bool]:
@@ -105,9 +112,8 @@ def test_the_config_is_completed_from_the_sdxl_base_and_each_tower_frozen_by_con
     assert frozen(completed(xl, LORA)) == [True, True]
 
 
-def test_the_sizes_of_a_bucketed_batch_reach_the_conditioner(xl):
-    cfg = completed(xl)
-    system = built(cfg)
+def test_the_sizes_of_a_bucketed_batch_reach_the_conditioner(full):
+    cfg, system = full
     batch = bucket_batch(cfg)
     assert batch["original_size"].shape == batch["crop_top_left"].shape == (4, 2)
     h, w = batch["mean"].shape[-2:]
@@ -124,20 +130,24 @@ def test_the_sizes_of_a_bucketed_batch_reach_the_conditioner(xl):
     assert not torch.equal(batch["original_size"].float(), expected["target_size"])  # the item's own, not defaults
 
 
-def test_cfg_dropout_zeroes_the_text_and_keeps_the_sizes(xl):
-    cfg = completed(xl, FULL, "model.params.ucg_rate=1.0")
-    system = built(cfg)
+def test_cfg_dropout_zeroes_the_text_and_keeps_the_sizes(full):
+    cfg, system = full  # shared: its ucg_rate (the config's model.params.ucg_rate) is put back after
     batch = bucket_batch(cfg)
-    with torch.no_grad():
-        kept, dropped = system.conditioning(batch, drop=False), system.conditioning(batch, drop=True)
+    default_rate = system.ucg_rate
+    try:
+        system.ucg_rate = 1.0
+        with torch.no_grad():
+            kept, dropped = system.conditioning(batch, drop=False), system.conditioning(batch, drop=True)
+        system.ucg_rate = 0.5
+        torch.manual_seed(0)
+        with torch.no_grad():
+            mixed = system.conditioning(batch | {"caption": ["a red block"] * 4}, drop=True)
+    finally:
+        system.ucg_rate = default_rate
     pooled = pooled_width(system.cond_stage_model)
     assert kept["context"].abs().sum() > 0 and kept["y"][:, :pooled].abs().sum() > 0
     assert not dropped["context"].any() and not dropped["y"][:, :pooled].any()  # text: zeros
     assert torch.equal(dropped["y"][:, pooled:], kept["y"][:, pooled:])  # sizes: the batch's
-    system.ucg_rate = 0.5
-    torch.manual_seed(0)
-    with torch.no_grad():
-        mixed = system.conditioning(bucket_batch(cfg, 4) | {"caption": ["a red block"] * 4}, drop=True)
     text_dropped = mixed["context"].flatten(1).abs().sum(1) == 0
     assert torch.equal(mixed["y"][:, :pooled].abs().sum(1) == 0, text_dropped)  # context and pooled dropped together
 

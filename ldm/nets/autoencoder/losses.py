@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 ADAPTIVE_EPS = 1e-4
 ADAPTIVE_MAX = 1e4
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's VGG16_Weights.IMAGENET1K_V1, which lpips loads
+VGG16_URL = f"https://download.pytorch.org/models/{VGG16_FILE}"
+VGG16_HASH_PREFIX = "397923af"  # what torchvision checks a downloaded file against (the name's suffix)
 
 
 class PerceptualWeightsUnavailable(UserError, RuntimeError):
@@ -47,17 +49,26 @@ def vgg16_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
 
 
+def fetch_vgg16_weights(path: Path) -> None:
+    """Download the VGG16 weights into torch hub's cache unless they are there, hash-checked as torchvision does (so
+    an offline machine fails before lpips builds the 138M-parameter network it would load them into)."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(VGG16_URL, str(path), hash_prefix=VGG16_HASH_PREFIX)
+
+
 def build_lpips() -> nn.Module:
     """lpips.LPIPS(net="vgg"), frozen; a clear error when the VGG16 backbone cannot be fetched (offline)."""
     import lpips
 
+    path = vgg16_weights_path()
     try:
+        fetch_vgg16_weights(path)
         net = lpips.LPIPS(net="vgg", verbose=False)
     except (OSError, RuntimeError) as e:  # URLError is an OSError; a truncated file a RuntimeError
-        path = vgg16_weights_path()
         raise PerceptualWeightsUnavailable(
             f"The LPIPS perceptual loss needs torchvision's VGG16 weights, which could not be fetched ({e}). "
-            f"Download https://download.pytorch.org/models/{VGG16_FILE} on a machine with network access and "
+            f"Download {VGG16_URL} on a machine with network access and "
             f"place it at {path} (torch hub's cache: torch.hub.get_dir()/checkpoints/{VGG16_FILE}), or train "
             "without the perceptual term: set `perceptual_weight: 0` in the loss config "
             "(override: model.params.loss.params.perceptual_weight=0)."
