@@ -23,6 +23,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torchvision.models import VGG16_Weights
 
 from ldm.core.errors import UserError
 from ldm.nets.autoencoder.discriminator import (
@@ -35,9 +36,9 @@ from ldm.nets.autoencoder.distributions import DiagonalGaussianDistribution
 log = logging.getLogger(__name__)
 ADAPTIVE_EPS = 1e-4
 ADAPTIVE_MAX = 1e4
-VGG16_FILE = "vgg16-397923af.pth"  # torchvision's VGG16_Weights.IMAGENET1K_V1, which lpips loads
-VGG16_URL = f"https://download.pytorch.org/models/{VGG16_FILE}"
-VGG16_HASH_PREFIX = "397923af"  # what torchvision checks a downloaded file against (the name's suffix)
+VGG16_URL = VGG16_Weights.IMAGENET1K_V1.url  # the backbone lpips loads (through torchvision)
+VGG16_FILE = VGG16_URL.rsplit("/", 1)[-1]  # vgg16-397923af.pth
+VGG16_HASH_PREFIX = torch.hub.HASH_REGEX.search(VGG16_FILE).group(1)  # what torchvision checks the download against
 
 
 class PerceptualWeightsUnavailable(UserError, RuntimeError):
