@@ -2,7 +2,7 @@
 
     pip install -e .[bench]
     python scripts/bench.py --out results/bench                 # small SD-like sizes, fp32 and bf16 autocast
-    python scripts/bench.py --quick --out /tmp/bench             # toy sizes, 2 repeats: a smoke test
+    python scripts/bench.py --quick --out /tmp/bench             # toy sizes, 2 repeats, aot_eager: a smoke test
     python scripts/bench.py --only unet,sampling --compile --channels-last --profile
 
 Each number is the median of ``--repeats`` timed calls after ``--warmup`` calls, the two sides of a row timed
@@ -32,11 +32,16 @@ from ldm.bench.sizes import DEFAULT, QUICK, BenchSizes
 from ldm.bench.steps import PRECISIONS, Options
 from ldm.core.logging import setup_cli_logging
 from ldm.core.threads import ThreadsError, add_threads_argument, apply_threads
+from ldm.nets.compile import INDUCTOR
 
 MEASUREMENTS = ("unet", "checkpointing", "channels_last", "compiled_step", "optimizer", "attention", "vae",
                 "stage2", "sampling")
 DEFAULT_WARMUP, DEFAULT_REPEATS = 2, 5
 QUICK_WARMUP, QUICK_REPEATS = 1, 2
+# --quick compiles with AOT autograd's eager backend: Dynamo's capture and the backward graph of the real run,
+# without TorchInductor generating and building C++ kernels (minutes of g++ on a CPU even for the toy U-Net)
+QUICK_BACKEND = "aot_eager"
+BACKENDS = (INDUCTOR, "aot_eager")
 SPEED_GOAL = 1.2  # goal: ours ≥ 1.2× diffusers on the U-Net step and on sampling
 CACHE_GOAL = 3.0  # goal: cached latents ≥ 3× on-the-fly encoding at f = 8
 # Rows (by the start of their measurement name) that have a goal, and the ratio to reach.
@@ -59,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_threads_argument(p)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile both sides of the training and VAE rows (sampling always has compiled rows)")
+    p.add_argument("--compile-backend", choices=BACKENDS,
+                   help=f"what the compiled rows compile with (default {INDUCTOR}, quick {QUICK_BACKEND})")
     p.add_argument("--channels-last", action="store_true", help="channels-last weights and inputs on both sides")
     p.add_argument("--profile", action="store_true", help="write torch.profiler op tables of the U-Net steps to OUT/profiles")
     return p
@@ -88,7 +95,7 @@ def machine_lines(opts: Options, sizes: BenchSizes, args: argparse.Namespace, ar
         "Command: `" + " ".join(["python scripts/bench.py", *argv]) + "`",
         (f"Sizes{quick}: batch {sizes.batch}, {sizes.latent_size}×{sizes.latent_size} latents, U-Net {sizes.unet}, "
          f"VAE ch {sizes.vae['ch']} × {sizes.vae['ch_mult']}; median of {opts.repeats} after {opts.warmup} warm-up; "
-         f"compile={opts.compile}, channels_last={opts.channels_last}. ratio = ours / theirs."),
+         f"compile={opts.compile} (backend {opts.backend}), channels_last={opts.channels_last}. ratio = ours / theirs."),
     ]
 
 
@@ -132,7 +139,8 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         apply_threads(args.threads)
     except ThreadsError as e:
         raise SystemExit(f"error: {e}") from None
-    opts = Options(torch.device(args.device), warmup, repeats, args.compile, args.channels_last)
+    backend = args.compile_backend or (QUICK_BACKEND if args.quick else INDUCTOR)
+    opts = Options(torch.device(args.device), warmup, repeats, args.compile, args.channels_last, backend)
     args.out.mkdir(parents=True, exist_ok=True)
     profile_dir = args.out / "profiles" if args.profile else None
 

@@ -139,7 +139,7 @@ def measure_checkpointing(sizes: BenchSizes, opts: Options, precisions: Sequence
 def measure_compiled_step(sizes: BenchSizes, opts: Options, precisions: Sequence[str]) -> list[Row]:
     """Our U-Net training step compiled as ``compile: true`` does (ldm.nets.compile) vs eager, same weights."""
     eager, _ = unet_pair(sizes, opts)
-    compiled = compile_network(copy.deepcopy(eager), opts.device)
+    compiled = compile_network(copy.deepcopy(eager), opts.device, backend=opts.backend)
     inputs = unet_inputs(sizes, opts)
     rows = []
     for precision in precisions:

@@ -55,7 +55,7 @@ def measure_sampling(sizes: BenchSizes, opts: Options, precisions: Sequence[str]
     diffusers eager, as each library runs out of the box; both compiled the same way.
     """
     ours, theirs = (m.eval() for m in unet_pair(sizes, opts))
-    compiled = {name: compile_network(copy.deepcopy(m), opts.device, inference=True)
+    compiled = {name: compile_network(copy.deepcopy(m), opts.device, inference=True, backend=opts.backend)
                 for name, m in (("ours", ours), ("theirs", theirs))}
     schedule = VPSchedule().to(opts.device)  # SD's betas, as the diffusers scheduler's
     scheduler = diffusers_scheduler()
@@ -87,8 +87,8 @@ def measure_sampling(sizes: BenchSizes, opts: Options, precisions: Sequence[str]
                  f"{SAMPLING_STEPS} U-Net calls on both sides), {b} images of {h}×{h} latents; fp32 samples of the two "
                  f"stacks from the same noise agree to {error:.1e} (max relative: the σ ladders differ, ours ends "
                  f"at t = 0 as k-diffusion's linspace, diffusers' at t ≈ T/steps).")
-    notes.append(f"Compiled sampling: both U-Nets by ldm.nets.compile.compile_network(inference=True) (TorchInductor, "
-                 f"frozen weights), as Pipeline.compile() / txt2img.py --compile; the first fp32 sampling call "
+    notes.append(f"Compiled sampling: both U-Nets by ldm.nets.compile.compile_network(inference=True) (backend "
+                 f"{opts.backend}; TorchInductor freezes the weights), as Pipeline.compile() / txt2img.py --compile; the first fp32 sampling call "
                  f"(compiling included) took {first_call['ours']:.0f} s (ours) and {first_call['theirs']:.0f} s "
                  f"(diffusers); compiled samples agree with eager ones to {agreement['ours']:.1e} / "
                  f"{agreement['theirs']:.1e} (max relative).")

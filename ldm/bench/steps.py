@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ldm.bench.sizes import BenchSizes
 from ldm.bench.twins import diffusers_unet_like
+from ldm.nets.compile import INDUCTOR
 from ldm.nets.unet.model import UNetModel
 from ldm.systems.optim import fused_supported
 
@@ -24,13 +25,14 @@ PRECISIONS = ("fp32", "bf16")
 
 @dataclass(frozen=True)
 class Options:
-    """How to run: device, warm-up calls and timed repeats, torch.compile, channels-last."""
+    """How to run: device, warm-up calls and timed repeats, torch.compile (and its backend), channels-last."""
 
     device: torch.device
     warmup: int
     repeats: int
     compile: bool = False
     channels_last: bool = False
+    backend: str = INDUCTOR  # what every compiled row compiles with
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -54,7 +56,7 @@ def place_input(x: Tensor, opts: Options) -> Tensor:
 
 def maybe_compile(fn: Callable, opts: Options) -> Callable:
     """torch.compile a module or function when asked (both sides of a comparison get the same treatment)."""
-    return torch.compile(fn) if opts.compile else fn
+    return torch.compile(fn, backend=opts.backend) if opts.compile else fn
 
 
 @torch.no_grad()

@@ -79,7 +79,8 @@ def test_markdown_table_matches_the_csv_and_notes_report_the_checks(bench_out):
     assert all(line.split("|")[4].strip().endswith("×") for line in table[2:])  # the ratio column
     assert "\n".join(table) in stdout  # the script prints the same table
     assert "parameters on both sides (checked equal)" in text
-    assert "Compiled sampling: both U-Nets by ldm.nets.compile.compile_network(inference=True)" in text
+    assert "Compiled sampling: both U-Nets by ldm.nets.compile.compile_network(inference=True) (backend aot_eager" in text
+    assert "compile=False (backend aot_eager)" in text  # --quick: no C++ kernels built for a smoke test
     assert "Goal ≥ 1.2× for U-Net train step" in text and "Goal ≥ 3.0× for stage-2" in text
 
 
