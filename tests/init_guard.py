@@ -8,7 +8,7 @@ from typing import Iterator
 
 import torch
 
-from ldm.io.checkpoints import INIT_FUNCTIONS
+from ldm.io.module_weights import INIT_FUNCTIONS
 
 
 @contextmanager

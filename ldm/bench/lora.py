@@ -18,7 +18,7 @@ from ldm.bench.measures import MEBI
 from ldm.bench.sizes import BenchSizes
 from ldm.bench.steps import Options, fill_zero_init, place, train_step_and_optimizer, unet_inputs
 from ldm.bench.timing import paired_medians, peak_memory_bytes
-from ldm.io.checkpoints import params_on_meta
+from ldm.io.module_weights import params_on_meta
 from ldm.nets.lora import UNET_ATTENTION, LoRA, is_lora_key
 from ldm.nets.unet.model import UNetModel
 

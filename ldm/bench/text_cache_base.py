@@ -25,7 +25,8 @@ from ldm.inference.base_text import load_base_text_encoder
 from ldm.inference.export import public_state_dict, text_layout_for
 from ldm.inference.sd import SD_CONFIG_DIR, build_sd, read_model_config
 from ldm.inference.sd_base import prepare_weights
-from ldm.io.checkpoints import FILLED_KEYS, params_on_meta
+from ldm.io.checkpoints import FILLED_KEYS
+from ldm.io.module_weights import params_on_meta
 from ldm.training.text_cache import cached_text_stage
 
 MIB = 2**20

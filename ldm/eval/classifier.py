@@ -29,7 +29,8 @@ from torch import nn
 
 from ldm.core.images import from_pil
 from ldm.data.shapes import COLORS, NUM_CLASSES, SHAPES, ShapesDataset, class_factors
-from ldm.io.checkpoints import CheckpointError, load_file, load_strict, params_on_meta, save_file_atomic
+from ldm.io.checkpoints import CheckpointError, load_file, save_file_atomic
+from ldm.io.module_weights import load_strict, params_on_meta
 
 ARCH_VERSION = 1  # bump when the network or the training recipe changes: old cache files stop matching
 TARGET_ACCURACY = 0.98  # val accuracy a default-settings classifier reaches; below it, a warning

@@ -20,7 +20,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ldm.eval.classifier import DEFAULT_CACHE_DIR, FULL_STRIDE_MIN_SIZE, _conv, fit
-from ldm.io.checkpoints import CheckpointError, load_file, load_strict, params_on_meta, save_file_atomic
+from ldm.io.checkpoints import CheckpointError, load_file, save_file_atomic
+from ldm.io.module_weights import load_strict, params_on_meta
 
 ARCH_VERSION = 1
 MAX_SHIFT = 2  # pixels of random translation in training

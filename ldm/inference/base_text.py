@@ -20,15 +20,8 @@ from torch import Tensor, nn
 from ldm.core.config import instantiate_from_config
 from ldm.inference.sd import build_sd
 from ldm.inference.sd_layout import CONFIG_HINT, to_model_layout
-from ldm.io.checkpoints import (
-    TEXT_PREFIX,
-    add_prefix,
-    load_assign,
-    load_prefixed,
-    params_on_meta,
-    strip_prefix,
-    tensors_hash,
-)
+from ldm.io.checkpoints import TEXT_PREFIX, add_prefix, load_prefixed, strip_prefix, tensors_hash
+from ldm.io.module_weights import load_assign, params_on_meta
 from ldm.io.sdxl_layout import SDXL_PREFIX
 from ldm.nets.conditioning.cached import FrozenWeights
 

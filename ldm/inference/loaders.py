@@ -21,8 +21,9 @@ from ldm.core.config import ConfigError, get_obj_from_str, instantiate_from_conf
 from ldm.core.errors import UserError
 from ldm.core.migrate import vae_network_node
 from ldm.diffusion.schedule import Schedule
-from ldm.io.checkpoints import CheckpointError, load_file, load_strict, params_on_meta, state_dict_of
+from ldm.io.checkpoints import CheckpointError, load_file, state_dict_of
 from ldm.io.lineage import VAE_TRAINING_ONLY, read_vae_state, vae_hash_from
+from ldm.io.module_weights import load_strict, params_on_meta
 from ldm.io.runs import RunError, checkpoint_for, resolve_run, run_config
 from ldm.nets.autoencoder.model import AutoencoderKL, downsampling_factor
 from ldm.systems.classifier import NoisyClassifier
@@ -93,7 +94,7 @@ def build_system(node: Mapping, path: str = "model", load_first_stage: bool = Tr
                  load_vae: Callable[..., tuple] = load_autoencoder) -> nn.Module:
     """A system from its model node. A ``first_stage`` named by run path is loaded with its weights (by
     ``load_vae``, as ``load_autoencoder``), or with ``load_first_stage=False`` built from the run's config alone (its
-    weights then come from a checkpoint: build it under ``ldm.io.checkpoints.params_on_meta``, as
+    weights then come from a checkpoint: build it under ``ldm.io.module_weights.params_on_meta``, as
     ``ldm.inference.sd_base.load_run_system`` does)."""
     first_stage = (node.get("params") or {}).get("first_stage")
     if not isinstance(first_stage, (str, os.PathLike)):

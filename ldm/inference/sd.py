@@ -50,13 +50,11 @@ from ldm.io.checkpoints import (
     VAE_PREFIX,
     CheckpointError,
     add_prefix,
-    load_assign,
     load_file,
-    load_strict,
-    params_on_meta,
     read_metadata,
     state_dict_of,
 )
+from ldm.io.module_weights import load_assign, load_strict, params_on_meta
 from ldm.nets.autoencoder.model import downsampling_factor
 from ldm.systems.latent_diffusion import LatentDiffusion
 

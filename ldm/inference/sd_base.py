@@ -25,7 +25,8 @@ from ldm.inference.base_text import with_cached_text
 from ldm.inference.loaders import RunSummary, build_system
 from ldm.inference.sd import load_sd_weights, read_sd_state
 from ldm.inference.source_checks import check_run_vae
-from ldm.io.checkpoints import EMA_SHADOWED, built_dtypes, load_assign, load_file, params_on_meta, state_dict_of
+from ldm.io.checkpoints import EMA_SHADOWED, load_file, state_dict_of
+from ldm.io.module_weights import built_dtypes, load_assign, params_on_meta
 
 
 def base_hint(config: str | None) -> str:

@@ -20,17 +20,11 @@ import yaml
 
 from ldm.core.config import ConfigError, instantiate_from_config
 from ldm.core.errors import UserError
-from ldm.io.checkpoints import (
-    METADATA_CONFIG,
-    VAE_PREFIX,
-    file_hash,
-    load_prefixed,
-    params_on_meta,
-    read_metadata,
-)
+from ldm.io.checkpoints import METADATA_CONFIG, VAE_PREFIX, file_hash, load_prefixed, read_metadata
 from ldm.inference.loaders import vae_node
 from ldm.inference.sd import read_model_config
 from ldm.io.lineage import lineage_hashes, read_lineage, vae_hash_of, vae_weights, weights_hash
+from ldm.io.module_weights import params_on_meta
 from ldm.io.runs import RunError, checkpoint_for, resolve_run
 
 log = logging.getLogger(__name__)

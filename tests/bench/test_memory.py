@@ -34,7 +34,7 @@ from ldm.bench.memory import (
 )
 from ldm.bench.timing import MEMORY_EVENT
 from ldm.inference.sd import SD_CONFIG_DIR, build_sd
-from ldm.io.checkpoints import params_on_meta
+from ldm.io.module_weights import params_on_meta
 from ldm.nets.lora import LoRA
 from tests.bench.memory_toy import toy_config
 from tests.paths import REPO_ROOT

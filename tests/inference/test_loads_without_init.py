@@ -19,16 +19,9 @@ from ldm.inference.loaders import build_system, describe_run, load_autoencoder, 
 from ldm.inference.pipeline import Pipeline
 from ldm.inference.sd import load_sd
 from ldm.inference.sd_base import load_run_system, prepare_weights
-from ldm.io.checkpoints import (
-    EMA_SHADOWED,
-    FILLED_KEYS,
-    CheckpointError,
-    load_file,
-    load_strict,
-    meta_tensor_names,
-    state_dict_of,
-)
+from ldm.io.checkpoints import EMA_SHADOWED, FILLED_KEYS, CheckpointError, load_file, state_dict_of
 from ldm.io.lineage import VAE_TRAINING_ONLY, read_vae_state
+from ldm.io.module_weights import load_strict, meta_tensor_names
 from ldm.io.runs import checkpoint_for, run_config
 from ldm.nets.lora import is_lora_key
 from ldm.training.sd_finetune import complete_from_base, start_from_base

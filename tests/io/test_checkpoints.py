@@ -22,16 +22,8 @@ from ldm.inference.sd import (
     read_model_config,
 )
 from ldm.inference.sd_control import controlnet_from_sd, sampling_model
-from ldm.io.checkpoints import (
-    IGNORED_KEYS,
-    CheckpointError,
-    checkpoint_kind,
-    load_file,
-    meta_tensor_names,
-    params_on_meta,
-    state_dict_of,
-    strip_prefix,
-)
+from ldm.io.checkpoints import IGNORED_KEYS, CheckpointError, checkpoint_kind, load_file, state_dict_of, strip_prefix
+from ldm.io.module_weights import meta_tensor_names, params_on_meta
 from ldm.io.safe_pickle import PickledClassStandIn
 from ldm.nets.controlnet import ControlledDiffusion
 from ldm.nets.unet.model import UNetModel

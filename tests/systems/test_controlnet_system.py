@@ -14,14 +14,9 @@ from ldm.data.shapes import ShapesDataset
 from ldm.inference.loaders import build_system
 from ldm.inference.sd import load_component, load_sd
 from ldm.inference.sd_control import controlnet_from_sd, sampling_model
-from ldm.io.checkpoints import (
-    CONTROL_PREFIX,
-    UNET_PREFIX,
-    load_file,
-    load_strict,
-    state_dict_of,
-)
+from ldm.io.checkpoints import CONTROL_PREFIX, UNET_PREFIX, load_file, state_dict_of
 from ldm.io.lineage import pinned_path
+from ldm.io.module_weights import load_strict, params_on_meta
 from ldm.io.runs import checkpoint_for, run_config
 from ldm.nets.controlnet import COPIED_FROM_UNET
 from ldm.systems.controlnet import ControlLDM
@@ -224,7 +219,6 @@ def test_a_controlnet_on_a_stable_diffusion_file(tmp_path):
 
 
 def test_the_sd15_config_builds_controlnet_v1_for_sd15():
-    from ldm.io.checkpoints import params_on_meta
     from tests.paths import REPO_ROOT
     from tests.nets.test_sd_configs import CONTROLNET_PARAMS, assert_layout, reference
 

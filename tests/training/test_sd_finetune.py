@@ -20,11 +20,11 @@ from ldm.io.checkpoints import (
     CheckpointError,
     ema_shadow_key,
     load_file,
-    params_on_meta,
     state_dict_of,
     strip_prefix,
     tensors_hash,
 )
+from ldm.io.module_weights import params_on_meta
 from ldm.training.cache import ensure_cache
 from ldm.training.driver import train
 from ldm.training.sd_finetune import complete_from_base, start_from_base

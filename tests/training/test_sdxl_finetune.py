@@ -17,15 +17,8 @@ from ldm.inference.export import export_checkpoint
 from ldm.inference.lora_files import text_towers, trained_lora
 from ldm.inference.pipeline import Pipeline
 from ldm.inference.sd import load_sd
-from ldm.io.checkpoints import (
-    EMA_PREFIX,
-    FILLED_KEYS,
-    UNET_PREFIX,
-    CheckpointError,
-    load_file,
-    params_on_meta,
-    state_dict_of,
-)
+from ldm.io.checkpoints import EMA_PREFIX, FILLED_KEYS, UNET_PREFIX, CheckpointError, load_file, state_dict_of
+from ldm.io.module_weights import params_on_meta
 from ldm.io.runs import CHECKPOINT_DIR
 from ldm.io.sdxl_layout import model_to_sdxl
 from ldm.nets.conditioning.sdxl import size_embedding

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ldm.io.checkpoints import load_strict, params_on_meta
+from ldm.io.module_weights import load_strict, params_on_meta
 from ldm.nets.conditioning.base import Embedder
 
 
