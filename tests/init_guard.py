@@ -6,9 +6,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator
 
-import torch
-
-from ldm.io.module_weights import INIT_FUNCTIONS
+from ldm.io.module_weights import wrapped_initialisers
 
 
 @contextmanager
@@ -16,19 +14,13 @@ def no_random_init() -> Iterator[list[tuple[str, tuple]]]:
     """Inside, each ``torch.nn.init`` function given a real (non-meta) tensor is recorded as ``(function, shape)``
     (and still runs); yields the list of records, which a load without random init leaves empty."""
     touched: list[tuple[str, tuple]] = []
-    originals = {name: getattr(torch.nn.init, name) for name in INIT_FUNCTIONS}
 
-    def guarded(name, function):
+    def recorded(name, function):
         def call(tensor, *args, **kwargs):
             if not tensor.is_meta:
                 touched.append((name, tuple(tensor.shape)))
             return function(tensor, *args, **kwargs)
         return call
 
-    for name, function in originals.items():
-        setattr(torch.nn.init, name, guarded(name, function))
-    try:
+    with wrapped_initialisers(recorded):
         yield touched
-    finally:
-        for name, function in originals.items():
-            setattr(torch.nn.init, name, function)

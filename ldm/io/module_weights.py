@@ -78,7 +78,6 @@ def params_on_meta() -> Iterator[None]:
     it swaps ``nn.Module.register_parameter`` and the ``torch.nn.init`` functions while active.
     """
     original = torch.nn.Module.register_parameter
-    initialisers = {name: getattr(torch.nn.init, name) for name in INIT_FUNCTIONS}
 
     def register_on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
         if param is not None and param.device.type != "meta":
@@ -86,13 +85,23 @@ def params_on_meta() -> Iterator[None]:
         original(module, name, param)
 
     torch.nn.Module.register_parameter = register_on_meta
-    for name, initialiser in initialisers.items():
-        setattr(torch.nn.init, name, _skipped_on_meta(initialiser))
+    try:
+        with wrapped_initialisers(lambda _, initialiser: _skipped_on_meta(initialiser)):
+            yield
+    finally:
+        torch.nn.Module.register_parameter = original
+
+
+@contextmanager
+def wrapped_initialisers(wrap: Callable[[str, Callable], Callable]) -> Iterator[None]:
+    """Inside, each ``torch.nn.init`` function (``INIT_FUNCTIONS``) is ``wrap(name, function)``; restored after."""
+    originals = {name: getattr(torch.nn.init, name) for name in INIT_FUNCTIONS}
+    for name, initialiser in originals.items():
+        setattr(torch.nn.init, name, wrap(name, initialiser))
     try:
         yield
     finally:
-        torch.nn.Module.register_parameter = original
-        for name, initialiser in initialisers.items():
+        for name, initialiser in originals.items():
             setattr(torch.nn.init, name, initialiser)
 
 
