@@ -65,14 +65,20 @@ def test_each_architecture_rule_breaks_on_a_planted_violation(tmp_path, module, 
     assert chain in result.stdout, result.stdout[-3000:]
 
 
-def _function_level_imports(path: Path) -> list[str]:
+NESTED_LDM_IMPORT = re.compile(r"(^[ \t]+|[:;][ \t]*)(from[ \t]+ldm\b|import[ \t]+([\w. \t]+,[ \t]*)*ldm\b)", re.M)
+
+
+def _function_level_imports(path: Path, root: Path = REPO_ROOT) -> list[str]:
     """``file:line module`` for every import of ``ldm`` written inside a function of ``path``."""
+    text = path.read_text()
+    if not NESTED_LDM_IMPORT.search(text):  # an import inside a function is indented or follows a ``:`` / ``;``
+        return []
     found = []
-    for func in (n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+    for func in (n for n in ast.walk(ast.parse(text)) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
         for node in ast.walk(func):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
-            found += [f"{path.relative_to(REPO_ROOT)}:{node.lineno} {n}" for n in names if n.split(".")[0] == "ldm"]
+            found += [f"{path.relative_to(root)}:{node.lineno} {n}" for n in names if n.split(".")[0] == "ldm"]
     return found
 
 
@@ -81,6 +87,15 @@ def test_no_module_of_the_package_is_imported_inside_a_function():
     one of the package's own modules: that would hide a cycle or an upward import from the contract."""
     found = [hit for path in sorted(PACKAGE.rglob("*.py")) for hit in _function_level_imports(path)]
     assert not found, "\n".join(found)
+
+
+@pytest.mark.parametrize("planted, module", [("from ldm.core import paths", "ldm.core"),
+                                             ("import os, ldm.core.paths as p", "ldm.core.paths"),
+                                             ("x = 1; import ldm", "ldm")])
+def test_an_import_inside_a_function_is_found(tmp_path, planted, module):
+    path = tmp_path / "m.py"
+    path.write_text(f"import ldm\n\n\ndef f():\n    \"\"\"A function.\"\"\"\n    {planted}\n")
+    assert _function_level_imports(path, tmp_path) == [f"m.py:6 {module}"]
 
 
 def test_the_import_graph_has_no_cycle():

@@ -26,7 +26,8 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860  # Gradio's, so a browser bookmark carries over
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 START_TIMEOUT_S = 30.0
-POLL_S = 0.1
+START_POLL_S = 0.005  # a flag read in this process: uvicorn is up in tens of milliseconds
+POLL_S = 0.1  # an HTTP request to the page
 
 
 class ServerError(UserError):
@@ -75,7 +76,7 @@ class Server:
         while not self.server.started:
             if time.monotonic() > deadline or not self._thread.is_alive():
                 raise ServerError(f"the server at {self.url} did not start")
-            time.sleep(POLL_S)
+            time.sleep(START_POLL_S)
         return self
 
     def stop(self) -> None:

@@ -5,7 +5,7 @@ import time
 import requests
 
 TIMEOUT_S = 120.0
-POLL_S = 0.05
+POLL_S = 0.02
 
 
 def wait(server, job: int) -> dict:

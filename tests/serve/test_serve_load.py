@@ -16,7 +16,7 @@ VISITORS = 8  # requests posted at once, per round (more than the queue's worker
 ROUNDS = 3  # the first warms up; memory is compared between the later ones
 GROWTH_LIMIT_MB = 25.0  # RSS growth allowed from round 2 to the last (allocator noise, not kept images)
 TIMEOUT_S = 300.0
-POLL_S = 0.05
+POLL_S = 0.02
 PAGE_SIZE = 4096
 
 
