@@ -2,7 +2,27 @@
 
 import gc
 import os
+import shutil
+import tempfile
 
+MEMORY_FS = "/dev/shm"  # Linux's memory filesystem: the tests' runs and files skip the disk (fsync, rename, unlink)
+MEMORY_FS_MIN_FREE_GIB = 8  # the whole suite writes ~4 GB at most, each passing test's files removed after it
+
+
+def _temporary_files_in_memory() -> None:
+    """Temporary files (pytest's tmp_path, the runs folders, the processes tests start) on the memory filesystem,
+    unless TMPDIR is set or it is missing or short of room: the suite writes thousands of checkpoints and fsyncs each."""
+    if "TMPDIR" in os.environ or not os.access(MEMORY_FS, os.W_OK):
+        return
+    if shutil.disk_usage(MEMORY_FS).free < MEMORY_FS_MIN_FREE_GIB * 2**30:
+        return
+    root = os.path.join(MEMORY_FS, f"ldm-tests-{os.getuid()}")
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    os.environ["TMPDIR"] = root  # inherited by pytest-xdist's workers and by subprocesses
+    tempfile.tempdir = None  # tempfile reads TMPDIR again
+
+
+_temporary_files_in_memory()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["OMP_NUM_THREADS"] = "1"  # what stages and scripts called in-process take for --threads (ldm.core.threads)
 # one runs folder per test process (pytest-xdist names its workers gw0, gw1, …)
