@@ -12,6 +12,7 @@ import os
 import re
 import resource
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -37,6 +38,7 @@ class TierRun:
     wall_s: float
     cpu_s: float
     exit_code: int
+    round: int = 1  # with several rounds, each runs every revision's tier once, in the same order
 
 
 def readme_test_command(tree: Path) -> list[str]:
@@ -114,14 +116,21 @@ def run_tier(tree: Path, revision: str, tier: str, extra: Sequence[str] = (), lo
 
 
 def markdown_rows(runs: Sequence[TierRun]) -> list[str]:
-    """The runs as a Markdown table, with each tier's times as a ratio of the first revision's."""
-    lines = ["| revision | tier | command | passed | failed | skipped | pytest (s) | wall (s) | CPU (s) "
-             "| wall / first | CPU / first |", "|" + "---|" * 11]
-    first = {}
+    """The runs as a Markdown table, each tier's times as a ratio of the first revision's in the same round; with
+    several rounds, a line per revision and tier with the median of its rounds' ratios."""
+    lines = ["| round | revision | tier | command | passed | failed | skipped | pytest (s) | wall (s) | CPU (s) "
+             "| pytest / first | wall / first | CPU / first |", "|" + "---|" * 13]
+    first, ratios = {}, {}
     for r in runs:
-        base = first.setdefault(r.tier, r)
-        lines.append(f"| {r.revision} | {r.tier} | `{r.command}` | {r.counts.get('passed', 0)} "
+        base = first.setdefault((r.tier, r.round), r)
+        ratio = r.pytest_s / base.pytest_s
+        ratios.setdefault((r.revision, r.tier), []).append(ratio)
+        lines.append(f"| {r.round} | {r.revision} | {r.tier} | `{r.command}` | {r.counts.get('passed', 0)} "
                      f"| {r.counts.get('failed', 0) + r.counts.get('error', 0)} | {r.counts.get('skipped', 0)} "
-                     f"| {r.pytest_s:.1f} | {r.wall_s:.1f} | {r.cpu_s:.1f} | {r.wall_s / base.wall_s:.2f} "
+                     f"| {r.pytest_s:.1f} | {r.wall_s:.1f} | {r.cpu_s:.1f} | {ratio:.2f} | {r.wall_s / base.wall_s:.2f} "
                      f"| {r.cpu_s / base.cpu_s:.2f} |")
+    if len({r.round for r in runs}) > 1:
+        lines += ["", "| revision | tier | pytest / first, each round | median |", "|---|---|---|---|"]
+        lines += [f"| {rev} | {tier} | {', '.join(f'{x:.2f}' for x in xs)} | **{statistics.median(xs):.2f}** |"
+                  for (rev, tier), xs in ratios.items()]
     return lines

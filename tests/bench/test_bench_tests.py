@@ -23,7 +23,19 @@ def test_the_command_is_the_readme_s_and_ratios_are_against_the_first_revision()
     runs = [TierRun("a", "quick", "pytest", {"passed": 2}, 10.0, 12.0, 20.0, 0),
             TierRun("b", "quick", "pytest -n 2", {"passed": 2}, 5.0, 6.0, 15.0, 0)]
     last = markdown_rows(runs)[-1]
-    assert last.endswith("| 0.50 | 0.75 |")
+    assert last.startswith("| 1 | b | quick |") and last.endswith("| 0.50 | 0.50 | 0.75 |")
+
+
+def test_with_rounds_each_ratio_is_within_its_round_and_the_median_is_given():
+    runs = [TierRun("a", "quick", "pytest", {}, 10.0, 10.0, 10.0, 0, round=1),
+            TierRun("b", "quick", "pytest", {}, 6.0, 6.0, 6.0, 0, round=1),
+            TierRun("a", "quick", "pytest", {}, 20.0, 20.0, 20.0, 0, round=2),  # the machine slowed down
+            TierRun("b", "quick", "pytest", {}, 10.0, 10.0, 10.0, 0, round=2),
+            TierRun("a", "quick", "pytest", {}, 10.0, 10.0, 10.0, 0, round=3),
+            TierRun("b", "quick", "pytest", {}, 4.0, 4.0, 4.0, 0, round=3)]
+    lines = markdown_rows(runs)
+    assert "| 2 | b | quick | `pytest` |" in lines[5] and lines[5].endswith("| 0.50 | 0.50 | 0.50 |")
+    assert lines[-1] == "| b | quick | 0.60, 0.50, 0.40 | **0.50** |"
 
 
 @pytest.mark.slow  # checks out HEAD and runs pytest on one file in a subprocess
@@ -33,8 +45,8 @@ def test_the_script_runs_a_revision_s_tier_and_writes_the_table(tmp_path):
                                             "tests/core/test_colour.py", "--pytest-args=-n 0", "--out", str(out)])
     assert code == 0
     table = (out / "tests.md").read_text()
-    row = next(line for line in table.splitlines() if line.startswith("| HEAD | quick |"))
+    row = next(line for line in table.splitlines() if line.startswith("| 1 | HEAD | quick |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert int(cells[3]) > 0 and cells[4] == "0"  # passed, failed
-    assert float(cells[6]) > 0 and float(cells[7]) > 0 and float(cells[8]) > 0  # pytest, wall and CPU seconds
-    assert "passed" in (out / "quick-HEAD.log").read_text()
+    assert int(cells[4]) > 0 and cells[5] == "0"  # passed, failed
+    assert float(cells[7]) > 0 and float(cells[8]) > 0 and float(cells[9]) > 0  # pytest, wall and CPU seconds
+    assert "passed" in (out / "quick-HEAD-1.log").read_text()
