@@ -25,6 +25,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from ldm.core.errors import UserError
 from ldm.core.private_api import foreach_norm
+from ldm.io.runs import LAST_CHECKPOINT
 
 NonFiniteMode = Literal["stop", "skip", "off"]
 GUARD_DEFAULTS: dict[str, Any] = {"nonfinite": "stop"}
@@ -53,8 +54,10 @@ def nonfinite_tensors(state: dict[str, Any]) -> list[str]:
 
 
 def last_good_checkpoint(ckpt_dir: Path) -> str:
-    """The newest checkpoint in ``ckpt_dir``, or a note that there is none yet."""
-    found = sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if ckpt_dir.is_dir() else []
+    """The newest checkpoint in ``ckpt_dir`` (``last.ckpt`` before the periodic file it is a hard link to, whichever
+    order the filesystem lists them in), or a note that there is none yet."""
+    found = sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: (p.stat().st_mtime, p.name == LAST_CHECKPOINT)) \
+        if ckpt_dir.is_dir() else []
     return str(found[-1]) if found else f"none yet in {ckpt_dir}"
 
 

@@ -18,7 +18,7 @@ from ldm.io.checkpoints import load_file
 from ldm.io.runs import CHECKPOINT_DIR
 from ldm.training.cache import ensure_cache
 from ldm.training.driver import EXIT_BAD_INPUT, EXIT_NONFINITE, train
-from ldm.training.guards import SKIPPED_METRIC
+from ldm.training.guards import SKIPPED_METRIC, last_good_checkpoint
 from tests.conftest import TINY
 from tests.procs import logged
 from tests.toy import TOY_CONFIG
@@ -71,6 +71,19 @@ def test_vae_nan_stops_naming_the_step_and_last_good_checkpoint(tmp_path, capsys
     assert "non-finite loss or gradients at step 4" in line
     assert f"last good checkpoint: {run / CHECKPOINT_DIR / 'last.ckpt'}" in line
     assert_finite_checkpoints(run, {"last.ckpt": 3, "step0000003.ckpt": 3})
+
+
+@pytest.mark.parametrize("link_first", [False, True])
+def test_the_last_good_checkpoint_is_last_ckpt_before_its_hard_linked_periodic_file(tmp_path, link_first):
+    """``last.ckpt`` and the periodic file of its step are one inode (one mtime): the name given is ``last.ckpt``
+    whichever the directory lists first."""
+    assert last_good_checkpoint(tmp_path / "none").startswith("none yet in ")
+    (tmp_path / "step0000001.ckpt").write_bytes(b"older")
+    periodic, last = tmp_path / "step0000003.ckpt", tmp_path / "last.ckpt"
+    first, second = (last, periodic) if link_first else (periodic, last)
+    first.write_bytes(b"newest")
+    second.hardlink_to(first)
+    assert last_good_checkpoint(tmp_path) == str(last)
 
 
 @pytest.mark.slow
