@@ -32,7 +32,7 @@ TOLERANCE = 1e-5  # fp32: max |Δ| of outputs of order 1
 
 @pytest.fixture(scope="module")
 def sd(workdir, tmp_path_factory):
-    """(toy SD 1.x file, its inference config — the ones test_lora_layouts_sd1 shares —, this module's work folder)."""
+    """(toy SD 1.x file, its inference config — shared with test_lora_layouts_sd1 —, this module's work folder)."""
     ckpt, config = lora_sd_file(workdir / "lora-sd")
     return ckpt, config, tmp_path_factory.mktemp("lora-files")
 

@@ -29,6 +29,7 @@ RANK, ALPHA = 4, 8  # alpha ≠ rank: only a file's metadata (or kohya's .alpha)
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 DRAW = dict(steps=3, guidance=5.0, sampler="euler", seed=3)  # the one image compared (through txt2img --lora)
+IMAGE_LAYOUT = "kohya_sgm"  # the file whose diffusers image txt2img --lora is compared with
 SIZE = 16  # pixels: 8 × 8 latents
 TOLERANCE = 1e-5  # fp32: max |Δ| of outputs of order 1
 ADAPTER = "under-test"  # the name diffusers loads each file under
@@ -221,18 +222,16 @@ def _their_forward(pipe) -> dict[str, torch.Tensor]:
 
 
 @functools.cache
-def theirs(ckpt, folder, lora):
-    """diffusers' conditioning and U-Net output with ``lora`` loaded by its load_lora_weights (once per file)."""
+def theirs(ckpt, folder, lora, image=False):
+    """diffusers' conditioning and U-Net output with ``lora`` loaded by its load_lora_weights (once per file); with
+    ``image`` also its images, (2, 3, 16, 16) in [0, 1], drawn while the file is loaded."""
     with diffusers_with(ckpt, folder, lora) as pipe:
-        return _their_forward(pipe)
-
-
-@functools.cache
-def theirs_image(ckpt, folder, lora) -> torch.Tensor:
-    """diffusers' images with ``lora`` loaded: (2, 3, 16, 16) in [0, 1]."""
-    with diffusers_with(ckpt, folder, lora) as pipe:
-        return pipe(prompt=PROMPTS, height=SIZE, width=SIZE, num_inference_steps=DRAW["steps"],
-                    guidance_scale=DRAW["guidance"], latents=_noise(DRAW["seed"], 2), output_type="pt").images
+        got = _their_forward(pipe)
+        if image:
+            got["image"] = pipe(prompt=PROMPTS, height=SIZE, width=SIZE, num_inference_steps=DRAW["steps"],
+                                guidance_scale=DRAW["guidance"], latents=_noise(DRAW["seed"], 2),
+                                output_type="pt").images
+        return got
 
 
 def assert_acts(got: dict, base: dict, threshold: float = 0.05, names=("context", "out")) -> None:
@@ -256,7 +255,7 @@ def test_sdxl_lora_layouts_give_diffusers_images(files, layout):
     ckpt, config, folder, made = files
     got = ours(ckpt, config, made[layout])
     assert_acts(got, ours(ckpt, config))
-    assert_same(got, theirs(ckpt, folder, made[layout]), atol=TOLERANCE)
+    assert_same(got, theirs(ckpt, folder, made[layout], image=layout == IMAGE_LAYOUT), atol=TOLERANCE)
 
 
 def test_attention_processor_layout_and_live_adapters(files):
@@ -314,12 +313,13 @@ def test_txt2img_lora_on_sdxl_draws_diffusers_image(files, tmp_path, capsys):
 
     ckpt, config, folder, made = files
     txt2img = load_script("txt2img")
-    argv = ["--ckpt", ckpt, "--config", config, "--lora", made["kohya_sgm"], "--prompt", PROMPTS[0], "--steps", "3",
+    argv = ["--ckpt", ckpt, "--config", config, "--lora", made[IMAGE_LAYOUT], "--prompt", PROMPTS[0], "--steps", "3",
             "--sampler", "euler", "--scale", "5", "--seed", "3", "--out", tmp_path]
     assert txt2img.main([str(a) for a in argv]) == 0, capsys.readouterr().err
     (png,) = tmp_path.glob("*.png")
     drawn = np.asarray(Image.open(png)).astype(int)  # (16, 16, 3)
-    expected = (theirs_image(ckpt, folder, made["kohya_sgm"])[0].permute(1, 2, 0).numpy() * 255).round().astype(int)
+    image = theirs(ckpt, folder, made[IMAGE_LAYOUT], image=True)["image"][0]  # (3, 16, 16) in [0, 1]
+    expected = (image.permute(1, 2, 0).numpy() * 255).round().astype(int)
     assert np.abs(drawn - expected).max() <= 1
 
 
