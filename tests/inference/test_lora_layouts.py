@@ -1,8 +1,9 @@
 """LoRA files from every common trainer on a toy SDXL file (and kohya's lora_te1_ on SD 1.x): made in the test with
 peft on diffusers' own SDXL modules, saved by diffusers' save_lora_weights, converted by its convert_state_dict_to_kohya
 and renamed into kohya's generative-models names, diffusers' training-script and attention-processor layouts; each
-gives through Pipeline.with_lora / txt2img --lora the images diffusers' load_lora_weights gives for the same file.
-Files for another model family are refused naming both families."""
+gives through Pipeline.with_lora the text context, pooled text and U-Net output diffusers' load_lora_weights gives for
+the same file (and through txt2img --lora diffusers' image). Files for another model family are refused naming both
+families."""
 
 import copy
 import functools
@@ -251,7 +252,7 @@ def assert_same(got: dict, other: dict, atol: float) -> None:
 
 
 @pytest.mark.parametrize("layout", ["peft", "kohya", "kohya_sgm", "peft_no_metadata", "training_script"])
-def test_sdxl_lora_layouts_give_diffusers_images(files, layout):
+def test_sdxl_lora_layouts_give_diffusers_outputs(files, layout):
     ckpt, config, folder, made = files
     got = ours(ckpt, config, made[layout])
     assert_acts(got, ours(ckpt, config))
@@ -350,7 +351,7 @@ def locon_peft_file(ckpt, folder):
 
 
 @pytest.mark.parametrize("layout", ["kohya", "peft"])
-def test_locon_conv_layers_give_diffusers_images(files, layout):
+def test_locon_conv_layers_give_diffusers_outputs(files, layout):
     """kohya's LoCon: the res-blocks' 3×3 convolutions (down (r, in, 3, 3), up (out, r, 1, 1)), their time
     projections and the samplers' convolutions, beside the attention."""
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
