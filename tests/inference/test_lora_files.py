@@ -3,7 +3,6 @@ gives our outputs; a kohya-layout file written by hand in this test loads throug
 folded in by hand; unknown keys and misfit shapes are refused naming them; folding equals the live adapter; the module
 names match diffusers' own converter."""
 
-import functools
 import json
 
 import numpy as np
@@ -13,7 +12,6 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from ldm.bench.mapping import diffusers_unet_config
-from ldm.bench.twins import diffusers_text_encoder_like, diffusers_unet_like
 from ldm.inference.lora_files import num_res_blocks, read_lora_file, trained_lora, write_lora_file
 from ldm.inference.pipeline import Pipeline
 from ldm.inference.sd import load_sd
@@ -22,7 +20,8 @@ from ldm.io.lineage import lineage_hashes, read_lineage
 from ldm.io.lora_layout import LoraFileError, diffusers_unet_path, hf_text_path
 from ldm.nets.lora import UNET_TARGETS, LoRA, adaptable_modules
 from tests.scripts import load_script
-from tests.sd_toy import file_pipeline, shared_tiny_system, tiny_config, write_sd_file
+from tests.sd_lora_twins import diffusers_lora_outputs, lora_sd_file
+from tests.sd_toy import file_pipeline, shared_file_pipeline, shared_tiny_system, tiny_config, write_sd_file
 
 ALL = LoRA(rank=4, alpha=8, unet_targets=list(UNET_TARGETS),
            text_targets=["attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", "mlp.c_fc", "mlp.c_proj"])
@@ -32,11 +31,10 @@ TOLERANCE = 1e-5  # fp32: max |Δ| of outputs of order 1
 
 
 @pytest.fixture(scope="module")
-def sd(tmp_path_factory):
-    """(toy SD 1.x file, its inference config, a work folder)."""
-    folder = tmp_path_factory.mktemp("lora-files")
-    ckpt, config = write_sd_file(folder, seed=5)
-    return ckpt, config, folder
+def sd(workdir, tmp_path_factory):
+    """(toy SD 1.x file, its inference config — shared with test_lora_layouts_sd1 —, this module's work folder)."""
+    ckpt, config = lora_sd_file(workdir / "lora-sd")
+    return ckpt, config, tmp_path_factory.mktemp("lora-files")
 
 
 def loaded(sd) -> Pipeline:
@@ -58,12 +56,6 @@ def trained(sd):
     files = {layout: write_lora_file(weights, sd[2] / f"{layout}.safetensors", layout, 1)
              for layout in ("kohya", "diffusers")}
     return system.eval(), weights, files
-
-
-@functools.cache
-def _base(ckpt, config):
-    """Our system of the toy file without a LoRA, loaded once for the tests that only read it."""
-    return load_sd(config, ckpt)
 
 
 def inputs(seed: int = 1):
@@ -101,21 +93,12 @@ def load_config_params(name: str) -> dict:
 
 @pytest.mark.parametrize("layout", ["kohya", "diffusers"])
 def test_a_lora_exported_here_gives_our_output_in_diffusers_load_lora_weights(sd, trained, layout):
-    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
     system, weights, files = trained
-    base = _base(sd[0], sd[1])  # read only
-    unet = diffusers_unet_like(base.model.diffusion_model, load_config_params("v1-inference")).eval()
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=diffusers.AutoencoderKL(), text_encoder=diffusers_text_encoder_like(base.cond_stage_model).eval(),
-        tokenizer=None, unet=unet, scheduler=diffusers.DDIMScheduler(), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
-    pipe.load_lora_weights(str(files[layout]))
-    tokens = base.cond_stage_model.tokenizer(PROMPTS)
+    base = shared_file_pipeline(sd[0], sd[1])  # read only
     x, t = inputs()
-    with torch.no_grad():
-        their_context = pipe.text_encoder(tokens).last_hidden_state
-        their_out = pipe.unet(x, t, encoder_hidden_states=their_context).sample
+    their_context, their_out = diffusers_lora_outputs(sd[0], sd[1], files[layout], PROMPTS, x, t)
     ours = loaded(sd).with_lora(files[layout], live=True)
     context, out = outputs(ours.model, ours.cond_stage_model, PROMPTS, x, t)
     trained_context, trained_out = outputs(system.model, system.cond_stage_model, PROMPTS, x, t)

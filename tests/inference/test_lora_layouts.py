@@ -1,8 +1,9 @@
 """LoRA files from every common trainer on a toy SDXL file (and kohya's lora_te1_ on SD 1.x): made in the test with
 peft on diffusers' own SDXL modules, saved by diffusers' save_lora_weights, converted by its convert_state_dict_to_kohya
 and renamed into kohya's generative-models names, diffusers' training-script and attention-processor layouts; each
-gives through Pipeline.with_lora / txt2img --lora the images diffusers' load_lora_weights gives for the same file.
-Files for another model family are refused naming both families."""
+gives through Pipeline.with_lora the text context, pooled text and U-Net output diffusers' load_lora_weights gives for
+the same file (and through txt2img --lora diffusers' image). Files for another model family are refused naming both
+families."""
 
 import copy
 import functools
@@ -17,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from ldm.inference.lora_files import num_res_blocks, read_lora_file, text_towers
 from ldm.inference.pipeline import Pipeline
 from ldm.io.lora_layout import LoraFileError, diffusers_unet_path
+from ldm.nets.conditioning.sdxl import SizeConditioning
 from ldm.nets.lora import adaptable_modules
 from tests.sdxl_toy import diffusers_xl_pipeline, tiny_xl_config, write_xl_file
 
@@ -27,7 +29,11 @@ PROMPTS = ["a red circle on a blue background", "a green square"]
 RANK, ALPHA = 4, 8  # alpha ≠ rank: only a file's metadata (or kohya's .alpha) can say so
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
-DRAW = dict(steps=3, guidance=5.0, sampler="euler", seed=3)
+DRAW = dict(steps=3, guidance=5.0, sampler="euler", seed=3)  # the one image compared (through txt2img --lora)
+IMAGE_LAYOUT = "kohya_sgm"  # the file whose diffusers image txt2img --lora is compared with
+SIZE = 16  # pixels: 8 × 8 latents
+TOLERANCE = 1e-5  # fp32: max |Δ| of outputs of order 1
+ADAPTER = "under-test"  # the name diffusers loads each file under
 
 
 def _sd1():
@@ -87,14 +93,22 @@ def processor_key(key: str) -> str | None:
 
 @functools.cache
 def _diffusers_base(ckpt, folder):
-    """diffusers' pipeline of the toy file, built once per file through its single-file converters."""
+    """diffusers' pipeline of the toy file, built once per file through its single-file converters: LoRA files are
+    loaded into it and deleted again (peft's layers then compute their own weights alone, exactly)."""
     return diffusers_xl_pipeline(load_file(str(ckpt)), tiny_xl_config(), folder)
+
+
+@functools.cache
+def _clean_parts(ckpt, folder) -> dict:
+    """Copies of the base pipeline's networks made before any LoRA is loaded into it."""
+    base = _diffusers_base(ckpt, folder)
+    return {name: copy.deepcopy(getattr(base, name)) for name in ("unet", "text_encoder", "text_encoder_2")}
 
 
 def fresh_diffusers(ckpt, folder, parts=("unet", "text_encoder", "text_encoder_2")) -> SimpleNamespace:
     """Copies of diffusers' networks ``parts`` of the toy file, no adapter on them (the ones adapters are made on)."""
-    base = _diffusers_base(ckpt, folder)
-    return SimpleNamespace(**{name: copy.deepcopy(getattr(base, name)) for name in parts})
+    clean = _clean_parts(ckpt, folder)
+    return SimpleNamespace(**{name: copy.deepcopy(clean[name]) for name in parts})
 
 
 @pytest.fixture(scope="module")
@@ -159,47 +173,99 @@ def folded(ckpt, config, lora):
         pipe.source = source
 
 
-def _draw(pipe) -> torch.Tensor:
-    return pipe.generate_tensors(PROMPTS, height=16, width=16, **DRAW) * 0.5 + 0.5  # (2, 3, 16, 16) in [0, 1]
+def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of noisy latents (2, 4, 8, 8) and two timesteps, the U-Net's input in the comparisons."""
+    return torch.randn(2, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(1)), torch.tensor([20, 700])
+
+
+def _forward(pipe) -> dict[str, torch.Tensor]:
+    """Our Pipeline's conditioning of the prompts (both text towers' context, the vector y with the pooled text) and
+    its U-Net's output on them."""
+    x, t = _inputs()
+    with torch.no_grad():
+        cond = pipe.conditioning(PROMPTS, SizeConditioning.for_size(SIZE, SIZE))
+        return {"context": cond["context"], "y": cond["y"],
+                "out": pipe.model.diffusion_model(x, t, context=cond["context"], y=cond["y"])}  # (2, 4, 8, 8)
 
 
 @functools.cache
 def ours(ckpt, config, lora=None, live=False):
-    """Our images with ``lora`` applied to the loaded file (drawn once per file and mode): folded into the shared
-    Pipeline's weights and taken out again, or as live peft adapters on a copy of it."""
+    """Our conditioning and U-Net output with ``lora`` applied to the loaded file (once per file and mode): folded
+    into the shared Pipeline's weights and taken out again, or as live peft adapters on a copy of it."""
     if live:
-        return _draw(copy.deepcopy(_loaded(ckpt, config)).with_lora(lora, live=True))
+        return _forward(copy.deepcopy(_loaded(ckpt, config)).with_lora(lora, live=True))
     with folded(ckpt, config, lora) as pipe:
-        return _draw(pipe)
+        return _forward(pipe)
+
+
+@contextmanager
+def diffusers_with(ckpt, folder, lora):
+    """diffusers' shared pipeline of the toy file with ``lora`` loaded by its load_lora_weights (deleted after)."""
+    pipe = _diffusers_base(ckpt, folder)
+    pipe.load_lora_weights(str(lora), adapter_name=ADAPTER)
+    try:
+        yield pipe
+    finally:
+        pipe.delete_adapters(ADAPTER)
+
+
+def _their_forward(pipe) -> dict[str, torch.Tensor]:
+    """diffusers' prompt embeddings (both text encoders), pooled embedding and U-Net output for ``_forward``'s inputs
+    (its size embedding of the same sizes)."""
+    x, t = _inputs()
+    with torch.no_grad():
+        context, _, pooled, _ = pipe.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=False)
+        time_ids = pipe._get_add_time_ids((SIZE, SIZE), (0, 0), (SIZE, SIZE), dtype=torch.float32,
+                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+        out = pipe.unet(x, t, context, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.repeat(2, 1)},
+                        return_dict=False)[0]
+    return {"context": context, "pooled": pooled, "out": out}
 
 
 @functools.cache
-def theirs(ckpt, folder, lora):
-    """diffusers' images with ``lora`` loaded by its load_lora_weights into the shared pipeline of the toy file, and
-    unloaded again by its unload_lora_weights (which puts its original layers back) — drawn once per file."""
-    pipe = _diffusers_base(ckpt, folder)
-    pipe.load_lora_weights(str(lora))
-    try:
-        return pipe(prompt=PROMPTS, height=16, width=16, num_inference_steps=DRAW["steps"],
-                    guidance_scale=DRAW["guidance"], latents=_noise(DRAW["seed"], 2), output_type="pt").images
-    finally:
-        pipe.unload_lora_weights()
+def theirs(ckpt, folder, lora, image=False):
+    """diffusers' conditioning and U-Net output with ``lora`` loaded by its load_lora_weights (once per file); with
+    ``image`` also its images, (2, 3, 16, 16) in [0, 1], drawn while the file is loaded."""
+    with diffusers_with(ckpt, folder, lora) as pipe:
+        got = _their_forward(pipe)
+        if image:
+            got["image"] = pipe(prompt=PROMPTS, height=SIZE, width=SIZE, num_inference_steps=DRAW["steps"],
+                                guidance_scale=DRAW["guidance"], latents=_noise(DRAW["seed"], 2),
+                                output_type="pt").images
+        return got
+
+
+def assert_acts(got: dict, base: dict, threshold: float = 0.05, names=("context", "out")) -> None:
+    """The adapters change the text context and the U-Net output of the loaded file."""
+    for name in names:
+        assert (got[name] - base[name]).abs().max() > threshold, name
+
+
+def assert_same(got: dict, other: dict, atol: float) -> None:
+    """Our conditioning and U-Net output equal ``other``'s (ours, or diffusers' whose pooled text is y's start)."""
+    torch.testing.assert_close(got["context"], other["context"], rtol=0, atol=atol)
+    if "pooled" in other:
+        torch.testing.assert_close(got["y"][:, :other["pooled"].shape[1]], other["pooled"], rtol=0, atol=atol)
+    else:
+        torch.testing.assert_close(got["y"], other["y"], rtol=0, atol=atol)
+    torch.testing.assert_close(got["out"], other["out"], rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize("layout", ["peft", "kohya", "kohya_sgm", "peft_no_metadata", "training_script"])
-def test_sdxl_lora_layouts_give_diffusers_images(files, layout):
+def test_sdxl_lora_layouts_give_diffusers_outputs(files, layout):
     ckpt, config, folder, made = files
     got = ours(ckpt, config, made[layout])
-    assert (got - ours(ckpt, config)).abs().max() > 0.03  # the adapters change the images
-    torch.testing.assert_close(got, theirs(ckpt, folder, made[layout]), rtol=0, atol=1e-4)
+    assert_acts(got, ours(ckpt, config))
+    assert_same(got, theirs(ckpt, folder, made[layout], image=layout == IMAGE_LAYOUT), atol=TOLERANCE)
 
 
 def test_attention_processor_layout_and_live_adapters(files):
     ckpt, config, _, made = files
     processor = ours(ckpt, config, made["attention_processor"])  # diffusers 0.42 no longer reads this layout
-    torch.testing.assert_close(processor, ours(ckpt, config, made["peft_attention"]), rtol=0, atol=1e-6)
+    assert_acts(processor, ours(ckpt, config), names=("out",))  # U-Net attention only
+    assert_same(processor, ours(ckpt, config, made["peft_attention"]), atol=1e-6)
     live = ours(ckpt, config, made["kohya"], live=True)
-    torch.testing.assert_close(live, ours(ckpt, config, made["peft"]), rtol=0, atol=1e-5)
+    assert_same(live, ours(ckpt, config, made["peft"]), atol=TOLERANCE)
 
 
 def test_families_are_refused_by_name(files, tmp_path):
@@ -248,12 +314,13 @@ def test_txt2img_lora_on_sdxl_draws_diffusers_image(files, tmp_path, capsys):
 
     ckpt, config, folder, made = files
     txt2img = load_script("txt2img")
-    argv = ["--ckpt", ckpt, "--config", config, "--lora", made["kohya_sgm"], "--prompt", PROMPTS[0], "--steps", "3",
+    argv = ["--ckpt", ckpt, "--config", config, "--lora", made[IMAGE_LAYOUT], "--prompt", PROMPTS[0], "--steps", "3",
             "--sampler", "euler", "--scale", "5", "--seed", "3", "--out", tmp_path]
     assert txt2img.main([str(a) for a in argv]) == 0, capsys.readouterr().err
     (png,) = tmp_path.glob("*.png")
     drawn = np.asarray(Image.open(png)).astype(int)  # (16, 16, 3)
-    expected = (theirs(ckpt, folder, made["kohya_sgm"])[0].permute(1, 2, 0).numpy() * 255).round().astype(int)
+    image = theirs(ckpt, folder, made[IMAGE_LAYOUT], image=True)["image"][0]  # (3, 16, 16) in [0, 1]
+    expected = (image.permute(1, 2, 0).numpy() * 255).round().astype(int)
     assert np.abs(drawn - expected).max() <= 1
 
 
@@ -284,7 +351,7 @@ def locon_peft_file(ckpt, folder):
 
 
 @pytest.mark.parametrize("layout", ["kohya", "peft"])
-def test_locon_conv_layers_give_diffusers_images(files, layout):
+def test_locon_conv_layers_give_diffusers_outputs(files, layout):
     """kohya's LoCon: the res-blocks' 3×3 convolutions (down (r, in, 3, 3), up (out, r, 1, 1)), their time
     projections and the samplers' convolutions, beside the attention."""
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
@@ -297,9 +364,9 @@ def test_locon_conv_layers_give_diffusers_images(files, layout):
         path = folder / "locon-kohya.safetensors"
         save_file(kohya, str(path))
     got = ours(ckpt, config, path)
-    assert (got - ours(ckpt, config)).abs().max() > 0.03
-    torch.testing.assert_close(got, theirs(ckpt, folder, path), rtol=0, atol=1e-4)
-    torch.testing.assert_close(ours(ckpt, config, path, live=True), got, rtol=0, atol=1e-5)  # peft conv adapters
+    assert_acts(got, ours(ckpt, config), names=("out",))  # a U-Net LoRA
+    assert_same(got, theirs(ckpt, folder, path), atol=TOLERANCE)
+    assert_same(ours(ckpt, config, path, live=True), got, atol=TOLERANCE)  # peft conv adapters
 
 
 def test_conv_layer_names_match_diffusers_own_converter():
@@ -341,4 +408,6 @@ def test_an_sdxl_lora_written_here_loads_in_diffusers(files, layout):
     keys = list(load_file(str(out)))
     if layout == "kohya":
         assert {k.split("_text_model")[0] for k in keys if k.startswith("lora_te")} == {"lora_te1", "lora_te2"}
-    torch.testing.assert_close(theirs(ckpt, folder, out), theirs(ckpt, folder, made["peft"]), rtol=0, atol=1e-5)
+    written, source = theirs(ckpt, folder, out), theirs(ckpt, folder, made["peft"])
+    for name in ("context", "pooled", "out"):
+        torch.testing.assert_close(written[name], source[name], rtol=0, atol=TOLERANCE)

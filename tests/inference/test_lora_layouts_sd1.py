@@ -13,18 +13,17 @@ from safetensors.torch import save_file
 
 from ldm.inference.lora_files import num_res_blocks, read_lora_file
 from ldm.inference.pipeline import Pipeline
-from ldm.inference.sd import load_sd
 from ldm.io.checkpoints import UNET_PREFIX
 from ldm.io.lora_layout import LoraFileError, diffusers_unet_path
 from ldm.inference.lora_files import conv_lora_modules
-from tests.sd_toy import file_pipeline, shared_file_pipeline, shared_tiny_system, tiny_config, write_sd_file
+from tests.sd_toy import file_pipeline, shared_file_pipeline, shared_tiny_system, tiny_config
 
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
 from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya  # noqa: E402
 
 from ldm.bench.mapping import diffusers_unet_config  # noqa: E402
-from ldm.bench.twins import diffusers_text_encoder_like, diffusers_unet_like  # noqa: E402
+from tests.sd_lora_twins import clean_twins, diffusers_lora_outputs, lora_sd_file  # noqa: E402
 
 PROMPTS = ["a red circle", "a zorb on a white background"]
 RANK, ALPHA = 4, 8.0  # alpha ≠ rank: a reader that drops alpha is off by 2×
@@ -36,26 +35,15 @@ ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "
 
 
 @pytest.fixture(scope="module")
-def sd(tmp_path_factory):
-    """(toy SD 1.x file, its inference config, a work folder)."""
-    folder = tmp_path_factory.mktemp("lora-layouts")
-    ckpt, config = write_sd_file(folder, seed=7)
-    return ckpt, config, folder
-
-
-@functools.cache
-def _twins(ckpt, config):
-    base = load_sd(config, ckpt)
-    params = tiny_config("v1-inference")["model"]["params"]["unet"]["params"]
-    unet = diffusers_unet_like(base.model.diffusion_model, params).eval()
-    return unet, diffusers_text_encoder_like(base.cond_stage_model).eval(), base
+def sd(workdir, tmp_path_factory):
+    """(toy SD 1.x file, its inference config — the ones test_lora_files shares —, this module's work folder)."""
+    ckpt, config = lora_sd_file(workdir / "lora-sd")
+    return ckpt, config, tmp_path_factory.mktemp("lora-layouts")
 
 
 def twins(sd):
-    """diffusers' U-Net and text encoder holding the toy file's weights (fresh copies, no adapter), and our system
-    loaded from it."""
-    unet, text, base = _twins(sd[0], sd[1])
-    return copy.deepcopy(unet), copy.deepcopy(text), base
+    """Copies of diffusers' U-Net and text encoder holding the toy file's weights, no adapter on them."""
+    return tuple(copy.deepcopy(m) for m in clean_twins(sd[0], sd[1]))
 
 
 def loaded(sd) -> Pipeline:
@@ -86,7 +74,7 @@ def folded_outputs(sd, path):
 @pytest.fixture(scope="module")
 def peft_lora(sd):
     """A LoRA made by peft on diffusers' twins (random A and B, rank 4, alpha 8): its peft-layout state dict."""
-    unet, text, _ = twins(sd)
+    unet, text = twins(sd)
     torch.manual_seed(0)
     config = dict(r=RANK, lora_alpha=ALPHA, init_lora_weights=False)
     peft.inject_adapter_in_model(peft.LoraConfig(target_modules=UNET_TARGETS, **config), unet)
@@ -129,27 +117,10 @@ def layout(state: dict, name: str) -> tuple[dict, dict]:
     return old, {}
 
 
-@functools.cache
-def _diffusers_pipeline(ckpt, config):
-    """diffusers' pipeline over the twins of the toy file, built once (a LoRA is loaded into it and unloaded again)."""
-    unet, text, _ = _twins(ckpt, config)
-    return diffusers.StableDiffusionPipeline(
-        vae=diffusers.AutoencoderKL(), text_encoder=text, tokenizer=None, unet=unet,
-        scheduler=diffusers.DDIMScheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-
-
 def diffusers_outputs(sd, path):
-    """(text context, U-Net output) of diffusers' pipeline with the file loaded by its load_lora_weights (and taken
-    out after by its unload_lora_weights, which puts the twins' own layers back)."""
-    pipe, base = _diffusers_pipeline(sd[0], sd[1]), _twins(sd[0], sd[1])[2]
-    pipe.load_lora_weights(str(path))
-    x, t = inputs()
-    try:
-        with torch.no_grad():
-            context = pipe.text_encoder(base.cond_stage_model.tokenizer(PROMPTS)).last_hidden_state
-            return context, pipe.unet(x, t, encoder_hidden_states=context).sample
-    finally:
-        pipe.unload_lora_weights()
+    """(text context, U-Net output) of diffusers' twin of the toy file with the file loaded by its load_lora_weights
+    (and deleted after)."""
+    return diffusers_lora_outputs(sd[0], sd[1], path, PROMPTS, *inputs())
 
 
 def inputs():
