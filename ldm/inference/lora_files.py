@@ -79,12 +79,13 @@ def num_res_blocks(unet: nn.Module) -> int:
 
 def conv_lora_modules(unet: nn.Module) -> list[str]:
     """The layers LoCon (kohya's conv LoRA) adds to a U-Net's: its res-blocks' convolutions and time projections,
-    and its down- and upsamplers' convolutions."""
+    and its down- and upsamplers' convolutions (already wrapped by peft when a live LoRA adapts them)."""
     names = []
     for name, module in unet.named_modules():
         if isinstance(module, ResBlock):
-            names += [f"{name}.{inner}" for inner in RESNET_NAMES if isinstance(module.get_submodule(inner), LAYERS)]
-        elif isinstance(module, Downsample) and isinstance(module.op, nn.Conv2d):
+            names += [f"{name}.{inner}" for inner in RESNET_NAMES
+                      if isinstance(own_layer(module.get_submodule(inner)), LAYERS)]
+        elif isinstance(module, Downsample) and isinstance(own_layer(module.op), nn.Conv2d):
             names.append(f"{name}.op")
         elif isinstance(module, Upsample) and module.use_conv:
             names.append(f"{name}.conv")

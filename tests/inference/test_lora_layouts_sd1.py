@@ -149,6 +149,17 @@ def test_every_layout_gives_the_output_diffusers_gives(sd, peft_lora, name):
             assert (a - b).abs().max() <= TOLERANCE, (name, live)
 
 
+def test_live_locon_files_stack_on_convolutions_peft_already_wraps(sd, peft_lora):
+    """A second live file with LoCon convolutions adapts the layers the first one wrapped: 0.7 + 0.3 live is the
+    file folded in at 1."""
+    tensors, metadata = layout(peft_lora, "kohya")
+    path = sd[2] / "stacked.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    stacked = our_outputs(loaded(sd).with_lora(path, 0.7, live=True).with_lora(path, 0.3, live=True))
+    for a, b in zip(stacked, folded_outputs(sd, path)):
+        assert (a - b).abs().max() <= TOLERANCE
+
+
 def test_alpha_is_read_from_the_metadata_and_is_the_rank_without_it(sd, peft_lora):
     outputs = {}
     for name in ("peft", "peft-no-metadata"):
