@@ -9,6 +9,7 @@ The "before" of each loader is written out here (``old_*``): the module built wi
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping
 
 import pytest
@@ -35,6 +36,15 @@ DRAW = dict(steps=2, sampler="euler", guidance=3.0, seed=3)
 TEXT_LORA = "model.params.lora.params.text_targets=[attn.q_proj,attn.v_proj]"
 
 
+def assert_identical(tensor: torch.Tensor, expected: torch.Tensor, key: str) -> None:
+    """The same dtype, device, shape and values, NaN where NaN (``assert_close(rtol=0, atol=0, equal_nan=True)``
+    without its per-call cost, which the thousand entries of a system add up)."""
+    assert (tensor.dtype, tensor.device, tensor.shape) == (expected.dtype, expected.device, expected.shape), key
+    if not torch.equal(tensor, expected):
+        nan = tensor.isnan()
+        assert torch.equal(nan, expected.isnan()) and torch.equal(tensor[~nan], expected[~nan]), key
+
+
 def assert_same_modules(new: torch.nn.Module, old: torch.nn.Module, unless: Mapping[str, torch.Tensor] = {}) -> None:
     """Every state entry and buffer equal in value and dtype (``unless``: key → the value expected instead), nothing on
     meta, the same requires_grad and modes."""
@@ -42,14 +52,20 @@ def assert_same_modules(new: torch.nn.Module, old: torch.nn.Module, unless: Mapp
     for mine, theirs in ((new.state_dict(), old.state_dict()), (dict(new.named_buffers()), dict(old.named_buffers()))):
         assert mine.keys() == theirs.keys()
         for key, tensor in mine.items():
-            expected = unless.get(key, theirs[key])
-            torch.testing.assert_close(tensor, expected, rtol=0, atol=0, equal_nan=True, msg=key)
+            assert_identical(tensor, unless.get(key, theirs[key]), key)
     grads = [{n: p.requires_grad for n, p in module.named_parameters()} for module in (new, old)]
     assert grads[0] == grads[1]
     assert {n: m.training for n, m in new.named_modules()} == {n: m.training for n, m in old.named_modules()}
 
 
 # ---------------------------------------------------------------------------------------------- the loaders before
+
+
+@functools.cache
+def file_state(ckpt) -> dict[str, torch.Tensor]:
+    """A run checkpoint's state dict, read once per test process (only read: the old paths copy it into the modules
+    they built, ``short_of_one`` copies the dict)."""
+    return state_dict_of(load_file(ckpt))
 
 
 def old_autoencoder(spec, config=None) -> torch.nn.Module:
@@ -64,7 +80,7 @@ def old_run_system(run, use_ema: bool = True) -> torch.nn.Module:
     """``load_run_system`` before: the system built with random weights (a LoRA run's random adapters on its loaded
     base), the checkpoint copied in, the EMA weights put in the networks."""
     info = describe_run(run)
-    state = state_dict_of(load_file(info.checkpoint))
+    state = file_state(info.checkpoint)
     system = build_system(info.config["model"], load_first_stage=False)
     prepare_weights(system, resumed=True)
     system.load_state_dict(state, strict=system.lora is None)
@@ -78,7 +94,7 @@ def old_classifier(run) -> torch.nn.Module:
     """``load_classifier``'s network before."""
     ckpt = checkpoint_for(run)
     system = instantiate_from_config(run_config(ckpt)["model"], "model")
-    load_strict(system, state_dict_of(load_file(ckpt)), "classifier")
+    load_strict(system, file_state(ckpt), "classifier")
     return system.classifier.eval().requires_grad_(False)
 
 
@@ -121,7 +137,7 @@ def classifier_run(tmp_path_factory):
 
 def short_of_one(run, stage: str, tmp_path, pick) -> tuple:
     """A copy of ``run`` whose checkpoint lacks the first tensor ``pick(key)`` accepts; (the copy, that key)."""
-    state = state_dict_of(load_file(checkpoint_for(run)))
+    state = dict(file_state(checkpoint_for(run)))
     key = next(k for k in state if pick(k))
     del state[key]
     return write_run(tmp_path, stage, run_config(run), state), key
@@ -155,7 +171,7 @@ def test_a_vae_run_loads_without_random_init_as_before(toy_vae_run, tmp_path):
 
 def test_a_bf16_checkpoint_loads_in_the_dtypes_the_modules_are_built_with(toy_vae_run, tmp_path):
     state = {k: v.bfloat16() if v.is_floating_point() else v
-             for k, v in state_dict_of(load_file(checkpoint_for(toy_vae_run))).items()}
+             for k, v in file_state(checkpoint_for(toy_vae_run)).items()}
     half = write_run(tmp_path, "vae", run_config(toy_vae_run), state)
     vae, _ = load_autoencoder(half)
     assert {t.dtype for t in vae.state_dict().values()} == {torch.float32}  # as copying into a built VAE gives

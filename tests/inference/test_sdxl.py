@@ -163,9 +163,9 @@ def test_every_sampler_draws_and_sizes_change_the_image(xl):
 
 
 def test_sd1_refuses_size_conditioning():
-    from tests.sd_toy import tiny_system
+    from tests.sd_toy import shared_tiny_system
 
-    pipe = Pipeline.from_system(tiny_system("v1-inference"))
+    pipe = Pipeline.from_system(shared_tiny_system("v1-inference"))  # only read: refused before drawing
     with pytest.raises(PipelineError, match="takes no size conditioning \\(original_size\\)"):
         pipe.generate_tensors(["a box"], steps=1, original_size=(16, 16))
     assert json.dumps(pipe.source) == "{}"

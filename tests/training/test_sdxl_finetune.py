@@ -52,7 +52,7 @@ DRAW = dict(steps=3, guidance=5.0, sampler="euler", seed=3)
 def xl(tmp_path_factory):
     """(toy SDXL file, its inference config, a captioned folder of mixed aspects, a work folder)."""
     folder = tmp_path_factory.mktemp("sdxl-base")
-    ckpt, config = write_xl_file(folder, seed=1)
+    ckpt, config = write_xl_file(folder)  # the toy file tests/inference/test_sdxl.py writes (made once per process)
     return ckpt, config, make_aspect_folder(folder / "mixed", n=12), folder
 
 
@@ -212,7 +212,7 @@ def test_an_sdxl_file_reexports_to_its_own_layout_and_loads_back_strictly(xl, tm
     a, b = load_sd(xl[1], xl[0]), load_sd(None, out)  # the config travels in the file
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    sd_ckpt, sd_config = write_sd_file(tmp_path, seed=1)
+    sd_ckpt, sd_config = write_sd_file(tmp_path, seed=3)  # any SD 1.x file (seed 3: the one other tests write)
     with pytest.raises(CheckpointError, match="no SDXL conditioner"):  # SD 1.x asked for SDXL's layout
         export_checkpoint(sd_ckpt, tmp_path / "x.safetensors", config=sd_config, text_layout="sdxl")
 
