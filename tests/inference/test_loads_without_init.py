@@ -34,6 +34,8 @@ from tests.sd_toy import randomize, write_sd_file
 PROMPTS = ["a red circle on a blue background", "a green square"]
 DRAW = dict(steps=2, sampler="euler", guidance=3.0, seed=3)
 TEXT_LORA = "model.params.lora.params.text_targets=[attn.q_proj,attn.v_proj]"
+# two of the config's four U-Net targets (a plain and a nested name): each adapted layer is one more module to inject
+UNET_LORA = "model.params.lora.params.unet_targets=[to_q,to_out.0]"
 
 
 def assert_identical(tensor: torch.Tensor, expected: torch.Tensor, key: str) -> None:
@@ -114,7 +116,7 @@ def lora_run(tmp_path_factory, sd_file):
     folder = tmp_path_factory.mktemp("lora-run")
     cfg = load_config(TINY / "sd-lora.yaml", [f"model.params.base_ckpt={sd_file[0]}",
                                               f"model.params.base_config={sd_file[1]}", f"cache.dir={folder / 'cache'}",
-                                              TEXT_LORA])
+                                              TEXT_LORA, UNET_LORA])
     complete_from_base(cfg)
     with seeded(0):
         system = build_system(cfg["model"])
