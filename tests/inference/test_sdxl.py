@@ -153,8 +153,8 @@ def test_every_sampler_draws_and_sizes_change_the_image(xl):
     assert base.shape == (1, 3, 16, 16)  # the config's image size
     moved = ours.generate_tensors(PROMPTS[:1], steps=1, sampler="euler", seed=1, crop_top_left=(64, 64))
     assert not torch.allclose(base, moved)
-    for sampler in SAMPLERS:
-        out = ours.generate_tensors(PROMPTS[:1], steps=3, sampler=sampler, seed=1)
+    for sampler in SAMPLERS:  # guidance 1: the conditional branch only (guidance is the denoiser's, not the sampler's)
+        out = ours.generate_tensors(PROMPTS[:1], steps=3, sampler=sampler, seed=1, guidance=1.0)
         assert torch.isfinite(out).all(), sampler
     with pytest.raises(PipelineError, match="crop_top_left must be two non-negative integers"):
         ours.generate_tensors(PROMPTS[:1], steps=1, crop_top_left=(1, 2, 3))

@@ -179,10 +179,23 @@ def test_a_bare_component_file_is_not_taken_for_a_whole_model(sd1, tmp_path):
 # ---------------------------------------------------------------------------------------------- load_sd
 
 
-@pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
-def test_full_sd1_checkpoint_loads_with_ema_and_reproduces_every_part(sd1, tmp_path, fmt):
+@pytest.fixture(scope="module")
+def sd1_outputs(sd1):
+    """What the toy SD1 system gives for ``inputs()``: (text context, its EMA U-Net's output, its raw U-Net's, the
+    latents decoded), computed once for the file formats."""
     system, state = sd1
-    path = save(state, tmp_path / f"tiny.{fmt}", fmt)
+    x, t, _ = inputs()
+    with torch.no_grad():
+        context = system.cond_stage_model(PROMPTS)
+        ema = UNetModel(**tiny_config("v1-inference")["model"]["params"]["unet"]["params"])
+        ema.load_state_dict(ema_unet_state(state))
+        return context, ema(x, t, context), system.model.diffusion_model(x, t, context), system.first_stage_model.decode(x)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
+def test_full_sd1_checkpoint_loads_with_ema_and_reproduces_every_part(sd1, sd1_file, sd1_outputs, tmp_path, fmt):
+    _, state = sd1
+    path = sd1_file if fmt == "safetensors" else save(state, tmp_path / f"tiny.{fmt}", fmt)  # sd1_file: sd1's state
     model = load_sd(tiny_config("v1-inference"), path)
     info = model.checkpoint_info
     assert info["ema"] and info["text_encoder"] == "hf-clip" and not model.training
@@ -194,15 +207,12 @@ def test_full_sd1_checkpoint_loads_with_ema_and_reproduces_every_part(sd1, tmp_p
     assert float(model.scale_factor) == pytest.approx(0.18215) and int(model.image_size) == 16
     assert not meta_tensor_names(model)
     x, t, _ = inputs()
+    context, expected, raw, decoded = sd1_outputs
     with torch.no_grad():
-        context = system.cond_stage_model(PROMPTS)
         torch.testing.assert_close(model.cond_stage_model(PROMPTS), context, rtol=0, atol=0)
-        expected = UNetModel(**tiny_config("v1-inference")["model"]["params"]["unet"]["params"])
-        expected.load_state_dict(ema_unet_state(state))
-        torch.testing.assert_close(model.model.diffusion_model(x, t, context), expected(x, t, context), rtol=0, atol=0)
-        raw = system.model.diffusion_model(x, t, context)
-        assert (model.model.diffusion_model(x, t, context) - raw).abs().max() > 1e-3  # the EMA weights, not the raw
-        decoded = system.first_stage_model.decode(x)
+        out = model.model.diffusion_model(x, t, context)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        assert (out - raw).abs().max() > 1e-3  # the EMA weights, not the raw
         torch.testing.assert_close(model.first_stage_model.decode(x), decoded, rtol=0, atol=0)
 
 
@@ -300,9 +310,15 @@ def residuals(model, x, t, hint, context):
         return model.control_model(x, hint, t, context)
 
 
+@pytest.fixture(scope="module")
+def control_file_state(control_system):
+    """``control_system``'s weights as a public SD + ControlNet file holds them (only read)."""
+    return public_state(control_system, ema_seed=None)
+
+
 @pytest.mark.parametrize("layout", ["v1.0-full", "v1.1-prefixed", "v1.1-bare"])
-def test_controlnet_files_load_into_control_model(control_system, tmp_path, layout):
-    state = public_state(control_system, ema_seed=None)
+def test_controlnet_files_load_into_control_model(control_system, control_file_state, tmp_path, layout):
+    state = control_file_state
     control = {k: v for k, v in state.items() if k.startswith("control_model.")}
     if layout == "v1.0-full":  # SD + ControlNet in one file, loaded with the ControlNet config
         model = load_sd(tiny_config("controlnet-v1"), save(state, tmp_path / "control_sd15.pth", "ckpt"))
