@@ -141,7 +141,7 @@ def test_heun_equals_diffusers_heun_scheduler_with_sdxl_settings(xl):
                      latents=_noise(3, 2), output_type="pt").images
     finally:
         theirs.scheduler = euler
-    images = ours.generate_tensors(PROMPTS, steps=2, guidance=5.0, sampler="heun", seed=3)  # a 2nd-order step and a last
+    images = ours.generate_tensors(PROMPTS, steps=2, guidance=5.0, sampler="heun", seed=3)  # a 2nd-order step, a last
     torch.testing.assert_close(images * 0.5 + 0.5, ref, rtol=0, atol=1e-4)
 
 

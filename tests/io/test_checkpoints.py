@@ -76,6 +76,12 @@ def sd1_file(sd1, tmp_path_factory):
     return save(sd1[1], tmp_path_factory.mktemp("sd1") / "tiny-sd1.safetensors", "safetensors")
 
 
+@pytest.fixture(scope="module")
+def sd1_model(sd1_file):
+    """``sd1_file`` loaded as the public path loads it (EMA weights), for the tests that only read the model."""
+    return load_sd(tiny_config("v1-inference"), sd1_file)
+
+
 # ---------------------------------------------------------------------------------------------- load_file
 
 
@@ -189,14 +195,15 @@ def sd1_outputs(sd1):
         context = system.cond_stage_model(PROMPTS)
         ema = UNetModel(**tiny_config("v1-inference")["model"]["params"]["unet"]["params"])
         ema.load_state_dict(ema_unet_state(state))
-        return context, ema(x, t, context), system.model.diffusion_model(x, t, context), system.first_stage_model.decode(x)
+        raw = system.model.diffusion_model(x, t, context)
+        return context, ema(x, t, context), raw, system.first_stage_model.decode(x)
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
-def test_full_sd1_checkpoint_loads_with_ema_and_reproduces_every_part(sd1, sd1_file, sd1_outputs, tmp_path, fmt):
-    _, state = sd1
-    path = sd1_file if fmt == "safetensors" else save(state, tmp_path / f"tiny.{fmt}", fmt)  # sd1_file: sd1's state
-    model = load_sd(tiny_config("v1-inference"), path)
+def test_full_sd1_checkpoint_loads_with_ema_and_reproduces_every_part(sd1, sd1_model, sd1_outputs, tmp_path, fmt):
+    # safetensors: sd1_model, loaded from sd1_file (sd1's state saved as safetensors)
+    path = None if fmt == "safetensors" else save(sd1[1], tmp_path / "tiny.ckpt", fmt)
+    model = sd1_model if path is None else load_sd(tiny_config("v1-inference"), path)
     info = model.checkpoint_info
     assert info["ema"] and info["text_encoder"] == "hf-clip" and not model.training
     assert set(SD_SCHEDULE_KEYS) | {"model_ema.decay", "model_ema.num_updates"} <= set(info["ignored"])
@@ -288,11 +295,11 @@ def test_schedule_buffers_that_disagree_with_the_config_are_warned_about(sd1, tm
         load_sd(tiny_config("v1-inference"), save(state, tmp_path / "odd.safetensors", "safetensors"))
 
 
-def test_parameters_on_meta_buffers_real_and_no_second_copy(sd1_file):
+def test_parameters_on_meta_buffers_real_and_no_second_copy(sd1_model):
     with params_on_meta():
         unet = UNetModel(**tiny_config("v1-inference")["model"]["params"]["unet"]["params"])
     assert all(p.is_meta for p in unet.parameters())
-    model = load_sd(tiny_config("v1-inference"), sd1_file)
+    model = sd1_model  # loaded by load_sd
     assert model.cond_stage_model.model.attn_mask.isinf().any()  # a non-persistent buffer, computed, real
     assert not meta_tensor_names(model)
 
@@ -334,8 +341,8 @@ def test_controlnet_files_load_into_control_model(control_system, control_file_s
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
-def test_controlnet_from_sd_copies_the_encoder_and_starts_as_a_no_op(sd1, sd1_file):
-    model = load_sd(tiny_config("v1-inference"), sd1_file)
+def test_controlnet_from_sd_copies_the_encoder_and_starts_as_a_no_op(sd1_model):
+    model = sd1_model  # only read: the ControlNet copies its U-Net's weights
     controlnet = controlnet_from_sd(model)
     unet = model.model.diffusion_model
     for name in ("time_embed", "input_blocks", "middle_block"):
