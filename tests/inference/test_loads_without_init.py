@@ -10,6 +10,8 @@ The "before" of each loader is written out here (``old_*``): the module built wi
 from __future__ import annotations
 
 import functools
+import shutil
+from pathlib import Path
 from typing import Mapping
 
 import pytest
@@ -23,10 +25,10 @@ from ldm.inference.sd_base import load_run_system, prepare_weights
 from ldm.io.checkpoints import EMA_SHADOWED, FILLED_KEYS, CheckpointError, load_file, state_dict_of
 from ldm.io.lineage import VAE_TRAINING_ONLY, read_vae_state
 from ldm.io.module_weights import load_strict, meta_tensor_names
-from ldm.io.runs import checkpoint_for, run_config
+from ldm.io.runs import CONFIG_FILE, checkpoint_for, resolve_run, run_config
 from ldm.nets.lora import is_lora_key
 from ldm.training.sd_finetune import complete_from_base, start_from_base
-from tests.components import seeded, write_run
+from tests.components import seeded, write_checkpoint, write_run
 from tests.init_guard import no_random_init
 from tests.paths import TINY
 from tests.sd_toy import randomize, write_sd_file
@@ -137,12 +139,21 @@ def classifier_run(tmp_path_factory):
     return write_run(tmp_path_factory.mktemp("classifier-run"), "classifier", cfg, randomize(system, 1).state_dict())
 
 
-def short_of_one(run, stage: str, tmp_path, pick) -> tuple:
+def run_copy(run, folder: Path, state: dict[str, torch.Tensor]) -> Path:
+    """``folder``/run: ``run``'s config.yaml as it was written and a last checkpoint of ``state``."""
+    copy = folder / "run"
+    copy.mkdir(parents=True)
+    shutil.copyfile(resolve_run(run) / CONFIG_FILE, copy / CONFIG_FILE)
+    write_checkpoint(copy, state)
+    return copy
+
+
+def short_of_one(run, tmp_path, pick) -> tuple:
     """A copy of ``run`` whose checkpoint lacks the first tensor ``pick(key)`` accepts; (the copy, that key)."""
     state = dict(file_state(checkpoint_for(run)))
     key = next(k for k in state if pick(k))
     del state[key]
-    return write_run(tmp_path, stage, run_config(run), state), key
+    return run_copy(run, tmp_path, state), key
 
 
 def one_line(error: pytest.ExceptionInfo) -> str:
@@ -165,7 +176,7 @@ def test_a_vae_run_loads_without_random_init_as_before(toy_vae_run, tmp_path):
         z = vae.encode(x).mode()
         assert torch.equal(z, old.encode(x).mode()) and torch.equal(vae.decode(z), old.decode(z))
     assert info["hash"] == load_autoencoder(toy_vae_run)[1]["hash"]
-    short, key = short_of_one(toy_vae_run, "vae", tmp_path, lambda k: "decoder.conv_out.weight" in k)
+    short, key = short_of_one(toy_vae_run, tmp_path, lambda k: "decoder.conv_out.weight" in k)
     with pytest.raises(CheckpointError) as error:
         load_autoencoder(short)
     assert "missing: decoder.conv_out.weight" in one_line(error)
@@ -174,7 +185,7 @@ def test_a_vae_run_loads_without_random_init_as_before(toy_vae_run, tmp_path):
 def test_a_bf16_checkpoint_loads_in_the_dtypes_the_modules_are_built_with(toy_vae_run, tmp_path):
     state = {k: v.bfloat16() if v.is_floating_point() else v
              for k, v in file_state(checkpoint_for(toy_vae_run)).items()}
-    half = write_run(tmp_path, "vae", run_config(toy_vae_run), state)
+    half = run_copy(toy_vae_run, tmp_path, state)
     vae, _ = load_autoencoder(half)
     assert {t.dtype for t in vae.state_dict().values()} == {torch.float32}  # as copying into a built VAE gives
     assert_same_modules(vae, old_autoencoder(half))
@@ -227,7 +238,7 @@ def test_a_lora_run_loads_its_base_and_adapters_without_random_init_as_before(lo
     ("lora_run", lambda k: ".lora_B." in k),
 ])
 def test_a_run_short_of_one_tensor_is_one_line_naming_it(request, tmp_path, name, pick):
-    short, key = short_of_one(request.getfixturevalue(name), "ldm", tmp_path, pick)
+    short, key = short_of_one(request.getfixturevalue(name), tmp_path, pick)
     with pytest.raises(CheckpointError) as error:
         load_run_system(describe_run(short))
     assert f"missing: {key}" in one_line(error)
@@ -242,7 +253,7 @@ def test_a_classifier_run_loads_without_random_init_as_before(classifier_run, tm
     x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 600])
     with torch.no_grad():
         assert torch.equal(classifier(x, t), old(x, t))
-    short, key = short_of_one(classifier_run, "classifier", tmp_path, lambda k: k.startswith("classifier."))
+    short, key = short_of_one(classifier_run, tmp_path, lambda k: k.startswith("classifier."))
     with pytest.raises(CheckpointError) as error:
         load_classifier(short)
     assert f"missing: {key}" in one_line(error)
