@@ -9,6 +9,9 @@ The "before" of each loader is written out here (``old_*``): the module built wi
 
 from __future__ import annotations
 
+import functools
+import shutil
+from pathlib import Path
 from typing import Mapping
 
 import pytest
@@ -22,10 +25,10 @@ from ldm.inference.sd_base import load_run_system, prepare_weights
 from ldm.io.checkpoints import EMA_SHADOWED, FILLED_KEYS, CheckpointError, load_file, state_dict_of
 from ldm.io.lineage import VAE_TRAINING_ONLY, read_vae_state
 from ldm.io.module_weights import load_strict, meta_tensor_names
-from ldm.io.runs import checkpoint_for, run_config
+from ldm.io.runs import CONFIG_FILE, checkpoint_for, resolve_run, run_config
 from ldm.nets.lora import is_lora_key
 from ldm.training.sd_finetune import complete_from_base, start_from_base
-from tests.components import seeded, write_run
+from tests.components import seeded, write_checkpoint, write_run
 from tests.init_guard import no_random_init
 from tests.paths import TINY
 from tests.sd_toy import randomize, write_sd_file
@@ -33,6 +36,17 @@ from tests.sd_toy import randomize, write_sd_file
 PROMPTS = ["a red circle on a blue background", "a green square"]
 DRAW = dict(steps=2, sampler="euler", guidance=3.0, seed=3)
 TEXT_LORA = "model.params.lora.params.text_targets=[attn.q_proj,attn.v_proj]"
+# two of the config's four U-Net targets (a plain and a nested name): each adapted layer is one more module to inject
+UNET_LORA = "model.params.lora.params.unet_targets=[to_q,to_out.0]"
+
+
+def assert_identical(tensor: torch.Tensor, expected: torch.Tensor, key: str) -> None:
+    """The same dtype, device, shape and values, NaN where NaN (``assert_close(rtol=0, atol=0, equal_nan=True)``
+    without its per-call cost, which the thousand entries of a system add up)."""
+    assert (tensor.dtype, tensor.device, tensor.shape) == (expected.dtype, expected.device, expected.shape), key
+    if not torch.equal(tensor, expected):
+        nan = tensor.isnan()
+        assert torch.equal(nan, expected.isnan()) and torch.equal(tensor[~nan], expected[~nan]), key
 
 
 def assert_same_modules(new: torch.nn.Module, old: torch.nn.Module, unless: Mapping[str, torch.Tensor] = {}) -> None:
@@ -42,14 +56,20 @@ def assert_same_modules(new: torch.nn.Module, old: torch.nn.Module, unless: Mapp
     for mine, theirs in ((new.state_dict(), old.state_dict()), (dict(new.named_buffers()), dict(old.named_buffers()))):
         assert mine.keys() == theirs.keys()
         for key, tensor in mine.items():
-            expected = unless.get(key, theirs[key])
-            torch.testing.assert_close(tensor, expected, rtol=0, atol=0, equal_nan=True, msg=key)
+            assert_identical(tensor, unless.get(key, theirs[key]), key)
     grads = [{n: p.requires_grad for n, p in module.named_parameters()} for module in (new, old)]
     assert grads[0] == grads[1]
     assert {n: m.training for n, m in new.named_modules()} == {n: m.training for n, m in old.named_modules()}
 
 
 # ---------------------------------------------------------------------------------------------- the loaders before
+
+
+@functools.cache
+def file_state(ckpt) -> dict[str, torch.Tensor]:
+    """A run checkpoint's state dict, read once per test process (only read: the old paths copy it into the modules
+    they built, ``short_of_one`` copies the dict)."""
+    return state_dict_of(load_file(ckpt))
 
 
 def old_autoencoder(spec, config=None) -> torch.nn.Module:
@@ -64,7 +84,7 @@ def old_run_system(run, use_ema: bool = True) -> torch.nn.Module:
     """``load_run_system`` before: the system built with random weights (a LoRA run's random adapters on its loaded
     base), the checkpoint copied in, the EMA weights put in the networks."""
     info = describe_run(run)
-    state = state_dict_of(load_file(info.checkpoint))
+    state = file_state(info.checkpoint)
     system = build_system(info.config["model"], load_first_stage=False)
     prepare_weights(system, resumed=True)
     system.load_state_dict(state, strict=system.lora is None)
@@ -78,7 +98,7 @@ def old_classifier(run) -> torch.nn.Module:
     """``load_classifier``'s network before."""
     ckpt = checkpoint_for(run)
     system = instantiate_from_config(run_config(ckpt)["model"], "model")
-    load_strict(system, state_dict_of(load_file(ckpt)), "classifier")
+    load_strict(system, file_state(ckpt), "classifier")
     return system.classifier.eval().requires_grad_(False)
 
 
@@ -98,7 +118,7 @@ def lora_run(tmp_path_factory, sd_file):
     folder = tmp_path_factory.mktemp("lora-run")
     cfg = load_config(TINY / "sd-lora.yaml", [f"model.params.base_ckpt={sd_file[0]}",
                                               f"model.params.base_config={sd_file[1]}", f"cache.dir={folder / 'cache'}",
-                                              TEXT_LORA])
+                                              TEXT_LORA, UNET_LORA])
     complete_from_base(cfg)
     with seeded(0):
         system = build_system(cfg["model"])
@@ -119,12 +139,21 @@ def classifier_run(tmp_path_factory):
     return write_run(tmp_path_factory.mktemp("classifier-run"), "classifier", cfg, randomize(system, 1).state_dict())
 
 
-def short_of_one(run, stage: str, tmp_path, pick) -> tuple:
+def run_copy(run, folder: Path, state: dict[str, torch.Tensor]) -> Path:
+    """``folder``/run: ``run``'s config.yaml as it was written and a last checkpoint of ``state``."""
+    copy = folder / "run"
+    copy.mkdir(parents=True)
+    shutil.copyfile(resolve_run(run) / CONFIG_FILE, copy / CONFIG_FILE)
+    write_checkpoint(copy, state)
+    return copy
+
+
+def short_of_one(run, tmp_path, pick) -> tuple:
     """A copy of ``run`` whose checkpoint lacks the first tensor ``pick(key)`` accepts; (the copy, that key)."""
-    state = state_dict_of(load_file(checkpoint_for(run)))
+    state = dict(file_state(checkpoint_for(run)))
     key = next(k for k in state if pick(k))
     del state[key]
-    return write_run(tmp_path, stage, run_config(run), state), key
+    return run_copy(run, tmp_path, state), key
 
 
 def one_line(error: pytest.ExceptionInfo) -> str:
@@ -147,7 +176,7 @@ def test_a_vae_run_loads_without_random_init_as_before(toy_vae_run, tmp_path):
         z = vae.encode(x).mode()
         assert torch.equal(z, old.encode(x).mode()) and torch.equal(vae.decode(z), old.decode(z))
     assert info["hash"] == load_autoencoder(toy_vae_run)[1]["hash"]
-    short, key = short_of_one(toy_vae_run, "vae", tmp_path, lambda k: "decoder.conv_out.weight" in k)
+    short, key = short_of_one(toy_vae_run, tmp_path, lambda k: "decoder.conv_out.weight" in k)
     with pytest.raises(CheckpointError) as error:
         load_autoencoder(short)
     assert "missing: decoder.conv_out.weight" in one_line(error)
@@ -155,8 +184,8 @@ def test_a_vae_run_loads_without_random_init_as_before(toy_vae_run, tmp_path):
 
 def test_a_bf16_checkpoint_loads_in_the_dtypes_the_modules_are_built_with(toy_vae_run, tmp_path):
     state = {k: v.bfloat16() if v.is_floating_point() else v
-             for k, v in state_dict_of(load_file(checkpoint_for(toy_vae_run))).items()}
-    half = write_run(tmp_path, "vae", run_config(toy_vae_run), state)
+             for k, v in file_state(checkpoint_for(toy_vae_run)).items()}
+    half = run_copy(toy_vae_run, tmp_path, state)
     vae, _ = load_autoencoder(half)
     assert {t.dtype for t in vae.state_dict().values()} == {torch.float32}  # as copying into a built VAE gives
     assert_same_modules(vae, old_autoencoder(half))
@@ -209,7 +238,7 @@ def test_a_lora_run_loads_its_base_and_adapters_without_random_init_as_before(lo
     ("lora_run", lambda k: ".lora_B." in k),
 ])
 def test_a_run_short_of_one_tensor_is_one_line_naming_it(request, tmp_path, name, pick):
-    short, key = short_of_one(request.getfixturevalue(name), "ldm", tmp_path, pick)
+    short, key = short_of_one(request.getfixturevalue(name), tmp_path, pick)
     with pytest.raises(CheckpointError) as error:
         load_run_system(describe_run(short))
     assert f"missing: {key}" in one_line(error)
@@ -224,7 +253,7 @@ def test_a_classifier_run_loads_without_random_init_as_before(classifier_run, tm
     x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 600])
     with torch.no_grad():
         assert torch.equal(classifier(x, t), old(x, t))
-    short, key = short_of_one(classifier_run, "classifier", tmp_path, lambda k: k.startswith("classifier."))
+    short, key = short_of_one(classifier_run, tmp_path, lambda k: k.startswith("classifier."))
     with pytest.raises(CheckpointError) as error:
         load_classifier(short)
     assert f"missing: {key}" in one_line(error)

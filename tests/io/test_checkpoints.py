@@ -3,6 +3,7 @@
 Toy models keep the public key structure (tests/sd_toy.py); files are written as .safetensors and .ckpt.
 """
 
+import copy
 import pickle
 import sys
 import types
@@ -33,6 +34,7 @@ from tests.sd_toy import (
     ema_unet_state,
     public_state,
     randomize,
+    shared_tiny_system,
     tiny_config,
     tiny_system,
 )
@@ -57,14 +59,27 @@ def inputs(seed: int = 0, pixels: int = 16, f: int = 2):
 
 @pytest.fixture(scope="module")
 def sd1():
-    """A toy SD1 system and its weights as a public file holds them (HF CLIP names, EMA, schedule buffers)."""
-    system = tiny_system("v1-inference", seed=0)
+    """A toy SD1 system (shared by the test process: only read) and its weights as a public file holds them (HF CLIP
+    names, EMA, schedule buffers)."""
+    system = shared_tiny_system("v1-inference")
     return system, public_state(system)
+
+
+@pytest.fixture(scope="module")
+def sd2():
+    """A toy SD 2.x system (open_clip text encoder), only read."""
+    return tiny_system("v2-inference", seed=2)
 
 
 @pytest.fixture(scope="module")
 def sd1_file(sd1, tmp_path_factory):
     return save(sd1[1], tmp_path_factory.mktemp("sd1") / "tiny-sd1.safetensors", "safetensors")
+
+
+@pytest.fixture(scope="module")
+def sd1_model(sd1_file):
+    """``sd1_file`` loaded as the public path loads it (EMA weights), for the tests that only read the model."""
+    return load_sd(tiny_config("v1-inference"), sd1_file)
 
 
 # ---------------------------------------------------------------------------------------------- load_file
@@ -143,12 +158,12 @@ def test_unreadable_files_are_reported(tmp_path):
 # ---------------------------------------------------------------------------------------------- kinds
 
 
-def test_checkpoint_kinds_and_the_diffusers_layout_is_refused_by_name(sd1, tmp_path):
+def test_checkpoint_kinds_and_the_diffusers_layout_is_refused_by_name(sd1, control_system, tmp_path):
     state = sd1[1]
     assert checkpoint_kind(state) == "full"
     assert checkpoint_kind(strip_prefix(state, "model.diffusion_model.")) == "unet"
     assert checkpoint_kind({**strip_prefix(state, "first_stage_model."), "loss.logvar": torch.zeros(())}) == "vae"
-    control = tiny_system("controlnet-v1").state_dict()
+    control = control_system.state_dict()
     assert checkpoint_kind({k: v for k, v in control.items() if k.startswith("control_model.")}) == "controlnet"
     assert checkpoint_kind(strip_prefix(control, "control_model.")) == "controlnet"
     diffusers = {"down_blocks.0.resnets.0.conv1.weight": torch.zeros(1), "conv_in.weight": torch.zeros(1)}
@@ -170,11 +185,25 @@ def test_a_bare_component_file_is_not_taken_for_a_whole_model(sd1, tmp_path):
 # ---------------------------------------------------------------------------------------------- load_sd
 
 
-@pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
-def test_full_sd1_checkpoint_loads_with_ema_and_reproduces_every_part(sd1, tmp_path, fmt):
+@pytest.fixture(scope="module")
+def sd1_outputs(sd1):
+    """What the toy SD1 system gives for ``inputs()``: (text context, its EMA U-Net's output, its raw U-Net's, the
+    latents decoded), computed once for the file formats."""
     system, state = sd1
-    path = save(state, tmp_path / f"tiny.{fmt}", fmt)
-    model = load_sd(tiny_config("v1-inference"), path)
+    x, t, _ = inputs()
+    with torch.no_grad():
+        context = system.cond_stage_model(PROMPTS)
+        ema = UNetModel(**tiny_config("v1-inference")["model"]["params"]["unet"]["params"])
+        ema.load_state_dict(ema_unet_state(state))
+        raw = system.model.diffusion_model(x, t, context)
+        return context, ema(x, t, context), raw, system.first_stage_model.decode(x)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
+def test_full_sd1_checkpoint_loads_with_ema_and_reproduces_every_part(sd1, sd1_model, sd1_outputs, tmp_path, fmt):
+    # safetensors: sd1_model, loaded from sd1_file (sd1's state saved as safetensors)
+    path = None if fmt == "safetensors" else save(sd1[1], tmp_path / "tiny.ckpt", fmt)
+    model = sd1_model if path is None else load_sd(tiny_config("v1-inference"), path)
     info = model.checkpoint_info
     assert info["ema"] and info["text_encoder"] == "hf-clip" and not model.training
     assert set(SD_SCHEDULE_KEYS) | {"model_ema.decay", "model_ema.num_updates"} <= set(info["ignored"])
@@ -185,15 +214,12 @@ def test_full_sd1_checkpoint_loads_with_ema_and_reproduces_every_part(sd1, tmp_p
     assert float(model.scale_factor) == pytest.approx(0.18215) and int(model.image_size) == 16
     assert not meta_tensor_names(model)
     x, t, _ = inputs()
+    context, expected, raw, decoded = sd1_outputs
     with torch.no_grad():
-        context = system.cond_stage_model(PROMPTS)
         torch.testing.assert_close(model.cond_stage_model(PROMPTS), context, rtol=0, atol=0)
-        expected = UNetModel(**tiny_config("v1-inference")["model"]["params"]["unet"]["params"])
-        expected.load_state_dict(ema_unet_state(state))
-        torch.testing.assert_close(model.model.diffusion_model(x, t, context), expected(x, t, context), rtol=0, atol=0)
-        raw = system.model.diffusion_model(x, t, context)
-        assert (model.model.diffusion_model(x, t, context) - raw).abs().max() > 1e-3  # the EMA weights, not the raw
-        decoded = system.first_stage_model.decode(x)
+        out = model.model.diffusion_model(x, t, context)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        assert (out - raw).abs().max() > 1e-3  # the EMA weights, not the raw
         torch.testing.assert_close(model.first_stage_model.decode(x), decoded, rtol=0, atol=0)
 
 
@@ -202,8 +228,9 @@ def test_use_ema_false_takes_the_raw_weights(sd1, sd1_file):
     model = load_sd(tiny_config("v1-inference"), sd1_file, use_ema=False)
     assert not model.checkpoint_info["ema"]
     assert any(entry.startswith("model_ema.*") for entry in model.checkpoint_info["ignored"])
+    loaded = model.model.state_dict()
     for key, value in system.model.state_dict().items():
-        assert torch.equal(model.model.state_dict()[key], value), key
+        assert torch.equal(loaded[key], value), key
 
 
 def test_strict_report_names_the_missing_the_unexpected_and_the_misshapen(sd1, tmp_path):
@@ -229,15 +256,14 @@ def test_a_partial_ema_is_refused_rather_than_mixed(sd1, tmp_path):
     assert load_sd(tiny_config("v1-inference"), path, use_ema=False).checkpoint_info["ema"] is False
 
 
-def test_a_file_of_the_other_sd_version_is_named_in_the_report(tmp_path):
-    sd2 = tiny_system("v2-inference", seed=3)
+def test_a_file_of_the_other_sd_version_is_named_in_the_report(sd2, tmp_path):
     path = save(public_state(sd2, hf_text=False), tmp_path / "sd2.safetensors", "safetensors")
     with pytest.raises(CheckpointError, match="proj_in.weight: file .* vs model .*v2-inference.yaml"):
         load_sd(tiny_config("v1-inference"), path)
 
 
-def test_sd2_openclip_text_encoder_loads_natively_in_the_chosen_dtype(tmp_path):
-    system = tiny_system("v2-inference", seed=2)
+def test_sd2_openclip_text_encoder_loads_natively_in_the_chosen_dtype(sd2, tmp_path):
+    system = sd2
     state = public_state(system, ema_seed=None, hf_text=False)
     assert "cond_stage_model.model.text_projection" in state and "cond_stage_model.model.logit_scale" in state
     model = load_sd(tiny_config("v2-inference"), save(state, tmp_path / "sd2.ckpt", "ckpt"), dtype="bf16")
@@ -251,15 +277,16 @@ def test_sd2_openclip_text_encoder_loads_natively_in_the_chosen_dtype(tmp_path):
 
 
 def test_a_separate_vae_file_replaces_the_checkpoints(sd1, sd1_file, tmp_path):
-    other = randomize(tiny_system("v1-inference").first_stage_model, seed=9)
+    other = randomize(copy.deepcopy(sd1[0].first_stage_model), seed=9)  # another VAE of the same architecture
     bare = {**other.state_dict(), "loss.logvar": torch.zeros(())}  # training leftovers are ignored
     vae_path = save(bare, tmp_path / "vae-ft-mse.ckpt", "ckpt")
     model = load_sd(tiny_config("v1-inference"), sd1_file, vae=vae_path)
     x, _, _ = inputs(1)
     with torch.no_grad():
         torch.testing.assert_close(model.first_stage_model.decode(x), other.decode(x), rtol=0, atol=0)
-    load_component(sd1[0].first_stage_model, vae_path, "vae")  # a bare VAE into an existing model
-    assert torch.equal(sd1[0].first_stage_model.decoder.conv_out.weight, other.decoder.conv_out.weight)
+    existing = copy.deepcopy(sd1[0].first_stage_model)  # the shared system is only read
+    load_component(existing, vae_path, "vae")  # a bare VAE into an existing model
+    assert all(torch.equal(a, b) for a, b in zip(existing.state_dict().values(), other.state_dict().values()))
 
 
 def test_schedule_buffers_that_disagree_with_the_config_are_warned_about(sd1, tmp_path):
@@ -268,11 +295,11 @@ def test_schedule_buffers_that_disagree_with_the_config_are_warned_about(sd1, tm
         load_sd(tiny_config("v1-inference"), save(state, tmp_path / "odd.safetensors", "safetensors"))
 
 
-def test_parameters_on_meta_buffers_real_and_no_second_copy(sd1_file):
+def test_parameters_on_meta_buffers_real_and_no_second_copy(sd1_model):
     with params_on_meta():
         unet = UNetModel(**tiny_config("v1-inference")["model"]["params"]["unet"]["params"])
     assert all(p.is_meta for p in unet.parameters())
-    model = load_sd(tiny_config("v1-inference"), sd1_file)
+    model = sd1_model  # loaded by load_sd
     assert model.cond_stage_model.model.attn_mask.isinf().any()  # a non-persistent buffer, computed, real
     assert not meta_tensor_names(model)
 
@@ -290,9 +317,15 @@ def residuals(model, x, t, hint, context):
         return model.control_model(x, hint, t, context)
 
 
+@pytest.fixture(scope="module")
+def control_file_state(control_system):
+    """``control_system``'s weights as a public SD + ControlNet file holds them (only read)."""
+    return public_state(control_system, ema_seed=None)
+
+
 @pytest.mark.parametrize("layout", ["v1.0-full", "v1.1-prefixed", "v1.1-bare"])
-def test_controlnet_files_load_into_control_model(control_system, tmp_path, layout):
-    state = public_state(control_system, ema_seed=None)
+def test_controlnet_files_load_into_control_model(control_system, control_file_state, tmp_path, layout):
+    state = control_file_state
     control = {k: v for k, v in state.items() if k.startswith("control_model.")}
     if layout == "v1.0-full":  # SD + ControlNet in one file, loaded with the ControlNet config
         model = load_sd(tiny_config("controlnet-v1"), save(state, tmp_path / "control_sd15.pth", "ckpt"))
@@ -308,8 +341,8 @@ def test_controlnet_files_load_into_control_model(control_system, tmp_path, layo
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
-def test_controlnet_from_sd_copies_the_encoder_and_starts_as_a_no_op(sd1, sd1_file):
-    model = load_sd(tiny_config("v1-inference"), sd1_file)
+def test_controlnet_from_sd_copies_the_encoder_and_starts_as_a_no_op(sd1_model):
+    model = sd1_model  # only read: the ControlNet copies its U-Net's weights
     controlnet = controlnet_from_sd(model)
     unet = model.model.diffusion_model
     for name in ("time_embed", "input_blocks", "middle_block"):
