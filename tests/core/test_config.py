@@ -1,11 +1,12 @@
 """Config loading and strict instantiate_from_config."""
 
+import functools
 import glob
 from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from ldm.core.config import (
     ConfigError,
@@ -88,22 +89,26 @@ def test_an_interpolation_omegaconf_cannot_resolve_is_a_config_error(container):
 @pytest.mark.parametrize("path", sorted(glob.glob(str(REPO_ROOT / "configs" / "**" / "*.yaml"), recursive=True)))
 def test_every_shipped_config_loads_as_omegaconf_merges_and_resolves_it(path):
     overrides = ["trainer.max_steps=3", "seed=7"]
-    expected = OmegaConf.create({})
-    for text in yaml_chain(path):
-        expected = OmegaConf.merge(expected, text)
-    expected = OmegaConf.merge(expected, OmegaConf.from_dotlist(overrides))
-    expected.pop("base", None)
+    expected = OmegaConf.merge(*yaml_chain(path), OmegaConf.from_dotlist(overrides))  # in order, into a copy
     assert load_config(path, overrides) == upgrade_config(OmegaConf.to_container(expected, resolve=True), path)
 
 
 def yaml_chain(path: str) -> list:
-    """A config file's `base:` files (depth first, in order) and then the file itself, each parsed by OmegaConf."""
-    cfg = OmegaConf.load(path)
-    bases = cfg.pop("base", None) or []
+    """A config file's `base:` files (depth first, in order) and then the file itself, each parsed by OmegaConf
+    without its `base:` key (shared between calls: never change them)."""
+    bases, cfg = _parsed(str(Path(path).resolve()))
     chain = []
-    for base in [bases] if isinstance(bases, str) else bases:
+    for base in bases:
         chain += yaml_chain(str(Path(path).parent / base))
     return chain + [cfg]
+
+
+@functools.cache
+def _parsed(path: str) -> tuple[list[str], DictConfig]:
+    """A config file's `base:` entries and the rest of it, parsed by OmegaConf once per test process."""
+    cfg = OmegaConf.load(path)
+    bases = cfg.pop("base", None) or []
+    return ([bases] if isinstance(bases, str) else list(bases)), cfg
 
 
 def test_load_rejects_unknown_top_level_key_and_bad_override(tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from ldm.data.shapes import COLORS, SHAPES
+from ldm.data.shapes import COLORS, SHAPES, ShapesDataset
 from ldm.eval.edges_eval import takes_control
 from ldm.eval.heldout import balanced_classes, held_out
 from ldm.eval.report import append_csv, markdown_table
@@ -53,6 +53,8 @@ def test_held_out_set_is_balanced_fixed_and_real():
     assert Counter(f["color"] for f in held.factors) == {c: 6 for c in COLORS}
     assert Counter(f["background"] for f in held.factors) == {c: 6 for c in COLORS}
     assert held.indices == held_out(48).indices and held.captions == held_out(48, size=16).captions
+    labels = [ShapesDataset(size=32, length=10**6, split="val").spec(i).label for i in range(max(held.indices) + 1)]
+    assert held.indices == [labels.index(label) for label in balanced_classes(48)]  # the first val item of each class
     assert all(f["shape"] in c and f"{f['color']} {f['shape']}" in c for f, c in zip(held.factors, held.captions))
     assert adherence(held.images, held.factors)["all"] >= 0.99  # renders match the factors they claim
 

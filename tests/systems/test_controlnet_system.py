@@ -2,6 +2,7 @@
 or a toy SD file starts as its base, trains only the ControlNet, reads hints from the cache, runs end to end through
 the driver (slow tier), resumes and exports."""
 
+import copy
 import warnings
 
 import pytest
@@ -60,6 +61,12 @@ def build(cfg, **params) -> ControlLDM:
     return system
 
 
+@pytest.fixture(scope="module")
+def initial(cfg):
+    """The ControlLDM as a new run builds it (nothing trained yet), built once: tests read it or step a copy."""
+    return build(cfg).eval()
+
+
 def batch_of(cfg, n=4) -> dict:
     data = LatentDataset(cfg["cache"]["dir"], "train")
     return torch.utils.data.default_collate([data[i] for i in range(n)])
@@ -81,8 +88,8 @@ def test_completed_config_pins_the_base_and_spells_out_the_model(cfg, toy_ldm_ru
     assert control["downsampling_factor"] == 2 and control["model_channels"] == base_params["unet"]["params"]["model_channels"]
 
 
-def test_at_initialisation_the_controlled_model_is_the_base(cfg, base):
-    system = build(cfg).eval()
+def test_at_initialisation_the_controlled_model_is_the_base(initial, base):
+    system = initial  # only read
     unet, control = system.model.diffusion_model, system.control_model
     for key, value in base.model.state_dict().items():  # the base's EMA U-Net
         assert torch.equal(system.model.state_dict()[key], value), key
@@ -100,8 +107,8 @@ def test_at_initialisation_the_controlled_model_is_the_base(cfg, base):
         assert torch.equal(sampling_model(system, strength=0.7, guess_mode=True)(x, t, context, hint=hint), expected)
 
 
-def test_a_training_step_trains_the_controlnet_only(cfg, base):
-    system = build(cfg).train()
+def test_a_training_step_trains_the_controlnet_only(cfg, initial, base):
+    system = copy.deepcopy(initial).train()  # stepped below
     unet = system.model.diffusion_model
     trainable = {id(p) for p in system.trainable_parameters()}
     assert trainable == {id(p) for p in system.control_model.parameters()}
@@ -133,8 +140,9 @@ def test_sd_unlocked_also_trains_the_decoder_half(cfg):
     assert not any(p.requires_grad for p in [*unet.input_blocks.parameters(), *unet.middle_block.parameters()])
     assert len(system.model_ema.m_name2s_name) == len(decoder)  # public model_ema.* names for the decoder
     assert len(system.control_ema.m_name2s_name) == len(list(system.control_model.parameters()))
-    with pytest.raises(ValueError, match="control_scales has 2 entries"):
-        build(cfg, control_scales=[1.0, 1.0])
+    node = {**cfg["model"], "params": {**cfg["model"]["params"], "control_scales": [1.0, 1.0]}}
+    with pytest.raises(ValueError, match="control_scales has 2 entries"), params_on_meta():  # refused as it is built
+        build_system(node, load_first_stage=False)
 
 
 def test_hints_come_from_the_cache(cfg):

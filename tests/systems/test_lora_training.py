@@ -2,6 +2,7 @@
 checkpoints hold the adapters alone and a resumed run continues them bit for bit, gradient checkpointing gives the same
 gradients, bf16 trains them, and bad settings are one-line errors."""
 
+import copy
 import shutil
 
 import pytest
@@ -12,6 +13,7 @@ from ldm.inference.loaders import build_system
 from ldm.inference.pipeline import Pipeline
 from ldm.inference.sd import load_sd
 from ldm.io.checkpoints import EMA_PREFIX, CheckpointError, tensors_hash
+from ldm.io.module_weights import params_on_meta
 from ldm.nets.lora import LoRA, LoRAError, is_lora_key
 from ldm.systems.latent_diffusion import LatentDiffusion
 from ldm.training.driver import train
@@ -34,14 +36,33 @@ def lora_cfg(base, *extra: str) -> dict:  # noqa: F811
     return cfg
 
 
+@pytest.fixture(scope="module")
+def built_text_lora(base):  # noqa: F811
+    """(config, system): adapters on the U-Net's and the text encoder's attention, gradient checkpointing on, as a
+    new run starts (the adapters' A drawn from seed 0); built once per module."""
+    cfg = lora_cfg(base, TEXT, "model.params.unet.params.use_checkpoint=true")
+    torch.manual_seed(0)  # the adapters' initial A
+    return cfg, build(cfg).train()
+
+
+@pytest.fixture
+def text_lora(built_text_lora):
+    """The module's LoRA system for a test that computes gradients but never steps an optimiser (copy it to step);
+    the gradients are cleared afterwards, and its adapters checked to be as built (B = 0: never stepped)."""
+    cfg, system = built_text_lora
+    yield cfg, system
+    system.zero_grad(set_to_none=True)
+    assert not any(p.any() for n, p in system.named_parameters() if ".lora_B." in n)
+
+
 def base_part(system) -> dict:
     """Everything that is not an adapter (nor the adapters' EMA)."""
     return {k: v for k, v in system.state_dict().items() if not is_lora_key(k) and not k.startswith(EMA_PREFIX)}
 
 
-def test_only_the_adapters_train_and_the_base_s_hash_is_unchanged_after_a_step(base):  # noqa: F811
-    cfg = lora_cfg(base, TEXT)
-    system = build(cfg).train()
+def test_only_the_adapters_train_and_the_base_s_hash_is_unchanged_after_a_step(base, text_lora):  # noqa: F811
+    cfg, shared = text_lora
+    system = copy.deepcopy(shared)  # stepped below
     reference = load_sd(base[1], base[0])  # the file as sampling loads it
     x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10.0, 600.0])
     with torch.no_grad():  # B starts at zero: the adapted model is the base
@@ -66,22 +87,22 @@ def test_only_the_adapters_train_and_the_base_s_hash_is_unchanged_after_a_step(b
     assert len(changed) == sum(".lora_B." in n for n in trainable)  # every adapter moved off zero
 
 
-def test_gradient_checkpointing_gives_the_adapters_the_same_gradients(base):  # noqa: F811
+def test_gradient_checkpointing_gives_the_adapters_the_same_gradients(base, text_lora):  # noqa: F811
+    checkpointed_cfg, checkpointed = text_lora  # use_checkpoint=true
+    plain_cfg = lora_cfg(base, TEXT, "model.params.unet.params.use_checkpoint=false")
+    torch.manual_seed(0)  # the adapters' initial A, as the module's system drew them
     grads = {}
-    for flag in (True, False):
-        cfg = lora_cfg(base, f"model.params.unet.params.use_checkpoint={str(flag).lower()}")
-        torch.manual_seed(0)  # the adapters' initial A
-        system = build(cfg).train()
+    for flag, cfg, system in ((True, checkpointed_cfg, checkpointed), (False, plain_cfg, build(plain_cfg).train())):
         step(system, batch_of(cfg), seed=3)
         grads[flag] = {n: p.grad.clone() for n, p in system.named_parameters() if p.grad is not None}
     assert grads[True].keys() == grads[False].keys() and grads[True]
+    assert any(n.startswith("cond_stage_model.") for n in grads[True])  # the text adapters' gradients too
     for name, grad in grads[True].items():
         torch.testing.assert_close(grad, grads[False][name], rtol=1e-4, atol=1e-6)
 
 
-def test_bf16_autocast_trains_fp32_adapters(base):  # noqa: F811
-    cfg = lora_cfg(base, TEXT)
-    system = build(cfg).train()
+def test_bf16_autocast_trains_fp32_adapters(text_lora):
+    cfg, system = text_lora
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = step(system, batch_of(cfg))
     assert torch.isfinite(loss)
@@ -101,8 +122,8 @@ def test_bad_lora_settings_are_one_line_errors(settings, message):
 
 
 def test_a_lora_that_cannot_apply_is_refused(base):  # noqa: F811
-    with pytest.raises(ConfigError, match="cond_stage_trainable: with lora only the adapters train"):
-        build_system(lora_cfg(base, "model.params.cond_stage_trainable=true")["model"])
+    with pytest.raises(ConfigError, match="cond_stage_trainable: with lora only the adapters train"), params_on_meta():
+        build_system(lora_cfg(base, "model.params.cond_stage_trainable=true")["model"])  # refused as it is built
     components = tiny_components("text")  # a shapes model: its text encoder is not a CLIP tower
     system = LatentDiffusion(**components, cond_stage_trainable=False, lora=LoRA(text_targets=["attn.q_proj"]))
     with pytest.raises(LoRAError, match="not a CLIP text tower"):
@@ -136,8 +157,8 @@ def test_checkpoints_hold_the_adapters_and_a_resumed_run_continues_them(base, tm
         train("ldm", argv=["--resume", str(interrupted), "trainer.max_steps=7", "model.params.lora.params.rank=2"])
 
 
-def test_a_lora_checkpoint_with_other_keys_is_refused(base):  # noqa: F811
-    system = build(lora_cfg(base))
+def test_a_lora_checkpoint_with_other_keys_is_refused(built_text_lora):
+    _, system = built_text_lora  # only read
     state = system.checkpoint_state()
     state.pop(next(k for k in state if is_lora_key(k)))
     with pytest.raises(CheckpointError, match="the LoRA checkpoint does not fit the model — missing"):

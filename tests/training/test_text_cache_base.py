@@ -6,6 +6,8 @@ import warnings
 
 import pytest
 import torch
+from safetensors.torch import load_file as read_safetensors
+from safetensors.torch import save_file
 
 from ldm.core.config import ConfigError, load_config
 from ldm.data.latents import CacheError, LatentDataset, read_meta
@@ -33,6 +35,19 @@ def base(tmp_path_factory):
     return ckpt, config, write_image_folder(folder / "images"), folder
 
 
+@pytest.fixture(scope="module")
+def loaded(base):
+    """The base as sampling loads it (only read)."""
+    return load_sd(base[1], base[0])
+
+
+@pytest.fixture(scope="module")
+def cached(base):
+    """(the completed config, the meta of its cache), the cache built once for the module."""
+    cfg = completed(base)
+    return cfg, make_cache(cfg, progress=False)
+
+
 def overrides(base, cache: str, ckpt=None) -> list[str]:
     return [f"model.params.base_ckpt={ckpt or base[0]}", f"model.params.base_config={base[1]}",
             f"cache.data.train.params.root={base[2]}", f"cache.dir={base[3] / cache}", "cache.text_embeddings=true"]
@@ -46,10 +61,8 @@ def text_weights(system) -> dict:
     return strip_prefix(system.state_dict(), TEXT_PREFIX)
 
 
-def test_the_cache_holds_the_base_encoder_s_embeddings_and_names_its_weights(base):
-    cfg = completed(base)
-    meta = make_cache(cfg, progress=False)
-    loaded = load_sd(base[1], base[0])  # the base as sampling loads it
+def test_the_cache_holds_the_base_encoder_s_embeddings_and_names_its_weights(base, cached, loaded):
+    cfg, meta = cached
     assert meta["text"]["hash"] == tensors_hash(text_weights(loaded))
     assert meta["text"]["base"] == str(base[0].resolve())
     data = LatentDataset(cfg["cache"]["dir"], "train")
@@ -64,7 +77,9 @@ def test_the_cache_holds_the_base_encoder_s_embeddings_and_names_its_weights(bas
 def test_a_cache_of_another_base_s_encoder_is_refused(base):
     cfg = completed(base, "other")
     make_cache(cfg, progress=False)
-    other_ckpt, _ = write_sd_file(base[3], seed=4)  # same architecture, other weights
+    other_ckpt = base[3] / "other-base.safetensors"  # same architecture, other weights
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in read_safetensors(str(base[0])).items()},
+              str(other_ckpt))
     other = completed(base, "other", other_ckpt)
     with pytest.raises(CacheError, match=f"from the base {base[0].resolve()}.*not of this config's .* from the base "
                                          f"{other_ckpt.resolve()}"):
@@ -78,14 +93,13 @@ def test_text_adapters_cannot_train_on_cached_embeddings(base):
         ensure_text_cache(lora, {})
 
 
-def test_the_system_trains_without_the_encoder_and_keeps_the_base_s_weights(base):
-    cfg = completed(base)
-    ensure_text_cache(cfg, make_cache(cfg, progress=False))
+def test_the_system_trains_without_the_encoder_and_keeps_the_base_s_weights(cached, loaded):
+    cfg, meta = cached
+    ensure_text_cache(cfg, meta)
     system = build_stage2_system(cfg)
     assert isinstance(system.cond_stage_model, CachedTextEncoder) and not list(system.cond_stage_model.parameters())
     info = start_from_base(system, cfg)  # the base's U-Net and VAE load; its text weights meet the stand-in's
     assert info["ema"]
-    loaded = load_sd(base[1], base[0])
     state, want = system.state_dict(), loaded.state_dict()
     assert {k for k in state if not k.startswith("model_ema.")} == set(want)  # the public names, all of them
     assert all(torch.equal(state[k], want[k]) for k in want if k.startswith(TEXT_PREFIX))
@@ -97,9 +111,9 @@ def test_the_system_trains_without_the_encoder_and_keeps_the_base_s_weights(base
     assert torch.isfinite(loss) and system.model.diffusion_model.out[2].weight.grad is not None
 
 
-def test_base_text_state_is_what_loading_the_base_gives(base):
+def test_base_text_state_is_what_loading_the_base_gives(base, loaded):
     state = base_text_state(base[0], base[1])
-    want = text_weights(load_sd(base[1], base[0]))
+    want = text_weights(loaded)
     assert state.keys() == want.keys() and all(torch.equal(state[k].float(), want[k]) for k in want)
     assert base_text_hash(base[0], base[1]) == tensors_hash(want)  # the identity, computed without the encoder
 

@@ -31,17 +31,25 @@ FP16 = dict(rtol=2e-3, atol=2e-3)  # the cache stores fp16
 
 
 @pytest.fixture(scope="module")
-def xl(tmp_path_factory):
+def xl_base(tmp_path_factory):
+    """(a toy SDXL file, its inference config, the base loaded as sampling loads it), written and loaded once for the
+    module's fine-tunes (the tests only read the loaded base)."""
+    ckpt, config = write_xl_file(tmp_path_factory.mktemp("xl-base"), seed=3)
+    return ckpt, config, load_sd(config, ckpt)
+
+
+@pytest.fixture(scope="module")
+def xl(tmp_path_factory, xl_base):
     """(a completed fine-tune config over a toy SDXL file with cached text, the base loaded as sampling loads it)."""
     folder = tmp_path_factory.mktemp("text-xl")
-    ckpt, config = write_xl_file(folder, seed=3)
+    ckpt, config, base = xl_base
     images = write_image_folder(folder / "images", size=PIXELS)
     cfg = load_config(TINY / "sd-finetune.yaml", [  # the SD 1.x recipe over an SDXL base: the model is the base's
         f"model.params.base_ckpt={ckpt}", f"model.params.base_config={config}",
         f"cache.data.train.params.root={images}", f"cache.dir={folder / 'cache'}", "cache.text_embeddings=true"])
     complete_from_base(cfg)
     make_cache(cfg, progress=False)
-    return cfg, load_sd(config, ckpt)
+    return cfg, base
 
 
 def test_the_cache_holds_both_towers_context_and_the_pooled_embedding(xl):
@@ -81,16 +89,16 @@ def test_stage2_trains_on_the_cached_outputs_with_the_base_s_weights(xl):
 
 
 @pytest.fixture(scope="module")
-def bucketed(tmp_path_factory):
+def bucketed(tmp_path_factory, xl_base):
     """The toy SDXL fine-tune recipe (mixed-aspect buckets) over a toy SDXL file, on cached text, cache built."""
     folder = tmp_path_factory.mktemp("text-xl-buckets")
-    ckpt, config = write_xl_file(folder, seed=2)
+    ckpt, config, base = xl_base
     cfg = load_config(TINY / "sdxl-finetune.yaml", [
         f"model.params.base_ckpt={ckpt}", f"model.params.base_config={config}", "cache.text_embeddings=true",
         f"cache.data.train.params.root={make_aspect_folder(folder / 'mixed', n=8)}", f"cache.dir={folder / 'cache'}"])
     complete_from_base(cfg)
     make_cache(cfg, progress=False)
-    return cfg, load_sd(config, ckpt), folder
+    return cfg, base, folder
 
 
 def test_a_bucketed_sdxl_fine_tune_on_cached_text_conditions_as_the_real_conditioner(bucketed):
