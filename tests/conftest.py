@@ -98,6 +98,15 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cli_logging():
+    """The ``ldm`` loggers set up as a command sets them up (their own handlers, not propagating) before the first
+    test: caplog attaches to them in every test, not only in those after the first that ran a command in-process."""
+    from ldm.core.logging import setup_cli_logging
+
+    setup_cli_logging()
+
+
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory):
     """A session-wide folder for the runs and caches the end-to-end fixtures share."""

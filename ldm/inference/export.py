@@ -152,11 +152,15 @@ def export_checkpoint(source: str | os.PathLike, out: str | os.PathLike, config:
         raise CheckpointError(f"{source} trains every weight, not LoRA adapters: --lora-layout and --merge are for "
                               "LoRA runs (export it without them)")
     if lora and not merge:
+        if config is None:
+            check_run_vae(cfg, ckpt, resolve_run(ckpt))  # a VAE link moved to another architecture: refused
         return export_lora(ckpt, cfg, out, lora_layout or "kohya", ema, half)
     if merge:
         state, ema = merged_state(ckpt, use_ema=ema != "drop"), "drop"  # the EMA adapters are folded in
     else:
-        state = state_dict_of(load_file(ckpt, unsafe, mmap=True))
+        state = state_dict_of(load_file(ckpt, unsafe, mmap=True))  # read once: the VAE check and the weights
+    if config is None:
+        check_run_vae(cfg, state, resolve_run(ckpt))  # a VAE link moved to another architecture: refused
     if controlnet_only:
         save_file_atomic(controlnet_state_dict(state, half), out, {"format": "pt", METADATA_SOURCE: str(ckpt)})
         return out
@@ -180,5 +184,4 @@ def _source(source: str | os.PathLike, config: str | os.PathLike | None) -> tupl
         return path, load_config(config)
     describe_run(source)  # a stage-2 or ControlNet run, or one line saying what it is instead (e.g. a VAE run)
     ckpt = checkpoint_for(source)
-    check_run_vae(run_config(ckpt), ckpt, resolve_run(ckpt))  # a VAE link moved to another architecture: refused
     return ckpt, run_config(ckpt)

@@ -12,6 +12,7 @@ from ldm.core.config import check_config, load_config, save_config
 from ldm.inference.export import export_checkpoint
 from ldm.inference.pipeline import Pipeline
 from ldm.inference.sd import METADATA_CONFIG, load_sd
+from ldm.io import checkpoints
 from ldm.io.checkpoints import (
     CheckpointError,
     ema_shadow_key,
@@ -20,6 +21,7 @@ from ldm.io.checkpoints import (
     strip_prefix,
 )
 from ldm.io.runs import checkpoint_for
+from ldm.io.safe_pickle import torch_load
 from scripts.export import main as export_main
 from tests.components import shared_run_pipeline
 from tests.sd_toy import public_state, tiny_config, tiny_system
@@ -77,9 +79,12 @@ def test_ema_only_writes_the_ema_weights_as_the_unets(toy_ldm_run, tmp_path, ref
     np.testing.assert_array_equal(draw(model), reference_images)
 
 
-def test_no_ema_and_half(toy_ldm_run, tmp_path, run_state):
+def test_no_ema_and_half(toy_ldm_run, tmp_path, run_state, monkeypatch):
     out = tmp_path / "tiny-raw-fp16.safetensors"
+    reads = []
+    monkeypatch.setattr(checkpoints, "torch_load", lambda path, *a, **k: reads.append(path) or torch_load(path, *a, **k))
     assert export_main([str(toy_ldm_run), "--out", str(out), "--no-ema", "--half"]) == 0
+    assert reads.count(checkpoint_for(toy_ldm_run)) == 1  # the VAE-link check and the export read the run once
     tensors = read_tensors(str(out))
     assert not any(k.startswith("model_ema.") for k in tensors)
     assert tensors["model.diffusion_model.out.2.weight"].dtype == torch.float16
