@@ -11,7 +11,7 @@ MEMORY_FS_MIN_FREE_GIB = 8  # the whole suite writes ~4 GB at most, each passing
 
 def temporary_files_in_memory() -> None:
     """Temporary files (pytest's tmp_path, the runs folders, the processes tests start) on the memory filesystem,
-    unless TMPDIR is set or it is missing or short of room: the suite writes thousands of checkpoints and fsyncs each."""
+    unless TMPDIR is set or it is missing or short of room: the suite writes thousands of checkpoints, fsyncing each."""
     if "TMPDIR" in os.environ or not os.access(MEMORY_FS, os.W_OK):
         return
     if shutil.disk_usage(MEMORY_FS).free < MEMORY_FS_MIN_FREE_GIB * 2**30:

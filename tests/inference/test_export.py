@@ -82,7 +82,8 @@ def test_ema_only_writes_the_ema_weights_as_the_unets(toy_ldm_run, tmp_path, ref
 def test_no_ema_and_half(toy_ldm_run, tmp_path, run_state, monkeypatch):
     out = tmp_path / "tiny-raw-fp16.safetensors"
     reads = []
-    monkeypatch.setattr(checkpoints, "torch_load", lambda path, *a, **k: reads.append(path) or torch_load(path, *a, **k))
+    monkeypatch.setattr(checkpoints, "torch_load",
+                        lambda path, *a, **k: reads.append(path) or torch_load(path, *a, **k))
     assert export_main([str(toy_ldm_run), "--out", str(out), "--no-ema", "--half"]) == 0
     assert reads.count(checkpoint_for(toy_ldm_run)) == 1  # the VAE-link check and the export read the run once
     tensors = read_tensors(str(out))
