@@ -11,6 +11,9 @@ from __future__ import annotations
 import copy
 import functools
 import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -85,6 +88,28 @@ def shared_file_pipeline(ckpt, config) -> Pipeline:
     """The Pipeline of an SD file and its config, loaded once per test process and shared: for tests that only draw
     with it (``file_pipeline`` gives a copy to change)."""
     return _file_pipeline(ckpt, config)
+
+
+@functools.cache
+def _as_loaded(ckpt, config) -> dict[str, dict[str, torch.Tensor]]:
+    """The shared Pipeline's U-Net and text weights as loaded, before any LoRA is folded into them."""
+    pipe = shared_file_pipeline(ckpt, config)
+    return {name: {k: v.clone() for k, v in getattr(pipe, name).state_dict().items()}
+            for name in ("model", "cond_stage_model")}
+
+
+@contextmanager
+def lora_folded(ckpt, config, lora: Path | None) -> Iterator[Pipeline]:
+    """``shared_file_pipeline`` with the LoRA file ``lora`` folded into its weights (None: as loaded); its weights and
+    ``source`` are put back after, so the tests that only read it still see the file."""
+    pipe, loaded = shared_file_pipeline(ckpt, config), _as_loaded(ckpt, config)
+    source = copy.deepcopy(pipe.source)
+    try:
+        yield pipe.with_lora(lora) if lora is not None else pipe
+    finally:
+        for name, state in loaded.items():
+            getattr(pipe, name).load_state_dict(state, strict=True)
+        pipe.source = source
 
 
 def public_state(system, ema_seed: int | None = 1, hf_text: bool = True) -> dict[str, torch.Tensor]:

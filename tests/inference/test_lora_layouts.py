@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ldm.inference.lora_files import num_res_blocks, read_lora_file, text_towers
-from ldm.inference.pipeline import Pipeline
 from ldm.io.lora_layout import LoraFileError, diffusers_unet_path
 from ldm.nets.conditioning.sdxl import SizeConditioning
 from ldm.nets.lora import adaptable_modules
+from tests.sd_toy import file_pipeline, lora_folded, shared_file_pipeline
 from tests.sdxl_toy import diffusers_xl_pipeline, tiny_xl_config, write_xl_file
 
 diffusers = pytest.importorskip("diffusers")
@@ -129,7 +129,7 @@ def files(tmp_path_factory):
     assert any(k.startswith("text_encoder_2.") for k in state)
     kohya = {k: v * (ALPHA / RANK) if k.endswith("lora_up.weight") else v  # its .alpha = rank: fold alpha/r in
              for k, v in convert_state_dict_to_kohya(state).items()}
-    unet = _loaded(ckpt, config).model.diffusion_model  # read only: the loaded file every test draws from
+    unet = shared_file_pipeline(ckpt, config).model.diffusion_model  # read only: the loaded file every test draws from
     to_sgm = {diffusers_unet_path(m, num_res_blocks(unet)).replace(".", "_"): m.replace(".", "_")
               for m in adaptable_modules(unet, "unet")}
     scaled = {k: v * (ALPHA / RANK) if ".lora_B." in k else v for k, v in state.items()}  # no metadata: scale 1
@@ -145,32 +145,6 @@ def files(tmp_path_factory):
         save_file(tensors, str(made[name]))
     assert all(k.startswith("lora_te1_") for k in load_file(str(made["kohya"])) if "lora_te" in k and "_te2_" not in k)
     return ckpt, config, folder, made
-
-
-@functools.cache
-def _loaded(ckpt, config) -> Pipeline:
-    return Pipeline.from_checkpoint(ckpt, config)
-
-
-@functools.cache
-def _pristine(ckpt, config) -> dict[str, dict[str, torch.Tensor]]:
-    """The loaded file's U-Net and text weights before any LoRA is folded into them."""
-    pipe = _loaded(ckpt, config)
-    return {"model": {k: v.clone() for k, v in pipe.model.state_dict().items()},
-            "cond_stage_model": {k: v.clone() for k, v in pipe.cond_stage_model.state_dict().items()}}
-
-
-@contextmanager
-def folded(ckpt, config, lora):
-    """The loaded file's Pipeline with ``lora`` folded into its weights; its own weights (and source) put back after."""
-    pipe, pristine = _loaded(ckpt, config), _pristine(ckpt, config)
-    source = copy.deepcopy(pipe.source)
-    try:
-        yield pipe.with_lora(lora) if lora is not None else pipe
-    finally:
-        for name, state in pristine.items():
-            getattr(pipe, name).load_state_dict(state, strict=True)
-        pipe.source = source
 
 
 def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,8 +167,8 @@ def ours(ckpt, config, lora=None, live=False):
     """Our conditioning and U-Net output with ``lora`` applied to the loaded file (once per file and mode): folded
     into the shared Pipeline's weights and taken out again, or as live peft adapters on a copy of it."""
     if live:
-        return _forward(copy.deepcopy(_loaded(ckpt, config)).with_lora(lora, live=True))
-    with folded(ckpt, config, lora) as pipe:
+        return _forward(file_pipeline(ckpt, config).with_lora(lora, live=True))
+    with lora_folded(ckpt, config, lora) as pipe:
         return _forward(pipe)
 
 
@@ -273,7 +247,7 @@ def test_families_are_refused_by_name(files, tmp_path):
     sd1 = _sd1()  # read only
     with pytest.raises(LoraFileError, match="no module of this SD 1.x / 2.x model has.*looks like kohya for SDXL"):
         read_lora_file(made["kohya"], sd1.model.diffusion_model, text_towers(sd1.cond_stage_model))
-    xl = _loaded(ckpt, config)  # read only
+    xl = shared_file_pipeline(ckpt, config)  # read only
     unet, towers = xl.model.diffusion_model, text_towers(xl.cond_stage_model)
     sd_file = tmp_path / "sd1.safetensors"
     save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32),
@@ -399,7 +373,7 @@ def test_an_sdxl_lora_written_here_loads_in_diffusers(files, layout):
     from ldm.inference.lora_files import write_lora_file
 
     ckpt, config, folder, made = files
-    xl = _loaded(ckpt, config)  # read only
+    xl = shared_file_pipeline(ckpt, config)  # read only
     unet = xl.model.diffusion_model
     weights = read_lora_file(made["peft"], unet, text_towers(xl.cond_stage_model))
     assert {w.component for w in weights} == {"unet", "text", "text2"}

@@ -4,7 +4,6 @@ toy SD 1.x file: each gives, through ``--lora`` / ``Pipeline.with_lora``, the ou
 and attention-processor layouts); files for another family or of another LoRA type are refused naming what they are."""
 
 import copy
-import functools
 import json
 
 import pytest
@@ -16,7 +15,7 @@ from ldm.inference.pipeline import Pipeline
 from ldm.io.checkpoints import UNET_PREFIX
 from ldm.io.lora_layout import LoraFileError, diffusers_unet_path
 from ldm.inference.lora_files import conv_lora_modules
-from tests.sd_toy import file_pipeline, shared_file_pipeline, shared_tiny_system, tiny_config
+from tests.sd_toy import file_pipeline, lora_folded, shared_file_pipeline, shared_tiny_system, tiny_config
 
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
@@ -51,24 +50,10 @@ def loaded(sd) -> Pipeline:
     return file_pipeline(sd[0], sd[1])
 
 
-@functools.cache
-def _pristine(ckpt, config) -> dict[str, dict[str, torch.Tensor]]:
-    """The shared Pipeline's U-Net and text weights before any LoRA is folded into them."""
-    pipe = shared_file_pipeline(ckpt, config)
-    return {name: {k: v.clone() for k, v in getattr(pipe, name).state_dict().items()}
-            for name in ("model", "cond_stage_model")}
-
-
 def folded_outputs(sd, path):
     """``our_outputs`` with the file folded into the shared Pipeline's weights, which are put back after (as loaded)."""
-    pipe, pristine = shared_file_pipeline(sd[0], sd[1]), _pristine(sd[0], sd[1])
-    source = copy.deepcopy(pipe.source)
-    try:
-        return our_outputs(pipe.with_lora(path))
-    finally:
-        for name, state in pristine.items():
-            getattr(pipe, name).load_state_dict(state, strict=True)
-        pipe.source = source
+    with lora_folded(sd[0], sd[1], path) as pipe:
+        return our_outputs(pipe)
 
 
 @pytest.fixture(scope="module")
