@@ -88,9 +88,9 @@ def measure_sampling(sizes: BenchSizes, opts: Options, precisions: Sequence[str]
                  f"stacks from the same noise agree to {error:.1e} (max relative: the σ ladders differ, ours ends "
                  f"at t = 0 as k-diffusion's linspace, diffusers' at t ≈ T/steps).")
     notes.append(f"Compiled sampling: both U-Nets by ldm.nets.compile.compile_network(inference=True) (backend "
-                 f"{opts.backend}; TorchInductor freezes the weights), as Pipeline.compile() / txt2img.py --compile; the first fp32 sampling call "
-                 f"(compiling included) took {first_call['ours']:.0f} s (ours) and {first_call['theirs']:.0f} s "
-                 f"(diffusers); compiled samples agree with eager ones to {agreement['ours']:.1e} / "
+                 f"{opts.backend}; TorchInductor freezes the weights), as Pipeline.compile() / txt2img.py --compile; "
+                 f"the first fp32 sampling call (compiling included) took {first_call['ours']:.0f} s (ours) and "
+                 f"{first_call['theirs']:.0f} s (diffusers); compiled samples agree with eager ones to {agreement['ours']:.1e} / "
                  f"{agreement['theirs']:.1e} (max relative).")
     rows = []
     for precision in precisions:

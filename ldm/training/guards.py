@@ -56,9 +56,9 @@ def nonfinite_tensors(state: dict[str, Any]) -> list[str]:
 def last_good_checkpoint(ckpt_dir: Path) -> str:
     """The newest checkpoint in ``ckpt_dir`` (``last.ckpt`` before the periodic file it is a hard link to, whichever
     order the filesystem lists them in), or a note that there is none yet."""
-    found = sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: (p.stat().st_mtime, p.name == LAST_CHECKPOINT)) \
-        if ckpt_dir.is_dir() else []
-    return str(found[-1]) if found else f"none yet in {ckpt_dir}"
+    found = ckpt_dir.glob("*.ckpt") if ckpt_dir.is_dir() else []
+    newest = max(found, key=lambda p: (p.stat().st_mtime, p.name == LAST_CHECKPOINT), default=None)
+    return str(newest) if newest is not None else f"none yet in {ckpt_dir}"
 
 
 class NonFiniteGuard(L.Callback):

@@ -64,8 +64,8 @@ def overrides(xl, cache: str = "cache", *extra: str) -> list[str]:
             f"cache.data.train.params.root={images}", f"cache.dir={folder / cache}", *extra]
 
 
-def completed(xl, cfg_path=FULL, *extra: str) -> dict:
-    cfg = load_config(cfg_path, overrides(xl, "cache", *extra))
+def completed(xl, cfg_path=FULL, *extra: str, cache: str = "cache") -> dict:
+    cfg = load_config(cfg_path, overrides(xl, cache, *extra))
     complete_from_base(cfg)
     return cfg
 
@@ -174,8 +174,8 @@ def test_lora_adapts_both_text_towers_and_holds_the_frozen_base_in_bf16(xl):
 
 
 def test_a_full_sdxl_fine_tune_trains_the_u_net_and_a_trainable_text_encoder(xl):
-    cfg = completed(xl, FULL, "model.params.cond_stage_trainable=true", "model.params.ucg_rate=0.0",
-                    "cache.text_embeddings=false", f"cache.dir={xl[3] / 'cache-latents-only'}")  # a trained tower reads captions
+    cfg = completed(xl, FULL, "model.params.cond_stage_trainable=true", "model.params.ucg_rate=0.0", LIVE_TEXT,
+                    cache="cache-latents-only")  # a trained tower reads the captions: a cache without embeddings
     system = built(cfg).train()
     step(system, bucket_batch(cfg))
     for tower in text_towers(system.cond_stage_model):
